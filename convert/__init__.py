@@ -1,0 +1,1 @@
+"""Checkpoint converters (installed as `refusal_jax.convert`): Hugging Face safetensors and GGUF -> Params."""

@@ -1,0 +1,170 @@
+"""Strict one-to-one fill of a Params pytree from Hugging Face-named tensors.
+
+Every source (safetensors directory, GGUF file) yields `(hf_name, array)` pairs in Hugging Face's torch layout
+and naming; this module owns the single table that maps them onto our einsum layouts. The fill is strict:
+every expected tensor must be found exactly once with the right shape, and every source tensor must be used or
+explicitly ignored; anything else is a `CheckpointError` that names the tensors.
+
+Tensors are written one at a time into preallocated arrays of the target dtype, so peak host memory is the
+converted model plus the largest single source tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable
+
+import ml_dtypes
+import numpy as np
+
+from refusal_jax.config import ModelConfig
+from refusal_jax.errors import CheckpointError
+from refusal_jax.params import Params, from_flat, param_shapes
+
+# Source tensors that carry no parameters of ours (buffers saved by old transformers versions).
+_IGNORED = (re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),)
+
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def _heads_in(n: int, h: int, d: int):
+    """torch Linear [n*h, d] -> ours [d, n, h]."""
+    return lambda w: w.reshape(n, h, d).transpose(2, 0, 1)
+
+
+def layer_table(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...], Callable[[np.ndarray], np.ndarray]]]:
+    """HF per-layer tensor suffix -> (our field, expected HF shape, transform to our layout)."""
+    D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    ident = lambda w: w  # noqa: E731
+    transpose = lambda w: w.T  # noqa: E731
+    table = {
+        "input_layernorm.weight": ("attn_norm", (D,), ident),
+        "self_attn.q_proj.weight": ("q", (N * H, D), _heads_in(N, H, D)),
+        "self_attn.k_proj.weight": ("k", (K * H, D), _heads_in(K, H, D)),
+        "self_attn.v_proj.weight": ("v", (K * H, D), _heads_in(K, H, D)),
+        "self_attn.o_proj.weight": ("o", (D, N * H), lambda w: w.reshape(D, N, H).transpose(1, 2, 0)),
+        "mlp.gate_proj.weight": ("gate", (F, D), transpose),
+        "mlp.up_proj.weight": ("up", (F, D), transpose),
+        "mlp.down_proj.weight": ("down", (D, F), transpose),
+    }
+    if cfg.post_norms:
+        # Gemma-2/3 name their four norms differently: HF's post_attention_layernorm is the attention post-norm.
+        table["post_attention_layernorm.weight"] = ("post_attn_norm", (D,), ident)
+        table["pre_feedforward_layernorm.weight"] = ("mlp_norm", (D,), ident)
+        table["post_feedforward_layernorm.weight"] = ("post_mlp_norm", (D,), ident)
+    else:
+        table["post_attention_layernorm.weight"] = ("mlp_norm", (D,), ident)
+    if cfg.qkv_bias:
+        table["self_attn.q_proj.bias"] = ("q_bias", (N * H,), lambda b: b.reshape(N, H))
+        table["self_attn.k_proj.bias"] = ("k_bias", (K * H,), lambda b: b.reshape(K, H))
+        table["self_attn.v_proj.bias"] = ("v_bias", (K * H,), lambda b: b.reshape(K, H))
+    if cfg.qk_norm:
+        table["self_attn.q_norm.weight"] = ("q_norm", (H,), ident)
+        table["self_attn.k_norm.weight"] = ("k_norm", (H,), ident)
+    return table
+
+
+def global_table(cfg: ModelConfig):
+    D, V = cfg.d_model, cfg.vocab_size
+    table = {
+        "model.embed_tokens.weight": ("embed", (V, D), lambda w: w),
+        "model.norm.weight": ("final_norm", (D,), lambda w: w),
+    }
+    if not cfg.tie_embeddings:
+        table["lm_head.weight"] = ("lm_head", (V, D), lambda w: w.T)
+    return table
+
+
+def _is_norm(field: str) -> bool:
+    return field.endswith("norm")
+
+
+def fill_params(
+    cfg: ModelConfig,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    *,
+    dtype=np.float32,
+    norm_offset_folded: bool = False,
+    progress: Callable[[str], None] | None = None,
+    source: str = "checkpoint",
+) -> Params:
+    """Build Params from (hf_name, array) pairs.
+
+    Args:
+      cfg: the model config (decides which tensors are expected).
+      tensors: iterable of (Hugging Face tensor name, numpy array in HF/torch layout); consumed once.
+      dtype: numpy dtype of the converted params (np.float32, np.float16 or ml_dtypes.bfloat16).
+      norm_offset_folded: Gemma only. HF stores RMSNorm weights w and applies 1 + w; we store 1 + w (computed in
+        float32). Set True when the source already holds 1 + w (llama.cpp's GGUF files do).
+      progress: called with each tensor name after it is placed (progress bars).
+      source: a name for error messages.
+    Returns:
+      Params holding numpy arrays (device placement is the caller's choice).
+    Raises:
+      CheckpointError: unexpected, missing, duplicated or mis-shaped tensors, or non-finite values.
+    """
+    shapes = param_shapes(cfg)
+    flat = {name: np.zeros(shape, dtype) for name, shape in shapes.items()}
+    layers, globals_ = layer_table(cfg), global_table(cfg)
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    fold = cfg.embed_scale and not norm_offset_folded  # Gemma families use the 1 + w convention
+
+    for name, array in tensors:
+        if any(p.fullmatch(name) for p in _IGNORED):
+            continue
+        if cfg.tie_embeddings and name == "lm_head.weight":
+            continue  # some tied checkpoints also store the (identical) head
+        m = _LAYER_RE.fullmatch(name)
+        if m and int(m.group(1)) < cfg.n_layers and m.group(2) in layers:
+            layer = int(m.group(1))
+            field, hf_shape, transform = layers[m.group(2)]
+            target = flat[f"layers.{field}"]
+        elif name in globals_:
+            layer = None
+            field, hf_shape, transform = globals_[name]
+            target = flat[field]
+        else:
+            unexpected.append(name)
+            continue
+        if name in seen:
+            raise CheckpointError(f"{source}: tensor {name} appears more than once")
+        seen.add(name)
+        if tuple(array.shape) != hf_shape:
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(array.shape)}, expected {hf_shape} "
+                                  f"for this config ({cfg.architecture}, d_model={cfg.d_model}, heads={cfg.n_heads}/"
+                                  f"{cfg.n_kv_heads}, head_dim={cfg.head_dim}, d_ff={cfg.d_ff}, vocab={cfg.vocab_size})")
+        value = np.asarray(array, dtype=np.float32)
+        if not np.isfinite(value).all():
+            raise CheckpointError(f"{source}: tensor {name} contains NaN or infinite values")
+        if fold and _is_norm(field):
+            value = value + np.float32(1.0)
+        value = transform(value).astype(dtype)
+        if layer is None:
+            target[...] = value
+        else:
+            target[layer] = value
+        if progress:
+            progress(name)
+
+    expected = {f"model.layers.{i}.{s}" for i in range(cfg.n_layers) for s in layers} | set(globals_)
+    missing = sorted(expected - seen)
+    if unexpected or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(sorted(unexpected)[:8])}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+        raise CheckpointError(f"{source} does not match {cfg.architecture} ({cfg.family}): " + "; ".join(parts))
+    return from_flat(flat)
+
+
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+def numpy_dtype(name: str):
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise CheckpointError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}") from None

@@ -1,0 +1,81 @@
+"""Hugging Face checkpoints (local directory or hub id) -> (ModelConfig, Params, tokenizer), without torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from refusal_jax.config import ModelConfig, from_hf_config
+from refusal_jax.convert import engine, safetensors_io
+from refusal_jax.errors import CheckpointError, ConfigError
+from refusal_jax.params import Params
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+def resolve_hf_dir(src: str) -> Path:
+    """A local HF model directory, or a hub id downloaded (safetensors + tokenizer files only) to the HF cache."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{src} is a file, not a Hugging Face model directory")
+    if src.count("/") != 1 or src.startswith((".", "/", "~")):
+        raise CheckpointError(f"{src}: no such directory, and not a Hugging Face hub id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(src, allow_patterns=_HUB_PATTERNS))
+    except Exception as e:  # network errors, gated repos, unknown ids: all end the same way for the user
+        raise CheckpointError(f"could not download {src} from the Hugging Face hub: {type(e).__name__}: {e}") from None
+
+
+def read_hf_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{model_dir}: no config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: malformed JSON ({e})") from None
+
+
+def load_hf(
+    src: str,
+    *,
+    dtype=np.float32,
+    strict_config: bool = True,
+    progress: Callable[[str], None] | None = None,
+    with_tokenizer: bool = True,
+) -> tuple[ModelConfig, Params, object | None]:
+    """Convert a Hugging Face safetensors checkpoint.
+
+    Args:
+      src: local directory (config.json + model.safetensors or a sharded index) or a hub id.
+      dtype: numpy dtype of the converted params.
+      strict_config: refuse unknown config attributes (see `refusal_jax.config.from_hf_config`).
+      progress: called once per placed tensor.
+      with_tokenizer: also load the tokenizer (transformers AutoTokenizer; no torch needed).
+    """
+    model_dir = resolve_hf_dir(src)
+    cfg = from_hf_config(read_hf_config(model_dir), strict=strict_config)
+    params = engine.fill_params(cfg, safetensors_io.iter_model(model_dir), dtype=dtype, progress=progress,
+                                source=str(model_dir))
+    tokenizer = load_tokenizer(model_dir) if with_tokenizer else None
+    return cfg, params, tokenizer
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:
+        raise CheckpointError(f"{model_dir}: could not load the tokenizer: {type(e).__name__}: {e}") from None
+
+
+def n_tensors(src_dir: Path) -> int:
+    return sum(len(safetensors_io.read_header(p)[0]) for p in safetensors_io.model_files(src_dir))

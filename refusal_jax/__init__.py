@@ -1,0 +1,16 @@
+"""refusal_jax: refusal directions (Arditi et al. 2024) in pure JAX."""
+
+__version__ = "0.1.0"
+
+from refusal_jax.config import ModelConfig, from_hf_config  # noqa: E402
+from refusal_jax.errors import (  # noqa: E402
+    CheckpointError, ChecksumError, ConfigError, DataError, RefusalJaxError, RunError)
+from refusal_jax.loading import LoadedModel, load_model  # noqa: E402
+from refusal_jax.model import Intervention, KVCache, Output, forward  # noqa: E402
+from refusal_jax.params import LayerParams, Params  # noqa: E402
+
+__all__ = [
+    "CheckpointError", "ChecksumError", "ConfigError", "DataError", "Intervention", "KVCache", "LayerParams",
+    "LoadedModel", "ModelConfig", "Output", "Params", "RefusalJaxError", "RunError", "forward", "from_hf_config",
+    "load_model",
+]

@@ -1,0 +1,339 @@
+"""ModelConfig: one frozen, hashable description of every supported decoder-only architecture.
+
+The forward pass is one shared block implementation driven by the flags below; a family is only a preset of
+flags. Configs come from a Hugging Face `config.json` (`from_hf_config`) or from GGUF metadata (the GGUF
+converter turns that metadata into an HF-style dict first). Any attribute that changes the computation and is
+not implemented here is refused with a `ConfigError` that names it: a silent wrong answer is worse than none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Mapping
+
+from refusal_jax.errors import ConfigError
+
+CONFIG_FORMAT_VERSION = 1
+
+# HF `architectures[0]` / `model_type` -> family. Detection never looks at the model's name or path.
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
+}
+MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding of one attention kind (HF `rope_parameters` / `rope_theta` + `rope_scaling`)."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"  # one of SUPPORTED_ROPE_TYPES
+    factor: float = 1.0  # linear and llama3
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position_embeddings: int = 8192  # llama3
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Static description of a model. Hashable, so it can be a `static_argnames` of jitted functions."""
+
+    family: str
+    architecture: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = RopeConfig()
+    # RoPE of sliding-window layers where it differs (Gemma-3's local base); None = same as `rope`.
+    rope_local: RopeConfig | None = None
+    qkv_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3, Gemma-3: RMSNorm over head_dim of q and k before RoPE
+    tie_embeddings: bool = False
+    mlp_activation: str = "silu"  # "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    embed_scale: bool = False  # Gemma: embeddings times sqrt(d_model), rounded to the activation dtype
+    post_norms: bool = False  # Gemma-2/3: RMSNorm on attention/MLP outputs before the residual add
+    attn_softcap: float | None = None  # Gemma-2
+    final_softcap: float | None = None  # Gemma-2
+    query_scale: float | None = None  # None = head_dim ** -0.5; Gemma-2/3 use query_pre_attn_scalar ** -0.5
+    sliding_window: int | None = None
+    # Per layer: True where the layer attends within `sliding_window` only.
+    sliding_layers: tuple[bool, ...] = ()
+
+    def __post_init__(self):
+        if not self.sliding_layers:
+            object.__setattr__(self, "sliding_layers", (False,) * self.n_layers)
+        if len(self.sliding_layers) != self.n_layers:
+            raise ConfigError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.n_layers} layers")
+        if any(self.sliding_layers) and not self.sliding_window:
+            raise ConfigError("layer_types asks for sliding-window layers but sliding_window is not set")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}")
+        if self.mlp_activation not in ("silu", "gelu_tanh"):
+            raise ConfigError(f"hidden_act={self.mlp_activation!r} is not supported (silu, gelu_pytorch_tanh)")
+
+    @property
+    def q_scale(self) -> float:
+        return self.query_scale if self.query_scale is not None else self.head_dim**-0.5
+
+    @property
+    def n_params(self) -> int:
+        d, h = self.d_model, self.head_dim
+        attn = d * h * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * d * self.d_ff
+        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.n_layers * (attn + mlp) + emb
+
+    # ----------------------------------------------------------------------------------------------
+    # (de)serialisation of our own versioned config file
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["format_version"] = CONFIG_FORMAT_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        version = d.pop("format_version", None)
+        if version != CONFIG_FORMAT_VERSION:
+            raise ConfigError(
+                f"converted checkpoint has config format_version={version!r}, this refusal_jax reads "
+                f"version {CONFIG_FORMAT_VERSION}: convert the model again"
+            )
+        d["rope"] = RopeConfig(**d["rope"])
+        d["rope_local"] = RopeConfig(**d["rope_local"]) if d.get("rope_local") else None
+        d["sliding_layers"] = tuple(d["sliding_layers"])
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"malformed refusal_jax config: {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face config.json -> ModelConfig
+
+# Keys that describe training, generation or bookkeeping, never the forward computation.
+_IGNORED_KEYS = {
+    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+    "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache", "attention_dropout",
+    "max_position_embeddings", "pretraining_tp", "auto_map", "cache_implementation", "output_attentions",
+    "output_hidden_states", "return_dict", "torchscript", "use_bfloat16", "tie_encoder_decoder", "is_decoder",
+    "is_encoder_decoder", "add_cross_attention", "chunk_size_feed_forward", "id2label", "label2id",
+    "problem_type", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
+    "task_specific_params", "finetuning_task", "pruned_heads", "tf_legacy_loss", "cross_attention_hidden_size",
+    "architectures", "quantization_config_ignored", "use_return_dict", "embedding_dropout", "resid_pdrop",
+    "embd_pdrop", "attn_pdrop", "hidden_dropout", "classifier_dropout", "max_length", "min_length",
+    "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k",
+    "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "output_router_logits",
+    "max_window_layers",  # Qwen2: only decides which layers slide; HF writes the outcome into layer_types
+    "sliding_window_pattern",  # Gemma-3: likewise summarised by layer_types
+    "_sliding_window_pattern",
+    "use_sliding_window",  # checked below, together with layer_types
+    "attn_implementation", "_attn_implementation_autoset", "rope_scaling", "rope_theta", "rope_parameters",
+    "rope_local_base_freq", "head_dim", "layer_types", "sliding_window", "hidden_activation", "hidden_act",
+    "attention_bias", "mlp_bias", "tie_word_embeddings", "query_pre_attn_scalar", "final_logit_softcapping",
+    "attn_logit_softcapping", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "use_bidirectional_attention",
+}
+
+
+def detect_family(hf: Mapping[str, Any]) -> str:
+    """Family from the config's declared architecture or model_type; a clear error for anything else."""
+    archs = hf.get("architectures") or []
+    for arch in archs:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    model_type = hf.get("model_type")
+    if model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type]
+    declared = ", ".join(map(str, archs)) or f"model_type={model_type!r}"
+    raise ConfigError(
+        f"unknown architecture {declared}; refusal_jax supports {', '.join(ARCHITECTURES)} "
+        f"(model_type {', '.join(MODEL_TYPES)})"
+    )
+
+
+def _rope_from_params(p: Mapping[str, Any] | None, theta: float, where: str) -> RopeConfig:
+    if not p:
+        return RopeConfig(theta=float(theta))
+    rope_type = p.get("rope_type", p.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(
+            f"unsupported config attribute {where}.rope_type={rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    theta = float(p.get("rope_theta", theta))
+    if rope_type == "default":
+        return RopeConfig(theta=theta)
+    if rope_type == "linear":
+        return RopeConfig(theta=theta, rope_type="linear", factor=float(p["factor"]))
+    return RopeConfig(
+        theta=theta,
+        rope_type="llama3",
+        factor=float(p["factor"]),
+        low_freq_factor=float(p["low_freq_factor"]),
+        high_freq_factor=float(p["high_freq_factor"]),
+        original_max_position_embeddings=int(p["original_max_position_embeddings"]),
+    )
+
+
+def _ropes(hf: Mapping[str, Any], family: str) -> tuple[RopeConfig, RopeConfig | None]:
+    """(global rope, local rope) from either transformers-5 `rope_parameters` or the older keys."""
+    default_theta = float(hf.get("rope_theta", 10000.0))
+    params = hf.get("rope_parameters")
+    if isinstance(params, Mapping) and ("full_attention" in params or "sliding_attention" in params):
+        full = _rope_from_params(params.get("full_attention"), default_theta, "rope_parameters.full_attention")
+        local = params.get("sliding_attention")
+        local_rope = _rope_from_params(local, default_theta, "rope_parameters.sliding_attention") if local else None
+        return full, local_rope
+    rope = _rope_from_params(params if params else hf.get("rope_scaling"), default_theta,
+                             "rope_parameters" if params else "rope_scaling")
+    local = None
+    if family == "gemma3":
+        local = RopeConfig(theta=float(hf.get("rope_local_base_freq", 10000.0)))
+    return rope, local
+
+
+def from_hf_config(hf: Mapping[str, Any], *, strict: bool = True) -> ModelConfig:
+    """Build a ModelConfig from a Hugging Face config dict.
+
+    Args:
+      hf: the parsed `config.json` (or the HF-style dict the GGUF reader builds).
+      strict: refuse keys this function does not know. Set False only to experiment with a config whose extra
+        keys you have checked do not change the forward pass.
+    Raises:
+      ConfigError: unknown architecture, or an attribute refusal_jax does not implement (named in the message).
+    """
+    hf = dict(hf)
+    if "text_config" in hf and "hidden_size" not in hf:
+        raise ConfigError(
+            "this is a multimodal config (text_config); convert the text-only model (e.g. Gemma3ForCausalLM)"
+        )
+    family = detect_family(hf)
+    if "quantization_config" in hf:
+        raise ConfigError(
+            f"unsupported config attribute quantization_config={hf['quantization_config'].get('quant_method', '?')!r}: "
+            "convert an unquantized checkpoint (or a GGUF file, which refusal_jax dequantizes)"
+        )
+    if strict:
+        unknown = sorted(k for k in hf if k not in _IGNORED_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"unsupported config attribute(s) {', '.join(unknown)} for {family}: refusal_jax does not know "
+                "whether they change the forward pass (pass strict=False / --no-strict-config if you have checked)"
+            )
+
+    def req(key):
+        if key not in hf:
+            raise ConfigError(f"config.json lacks required attribute {key!r}")
+        return hf[key]
+
+    n_layers = int(req("num_hidden_layers"))
+    n_heads = int(req("num_attention_heads"))
+    d_model = int(req("hidden_size"))
+    gemma = family.startswith("gemma")
+
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+    if act in ("gelu_pytorch_tanh", "gelu_tanh") or (family == "gemma" and act == "gelu"):
+        # Gemma-1 configs say "gelu" but HF (and the original JAX code) run the tanh approximation.
+        act = "gelu_tanh"
+    elif act != "silu":
+        raise ConfigError(f"unsupported config attribute hidden_act={act!r} (supported: silu, gelu_pytorch_tanh)")
+
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise ConfigError(f"unsupported config attribute {key}=True (biases on o_proj / MLP are not implemented)")
+    if hf.get("use_bidirectional_attention"):
+        raise ConfigError("unsupported config attribute use_bidirectional_attention=True")
+
+    layer_types = hf.get("layer_types")
+    if layer_types is not None:
+        bad = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+        if bad:
+            raise ConfigError(f"unsupported config attribute layer_types containing {bad}")
+        if len(layer_types) != n_layers:
+            raise ConfigError(f"layer_types has {len(layer_types)} entries for num_hidden_layers={n_layers}")
+        sliding = tuple(t == "sliding_attention" for t in layer_types)
+    elif family == "qwen2" and hf.get("use_sliding_window"):
+        start = int(hf.get("max_window_layers", n_layers))
+        sliding = tuple(i >= start for i in range(n_layers))
+    elif family == "mistral" and hf.get("sliding_window"):
+        sliding = (True,) * n_layers
+    elif family == "gemma2":
+        sliding = tuple(i % 2 == 0 for i in range(n_layers))
+    elif family == "gemma3":
+        pattern = int(hf.get("sliding_window_pattern", 6))
+        sliding = tuple((i + 1) % pattern != 0 for i in range(n_layers))
+    else:
+        sliding = (False,) * n_layers
+    if family in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        # Qwen configs carry a sliding_window value that is unused unless use_sliding_window is set.
+        sliding = (False,) * n_layers
+    window = hf.get("sliding_window") if any(sliding) else None
+
+    rope, rope_local = _ropes(hf, family)
+    query_scale = None
+    if family in ("gemma2", "gemma3"):
+        query_scale = float(hf.get("query_pre_attn_scalar", hf.get("head_dim", d_model // n_heads))) ** -0.5
+
+    return ModelConfig(
+        family=family,
+        architecture=(hf.get("architectures") or [family])[0],
+        vocab_size=int(req("vocab_size")),
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        head_dim=int(hf.get("head_dim") or d_model // n_heads),
+        d_ff=int(req("intermediate_size")),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope=rope,
+        rope_local=rope_local,
+        qkv_bias=family == "qwen2",
+        qk_norm=family in ("qwen3", "gemma3"),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+        mlp_activation=act,
+        embed_scale=gemma,
+        post_norms=family in ("gemma2", "gemma3"),
+        attn_softcap=hf.get("attn_logit_softcapping") if family == "gemma2" else None,
+        final_softcap=hf.get("final_logit_softcapping") if family in ("gemma2", "gemma3") else None,
+        query_scale=query_scale,
+        sliding_window=int(window) if window else None,
+        sliding_layers=sliding,
+    )
+
+
+def tiny_config(family: str = "llama", **overrides) -> ModelConfig:
+    """A few-hundred-parameter config for tests and examples."""
+    base = dict(
+        family=family, architecture=family, vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+        head_dim=8, d_ff=48, qkv_bias=family == "qwen2", tie_embeddings=family == "qwen2",
+    )
+    base.update(overrides)
+    return ModelConfig(**base)

@@ -1,0 +1,88 @@
+"""`load_model(src)`: one entry point for every kind of model source."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from refusal_jax import checkpoint
+from refusal_jax.config import ModelConfig
+from refusal_jax.errors import CheckpointError
+from refusal_jax.params import Params
+
+
+class LoadedModel(NamedTuple):
+    params: Params
+    cfg: ModelConfig
+    tokenizer: object
+
+
+def _progress_bar(total: int | None, desc: str, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", leave=False)
+
+
+def convert_source(src: str, *, dtype: str = "float32", strict_config: bool = True, progress: bool = True):
+    """Convert any non-converted source (GGUF file, HF dir or hub id, bundled short name) -> (cfg, params, tok)."""
+    from refusal_jax import bundled
+    from refusal_jax.convert import engine
+
+    np_dtype = engine.numpy_dtype(dtype)
+    path = Path(src).expanduser()
+    if bundled.is_known(src):
+        path = bundled.model_path(src)
+    if path.suffix == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
+        from refusal_jax.convert import gguf
+
+        with _progress_bar(None, f"converting {path.name}", progress) as bar:
+            return gguf.load_gguf(path, dtype=np_dtype, progress=(lambda _: bar.update()) if bar is not None else None)
+    from refusal_jax.convert import hf
+
+    model_dir = hf.resolve_hf_dir(src)
+    with _progress_bar(hf.n_tensors(model_dir), f"converting {model_dir.name}", progress) as bar:
+        return hf.load_hf(str(model_dir), dtype=np_dtype, strict_config=strict_config,
+                          progress=(lambda _: bar.update()) if bar is not None else None)
+
+
+def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, progress: bool = True,
+               cache: bool = True) -> LoadedModel:
+    """Load a model from any supported source.
+
+    Args:
+      src: a converted refusal_jax checkpoint directory, a `.gguf` file, a Hugging Face model directory, a hub id
+        ("owner/name"), or the short name of a bundled model ("qwen2.5-coder-0.5b-instruct", see
+        `refusal_jax.bundled.known_models()`).
+      dtype: parameter dtype: "float32", "bfloat16" or "float16".
+      strict_config: refuse config attributes refusal_jax does not implement.
+      progress: show a progress bar while converting.
+      cache: bundled models are converted once into the user cache directory and loaded from there afterwards.
+    Returns:
+      LoadedModel(params, cfg, tokenizer), unpackable as a tuple.
+    """
+    from refusal_jax import bundled
+
+    path = Path(str(src)).expanduser()
+    if path.is_dir() and checkpoint.is_converted(path):
+        cfg, params, tok = checkpoint.load(path)
+    elif bundled.is_known(str(src)) and cache:
+        converted = bundled.cache_dir() / "converted" / f"{bundled.canonical_name(str(src))}-{dtype}"
+        if not checkpoint.is_converted(converted):
+            cfg, params, tok = convert_source(str(src), dtype=dtype, progress=progress)
+            checkpoint.save(converted, cfg, params, tok, source=str(bundled.model_path(str(src))), overwrite=True)
+        cfg, params, tok = checkpoint.load(converted)
+    else:
+        cfg, params, tok = convert_source(str(src), dtype=dtype, strict_config=strict_config, progress=progress)
+    if tok is None:
+        raise CheckpointError(f"{src}: no tokenizer found")
+    return LoadedModel(jax.device_put(params), cfg, tok)
+
+
+def as_numpy(params: Params) -> Params:
+    return jax.tree.map(np.asarray, params)

@@ -1,0 +1,355 @@
+"""The functional transformer forward pass, with residual-stream capture and intervention sites.
+
+`forward(params, cfg, tokens, ...)` is a pure function of the parameter pytree and the token ids. Every decoder
+block has three intervention sites, each the exact tensor that enters or is added to the residual stream:
+
+  resid_pre[l]  the input of block l (the reference's forward pre-hook site; at l=0 the scaled embedding)
+  attn_out[l]   what the attention sub-block adds to the residual (after Gemma-2/3's post-norm)
+  mlp_out[l]    what the MLP sub-block adds to the residual (after Gemma-2/3's post-norm)
+
+Interventions are data (`Intervention`, a pytree of arrays), never Python control flow, so a sweep over
+directions, layers or coefficients reuses one compiled program. Axis letters: see `refusal_jax.params`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from refusal_jax.config import ModelConfig, RopeConfig
+from refusal_jax.params import LayerParams, Params, unembedding
+
+SITES = ("resid_pre", "attn_out", "mlp_out", "resid_final")
+LOGITS_MODES = ("all", "last", "none")
+_MASK_VALUE = -1e30  # finite, so a fully masked (pad) query row gives a uniform softmax instead of NaN
+
+
+@struct.dataclass
+class Intervention:
+    """What to do to the residual stream, as traced data.
+
+    ablate_basis:  [R, D] orthonormal rows (R=1: the unit refusal direction r̂). At every layer l with
+                   ablate_layers[l] != 0, resid_pre, attn_out and mlp_out lose their component in the span:
+                   x <- x - (x Bᵀ) B. Zero rows are no-ops.
+    ablate_layers: [L] 0/1 mask of layers where ablation applies (all ones = the paper's ablation).
+    add_vector:    [D] the raw (unnormalised) direction r for activation addition.
+    add_coeffs:    [L] coefficient per layer; resid_pre[l] <- resid_pre[l] + add_coeffs[l] * r.
+    """
+
+    ablate_basis: jax.Array
+    ablate_layers: jax.Array
+    add_vector: jax.Array
+    add_coeffs: jax.Array
+
+    @classmethod
+    def none(cls, cfg: ModelConfig, rank: int = 1, dtype=jnp.float32) -> "Intervention":
+        return cls(
+            ablate_basis=jnp.zeros((rank, cfg.d_model), dtype),
+            ablate_layers=jnp.zeros((cfg.n_layers,), dtype),
+            add_vector=jnp.zeros((cfg.d_model,), dtype),
+            add_coeffs=jnp.zeros((cfg.n_layers,), dtype),
+        )
+
+    @classmethod
+    def ablation(cls, cfg: ModelConfig, direction, eps: float = 1e-8) -> "Intervention":
+        """Directional ablation of `direction` ([D], or [R, D] orthonormal rows) at every layer.
+
+        A single direction is normalised as the reference does, r / (‖r‖ + 1e-8), so a zero vector is a no-op.
+        """
+        direction = jnp.asarray(direction, jnp.float32)
+        basis = direction[None] if direction.ndim == 1 else direction
+        if direction.ndim == 1:
+            basis = basis / (jnp.linalg.norm(basis, axis=-1, keepdims=True) + eps)
+        none = cls.none(cfg, rank=basis.shape[0])
+        return none.replace(ablate_basis=basis, ablate_layers=jnp.ones((cfg.n_layers,), jnp.float32))
+
+    @classmethod
+    def addition(cls, cfg: ModelConfig, vector, layer, coeff=1.0) -> "Intervention":
+        """Activation addition of coeff * vector at resid_pre of `layer` (may be traced)."""
+        vector = jnp.asarray(vector, jnp.float32)
+        coeffs = jnp.where(jnp.arange(cfg.n_layers) == layer, jnp.asarray(coeff, jnp.float32), 0.0)
+        return cls.none(cfg).replace(add_vector=vector, add_coeffs=coeffs)
+
+
+@struct.dataclass
+class KVCache:
+    """Key/value cache of fixed capacity S. Slot s of sequence b holds a real token iff mask[b, s]."""
+
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array  # [L, B, S, K, H]
+    mask: jax.Array  # [B, S] bool
+    lengths: jax.Array  # [B] int32: real tokens so far (the next token's RoPE position)
+    index: jax.Array  # [] int32: next slot to write
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32) -> "KVCache":
+        shape = (cfg.n_layers, batch, capacity, cfg.n_kv_heads, cfg.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            mask=jnp.zeros((batch, capacity), bool),
+            lengths=jnp.zeros((batch,), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+@struct.dataclass
+class Output:
+    """Forward-pass results; fields not requested are None.
+
+    logits:      [B, T, V] ("all"), [B, V] ("last"), None ("none"); float32.
+    resid_pre:   [L, B, T', D] input of every block (T' = capture_last or T).
+    attn_out:    [L, B, T', D]; mlp_out: [L, B, T', D].
+    resid_final: [B, T', D] the residual after the last block, before the final norm.
+    cache:       the updated KVCache when one was passed.
+    """
+
+    logits: jax.Array | None = None
+    resid_pre: jax.Array | None = None
+    attn_out: jax.Array | None = None
+    mlp_out: jax.Array | None = None
+    resid_final: jax.Array | None = None
+    cache: KVCache | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# building blocks
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """HF-exact RMSNorm: statistics in float32, weight applied after casting back (Llama/Qwen/Gemma all agree
+    once Gemma's 1 + w is folded into `weight` in float32)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * normed).astype(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """[H/2] inverse frequencies, computed like transformers' rope initialisers (float32)."""
+    inv = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    inv = inv.astype(np.float32)
+    if rope.rope_type == "linear":
+        inv = inv / np.float32(rope.factor)
+    elif rope.rope_type == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wavelen = old / rope.low_freq_factor
+        high_wavelen = old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def rope_tables(rope: RopeConfig, head_dim: int, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [B, T, H] for integer positions [B, T] (rotate-half layout)."""
+    inv = jnp.asarray(rope_inv_freq(rope, head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv  # [B, T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [B, T, *, H]; cos/sin: [B, T, H]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def _ablate(x: jax.Array, basis: jax.Array, on: jax.Array) -> jax.Array:
+    """x - on * (x Bᵀ) B, for x [..., D] and basis [R, D]."""
+    basis = basis.astype(x.dtype)
+    coords = jnp.einsum("...d,rd->...r", x, basis)
+    return x - on.astype(x.dtype) * jnp.einsum("...r,rd->...d", coords, basis)
+
+
+def _attention(lp: LayerParams, cfg: ModelConfig, h, cos, sin, k_cache, v_cache, key_ok, write_index):
+    """Grouped-query attention for one layer. h: [B, T, D]; key_ok: [B, T, S] bool; caches [B, S, K, H] or None.
+
+    Returns (attention output [B, T, D] before any post-norm, new k cache, new v cache).
+    """
+    B, T, _ = h.shape
+    K, G, H = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
+    q = jnp.einsum("btd,dnh->btnh", h, lp.q)
+    k = jnp.einsum("btd,dkh->btkh", h, lp.k)
+    v = jnp.einsum("btd,dkh->btkh", h, lp.v)
+    if lp.q_bias is not None:
+        q, k, v = q + lp.q_bias, k + lp.k_bias, v + lp.v_bias
+    if lp.q_norm is not None:
+        q = rms_norm(q, lp.q_norm, cfg.rms_norm_eps)
+        k = rms_norm(k, lp.k_norm, cfg.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if k_cache is not None:
+        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_index, 0, 0))
+        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, write_index, 0, 0))
+    q = q.reshape(B, T, K, G, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype)).astype(jnp.float32) * cfg.q_scale
+    if cfg.attn_softcap:
+        scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+    scores = jnp.where(key_ok[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(h.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(h.dtype)).reshape(B, T, cfg.n_heads, H)
+    return jnp.einsum("btnh,nhd->btd", out, lp.o), k, v
+
+
+def _mlp(lp: LayerParams, cfg: ModelConfig, h):
+    gate = jnp.einsum("btd,df->btf", h, lp.gate)
+    up = jnp.einsum("btd,df->btf", h, lp.up)
+    act = jax.nn.silu(gate) if cfg.mlp_activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    return jnp.einsum("btf,fd->btd", act * up, lp.down)
+
+
+# --------------------------------------------------------------------------------------------------
+# the forward pass
+
+
+def _forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    attention_mask: jax.Array | None = None,
+    intervention: Intervention | None = None,
+    cache: KVCache | None = None,
+    *,
+    capture: tuple[str, ...] = (),
+    capture_last: int | None = None,
+    logits: str = "all",
+) -> Output:
+    if logits not in LOGITS_MODES:
+        raise ValueError(f"logits must be one of {LOGITS_MODES}, got {logits!r}")
+    unknown = set(capture) - set(SITES)
+    if unknown:
+        raise ValueError(f"unknown capture sites {sorted(unknown)}; choose from {SITES}")
+    B, T = tokens.shape
+    chex.assert_rank(tokens, 2)
+    if attention_mask is None:
+        attention_mask = jnp.ones((B, T), jnp.int32)
+    chex.assert_shape(attention_mask, (B, T))
+    chex.assert_shape(params.embed, (cfg.vocab_size, cfg.d_model))
+    if intervention is None:
+        intervention = Intervention.none(cfg)
+    chex.assert_shape(intervention.ablate_layers, (cfg.n_layers,))
+    chex.assert_shape(intervention.add_coeffs, (cfg.n_layers,))
+    chex.assert_shape(intervention.add_vector, (cfg.d_model,))
+    chex.assert_shape(intervention.ablate_basis, (None, cfg.d_model))
+    mask = attention_mask.astype(bool)
+
+    # Slots: without a cache, keys are this call's tokens (S = T, slots 0..T-1). With a cache, the T new tokens
+    # go to slots index..index+T-1 and attend to every real slot at or before their own.
+    if cache is None:
+        index = jnp.zeros((), jnp.int32)
+        key_mask = mask
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        S = T
+    else:
+        index = cache.index
+        key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, index))
+        positions = cache.lengths[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        S = cache.mask.shape[1]
+    q_slot = index + jnp.arange(T)
+    k_slot = jnp.arange(S)
+    causal = k_slot[None, :] <= q_slot[:, None]  # [T, S]
+    key_ok = causal[None] & key_mask[:, None, :]  # [B, T, S]
+    if cfg.sliding_window:
+        key_ok_local = key_ok & ((q_slot[:, None] - k_slot[None, :]) < cfg.sliding_window)[None]
+    else:
+        key_ok_local = key_ok
+
+    cos, sin = rope_tables(cfg.rope, cfg.head_dim, positions)
+    cos_l, sin_l = rope_tables(cfg.rope_local, cfg.head_dim, positions) if cfg.rope_local else (cos, sin)
+
+    x = params.embed[tokens]
+    if cfg.embed_scale:
+        # HF multiplies by sqrt(d_model) rounded to the activation dtype.
+        x = x * jnp.asarray(cfg.d_model**0.5, x.dtype)
+    chex.assert_shape(x, (B, T, cfg.d_model))
+    dtype = x.dtype
+    sl = (lambda a: a[:, -capture_last:]) if capture_last else (lambda a: a)
+    basis = intervention.ablate_basis
+
+    def block(x, layer):
+        lp, sliding, ablate_on, add_coeff, k_cache, v_cache = layer
+        x = x + (add_coeff * intervention.add_vector).astype(dtype)
+        x = _ablate(x, basis, ablate_on)
+        resid_pre = x
+        ok = jnp.where(sliding, key_ok_local, key_ok)
+        c, s = jnp.where(sliding, cos_l, cos), jnp.where(sliding, sin_l, sin)
+        attn, k_new, v_new = _attention(
+            lp, cfg, rms_norm(x, lp.attn_norm, cfg.rms_norm_eps), c, s, k_cache, v_cache, ok, index)
+        if cfg.post_norms:
+            attn = rms_norm(attn, lp.post_attn_norm, cfg.rms_norm_eps)
+        attn = _ablate(attn, basis, ablate_on)
+        x = x + attn
+        mlp = _mlp(lp, cfg, rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps))
+        if cfg.post_norms:
+            mlp = rms_norm(mlp, lp.post_mlp_norm, cfg.rms_norm_eps)
+        mlp = _ablate(mlp, basis, ablate_on)
+        x = x + mlp
+        saved = {
+            "resid_pre": sl(resid_pre) if "resid_pre" in capture else None,
+            "attn_out": sl(attn) if "attn_out" in capture else None,
+            "mlp_out": sl(mlp) if "mlp_out" in capture else None,
+        }
+        kv = (k_new, v_new) if cache is not None else (None, None)
+        return x, (saved, kv)
+
+    xs = (
+        params.layers,
+        jnp.asarray(cfg.sliding_layers, bool),
+        intervention.ablate_layers,
+        intervention.add_coeffs,
+        cache.k if cache is not None else None,
+        cache.v if cache is not None else None,
+    )
+    with jax.named_scope("decoder_blocks"):
+        x, (saved, (k_all, v_all)) = jax.lax.scan(block, x, xs)
+
+    out_logits = None
+    if logits != "none":
+        h = x[:, -1:] if logits == "last" else x
+        h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
+        out_logits = jnp.einsum("btd,dv->btv", h, unembedding(params).astype(h.dtype)).astype(jnp.float32)
+        if cfg.final_softcap:
+            out_logits = jnp.tanh(out_logits / cfg.final_softcap) * cfg.final_softcap
+        if logits == "last":
+            out_logits = out_logits[:, 0]
+
+    new_cache = None
+    if cache is not None:
+        new_cache = KVCache(k=k_all, v=v_all, mask=key_mask, lengths=cache.lengths + mask.sum(1).astype(jnp.int32),
+                            index=index + T)
+    return Output(
+        logits=out_logits,
+        resid_pre=saved["resid_pre"],
+        attn_out=saved["attn_out"],
+        mlp_out=saved["mlp_out"],
+        resid_final=sl(x) if "resid_final" in capture else None,
+        cache=new_cache,
+    )
+
+
+forward = jax.jit(_forward, static_argnames=("cfg", "capture", "capture_last", "logits"))
+forward.__doc__ = """Run the model.
+
+Args:
+  params: the parameter pytree (`refusal_jax.params.Params`).
+  cfg: the static ModelConfig.
+  tokens: [B, T] int token ids, left-padded.
+  attention_mask: [B, T] 1 for real tokens, 0 for padding (default all ones). RoPE positions count real tokens
+    only, as transformers' generate() does.
+  intervention: an `Intervention` (traced: changing its values never recompiles). None = no intervention.
+  cache: a `KVCache` to read from and write the new tokens into (generation); the updated cache is returned.
+  capture: sites to return, a tuple from ("resid_pre", "attn_out", "mlp_out", "resid_final").
+  capture_last: keep only the last n positions of captured activations (the post-instruction tokens).
+  logits: "all" positions, only the "last", or "none" (skips the LM head entirely).
+Returns:
+  Output with the requested fields.
+"""

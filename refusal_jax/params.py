@@ -1,0 +1,118 @@
+"""Parameter pytrees. Layers are stacked on a leading axis L so the forward pass is one `lax.scan`.
+
+Axis letters (used in every einsum of the project):
+  B batch, T query positions, S key positions, D d_model, N query heads, K kv heads, G query heads per kv head,
+  H head_dim, F MLP width, V vocabulary, L layers.
+
+Norm weights are stored as the multiplier actually applied (Gemma's `1 + w` is folded in by the converter).
+Optional tensors are None when the architecture has none (a None leaf is an empty pytree node).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from refusal_jax.config import ModelConfig
+
+
+@struct.dataclass
+class LayerParams:
+    attn_norm: jax.Array  # [L, D]
+    q: jax.Array  # [L, D, N, H]
+    k: jax.Array  # [L, D, K, H]
+    v: jax.Array  # [L, D, K, H]
+    o: jax.Array  # [L, N, H, D]
+    mlp_norm: jax.Array  # [L, D]
+    gate: jax.Array  # [L, D, F]
+    up: jax.Array  # [L, D, F]
+    down: jax.Array  # [L, F, D]
+    q_bias: jax.Array | None = None  # [L, N, H]
+    k_bias: jax.Array | None = None  # [L, K, H]
+    v_bias: jax.Array | None = None  # [L, K, H]
+    q_norm: jax.Array | None = None  # [L, H]
+    k_norm: jax.Array | None = None  # [L, H]
+    post_attn_norm: jax.Array | None = None  # [L, D]
+    post_mlp_norm: jax.Array | None = None  # [L, D]
+
+
+@struct.dataclass
+class Params:
+    embed: jax.Array  # [V, D]
+    layers: LayerParams
+    final_norm: jax.Array  # [D]
+    lm_head: jax.Array | None = None  # [D, V]; None when tied to `embed`
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Field path ("embed", "layers.q", ...) -> shape, for exactly the fields this config uses."""
+    L, D, N, K, H, F, V = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
+                           cfg.vocab_size)
+    shapes = {
+        "embed": (V, D),
+        "final_norm": (D,),
+        "layers.attn_norm": (L, D),
+        "layers.q": (L, D, N, H),
+        "layers.k": (L, D, K, H),
+        "layers.v": (L, D, K, H),
+        "layers.o": (L, N, H, D),
+        "layers.mlp_norm": (L, D),
+        "layers.gate": (L, D, F),
+        "layers.up": (L, D, F),
+        "layers.down": (L, F, D),
+    }
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (D, V)
+    if cfg.qkv_bias:
+        shapes.update({"layers.q_bias": (L, N, H), "layers.k_bias": (L, K, H), "layers.v_bias": (L, K, H)})
+    if cfg.qk_norm:
+        shapes.update({"layers.q_norm": (L, H), "layers.k_norm": (L, H)})
+    if cfg.post_norms:
+        shapes.update({"layers.post_attn_norm": (L, D), "layers.post_mlp_norm": (L, D)})
+    return shapes
+
+
+def from_flat(flat: dict[str, np.ndarray | jax.Array]) -> Params:
+    """Params from a {"embed": ..., "layers.q": ...} dict (the inverse of `to_flat`)."""
+    layer = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("layers.")}
+    return Params(
+        embed=flat["embed"],
+        layers=LayerParams(**layer),
+        final_norm=flat["final_norm"],
+        lm_head=flat.get("lm_head"),
+    )
+
+
+def to_flat(params: Params) -> dict[str, jax.Array]:
+    flat = {"embed": params.embed, "final_norm": params.final_norm}
+    if params.lm_head is not None:
+        flat["lm_head"] = params.lm_head
+    for name in LayerParams.__dataclass_fields__:
+        value = getattr(params.layers, name)
+        if value is not None:
+            flat[f"layers.{name}"] = value
+    return flat
+
+
+def init_random(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
+    """Random params in the shapes of `cfg` (tests, and GPU benchmarks where weight values do not matter)."""
+    shapes = param_shapes(cfg)
+    keys = jax.random.split(key, len(shapes))
+    flat = {}
+    for k, (name, shape) in zip(keys, sorted(shapes.items())):
+        if "norm" in name:
+            flat[name] = (1.0 + 0.1 * jax.random.normal(k, shape)).astype(dtype)
+        else:
+            flat[name] = (scale * jax.random.normal(k, shape)).astype(dtype)
+    return from_flat(flat)
+
+
+def unembedding(params: Params) -> jax.Array:
+    """The [D, V] matrix that maps the final normed residual to logits."""
+    return params.embed.T if params.lm_head is None else params.lm_head
+
+
+def cast(params: Params, dtype) -> Params:
+    return jax.tree.map(lambda x: x.astype(dtype), params)

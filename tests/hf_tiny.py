@@ -1,0 +1,59 @@
+"""Tiny random Hugging Face models (torch) saved as safetensors, for parity tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+FAMILIES = {
+    "llama": dict(arch="LlamaForCausalLM", config="LlamaConfig"),
+    "llama3_rope": dict(arch="LlamaForCausalLM", config="LlamaConfig",
+                        extra=dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                     high_freq_factor=4.0, original_max_position_embeddings=16),
+                                   rope_theta=500000.0)),
+    "mistral_gqa": dict(arch="MistralForCausalLM", config="MistralConfig", extra=dict(sliding_window=None)),
+    "qwen2": dict(arch="Qwen2ForCausalLM", config="Qwen2Config", extra=dict(tie_word_embeddings=True)),
+}
+
+
+def make_hf_model(family: str, seed: int = 0, **overrides):
+    import torch
+    import transformers
+
+    spec = FAMILIES[family]
+    kwargs = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
+    if family == "llama":
+        kwargs["num_key_value_heads"] = 4
+    kwargs.update(spec.get("extra", {}))
+    kwargs.update(overrides)
+    cfg = getattr(transformers, spec["config"])(**kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, spec["arch"])(cfg).eval().float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))  # non-trivial norms catch mapping mistakes
+            elif "bias" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+def left_padded_batch(vocab: int, lengths=(9, 5, 12), seed: int = 0):
+    rng = np.random.default_rng(seed)
+    T = max(lengths)
+    tokens = np.zeros((len(lengths), T), np.int32)
+    mask = np.zeros((len(lengths), T), np.int32)
+    for b, n in enumerate(lengths):
+        tokens[b, T - n:] = rng.integers(1, vocab, n)
+        mask[b, T - n:] = 1
+    return tokens, mask
+
+
+def hf_forward(model, tokens, mask):
+    import torch
+
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(positions, dtype=torch.long), output_hidden_states=True)
+    return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
