@@ -1,0 +1,92 @@
+"""Batched greedy decoding with a KV cache, jit-compiled, with any `Intervention` active at every step."""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from refusal_jax.batching import bucketed, encode, pad_id
+from refusal_jax.config import ModelConfig
+from refusal_jax.model import Intervention, KVCache, _forward
+from refusal_jax.params import Params
+
+# End-of-turn tokens of the supported chat formats; generation stops at these and at the tokenizer's EOS.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|end_of_text|>")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "stop_ids", "pad"))
+def greedy_generate(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array,
+                    intervention: Intervention | None = None, *, max_new_tokens: int,
+                    stop_ids: tuple[int, ...] = (), pad: int = 0) -> jax.Array:
+    """Greedy continuation of left-padded prompts.
+
+    Args:
+      tokens, mask: [B, T] left-padded prompt ids and attention mask.
+      intervention: applied to the prompt and to every generated token (traced).
+      max_new_tokens: number of decoding steps (static).
+      stop_ids: token ids that end a sequence; later positions are filled with `pad`.
+    Returns:
+      [B, max_new_tokens] int32 generated ids.
+    """
+    B, T = tokens.shape
+    dtype = params.embed.dtype
+    cache = KVCache.init(cfg, B, T + max_new_tokens, dtype)
+    out = _forward(params, cfg, tokens, mask, intervention, cache, logits="last")
+    stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+
+    def cond(state):
+        step, _, _, done, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, logits, done, generated = state
+        nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # first maximal index, as torch.argmax
+        generated = generated.at[:, step].set(jnp.where(done, pad, nxt))
+        done = done | jnp.isin(nxt, stops)
+        out = _forward(params, cfg, nxt[:, None], jnp.ones((B, 1), jnp.int32), intervention, cache, logits="last")
+        return step + 1, out.cache, out.logits, done, generated
+
+    state = (jnp.zeros((), jnp.int32), out.cache, out.logits, jnp.zeros((B,), bool),
+             jnp.full((B, max_new_tokens), pad, jnp.int32))
+    return jax.lax.while_loop(cond, body, state)[-1]
+
+
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    ids.update(int(vocab[t]) for t in END_OF_TURN if t in vocab)
+    return tuple(sorted(ids))
+
+
+def cut_at_stop(tokens: list[int], stops: Sequence[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return tokens[:i + 1]
+    return tokens
+
+
+def generate_completions(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[str],
+                         intervention: Intervention | None = None, *, batch_size: int = 8,
+                         max_new_tokens: int = 512, progress: bool = False, desc: str = "generating") -> list[str]:
+    """Greedy completions (decoded, special tokens skipped, stripped, as the reference) in input order."""
+    ids = encode(tokenizer, prompts)
+    pad, stops = pad_id(tokenizer), stop_token_ids(tokenizer)
+    texts: list[str] = [""] * len(prompts)
+    batches = list(bucketed(ids, batch_size, pad))
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=desc, unit="batch")
+    for batch in batches:
+        gen = np.asarray(greedy_generate(params, cfg, batch.tokens, batch.mask, intervention,
+                                         max_new_tokens=max_new_tokens, stop_ids=stops, pad=pad))
+        for row, idx in enumerate(batch.index):
+            if idx >= 0:
+                texts[idx] = tokenizer.decode(cut_at_stop(gen[row].tolist(), stops), skip_special_tokens=True).strip()
+    return texts

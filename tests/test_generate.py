@@ -1,0 +1,49 @@
+"""KV-cached greedy decoding equals re-running the full forward pass at every step."""
+
+import jax
+import numpy as np
+import pytest
+
+from refusal_jax import Intervention, forward
+from refusal_jax.config import tiny_config
+from refusal_jax.generate import cut_at_stop, greedy_generate
+from refusal_jax.params import init_random
+from tests.hf_tiny import left_padded_batch
+
+
+def naive_greedy(params, cfg, tokens, mask, intervention, n):
+    tokens, mask = np.asarray(tokens), np.asarray(mask)
+    out = []
+    for _ in range(n):
+        logits = np.asarray(forward(params, cfg, tokens, mask, intervention, logits="last").logits)
+        nxt = logits.argmax(-1).astype(np.int32)
+        out.append(nxt)
+        tokens = np.concatenate([tokens, nxt[:, None]], 1)
+        mask = np.concatenate([mask, np.ones_like(nxt)[:, None]], 1)
+    return np.stack(out, 1)
+
+
+@pytest.mark.parametrize("kind", ["none", "ablation", "addition"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_cached_generation_matches_naive(family, kind):
+    cfg = tiny_config(family, n_layers=3)
+    params = init_random(cfg, jax.random.key(0), scale=0.4)
+    r = np.asarray(jax.random.normal(jax.random.key(1), (cfg.d_model,)))
+    iv = {"none": None, "ablation": Intervention.ablation(cfg, r),
+          "addition": Intervention.addition(cfg, r, layer=1, coeff=1.5)}[kind]
+    tokens, mask = left_padded_batch(cfg.vocab_size, lengths=(6, 3, 9))
+    got = np.asarray(greedy_generate(params, cfg, tokens, mask, iv, max_new_tokens=8))
+    want = naive_greedy(params, cfg, tokens, mask, iv, 8)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_stop_tokens_end_sequences():
+    cfg = tiny_config("llama")
+    params = init_random(cfg, jax.random.key(0), scale=0.4)
+    tokens, mask = left_padded_batch(cfg.vocab_size, lengths=(5, 7))
+    free = np.asarray(greedy_generate(params, cfg, tokens, mask, max_new_tokens=6))
+    stop = int(free[0, 2])
+    got = np.asarray(greedy_generate(params, cfg, tokens, mask, max_new_tokens=6, stop_ids=(stop,), pad=-7))
+    first = list(free[0]).index(stop)
+    assert got[0, first] == stop and (got[0, first + 1:] == -7).all()
+    assert cut_at_stop([1, 2, 3, 4], (3,)) == [1, 2, 3]
