@@ -36,7 +36,7 @@ def convert_source(src: str, *, dtype: str = "float32", strict_config: bool = Tr
 
     np_dtype = engine.numpy_dtype(dtype)
     path = Path(src).expanduser()
-    if bundled.is_known(src):
+    if bundled.is_known_model(src):
         path = bundled.model_path(src)
     if path.suffix == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
         from refusal_jax.convert import gguf
@@ -71,8 +71,8 @@ def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, 
     path = Path(str(src)).expanduser()
     if path.is_dir() and checkpoint.is_converted(path):
         cfg, params, tok = checkpoint.load(path)
-    elif bundled.is_known(str(src)) and cache:
-        converted = bundled.cache_dir() / "converted" / f"{bundled.canonical_name(str(src))}-{dtype}"
+    elif bundled.is_known_model(str(src)) and cache:
+        converted = bundled.cache_root() / "converted" / f"{bundled.resolve_name(str(src))}-{dtype}"
         if not checkpoint.is_converted(converted):
             cfg, params, tok = convert_source(str(src), dtype=dtype, progress=progress)
             checkpoint.save(converted, cfg, params, tok, source=str(bundled.model_path(str(src))), overwrite=True)

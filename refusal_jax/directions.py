@@ -1,0 +1,192 @@
+"""Stage 1 (candidate directions) and stage 2 (selection) of the reference pipeline, as compiled batched code.
+
+Stage 1: mean resid_pre at every post-instruction position x layer for harmful and harmless prompts; their
+difference is the candidate grid `mean_diffs[pos, layer, :]`. Per batch the device sums float32 activations
+over prompts; the host accumulates those sums in float64 (the reference accumulates in float64 too).
+
+Stage 2: every candidate is scored by three forward passes over the validation sets (ablation on harmful,
+ablation on harmless for KL, activation addition at the candidate's own layer on harmless). Candidates are data:
+chunks of `chunk` stacked `Intervention`s are vmapped through one compiled function, so the whole sweep compiles
+once per batch shape, never once per candidate.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from refusal_jax import judge
+from refusal_jax.batching import Batch
+from refusal_jax.config import ModelConfig
+from refusal_jax.errors import RunError
+from refusal_jax.model import Intervention, _forward
+from refusal_jax.params import Params
+
+
+# --------------------------------------------------------------------------------------------------
+# stage 1
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "n_pos"))
+def _resid_sums(params, cfg, tokens, mask, weight, *, n_pos):
+    """[n_pos, L, D] float32 weighted sum over the batch of resid_pre at the last n_pos positions."""
+    out = _forward(params, cfg, tokens, mask, capture=("resid_pre",), capture_last=n_pos, logits="none")
+    return jnp.einsum("lbpd,b->pld", out.resid_pre.astype(jnp.float32), weight)
+
+
+def mean_activations(params: Params, cfg: ModelConfig, batches: Sequence[Batch], n_pos: int,
+                     progress=None) -> np.ndarray:
+    """Mean resid_pre over all real prompts: float64 [n_pos, L, D]."""
+    total = np.zeros((n_pos, cfg.n_layers, cfg.d_model), np.float64)
+    n = 0.0
+    for batch in batches:
+        total += np.asarray(_resid_sums(params, cfg, batch.tokens, batch.mask, batch.weight, n_pos=n_pos), np.float64)
+        n += float(batch.weight.sum())
+        if progress:
+            progress(1)
+    if n == 0:
+        raise RunError("no prompts to average")
+    return total / n
+
+
+def mean_diffs(params, cfg, harmful: Sequence[Batch], harmless: Sequence[Batch], n_pos: int, progress=None):
+    """Difference-in-means candidates `[n_pos, L, D]` float64 (harmful minus harmless)."""
+    diff = (mean_activations(params, cfg, harmful, n_pos, progress)
+            - mean_activations(params, cfg, harmless, n_pos, progress))
+    if not np.isfinite(diff).all():
+        raise RunError("mean activations contain NaN or infinite values (check the model dtype / weights)")
+    return diff
+
+
+# --------------------------------------------------------------------------------------------------
+# per-prompt scores under a stack of interventions
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _scores(params, cfg, tokens, mask, interventions: Intervention, refusal_ids, base_logits):
+    """Per-candidate, per-prompt (refusal score, KL(base || intervened)): two [C, B] float32 arrays."""
+
+    def one(iv):
+        logits = _forward(params, cfg, tokens, mask, iv, logits="last").logits
+        return judge.refusal_score_jax(logits, refusal_ids), judge.kl_div_jax(base_logits, logits)
+
+    return jax.vmap(one)(interventions)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def last_logits(params, cfg, tokens, mask, intervention=None):
+    return _forward(params, cfg, tokens, mask, intervention, logits="last").logits
+
+
+def _stack(ivs: Sequence[Intervention]) -> Intervention:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *ivs)
+
+
+def evaluate_interventions(params, cfg, batches: Sequence[Batch], interventions: Sequence[Intervention],
+                           refusal_ids, *, chunk: int = 8, progress=None) -> dict[str, np.ndarray]:
+    """Mean refusal score and mean KL (vs no intervention) of each intervention over all prompts of `batches`.
+
+    The list is processed in chunks of `chunk` (the last one padded with no-op interventions), so the compiled
+    program depends on the batch shape and `chunk` only.
+    Returns {"refusal_score": [C], "kl": [C], "per_prompt_refusal": [C, n_prompts]} (float64).
+    """
+    refusal_ids = jnp.asarray(refusal_ids, jnp.int32)
+    C = len(interventions)
+    n_prompts = int(sum(b.weight.sum() for b in batches))
+    per_prompt = np.zeros((C, n_prompts))
+    kl_sum = np.zeros(C)
+    noop = Intervention.none(cfg, rank=interventions[0].ablate_basis.shape[0])
+    for batch in batches:
+        base = last_logits(params, cfg, batch.tokens, batch.mask)
+        real = batch.index >= 0
+        for start in range(0, C, chunk):
+            group = list(interventions[start:start + chunk])
+            n = len(group)
+            group += [noop] * (chunk - n)
+            score, kl = _scores(params, cfg, batch.tokens, batch.mask, _stack(group), refusal_ids, base)
+            score, kl = np.asarray(score, np.float64)[:n], np.asarray(kl, np.float64)[:n]
+            per_prompt[start:start + n][:, batch.index[real]] = score[:, real]
+            kl_sum[start:start + n] += (kl * batch.weight).sum(1)
+            if progress:
+                progress(n)
+    return {"refusal_score": per_prompt.mean(1), "kl": kl_sum / n_prompts, "per_prompt_refusal": per_prompt}
+
+
+def baseline_refusal_scores(params, cfg, batches: Sequence[Batch], refusal_ids) -> np.ndarray:
+    """Per-prompt refusal score without intervention, in input order (for filtering train/val sets)."""
+    return evaluate_interventions(params, cfg, batches, [Intervention.none(cfg)], refusal_ids,
+                                  chunk=1)["per_prompt_refusal"][0]
+
+
+# --------------------------------------------------------------------------------------------------
+# stage 2
+
+
+def candidate_grid(cfg: ModelConfig, n_pos: int, positions: Sequence[int] | None = None,
+                   layers: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """(pos, layer) pairs in the reference's iteration order: pos -n..-1, then layer 0..L-1."""
+    positions = list(range(-n_pos, 0)) if positions is None else list(positions)
+    layers = list(range(cfg.n_layers)) if layers is None else list(layers)
+    for p in positions:
+        if not -n_pos <= p < 0:
+            raise RunError(f"position {p} out of range: post-instruction positions are -{n_pos}..-1")
+    for layer in layers:
+        if not 0 <= layer < cfg.n_layers:
+            raise RunError(f"layer {layer} out of range: the model has layers 0..{cfg.n_layers - 1}")
+    return [(p, layer) for p in positions for layer in layers]
+
+
+def score_candidates(params, cfg, diffs: np.ndarray, harmful_val: Sequence[Batch], harmless_val: Sequence[Batch],
+                     refusal_ids, grid: Sequence[tuple[int, int]], *, chunk: int = 8, progress=None) -> list[dict]:
+    """The reference's three scores for every (pos, layer) candidate, in grid order."""
+    ablations = [Intervention.ablation(cfg, diffs[p, layer]) for p, layer in grid]
+    additions = [Intervention.addition(cfg, diffs[p, layer], layer, 1.0) for p, layer in grid]
+    harmful = evaluate_interventions(params, cfg, harmful_val, ablations, refusal_ids, chunk=chunk, progress=progress)
+    harmless_abl = evaluate_interventions(params, cfg, harmless_val, ablations, refusal_ids, chunk=chunk,
+                                          progress=progress)
+    harmless_add = evaluate_interventions(params, cfg, harmless_val, additions, refusal_ids, chunk=chunk,
+                                          progress=progress)
+    return [
+        {"position": p, "layer": layer, "refusal_score": float(harmful["refusal_score"][i]),
+         "steering_score": float(harmless_add["refusal_score"][i]), "kl_div_score": float(harmless_abl["kl"][i])}
+        for i, (p, layer) in enumerate(grid)
+    ]
+
+
+def rejection_reasons(ev: dict, n_layers: int, *, kl_threshold: float = 0.1, induce_threshold: float = 0.0,
+                      prune_layer_fraction: float = 0.2) -> list[str]:
+    """Why the reference's filter discards a candidate (empty list: it survives). Code semantics, spec §6.3."""
+    reasons = []
+    scores = (ev["refusal_score"], ev["steering_score"], ev["kl_div_score"])
+    if any(math.isnan(s) for s in scores):
+        reasons.append("NaN score")
+    if ev["layer"] >= int(n_layers * (1.0 - prune_layer_fraction)):
+        reasons.append(f"layer >= {int(n_layers * (1.0 - prune_layer_fraction))} (last {prune_layer_fraction:.0%})")
+    if ev["kl_div_score"] > kl_threshold:
+        reasons.append(f"KL {ev['kl_div_score']:.3f} > {kl_threshold}")
+    if ev["steering_score"] < induce_threshold:
+        reasons.append(f"induce score {ev['steering_score']:.3f} < {induce_threshold}")
+    return reasons
+
+
+def select(evaluations: list[dict], n_layers: int, **filter_kwargs) -> tuple[dict, list[dict]]:
+    """(winner, survivors sorted by ascending refusal_score). Ties keep grid order, like Python's stable sort.
+
+    Raises RunError listing the best rejected candidates and why, when nothing survives.
+    """
+    survivors = [ev for ev in evaluations if not rejection_reasons(ev, n_layers, **filter_kwargs)]
+    survivors = sorted(survivors, key=lambda ev: ev["refusal_score"])
+    if not survivors:
+        ranked = sorted((ev for ev in evaluations if not math.isnan(ev["refusal_score"])),
+                        key=lambda ev: ev["refusal_score"])[:5]
+        lines = [f"  pos {ev['position']} layer {ev['layer']}: refusal {ev['refusal_score']:.3f}, "
+                 f"induce {ev['steering_score']:.3f}, KL {ev['kl_div_score']:.3f} -> "
+                 f"{'; '.join(rejection_reasons(ev, n_layers, **filter_kwargs))}" for ev in ranked]
+        raise RunError("all candidate directions were filtered out. Best rejected candidates:\n" + "\n".join(lines)
+                       + "\nLoosen --kl-threshold / --induce-threshold / --prune-layer-fraction, or use more data.")
+    return survivors[0], survivors
