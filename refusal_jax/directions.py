@@ -67,8 +67,7 @@ def mean_diffs(params, cfg, harmful: Sequence[Batch], harmless: Sequence[Batch],
 # per-prompt scores under a stack of interventions
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _scores(params, cfg, tokens, mask, interventions: Intervention, refusal_ids, base_logits):
+def _scores_impl(params, cfg, tokens, mask, interventions: Intervention, base_logits, refusal_ids):
     """Per-candidate, per-prompt (refusal score, KL(base || intervened)): two [C, B] float32 arrays."""
 
     def one(iv):
@@ -76,6 +75,9 @@ def _scores(params, cfg, tokens, mask, interventions: Intervention, refusal_ids,
         return judge.refusal_score_jax(logits, refusal_ids), judge.kl_div_jax(base_logits, logits)
 
     return jax.vmap(one)(interventions)
+
+
+_scores = jax.jit(_scores_impl, static_argnames=("cfg", "refusal_ids"))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -95,7 +97,7 @@ def evaluate_interventions(params, cfg, batches: Sequence[Batch], interventions:
     program depends on the batch shape and `chunk` only.
     Returns {"refusal_score": [C], "kl": [C], "per_prompt_refusal": [C, n_prompts]} (float64).
     """
-    refusal_ids = jnp.asarray(refusal_ids, jnp.int32)
+    refusal_ids = tuple(int(i) for i in refusal_ids)
     C = len(interventions)
     n_prompts = int(sum(b.weight.sum() for b in batches))
     per_prompt = np.zeros((C, n_prompts))
@@ -108,7 +110,7 @@ def evaluate_interventions(params, cfg, batches: Sequence[Batch], interventions:
             group = list(interventions[start:start + chunk])
             n = len(group)
             group += [noop] * (chunk - n)
-            score, kl = _scores(params, cfg, batch.tokens, batch.mask, _stack(group), refusal_ids, base)
+            score, kl = _scores(params, cfg, batch.tokens, batch.mask, _stack(group), base, refusal_ids)
             score, kl = np.asarray(score, np.float64)[:n], np.asarray(kl, np.float64)[:n]
             per_prompt[start:start + n][:, batch.index[real]] = score[:, real]
             kl_sum[start:start + n] += (kl * batch.weight).sum(1)
