@@ -12,7 +12,7 @@ converted model plus the largest single source tensor.
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -168,3 +168,106 @@ def numpy_dtype(name: str):
         return DTYPES[name]
     except KeyError:
         raise CheckpointError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# The inverse: Params -> Hugging Face-named tensors (export of edited models)
+
+def _heads_out(n: int, h: int, d: int):
+    """ours [d, n, h] -> torch Linear [n*h, d] (inverse of `_heads_in`)."""
+    return lambda w: w.transpose(1, 2, 0).reshape(n * h, d)
+
+
+def _inverse_transforms(cfg: ModelConfig) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """Our field -> transform from our layout back to HF's torch layout (inverse of the tables above)."""
+    D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    ident = lambda w: w  # noqa: E731
+    transpose = lambda w: w.T  # noqa: E731
+    flatten = lambda b: b.reshape(-1)  # noqa: E731
+    return {
+        "attn_norm": ident, "mlp_norm": ident, "post_attn_norm": ident, "post_mlp_norm": ident,
+        "q_norm": ident, "k_norm": ident, "final_norm": ident, "embed": ident,
+        "q": _heads_out(N, H, D), "k": _heads_out(K, H, D), "v": _heads_out(K, H, D),
+        "o": lambda w: w.transpose(2, 0, 1).reshape(D, N * H),
+        "gate": transpose, "up": transpose, "down": transpose, "lm_head": transpose,
+        "q_bias": flatten, "k_bias": flatten, "v_bias": flatten,
+    }
+
+
+def hf_tensor_plan(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], str, int | None]]:
+    """Every HF tensor of `cfg` in checkpoint order: (hf_name, HF shape, our field, layer index or None).
+
+    Tied configs have no lm_head.weight. Built from `layer_table`/`global_table`, so it names exactly the
+    tensors `fill_params` expects.
+    """
+    layers, globals_ = layer_table(cfg), global_table(cfg)
+    def glob(name):
+        field, shape, _ = globals_[name]
+        return name, shape, field, None
+
+    plan = [glob("model.embed_tokens.weight")]
+    for i in range(cfg.n_layers):
+        for suffix, (field, shape, _) in layers.items():
+            plan.append((f"model.layers.{i}.{suffix}", shape, f"layers.{field}", i))
+    plan.append(glob("model.norm.weight"))
+    if "lm_head.weight" in globals_:
+        plan.append(glob("lm_head.weight"))
+    return plan
+
+
+def to_hf_tensors(
+    cfg: ModelConfig,
+    params: Params,
+    *,
+    dtype=None,
+    norm_offset_folded: bool = False,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (hf_name, numpy array in HF/torch layout), tensor by tensor: the exact inverse of `fill_params`.
+
+    Args:
+      cfg: the model config (decides the tensor names; tied configs yield no lm_head.weight).
+      params: Params of numpy or jax arrays. Stacked layer arrays are sliced one layer at a time, so only one
+        tensor at a time is copied to the host.
+      dtype: numpy dtype of the yielded arrays; None keeps each parameter's own dtype.
+      norm_offset_folded: Gemma only: yield the stored multiplier 1 + w instead of HF's w (the GGUF convention).
+        By default Gemma norms are un-folded as w = stored - 1, computed in float32 and rounded once to `dtype`.
+    Raises:
+      CheckpointError: params whose shapes do not match `cfg`, or an lm_head on a tied config.
+    """
+    from refusal_jax.params import to_flat
+
+    flat = to_flat(params)
+    if cfg.tie_embeddings and "lm_head" in flat:
+        raise CheckpointError("params have an lm_head but the config ties embeddings: export with an untied config "
+                              "(refusal_jax.orthogonalize.untied_config)")
+    if not cfg.tie_embeddings and "lm_head" not in flat:
+        flat["lm_head"] = _Transposed(flat["embed"])  # untied config, tied params: the head is the embedding
+    shapes = param_shapes(cfg)
+    for name, shape in shapes.items():
+        got = tuple(flat[name].shape) if name in flat else None
+        if got != shape:
+            raise CheckpointError(f"parameter {name} has shape {got}, config expects {shape}")
+    inverse = _inverse_transforms(cfg)
+    unfold = cfg.embed_scale and not norm_offset_folded
+    for hf_name, hf_shape, field, layer in hf_tensor_plan(cfg):
+        source = flat[field]
+        value = np.asarray(source if layer is None else source[layer])
+        short = field.rsplit(".", 1)[-1]
+        out_dtype = np.dtype(dtype) if dtype is not None else value.dtype
+        if unfold and _is_norm(short):
+            value = value.astype(np.float32) - np.float32(1.0)
+        value = np.ascontiguousarray(inverse[short](value).astype(out_dtype, copy=False))
+        assert value.shape == hf_shape, (hf_name, value.shape, hf_shape)
+        yield hf_name, value
+
+
+class _Transposed:
+    """embed [V, D] seen as an lm_head [D, V] without copying it (only materialised when exported)."""
+
+    def __init__(self, embed):
+        self.embed = embed
+        self.shape = tuple(embed.shape[::-1])
+
+    def __array__(self, dtype=None, copy=None):
+        arr = np.asarray(self.embed).T
+        return arr if dtype is None else arr.astype(dtype)

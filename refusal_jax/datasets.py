@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import random
 from pathlib import Path
@@ -292,7 +293,7 @@ def load_hf_dataset(name: str, split: str = "train", column: str = "instruction"
         raise DataError(f"could not load {name!r} split {split!r} from the Hugging Face hub ({type(e).__name__}: "
                         f"{e}); the hub may be unreachable (offline machine, HF_HUB_OFFLINE=1) and the dataset "
                         "is not in the local cache. Use a local file instead.") from e
-    rows: Iterable[dict] = ds if n is None else (row for _, row in zip(range(n), ds))
+    rows: Iterable[dict] = ds if n is None else itertools.islice(ds, n)
     out = []
     for row in rows:
         if column not in row:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from refusal_jax.cli import main_wrapper
 from refusal_jax.config import ModelConfig
 from refusal_jax.errors import ConfigError
 from refusal_jax.params import Params
@@ -58,3 +59,181 @@ def untied_config(cfg: ModelConfig) -> ModelConfig:
     import dataclasses
 
     return dataclasses.replace(cfg, tie_embeddings=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# python -m refusal_jax.orthogonalize --model SRC --direction DIR/direction.npy --out OUT
+
+
+def load_direction(path, d_model: int | None):
+    """A refusal direction [D] (any norm) or an orthonormal basis [R, D] from a .npy file, checked.
+
+    `path` may also be a run directory holding `direction.npy`. d_model=None skips the size check (to check the
+    file before the model is loaded).
+    Raises:
+      DataError: missing or unreadable file, wrong shape, non-finite or zero values, non-orthonormal basis rows.
+    """
+    from pathlib import Path
+
+    import numpy as np
+
+    from refusal_jax.errors import DataError
+
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / "direction.npy").exists():
+        path = path / "direction.npy"
+    if not path.exists():
+        raise DataError(f"direction file {path} does not exist")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiu":
+        raise DataError(f"{path}: expected a real-valued array, got {getattr(arr, 'dtype', type(arr))}")
+    arr = arr.astype(np.float32)
+    want = "D" if d_model is None else d_model
+    if arr.ndim not in (1, 2) or arr.size == 0 or (d_model is not None and arr.shape[-1] != d_model):
+        raise DataError(f"{path}: direction has shape {tuple(arr.shape)}; this model needs [{want}] "
+                        f"(one direction) or [R, {want}] (orthonormal rows)")
+    if not np.isfinite(arr).all():
+        raise DataError(f"{path}: direction contains NaN or infinite values")
+    norms = np.linalg.norm(arr, axis=-1)
+    if (norms == 0).any():
+        raise DataError(f"{path}: direction is zero (nothing to project out)")
+    if arr.ndim == 2:
+        gram = arr.astype(np.float64) @ arr.T.astype(np.float64)
+        err = np.abs(gram - np.eye(arr.shape[0])).max()
+        if err > 1e-3:
+            raise DataError(f"{path}: the {arr.shape[0]} rows are not orthonormal (max |B Bᵀ - I| = {err:.2e}); "
+                            "pass one direction [D] or orthonormalise the basis")
+    return arr
+
+
+def residual_write_norms(params: Params, direction) -> dict[str, float]:
+    """max |W r̂| over every residual-writing matrix (embedding, o_proj, down_proj): 0 after orthogonalization."""
+    basis = _unit_basis(direction)
+
+    def site(w):
+        proj = jnp.einsum("...d,rd->...r", jnp.asarray(w).astype(jnp.float32), basis)
+        return float(jnp.abs(proj).max())
+
+    return {"embed": site(params.embed), "o_proj": site(params.layers.o), "down_proj": site(params.layers.down)}
+
+
+def parser():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m refusal_jax.orthogonalize",
+        description="Weight orthogonalization (Arditi et al. 2024, sec. 4): project the refusal direction out of "
+                    "every matrix that writes into the residual stream (embedding, attention o_proj, MLP down_proj) "
+                    "and save the edited model as a Hugging Face checkpoint that loads with "
+                    "transformers.AutoModelForCausalLM.from_pretrained(OUT). Tied embeddings are untied (the LM "
+                    "head keeps the original matrix), so the edited model equals inference-time directional "
+                    "ablation. Gemma-2/3 are refused: their post-norms make the edit inexact.")
+    p.add_argument("--model", required=True,
+                   help="the model to edit: converted refusal_jax checkpoint dir, .gguf file, HF model dir, HF hub id "
+                        "(owner/name), or bundled model name")
+    p.add_argument("--direction", required=True,
+                   help="the refusal direction: a .npy file holding [d_model] (any norm; it is normalised) or an "
+                        "orthonormal basis [R, d_model], e.g. RUN/direction.npy from python -m refusal_jax.pipeline "
+                        "(a run directory holding direction.npy is accepted too)")
+    p.add_argument("--out", required=True,
+                   help="output Hugging Face model directory (config.json, generation_config.json, "
+                        "model.safetensors or shards + index, tokenizer files); must not exist unless --overwrite")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the model is loaded in and the edited weights are saved in (default float32; the "
+                        "projection itself is computed in float32)")
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="also save the edited model as a converted refusal_jax checkpoint in DIR (loads fast with "
+                        "refusal_jax.load_model)")
+    p.add_argument("--shard-size", type=float, default=2.0, metavar="GB",
+                   help="split model.safetensors into shards of at most this many GiB (default 2)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and --checkpoint) if they exist")
+    p.add_argument("--no-strict-config", action="store_true",
+                   help="accept source config.json attributes refusal_jax does not know (only if you checked they "
+                        "do not change the forward pass)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _source_hf_config(src: str) -> dict:
+    """Keys of the source's config.json worth carrying over (ModelConfig does not hold them)."""
+    import json
+    from pathlib import Path
+
+    path = Path(src).expanduser() / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: hf[k] for k in ("max_position_embeddings",) if hf.get(k) is not None}
+
+
+@main_wrapper
+def main(argv=None):
+    import time
+    from pathlib import Path
+
+    from refusal_jax import checkpoint
+    from refusal_jax.convert import export_hf
+    from refusal_jax.errors import CheckpointError
+    from refusal_jax.loading import load_model
+
+    args = parser().parse_args(argv)
+    out = Path(args.out).expanduser()
+    ckpt = Path(args.checkpoint).expanduser() if args.checkpoint else None
+    for path, flag in ((out, "--out"), (ckpt, "--checkpoint")):
+        if path is not None and path.exists() and not args.overwrite:
+            raise CheckpointError(f"{flag} {path} already exists (pass --overwrite to replace it)")
+    if args.shard_size <= 0:
+        raise CheckpointError(f"--shard-size must be positive, got {args.shard_size}")
+    t0 = time.perf_counter()
+    load_direction(args.direction, None)  # fail fast on a bad file, before the (slow) model load
+    params, cfg, tokenizer = load_model(args.model, dtype=args.dtype, strict_config=not args.no_strict_config,
+                                        progress=not args.no_progress)
+    direction = load_direction(args.direction, cfg.d_model)
+    before = residual_write_norms(params, direction)
+    edited = orthogonalize(params, cfg, direction)
+    del params
+    after = residual_write_norms(edited, direction)
+    ocfg = untied_config(cfg)
+
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        from refusal_jax.convert import engine
+
+        bar = tqdm(total=len(engine.hf_tensor_plan(ocfg)), desc=f"writing {out.name}", unit="tensor", leave=False)
+    try:
+        path = export_hf.save_hf(out, ocfg, edited, tokenizer, dtype=args.dtype,
+                                 shard_size=int(args.shard_size * 2**30), overwrite=args.overwrite,
+                                 extra_config=_source_hf_config(args.model),
+                                 progress=(lambda _: bar.update()) if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    weights = sorted(f.name for f in path.glob("model*.safetensors*"))
+    print(f"wrote {path} ({size / 2**20:.1f} MiB, {args.dtype}) in {time.perf_counter() - t0:.1f} s")
+    print(f"  {cfg.architecture} ({cfg.family}): {cfg.n_layers} layers, d_model {cfg.d_model}; direction "
+          f"{'[' + str(cfg.d_model) + ']' if direction.ndim == 1 else list(direction.shape)} from {args.direction}")
+    print(f"  files: config.json, generation_config.json, {', '.join(weights)}"
+          + (", tokenizer files" if tokenizer is not None else ""))
+    if cfg.tie_embeddings:
+        print("  the tied embedding was untied: lm_head.weight keeps the original matrix (tie_word_embeddings=false)")
+    print("  max |W r̂| before -> after (residual-writing matrices):")
+    for name in before:
+        print(f"    {name:<10} {before[name]:.3e} -> {after[name]:.3e}")
+    if ckpt is not None:
+        cpath = checkpoint.save(ckpt, ocfg, edited, tokenizer, source=f"{args.model} orthogonalized against "
+                                f"{args.direction}", overwrite=args.overwrite)
+        print(f"  refusal_jax checkpoint: {cpath} (load with refusal_jax.load_model({str(cpath)!r}))")
+    print(f"  load it with: transformers.AutoModelForCausalLM.from_pretrained({str(path)!r})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Cross-entropy loss evaluation (reference stage 5): completions after the chat template, or raw texts."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from refusal_jax import judge, templates
+from refusal_jax.batching import bucketed, encode, pad_id
+from refusal_jax.model import _forward
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _nll(params, cfg, tokens, mask, loss_mask, intervention):
+    logits = _forward(params, cfg, tokens, mask, intervention, logits="all").logits
+    return judge.masked_ce_loss(logits, tokens, loss_mask)
+
+
+def _summarise(total: float, n: int) -> dict:
+    ce = total / max(n, 1)
+    return {"ce_loss": ce, "perplexity": math.exp(ce), "n_tokens": int(n)}
+
+
+def completion_loss(params, cfg, tokenizer, fmt: templates.ChatFormat, eoi: Sequence[int],
+                    instructions: Sequence[str], completions: Sequence[str], intervention=None, *,
+                    batch_size: int = 2) -> dict:
+    """CE loss of `completions` given their templated instructions, scored on completion tokens only."""
+    ids = encode(tokenizer, templates.format_instructions(fmt, list(instructions), list(completions)))
+    total, n = 0.0, 0
+    for batch in bucketed(ids, batch_size, pad_id(tokenizer)):
+        loss_mask = judge.completion_loss_mask(batch.tokens, batch.mask, eoi) * batch.weight[:, None].astype(np.int32)
+        s, k = _nll(params, cfg, batch.tokens, batch.mask, loss_mask, intervention)
+        total, n = total + float(s), n + int(k)
+    return _summarise(total, n)
+
+
+def text_loss(params, cfg, tokenizer, texts: Sequence[str], intervention=None, *, batch_size: int = 2,
+              max_length: int = 256) -> dict:
+    """CE loss of raw texts (no template), each truncated to `max_length` tokens, every real token scored."""
+    ids = [x[:max_length] for x in encode(tokenizer, list(texts))]
+    total, n = 0.0, 0
+    for batch in bucketed(ids, batch_size, pad_id(tokenizer)):
+        loss_mask = batch.mask * batch.weight[:, None].astype(np.int32)
+        loss_mask[:, -1] = 0
+        s, k = _nll(params, cfg, batch.tokens, batch.mask, loss_mask, intervention)
+        total, n = total + float(s), n + int(k)
+    return _summarise(total, n)

@@ -1,0 +1,115 @@
+"""Run directories that survive: atomic artifact writes, a recorded run config, and resume by stage.
+
+A run directory holds `run_config.json` (everything that determines the results, with its hash). Rerunning a
+command with the same config skips every stage whose artifacts exist; a different config is refused unless the
+user passes --overwrite, in which case the stale artifacts are moved to `previous/<timestamp>/` rather than
+deleted, so nothing a user produced is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from refusal_jax.errors import RunError
+
+RUN_CONFIG = "run_config.json"
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path}: malformed JSON ({e})") from None
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path).with_suffix(".npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path).with_suffix(".png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=_json_default).encode()).hexdigest()[:16]
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def texts_hash(texts) -> str:
+    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()[:16]
+
+
+def open_run(out_dir: Path, config: dict, *, overwrite: bool = False) -> Path:
+    """Create or resume a run directory for `config`.
+
+    Raises:
+      RunError: the directory holds a run with a different config and `overwrite` is False.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / RUN_CONFIG
+    record = {"config": config, "hash": config_hash(config)}
+    if path.exists():
+        old = read_json(path)
+        if old.get("hash") != record["hash"]:
+            if not overwrite:
+                changed = sorted(k for k in set(config) | set(old.get("config", {}))
+                                 if config.get(k) != old.get("config", {}).get(k))
+                raise RunError(f"{out_dir} holds a run with a different configuration (changed: {', '.join(changed)}). "
+                               "Use another --out, or --overwrite to start over (old artifacts are kept under "
+                               f"{out_dir}/previous/).")
+            stash = out_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+            stash.mkdir(parents=True)
+            for entry in list(out_dir.iterdir()):
+                if entry.name != "previous":
+                    shutil.move(str(entry), stash / entry.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(path, record)
+    return out_dir
+
+
+def done(*paths: Path) -> bool:
+    return all(Path(p).exists() for p in paths)
