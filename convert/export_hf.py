@@ -186,13 +186,17 @@ def to_hf_config(cfg: ModelConfig, *, extra: Mapping[str, Any] | None = None) ->
 
 
 def generation_config(tokenizer) -> dict[str, Any]:
-    """generation_config.json: BOS, pad and every end-of-turn id of the tokenizer as EOS."""
-    from refusal_jax.generate import stop_token_ids
+    """generation_config.json: BOS, pad, and as EOS the tokenizer's EOS plus the end-of-turn tokens of the
+    supported chat formats that this tokenizer has as added/special tokens (an ordinary vocabulary entry
+    spelled "</s>", as in Qwen's BPE vocabulary, is not an end of turn)."""
+    from refusal_jax.generate import END_OF_TURN
 
     out: dict[str, Any] = {}
     if tokenizer is None:
         return out
-    stops = list(stop_token_ids(tokenizer))
+    special = {str(tok): int(i) for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    stops = sorted({int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set())
+    stops += sorted({special[t] for t in END_OF_TURN if t in special} - set(stops))
     if getattr(tokenizer, "bos_token_id", None) is not None:
         out["bos_token_id"] = int(tokenizer.bos_token_id)
     if stops:

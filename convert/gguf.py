@@ -24,7 +24,7 @@ What llama.cpp's `convert_hf_to_gguf.py` changes, and how it is undone here:
 * Gemma 1/2/3 RMSNorm weights (all of them, q/k norms included) are stored as `1 + w`: `norm_offset_folded = True`,
   which tells `fill_params` not to add the 1 again.
 * Llama-3.x files carry `rope_freqs.weight`, llama.cpp's precomputed llama3 RoPE frequency factors, instead of the
-  `rope_scaling` config; the matching llama3 parameters are recovered from it (`_llama3_rope_from_factors`).
+  `rope_scaling` config; the matching llama3 parameters are recovered from it (`_apply_rope_freqs`).
 
 Torch is never imported here. The tokenizer is built from the GGUF metadata with transformers' own torch-free GGUF
 tokenizer builders (`AutoTokenizer.from_pretrained(..., gguf_file=...)` imports torch on this path, see
@@ -175,7 +175,10 @@ class GGUFSource:
         if values.size != math.prod(shape):
             raise CheckpointError(f"{self.path}: tensor {t.name} dequantized to {values.size} values, its header "
                                   f"says shape {shape}")
-        values = np.array(values.reshape(shape), dtype=np.float32)  # a copy: never hand out the file's memmap
+        values = values.reshape(shape)
+        if np.may_share_memory(values, t.data):  # F32 tensors are views of the file's memmap: hand out a copy
+            values = np.array(values, dtype=np.float32)
+        values = values.astype(np.float32, copy=False)
         if self.permuted_qk:
             if ".self_attn.q_proj." in hf_name:
                 values = unpermute_qk(values, n_head)
@@ -387,15 +390,15 @@ def _hf_config(path: Path, arch: str, hf_arch: str, model_type: str, md: dict, v
             # 62 for Gemma-3) and head_dim otherwise, which is what their HF configs say.
             big = hf["num_hidden_layers"] == (46 if arch == "gemma2" else 62)
             hf["query_pre_attn_scalar"] = d_model // n_heads if big else head_dim
-        if get("attention.sliding_window") is not None:
-            hf["sliding_window"] = int(get("attention.sliding_window"))
+        # Absent keys take llama.cpp's defaults, which are also transformers' config defaults: a 4096 window, and
+        # for Gemma-2 softcapping at 50 (attention) and 30 (final logits).
+        hf["sliding_window"] = int(get("attention.sliding_window", 4096))
         for key in ("final_logit_softcapping",) + (("attn_logit_softcapping",) if arch == "gemma2" else ()):
             if md.get(pre + key) is not None:
                 hf[key] = _f32(md[pre + key])
-        if arch == "gemma2" and "final_logit_softcapping" not in hf:
-            hf["final_logit_softcapping"] = None  # HF's Gemma2Config would default to 30.0; the file says none
-        if arch == "gemma2" and "attn_logit_softcapping" not in hf:
-            hf["attn_logit_softcapping"] = None
+        if arch == "gemma2":
+            hf.setdefault("attn_logit_softcapping", 50.0)
+            hf.setdefault("final_logit_softcapping", 30.0)
     elif get("attention.scale") is not None:
         raise ConfigError(f"{path}: {pre}attention.scale={get('attention.scale')} (a non-default query scale) is "
                           f"not supported for {arch}")

@@ -94,6 +94,11 @@ class ModelConfig:
             raise ConfigError(f"hidden_act={self.mlp_activation!r} is not supported (silu, gelu_pytorch_tanh)")
 
     @property
+    def norm_offset(self) -> bool:
+        """Gemma families: HF applies RMSNorm weights as (1 + w) in float32; we store the folded 1 + w."""
+        return self.embed_scale
+
+    @property
     def q_scale(self) -> float:
         return self.query_scale if self.query_scale is not None else self.head_dim**-0.5
 
@@ -154,6 +159,7 @@ _IGNORED_KEYS = {
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "output_router_logits",
     "max_window_layers",  # Qwen2: only decides which layers slide; HF writes the outcome into layer_types
     "sliding_window_pattern",  # Gemma-3: likewise summarised by layer_types
+    "sliding_window_size",  # old Gemma-2 configs repeat sliding_window under this name; transformers ignores it
     "_sliding_window_pattern",
     "use_sliding_window",  # checked below, together with layer_types
     "attn_implementation", "_attn_implementation_autoset", "rope_scaling", "rope_theta", "rope_parameters",
@@ -204,19 +210,27 @@ def _rope_from_params(p: Mapping[str, Any] | None, theta: float, where: str) -> 
 
 
 def _ropes(hf: Mapping[str, Any], family: str) -> tuple[RopeConfig, RopeConfig | None]:
-    """(global rope, local rope) from either transformers-5 `rope_parameters` or the older keys."""
-    default_theta = float(hf.get("rope_theta", 10000.0))
+    """(global rope, local rope) from either transformers-5 `rope_parameters` or the older keys.
+
+    Defaults follow transformers: rope_theta 10000, except Gemma-3 (global 1e6; local `rope_local_base_freq`,
+    default 10000). Gemma-3's old-style `rope_scaling` applies to the global (full-attention) layers only.
+    """
+    default_theta = float(hf.get("rope_theta", 1_000_000.0 if family == "gemma3" else 10000.0))
+    local_theta = float(hf.get("rope_local_base_freq", 10000.0))
     params = hf.get("rope_parameters")
     if isinstance(params, Mapping) and ("full_attention" in params or "sliding_attention" in params):
         full = _rope_from_params(params.get("full_attention"), default_theta, "rope_parameters.full_attention")
         local = params.get("sliding_attention")
-        local_rope = _rope_from_params(local, default_theta, "rope_parameters.sliding_attention") if local else None
+        if family == "gemma3":
+            local_rope = _rope_from_params(local, local_theta, "rope_parameters.sliding_attention")
+        else:
+            local_rope = _rope_from_params(local, default_theta, "rope_parameters.sliding_attention") if local else None
         return full, local_rope
     rope = _rope_from_params(params if params else hf.get("rope_scaling"), default_theta,
                              "rope_parameters" if params else "rope_scaling")
     local = None
     if family == "gemma3":
-        local = RopeConfig(theta=float(hf.get("rope_local_base_freq", 10000.0)))
+        local = RopeConfig(theta=local_theta)
     return rope, local
 
 
@@ -259,7 +273,12 @@ def from_hf_config(hf: Mapping[str, Any], *, strict: bool = True) -> ModelConfig
     d_model = int(req("hidden_size"))
     gemma = family.startswith("gemma")
 
-    act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+    # transformers reads exactly one key per family: Gemma-2/3 `hidden_activation`, everything else (Gemma-1
+    # included) `hidden_act`; the other key, when present, is ignored there and so here.
+    if family in ("gemma2", "gemma3"):
+        act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    else:
+        act = hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
     if act in ("gelu_pytorch_tanh", "gelu_tanh") or (family == "gemma" and act == "gelu"):
         # Gemma-1 configs say "gelu" but HF (and the original JAX code) run the tanh approximation.
         act = "gelu_tanh"
@@ -273,6 +292,10 @@ def from_hf_config(hf: Mapping[str, Any], *, strict: bool = True) -> ModelConfig
         raise ConfigError("unsupported config attribute use_bidirectional_attention=True")
 
     layer_types = hf.get("layer_types")
+    if family == "mistral":
+        # MistralModel ignores layer_types (it warns and points to Ministral): every layer slides iff
+        # sliding_window is set.
+        layer_types = None
     if layer_types is not None:
         bad = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
         if bad:
@@ -280,8 +303,8 @@ def from_hf_config(hf: Mapping[str, Any], *, strict: bool = True) -> ModelConfig
         if len(layer_types) != n_layers:
             raise ConfigError(f"layer_types has {len(layer_types)} entries for num_hidden_layers={n_layers}")
         sliding = tuple(t == "sliding_attention" for t in layer_types)
-    elif family == "qwen2" and hf.get("use_sliding_window"):
-        start = int(hf.get("max_window_layers", n_layers))
+    elif family in ("qwen2", "qwen3") and hf.get("use_sliding_window") and hf.get("sliding_window"):
+        start = int(hf.get("max_window_layers", 28))  # transformers' default for both
         sliding = tuple(i >= start for i in range(n_layers))
     elif family == "mistral" and hf.get("sliding_window"):
         sliding = (True,) * n_layers

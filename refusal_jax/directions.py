@@ -146,16 +146,23 @@ def candidate_grid(cfg: ModelConfig, n_pos: int, positions: Sequence[int] | None
 def score_candidates(params, cfg, diffs: np.ndarray, harmful_val: Sequence[Batch], harmless_val: Sequence[Batch],
                      refusal_ids, grid: Sequence[tuple[int, int]], *, chunk: int = 8, progress=None) -> list[dict]:
     """The reference's three scores for every (pos, layer) candidate, in grid order."""
-    ablations = [Intervention.ablation(cfg, diffs[p, layer]) for p, layer in grid]
-    additions = [Intervention.addition(cfg, diffs[p, layer], layer, 1.0) for p, layer in grid]
+    # Zero candidates (layer 0 at true template positions: the embeddings of identical tokens) are exact no-ops
+    # under both interventions, so they get the baseline scores without running the model.
+    live = [i for i, (p, layer) in enumerate(grid) if np.any(diffs[p, layer])]
+    none = [Intervention.none(cfg)]
+    ablations = none + [Intervention.ablation(cfg, diffs[grid[i]]) for i in live]
+    additions = none + [Intervention.addition(cfg, diffs[grid[i]], grid[i][1], 1.0) for i in live]
     harmful = evaluate_interventions(params, cfg, harmful_val, ablations, refusal_ids, chunk=chunk, progress=progress)
     harmless_abl = evaluate_interventions(params, cfg, harmless_val, ablations, refusal_ids, chunk=chunk,
                                           progress=progress)
     harmless_add = evaluate_interventions(params, cfg, harmless_val, additions, refusal_ids, chunk=chunk,
                                           progress=progress)
+    row = np.zeros(len(grid), int)  # index into the evaluated lists; 0 = the no-op
+    row[live] = np.arange(1, len(live) + 1)
     return [
-        {"position": p, "layer": layer, "refusal_score": float(harmful["refusal_score"][i]),
-         "steering_score": float(harmless_add["refusal_score"][i]), "kl_div_score": float(harmless_abl["kl"][i])}
+        {"position": p, "layer": layer, "refusal_score": float(harmful["refusal_score"][row[i]]),
+         "steering_score": float(harmless_add["refusal_score"][row[i]]),
+         "kl_div_score": float(harmless_abl["kl"][row[i]])}
         for i, (p, layer) in enumerate(grid)
     ]
 

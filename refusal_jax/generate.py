@@ -59,8 +59,10 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
+    # Only where they are special tokens: in Qwen's BPE vocabulary "</s>" is an ordinary token.
+    special = set(getattr(tokenizer, "all_special_tokens", [])) | set(getattr(tokenizer, "added_tokens_encoder", {}))
     vocab = tokenizer.get_vocab()
-    ids.update(int(vocab[t]) for t in END_OF_TURN if t in vocab)
+    ids.update(int(vocab[t]) for t in END_OF_TURN if t in vocab and t in special)
     return tuple(sorted(ids))
 
 

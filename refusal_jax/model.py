@@ -121,12 +121,23 @@ class Output:
 # building blocks
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """HF-exact RMSNorm: statistics in float32, weight applied after casting back (Llama/Qwen/Gemma all agree
-    once Gemma's 1 + w is folded into `weight` in float32)."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, weight_in_float32: bool = True) -> jax.Array:
+    """HF-exact RMSNorm; statistics in float32. The two conventions differ only below float32:
+
+    weight_in_float32=True   Gemma: (normed * weight) in float32, then cast to x.dtype (`weight` holds the folded
+                             1 + w, which should itself be float32 for bit parity).
+    weight_in_float32=False  Llama/Mistral/Qwen: normed cast to x.dtype first, then times weight in x.dtype.
+    """
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (weight.astype(jnp.float32) * normed).astype(x.dtype)
+    if weight_in_float32:
+        return (weight.astype(jnp.float32) * normed).astype(x.dtype)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _norm(cfg: ModelConfig, x: jax.Array, weight: jax.Array) -> jax.Array:
+    """The RMSNorm convention of cfg's family (Gemma families: float32 weight product)."""
+    return rms_norm(x, weight, cfg.rms_norm_eps, weight_in_float32=cfg.norm_offset)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
@@ -184,8 +195,8 @@ def _attention(lp: LayerParams, cfg: ModelConfig, h, cos, sin, k_cache, v_cache,
     if lp.q_bias is not None:
         q, k, v = q + lp.q_bias, k + lp.k_bias, v + lp.v_bias
     if lp.q_norm is not None:
-        q = rms_norm(q, lp.q_norm, cfg.rms_norm_eps)
-        k = rms_norm(k, lp.k_norm, cfg.rms_norm_eps)
+        q = _norm(cfg, q, lp.q_norm)
+        k = _norm(cfg, k, lp.k_norm)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if k_cache is not None:
         k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_index, 0, 0))
@@ -268,8 +279,8 @@ def _forward(
 
     x = params.embed[tokens]
     if cfg.embed_scale:
-        # HF multiplies by sqrt(d_model) rounded to the activation dtype.
-        x = x * jnp.asarray(cfg.d_model**0.5, x.dtype)
+        # HF multiplies by sqrt(d_model) held as a float32 tensor and then rounded to the activation dtype.
+        x = x * jnp.asarray(np.float32(cfg.d_model**0.5), x.dtype)
     chex.assert_shape(x, (B, T, cfg.d_model))
     dtype = x.dtype
     sl = (lambda a: a[:, -capture_last:]) if capture_last else (lambda a: a)
@@ -283,14 +294,14 @@ def _forward(
         ok = jnp.where(sliding, key_ok_local, key_ok)
         c, s = jnp.where(sliding, cos_l, cos), jnp.where(sliding, sin_l, sin)
         attn, k_new, v_new = _attention(
-            lp, cfg, rms_norm(x, lp.attn_norm, cfg.rms_norm_eps), c, s, k_cache, v_cache, ok, index)
+            lp, cfg, _norm(cfg, x, lp.attn_norm), c, s, k_cache, v_cache, ok, index)
         if cfg.post_norms:
-            attn = rms_norm(attn, lp.post_attn_norm, cfg.rms_norm_eps)
+            attn = _norm(cfg, attn, lp.post_attn_norm)
         attn = _ablate(attn, basis, ablate_on)
         x = x + attn
-        mlp = _mlp(lp, cfg, rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps))
+        mlp = _mlp(lp, cfg, _norm(cfg, x, lp.mlp_norm))
         if cfg.post_norms:
-            mlp = rms_norm(mlp, lp.post_mlp_norm, cfg.rms_norm_eps)
+            mlp = _norm(cfg, mlp, lp.post_mlp_norm)
         mlp = _ablate(mlp, basis, ablate_on)
         x = x + mlp
         saved = {
@@ -315,7 +326,7 @@ def _forward(
     out_logits = None
     if logits != "none":
         h = x[:, -1:] if logits == "last" else x
-        h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
+        h = _norm(cfg, h, params.final_norm)
         out_logits = jnp.einsum("btd,dv->btv", h, unembedding(params).astype(h.dtype)).astype(jnp.float32)
         if cfg.final_softcap:
             out_logits = jnp.tanh(out_logits / cfg.final_softcap) * cfg.final_softcap

@@ -17,17 +17,21 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from refusal_jax.cli import main_wrapper
 from refusal_jax.config import ModelConfig
-from refusal_jax.errors import ConfigError
+from refusal_jax.errors import ConfigError, DataError
 from refusal_jax.params import Params
 
 
 def _unit_basis(direction) -> jax.Array:
     d = jnp.asarray(direction, jnp.float32)
     if d.ndim == 1:
-        return (d / jnp.linalg.norm(d))[None]
+        norm = float(jnp.linalg.norm(d))
+        if not norm > 0 or not np.isfinite(norm):
+            raise DataError(f"cannot orthogonalize against a direction of norm {norm}")
+        return (d / norm)[None]
     return d  # [R, D] rows assumed orthonormal (see refusal_jax.subspace)
 
 
@@ -228,6 +232,8 @@ def main(argv=None):
     print("  max |W r̂| before -> after (residual-writing matrices):")
     for name in before:
         print(f"    {name:<10} {before[name]:.3e} -> {after[name]:.3e}")
+    if args.dtype != "float32":
+        print(f"    (the edit is computed in float32; what is left is the {args.dtype} rounding of the edited weights)")
     if ckpt is not None:
         cpath = checkpoint.save(ckpt, ocfg, edited, tokenizer, source=f"{args.model} orthogonalized against "
                                 f"{args.direction}", overwrite=args.overwrite)

@@ -74,8 +74,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--eoi-mode", default="template", choices=templates.EOI_MODES,
                    help="post-instruction tokens: 'template' = the tokens that really end every prompt; "
                         "'reference' = the reference's encode(suffix) (differs for Llama-2, see README)")
-    s.add_argument("--chat-style", default=None, choices=sorted(templates.TEMPLATES),
-                   help="force a chat template instead of the family's")
+    s.add_argument("--chat-style", default=None, choices=sorted(templates.TEMPLATES) + [templates.MODEL_STYLE],
+                   help="force a chat template instead of the family's reference template (no system prompt); "
+                        "'model' = the model's own chat template, with the system prompt it adds by default")
 
 
 def _int_list(text: str) -> list[int]:
@@ -119,7 +120,9 @@ class Run:
             if seq[-len(eoi):] != eoi:
                 raise RunError(f"templated prompt does not end with the post-instruction tokens {eoi}: {text[:60]!r}"
                                " (try --eoi-mode)")
-        return list(bucketed(ids, batch_size or self.args.batch_size, pad_id(self.tokenizer)))
+        # Small (filtered) sets get a smaller batch rather than filler rows.
+        size = min(batch_size or self.args.batch_size, len(ids))
+        return list(bucketed(ids, size, pad_id(self.tokenizer)))
 
     def bar(self, total, desc):
         from tqdm.auto import tqdm

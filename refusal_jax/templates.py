@@ -118,8 +118,8 @@ def chat_format_for(cfg_family: str, tokenizer: Any = None, style: str | None = 
     """
     if cfg_family not in FAMILIES:
         raise ConfigError(f"no chat template for model family {cfg_family!r}; supported: {', '.join(FAMILIES)}")
-    if style is not None and style not in TEMPLATES:
-        raise ConfigError(f"unknown chat template style {style!r}; supported: {', '.join(TEMPLATES)}")
+    if style is not None and style not in TEMPLATES and style != MODEL_STYLE:
+        raise ConfigError(f"unknown chat template style {style!r}; supported: {', '.join(TEMPLATES)}, {MODEL_STYLE}")
     if style is None:
         if cfg_family in _QWEN_FAMILIES:
             style = "chatml"
@@ -130,10 +130,34 @@ def chat_format_for(cfg_family: str, tokenizer: Any = None, style: str | None = 
         else:
             style = _llama_style(tokenizer)
     strings = ("I", "As") if cfg_family in _QWEN_FAMILIES else ("I",)
-    fmt = ChatFormat(family=cfg_family, template=TEMPLATES[style], refusal_strings=strings, style=style)
+    template = model_template(tokenizer) if style == MODEL_STYLE else TEMPLATES[style]
+    fmt = ChatFormat(family=cfg_family, template=template, refusal_strings=strings, style=style)
     if tokenizer is not None:
         fmt = dataclasses.replace(fmt, refusal_token_ids=refusal_token_ids(fmt, tokenizer))
     return fmt
+
+
+MODEL_STYLE = "model"
+_PLACEHOLDER = "\x00INSTRUCTION\x00"
+
+
+def model_template(tokenizer: Any) -> str:
+    """The model's own chat template (its `tokenizer.chat_template`, with any default system prompt it inserts)
+    for one user turn plus the generation prompt, as a `{instruction}` template.
+
+    The reference uses no system prompt; small chat models such as Qwen2.5 refuse far more often with the system
+    prompt their own template adds, so this is offered as `style="model"` (`--chat-style model`).
+    """
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("--chat-style model needs a tokenizer with a chat template")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _PLACEHOLDER}], tokenize=False,
+                                         add_generation_prompt=True)
+    if text.count(_PLACEHOLDER) != 1:
+        raise ConfigError("the model's chat template does not place the user message exactly once")
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos) and getattr(tokenizer, "add_bos_token", False):
+        text = text[len(bos):]  # the tokenizer adds BOS itself; never twice (the reference's old Llama-3 bug)
+    return text.replace(_PLACEHOLDER, INSTRUCTION_FIELD)  # prompts are built by concatenation, braces are safe
 
 
 def _llama_style(tokenizer: Any) -> str:

@@ -14,12 +14,34 @@ FAMILIES = {
     "qwen2": dict(arch="Qwen2ForCausalLM", config="Qwen2Config", extra=dict(tie_word_embeddings=True)),
 }
 
+# Run by tests/test_parity_families.py (kept apart so tests/test_parity_hf.py does not run them twice). Windows of
+# 4-5 tokens, so prompts of 12+ tokens slide; softcaps small enough to bend these tiny models' logits; Gemma-3
+# with a linear-scaled global RoPE and a different local base.
+MORE_FAMILIES = {
+    "mistral_swa": dict(arch="MistralForCausalLM", config="MistralConfig", extra=dict(sliding_window=4)),
+    "qwen3": dict(arch="Qwen3ForCausalLM", config="Qwen3Config", extra=dict(head_dim=16)),
+    "qwen3_swa": dict(arch="Qwen3ForCausalLM", config="Qwen3Config",
+                      extra=dict(head_dim=16, use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    "gemma": dict(arch="GemmaForCausalLM", config="GemmaConfig", extra=dict(head_dim=16, hidden_act="gelu")),
+    "gemma2": dict(arch="Gemma2ForCausalLM", config="Gemma2Config",
+                   extra=dict(head_dim=16, num_hidden_layers=4, query_pre_attn_scalar=24, sliding_window=4,
+                              attn_logit_softcapping=1.0, final_logit_softcapping=2.0)),
+    "gemma3_text": dict(arch="Gemma3ForCausalLM", config="Gemma3TextConfig",
+                        extra=dict(head_dim=16, num_hidden_layers=4, query_pre_attn_scalar=32, sliding_window=5,
+                                   layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                                "full_attention"],
+                                   final_logit_softcapping=3.0,
+                                   rope_parameters=dict(
+                                       full_attention=dict(rope_type="linear", factor=2.0, rope_theta=1000.0),
+                                       sliding_attention=dict(rope_type="default", rope_theta=50.0)))),
+}
+
 
 def make_hf_model(family: str, seed: int = 0, **overrides):
     import torch
     import transformers
 
-    spec = FAMILIES[family]
+    spec = {**FAMILIES, **MORE_FAMILIES}[family]
     kwargs = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
     if family == "llama":
