@@ -75,7 +75,8 @@ def cut_at_stop(tokens: list[int], stops: Sequence[int]) -> list[int]:
 
 def generate_completions(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[str],
                          intervention: Intervention | None = None, *, batch_size: int = 8,
-                         max_new_tokens: int = 512, progress: bool = False, desc: str = "generating") -> list[str]:
+                         max_new_tokens: int = 512, progress: bool = False, desc: str = "generating",
+                         mesh=None) -> list[str]:
     """Greedy completions (decoded, special tokens skipped, stripped, as the reference) in input order."""
     ids = encode(tokenizer, prompts)
     pad, stops = pad_id(tokenizer), stop_token_ids(tokenizer)
@@ -86,7 +87,12 @@ def generate_completions(params: Params, cfg: ModelConfig, tokenizer, prompts: S
 
         batches = tqdm(batches, desc=desc, unit="batch")
     for batch in batches:
-        gen = np.asarray(greedy_generate(params, cfg, batch.tokens, batch.mask, intervention,
+        tokens, mask = batch.tokens, batch.mask
+        if mesh is not None:  # prompts split over the data axis; the KV cache follows inside jit
+            from refusal_jax import sharding
+
+            tokens, mask = sharding.shard_batch(tokens, mesh), sharding.shard_batch(mask, mesh)
+        gen = np.asarray(greedy_generate(params, cfg, tokens, mask, intervention,
                                          max_new_tokens=max_new_tokens, stop_ids=stops, pad=pad))
         for row, idx in enumerate(batch.index):
             if idx >= 0:

@@ -43,6 +43,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="start over when --out holds a run with a different config (old artifacts are moved to "
                         "<out>/previous/)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--mesh", default=None,
+                   help="shard over devices: e.g. 'data=4,model=2' (prompts on data; heads/MLP width on model) or "
+                        "'auto' (all devices on data). Default: one device. On TPU pods call "
+                        "jax.distributed.initialize() first (see refusal_jax.sharding)")
     d = p.add_argument_group("data (default: the bundled instruction sets)")
     d.add_argument("--harmful", help="harmful instructions file (.json/.jsonl/.csv/.txt)")
     d.add_argument("--harmless", help="harmless instructions file (.json/.jsonl/.csv/.txt)")
@@ -109,6 +113,7 @@ class Run:
     refusal_ids: tuple[int, ...]
     data: dict[str, list]  # instruction lists / records
     progress: bool
+    mesh: Any = None
 
     def prompts(self, instructions: Sequence[str], outputs=None) -> list[str]:
         return templates.format_instructions(self.fmt, list(instructions), outputs)
@@ -122,7 +127,12 @@ class Run:
                                " (try --eoi-mode)")
         # Small (filtered) sets get a smaller batch rather than filler rows.
         size = min(batch_size or self.args.batch_size, len(ids))
-        return list(bucketed(ids, size, pad_id(self.tokenizer)))
+        batches = list(bucketed(ids, size, pad_id(self.tokenizer)))
+        if self.mesh is not None:
+            from refusal_jax import sharding
+
+            batches = sharding.shard_batches(batches, self.mesh)
+        return batches
 
     def bar(self, total, desc):
         from tqdm.auto import tqdm
@@ -170,6 +180,13 @@ def setup(args, extra_config: dict | None = None) -> Run:
     fmt = templates.chat_format_for(model.cfg.family, model.tokenizer, style=args.chat_style)
     eoi = templates.eoi_tokens(fmt, model.tokenizer, args.eoi_mode)
     refusal_ids = tuple(int(i) for i in fmt.refusal_token_ids)
+    params, mesh = model.params, None
+    if args.mesh:
+        from refusal_jax import sharding
+
+        mesh = sharding.make_mesh(args.mesh)
+        params = sharding.shard_params(params, model.cfg, mesh)
+        print(f"sharding over {sharding.describe(mesh)}")
     config = {
         "model": str(args.model), "model_config": model.cfg.to_dict(), "dtype": args.dtype,
         "data": data_source, "data_hashes": {k: runs.texts_hash([str(v) for v in vals]) for k, vals in data.items()},
@@ -181,7 +198,7 @@ def setup(args, extra_config: dict | None = None) -> Run:
     }
     out = Path(args.out) if args.out else Path("runs") / Path(str(args.model)).name.removesuffix(".gguf")
     runs.open_run(out, config, overwrite=args.overwrite)
-    return Run(args, out, model.params, model.cfg, model.tokenizer, fmt, eoi, refusal_ids, data, progress)
+    return Run(args, out, params, model.cfg, model.tokenizer, fmt, eoi, refusal_ids, data, progress, mesh)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,7 +346,7 @@ def stage_completions(run: Run, layer: int, direction: np.ndarray) -> dict[str, 
         records = run.data["harmful_test" if dataset != "harmless" else "harmless_test"]
         texts = generate_completions(run.params, run.cfg, run.tokenizer, run.prompts([r["instruction"] for r in records]),
                                      iv, batch_size=run.args.gen_batch_size, max_new_tokens=run.args.max_new_tokens,
-                                     progress=run.progress, desc=f"{dataset} {label}")
+                                     progress=run.progress, desc=f"{dataset} {label}", mesh=run.mesh)
         runs.write_json(path, [{"category": r.get("category"), "prompt": r["instruction"], "response": t}
                                for r, t in zip(records, texts)])
     return written

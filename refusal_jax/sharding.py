@@ -237,7 +237,8 @@ def shard_batches(batches: Sequence[Batch], mesh: Mesh, rules: MeshRules = DEFAU
 
 def cache_shardings(cfg: ModelConfig, mesh: Mesh, batch: int, capacity: int,
                     rules: MeshRules = DEFAULT_RULES) -> KVCache:
-    """A KVCache-shaped pytree of NamedSharding: k/v [L, B, S, K, H] over batch and kv_heads, mask/lengths over batch."""
+    """A KVCache-shaped pytree of NamedSharding: k/v [L, B, S, K, H] over batch and kv_heads; mask, lengths over
+    batch; index replicated."""
     shapes = {
         "k": (cfg.n_layers, batch, capacity, cfg.n_kv_heads, cfg.head_dim),
         "v": (cfg.n_layers, batch, capacity, cfg.n_kv_heads, cfg.head_dim),
