@@ -80,6 +80,59 @@ def _scores_impl(params, cfg, tokens, mask, interventions: Intervention, base_lo
 _scores = jax.jit(_scores_impl, static_argnames=("cfg", "refusal_ids"))
 
 
+def _resumed_scores_impl(params, cfg, tokens, mask, interventions: Intervention, base_logits, resid, layer,
+                         refusal_ids):
+    """Like `_scores`, for activation additions at one `layer`: every candidate resumes from the unmodified
+    resid_pre[layer] ([B, T, D], shared) instead of recomputing the blocks below it."""
+
+    def one(iv):
+        logits = _forward(params, cfg, tokens, mask, iv, logits="last", resume=(resid, layer)).logits
+        return judge.refusal_score_jax(logits, refusal_ids), judge.kl_div_jax(base_logits, logits)
+
+    return jax.vmap(one)(interventions)
+
+
+_resumed_scores = jax.jit(_resumed_scores_impl, static_argnames=("cfg", "refusal_ids"))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _resid_and_logits(params, cfg, tokens, mask):
+    out = _forward(params, cfg, tokens, mask, capture=("resid_pre",), logits="last")
+    return out.resid_pre, out.logits
+
+
+def evaluate_additions(params, cfg, batches: Sequence[Batch], vectors: np.ndarray, layers: Sequence[int],
+                       refusal_ids, *, coeff: float = 1.0, chunk: int = 8, progress=None) -> np.ndarray:
+    """Mean refusal score of activation addition of `vectors[i]` at `layers[i]` (coefficient `coeff`).
+
+    Equals `evaluate_interventions` over `Intervention.addition(...)`, but each batch's unmodified residual
+    stream is computed once and every candidate starts at its own layer, so an addition at layer l costs
+    (L - l) / L of a forward pass. Candidates are grouped by layer and run `chunk` at a time (one compile).
+    Returns [C] float64.
+    """
+    refusal_ids = tuple(int(i) for i in refusal_ids)
+    C = len(layers)
+    n_prompts = int(sum(b.weight.sum() for b in batches))
+    totals = np.zeros(C)
+    noop = Intervention.none(cfg)
+    by_layer: dict[int, list[int]] = {}
+    for i, layer in enumerate(layers):
+        by_layer.setdefault(int(layer), []).append(i)
+    for batch in batches:
+        resid, base = _resid_and_logits(params, cfg, batch.tokens, batch.mask)
+        for layer, members in sorted(by_layer.items()):
+            for start in range(0, len(members), chunk):
+                idx = members[start:start + chunk]
+                group = [Intervention.addition(cfg, vectors[i], layer, coeff) for i in idx]
+                group += [noop] * (chunk - len(idx))
+                score, _ = _resumed_scores(params, cfg, batch.tokens, batch.mask, _stack(group), base, resid[layer],
+                                           jnp.asarray(layer, jnp.int32), refusal_ids)
+                totals[idx] += (np.asarray(score, np.float64)[: len(idx)] * batch.weight).sum(1)
+                if progress:
+                    progress(len(idx))
+    return totals / n_prompts
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def last_logits(params, cfg, tokens, mask, intervention=None):
     return _forward(params, cfg, tokens, mask, intervention, logits="last").logits
@@ -151,18 +204,18 @@ def score_candidates(params, cfg, diffs: np.ndarray, harmful_val: Sequence[Batch
     live = [i for i, (p, layer) in enumerate(grid) if np.any(diffs[p, layer])]
     none = [Intervention.none(cfg)]
     ablations = none + [Intervention.ablation(cfg, diffs[grid[i]]) for i in live]
-    additions = none + [Intervention.addition(cfg, diffs[grid[i]], grid[i][1], 1.0) for i in live]
     harmful = evaluate_interventions(params, cfg, harmful_val, ablations, refusal_ids, chunk=chunk, progress=progress)
     harmless_abl = evaluate_interventions(params, cfg, harmless_val, ablations, refusal_ids, chunk=chunk,
                                           progress=progress)
-    harmless_add = evaluate_interventions(params, cfg, harmless_val, additions, refusal_ids, chunk=chunk,
-                                          progress=progress)
-    row = np.zeros(len(grid), int)  # index into the evaluated lists; 0 = the no-op
+    added = evaluate_additions(params, cfg, harmless_val, np.asarray([diffs[grid[i]] for i in live]),
+                               [grid[i][1] for i in live], refusal_ids, chunk=chunk, progress=progress)
+    # index 0 of every list is the no-op (baseline); live candidate k is at index k + 1
+    steering = np.concatenate([harmless_abl["refusal_score"][:1], added])
+    row = np.zeros(len(grid), int)
     row[live] = np.arange(1, len(live) + 1)
     return [
         {"position": p, "layer": layer, "refusal_score": float(harmful["refusal_score"][row[i]]),
-         "steering_score": float(harmless_add["refusal_score"][row[i]]),
-         "kl_div_score": float(harmless_abl["kl"][row[i]])}
+         "steering_score": float(steering[row[i]]), "kl_div_score": float(harmless_abl["kl"][row[i]])}
         for i, (p, layer) in enumerate(grid)
     ]
 

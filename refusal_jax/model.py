@@ -13,6 +13,7 @@ directions, layers or coefficients reuses one compiled program. Axis letters: se
 
 from __future__ import annotations
 
+import functools
 import math
 
 import chex
@@ -233,6 +234,7 @@ def _forward(
     capture: tuple[str, ...] = (),
     capture_last: int | None = None,
     logits: str = "all",
+    resume: tuple[jax.Array, jax.Array] | None = None,
 ) -> Output:
     if logits not in LOGITS_MODES:
         raise ValueError(f"logits must be one of {LOGITS_MODES}, got {logits!r}")
@@ -277,17 +279,31 @@ def _forward(
     cos, sin = rope_tables(cfg.rope, cfg.head_dim, positions)
     cos_l, sin_l = rope_tables(cfg.rope_local, cfg.head_dim, positions) if cfg.rope_local else (cos, sin)
 
-    x = params.embed[tokens]
-    if cfg.embed_scale:
-        # HF multiplies by sqrt(d_model) held as a float32 tensor and then rounded to the activation dtype.
-        x = x * jnp.asarray(np.float32(cfg.d_model**0.5), x.dtype)
+    if resume is None:
+        x = params.embed[tokens]
+        if cfg.embed_scale:
+            # HF multiplies by sqrt(d_model) held as a float32 tensor and then rounded to the activation dtype.
+            x = x * jnp.asarray(np.float32(cfg.d_model**0.5), x.dtype)
+    else:
+        x, start_layer = resume
     chex.assert_shape(x, (B, T, cfg.d_model))
     dtype = x.dtype
     sl = (lambda a: a[:, -capture_last:]) if capture_last else (lambda a: a)
     basis = intervention.ablate_basis
 
     def block(x, layer):
-        lp, sliding, ablate_on, add_coeff, k_cache, v_cache = layer
+        lp, sliding, ablate_on, add_coeff, k_cache, v_cache, idx = layer
+        if resume is None:
+            return layer_fn(x, lp, sliding, ablate_on, add_coeff, k_cache, v_cache)
+        # Resuming from a saved resid_pre[start_layer]: the layers below it are skipped, not recomputed. The
+        # predicate is not batched under vmap over interventions, so this stays a real branch.
+        run = functools.partial(layer_fn, lp=lp, sliding=sliding, ablate_on=ablate_on, add_coeff=add_coeff,
+                                k_cache=k_cache, v_cache=v_cache)
+        shapes = jax.eval_shape(run, x)
+        skip = lambda x: (x, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes[1]))  # noqa: E731
+        return jax.lax.cond(idx >= start_layer, run, skip, x)
+
+    def layer_fn(x, lp, sliding, ablate_on, add_coeff, k_cache, v_cache):
         x = x + (add_coeff * intervention.add_vector).astype(dtype)
         x = _ablate(x, basis, ablate_on)
         resid_pre = x
@@ -319,6 +335,7 @@ def _forward(
         intervention.add_coeffs,
         cache.k if cache is not None else None,
         cache.v if cache is not None else None,
+        jnp.arange(cfg.n_layers),
     )
     with jax.named_scope("decoder_blocks"):
         x, (saved, (k_all, v_all)) = jax.lax.scan(block, x, xs)
@@ -361,6 +378,8 @@ Args:
   capture: sites to return, a tuple from ("resid_pre", "attn_out", "mlp_out", "resid_final").
   capture_last: keep only the last n positions of captured activations (the post-instruction tokens).
   logits: "all" positions, only the "last", or "none" (skips the LM head entirely).
+  resume: (resid_pre [B, T, D], layer) to start at block `layer` from a saved input instead of the embedding;
+    blocks below are skipped (activation-addition sweeps reuse the unmodified residual below the added layer).
 Returns:
   Output with the requested fields.
 """

@@ -46,10 +46,13 @@ def test_sweep_scores_match_single_runs_and_compile_once(model, monkeypatch):
     ids = (3, 4)
     traced = jax.jit(chex.assert_max_traces(directions._scores_impl, n=1), static_argnames=("cfg", "refusal_ids"))
     monkeypatch.setattr(directions, "_scores", traced)
+    resumed = jax.jit(chex.assert_max_traces(directions._resumed_scores_impl, n=1),
+                      static_argnames=("cfg", "refusal_ids"))
+    monkeypatch.setattr(directions, "_resumed_scores", resumed)
     chex.clear_trace_counter()
     grid = directions.candidate_grid(cfg, 3)
     evals = directions.score_candidates(params, cfg, diffs, harmful, harmless, ids, grid, chunk=4)
-    assert len(evals) == 9  # 9 candidates x 3 scores in chunks of 4: one trace in total
+    assert len(evals) == 9  # 9 candidates x 3 scores in chunks of 4: one trace of each scoring function
     # one candidate recomputed directly, prompt by prompt
     pos, layer = grid[5]
     r = diffs[pos, layer]
