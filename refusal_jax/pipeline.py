@@ -361,6 +361,17 @@ def stage_evaluate(run: Run, completion_files: dict[str, Path]) -> dict[str, dic
             runs.write_json(out, ev)
         ev = runs.read_json(out)
         summary[key] = {"refusal_rate": 1.0 - ev["substring_matching_success_rate"], "n": len(ev["completions"])}
+    # Bypass where it can be seen: of the harmful prompts the baseline refuses, how many are still refused.
+    refused_at = {key: [not c["is_jailbreak_substring_matching"] for c in runs.read_json(
+        path.with_name(path.name.replace("_completions.json", "_evaluations.json")))["completions"]]
+        for key, path in completion_files.items()}
+    base_key = next(k for k in completion_files if k.endswith("_baseline") and not k.startswith("harmless"))
+    base = refused_at[base_key]
+    for key in completion_files:
+        if key.startswith(base_key.rsplit("_", 1)[0]) and key != base_key:
+            still = [r for b, r in zip(base, refused_at[key]) if b]
+            summary[key]["refused_at_baseline"] = len(still)
+            summary[key]["still_refused_fraction"] = (sum(still) / len(still)) if still else None
     return summary
 
 
@@ -439,7 +450,10 @@ def main(argv=None):
     losses = stage_loss(run, layer, direction, files)
     print("\nrefusal rate (substring judge):")
     for key, s in summary.items():
-        print(f"  {key:28s} {s['refusal_rate']:.3f}  (n={s['n']})")
+        extra = ""
+        if s.get("still_refused_fraction") is not None:
+            extra = f"; still refused: {s['still_refused_fraction']:.3f} of the {s['refused_at_baseline']} refused at baseline"
+        print(f"  {key:28s} {s['refusal_rate']:.3f}  (n={s['n']}){extra}")
     print("CE loss on the harmless baseline completions:")
     for label, res in losses.items():
         r = res["alpaca_custom_completions"]
