@@ -49,10 +49,10 @@ def main():
     ids = fmt.refusal_token_ids
 
     t0 = time.perf_counter()
-    ours = directions.score_candidates(m.params, m.cfg, diffs, val_h, val_b, ids, grid, chunk=args.chunk)
+    ours, _ = directions.score_candidates(m.params, m.cfg, diffs, val_h, val_b, ids, grid, chunk=args.chunk)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ours = directions.score_candidates(m.params, m.cfg, diffs, val_h, val_b, ids, grid, chunk=args.chunk)
+    ours, _ = directions.score_candidates(m.params, m.cfg, diffs, val_h, val_b, ids, grid, chunk=args.chunk)
     steady = time.perf_counter() - t0
     record = {"benchmark": "selection_sweep", "machine": machine(), "model": args.model, "dtype": "float32",
               "n_candidates": len(grid), "n_val_harmful": args.n_val, "n_val_harmless": args.n_val,

@@ -64,6 +64,14 @@ def _rope_scaling(rope: RopeConfig) -> dict[str, Any] | None:
     return out
 
 
+def as_exportable(cfg: ModelConfig) -> ModelConfig:
+    """Qwen-1 exports as Qwen2 (same computation: fused c_attn split into biased q/k/v, SwiGLU, RMSNorm), which
+    transformers loads without remote code."""
+    if cfg.family == "qwen":
+        return dataclasses.replace(cfg, family="qwen2", architecture="Qwen2ForCausalLM")
+    return cfg
+
+
 def _normalised(cfg: ModelConfig) -> ModelConfig:
     """`cfg` with fields that HF cannot distinguish replaced by what they compute (for the round-trip check)."""
     arch = cfg.architecture if cfg.architecture in ARCHITECTURES else HF_NAMES[cfg.family][0]
@@ -99,6 +107,7 @@ def to_hf_config(cfg: ModelConfig, *, extra: Mapping[str, Any] | None = None) ->
       ConfigError: a config that the family's Hugging Face class cannot express (e.g. per-layer sliding windows
         on Mistral, q/k/v biases on Llama); checked by reading the dict back with `from_hf_config`.
     """
+    cfg = as_exportable(cfg)
     if cfg.family not in HF_NAMES:
         raise ConfigError(f"cannot export family {cfg.family!r} (supported: {', '.join(HF_NAMES)})")
     arch, model_type = HF_NAMES[cfg.family]

@@ -62,6 +62,11 @@ def load_hf(
     """
     model_dir = resolve_hf_dir(src)
     cfg = from_hf_config(read_hf_config(model_dir), strict=strict_config)
+    if cfg.family == "qwen":  # Qwen-1: remote-code checkpoint, read without its code (convert/qwen1.py)
+        from refusal_jax.convert import qwen1
+
+        params = qwen1.fill_params(cfg, model_dir, dtype=dtype, progress=progress)
+        return cfg, params, (qwen1.load_tokenizer(model_dir) if with_tokenizer else None)
     params = engine.fill_params(cfg, safetensors_io.iter_model(model_dir), dtype=dtype, progress=progress,
                                 source=str(model_dir))
     tokenizer = load_tokenizer(model_dir) if with_tokenizer else None

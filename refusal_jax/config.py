@@ -21,6 +21,7 @@ CONFIG_FORMAT_VERSION = 1
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
+    "QWenLMHeadModel": "qwen",  # Qwen-1 (remote-code checkpoints, read by refusal_jax.convert.qwen1)
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "GemmaForCausalLM": "gemma",
@@ -30,6 +31,7 @@ ARCHITECTURES = {
 MODEL_TYPES = {
     "llama": "llama",
     "mistral": "mistral",
+    "qwen": "qwen",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "gemma": "gemma",
@@ -250,6 +252,11 @@ def from_hf_config(hf: Mapping[str, Any], *, strict: bool = True) -> ModelConfig
             "this is a multimodal config (text_config); convert the text-only model (e.g. Gemma3ForCausalLM)"
         )
     family = detect_family(hf)
+    if family == "qwen" and "rms_norm_eps" not in hf:
+        # A Qwen-1 config.json: map it onto Qwen2 numerics first (its own keys are checked there).
+        from refusal_jax.convert.qwen1 import qwen2_style_config
+
+        hf = qwen2_style_config(hf, strict=strict)
     if "quantization_config" in hf:
         raise ConfigError(
             f"unsupported config attribute quantization_config={hf['quantization_config'].get('quant_method', '?')!r}: "
@@ -338,7 +345,7 @@ def from_hf_config(hf: Mapping[str, Any], *, strict: bool = True) -> ModelConfig
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope=rope,
         rope_local=rope_local,
-        qkv_bias=family == "qwen2",
+        qkv_bias=family in ("qwen", "qwen2"),
         qk_norm=family in ("qwen3", "gemma3"),
         tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
         mlp_activation=act,
@@ -356,7 +363,7 @@ def tiny_config(family: str = "llama", **overrides) -> ModelConfig:
     """A few-hundred-parameter config for tests and examples."""
     base = dict(
         family=family, architecture=family, vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-        head_dim=8, d_ff=48, qkv_bias=family == "qwen2", tie_embeddings=family == "qwen2",
+        head_dim=8, d_ff=48, qkv_bias=family in ("qwen", "qwen2"), tie_embeddings=family == "qwen2",
     )
     base.update(overrides)
     return ModelConfig(**base)

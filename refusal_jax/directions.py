@@ -197,8 +197,14 @@ def candidate_grid(cfg: ModelConfig, n_pos: int, positions: Sequence[int] | None
 
 
 def score_candidates(params, cfg, diffs: np.ndarray, harmful_val: Sequence[Batch], harmless_val: Sequence[Batch],
-                     refusal_ids, grid: Sequence[tuple[int, int]], *, chunk: int = 8, progress=None) -> list[dict]:
-    """The reference's three scores for every (pos, layer) candidate, in grid order."""
+                     refusal_ids, grid: Sequence[tuple[int, int]], *, chunk: int = 8,
+                     progress=None) -> tuple[list[dict], dict]:
+    """The reference's three scores for every (pos, layer) candidate, in grid order, and the baseline scores.
+
+    Returns:
+      (evaluations, baselines): evaluations as the reference's direction_evaluations.json entries plus
+      `direction_norm`; baselines {"harmful_refusal_score", "harmless_refusal_score"} without intervention.
+    """
     # Zero candidates (layer 0 at true template positions: the embeddings of identical tokens) are exact no-ops
     # under both interventions, so they get the baseline scores without running the model.
     live = [i for i, (p, layer) in enumerate(grid) if np.any(diffs[p, layer])]
@@ -213,17 +219,23 @@ def score_candidates(params, cfg, diffs: np.ndarray, harmful_val: Sequence[Batch
     steering = np.concatenate([harmless_abl["refusal_score"][:1], added])
     row = np.zeros(len(grid), int)
     row[live] = np.arange(1, len(live) + 1)
-    return [
+    evaluations = [
         {"position": p, "layer": layer, "refusal_score": float(harmful["refusal_score"][row[i]]),
-         "steering_score": float(steering[row[i]]), "kl_div_score": float(harmless_abl["kl"][row[i]])}
+         "steering_score": float(steering[row[i]]), "kl_div_score": float(harmless_abl["kl"][row[i]]),
+         "direction_norm": float(np.linalg.norm(diffs[p, layer]))}
         for i, (p, layer) in enumerate(grid)
     ]
+    baselines = {"harmful_refusal_score": float(harmful["refusal_score"][0]),
+                 "harmless_refusal_score": float(harmless_abl["refusal_score"][0])}
+    return evaluations, baselines
 
 
 def rejection_reasons(ev: dict, n_layers: int, *, kl_threshold: float = 0.1, induce_threshold: float = 0.0,
                       prune_layer_fraction: float = 0.2) -> list[str]:
     """Why the reference's filter discards a candidate (empty list: it survives). Code semantics, spec §6.3."""
     reasons = []
+    if ev.get("direction_norm", 1.0) == 0.0:
+        reasons.append("zero vector (identical tokens at this position: the layer-0 embedding difference)")
     scores = (ev["refusal_score"], ev["steering_score"], ev["kl_div_score"])
     if any(math.isnan(s) for s in scores):
         reasons.append("NaN score")

@@ -256,14 +256,14 @@ def stage_select(run: Run, sets, diffs: np.ndarray) -> tuple[int, int, np.ndarra
     a = run.args
     grid = directions.candidate_grid(run.cfg, len(run.eoi), a.positions, a.layers)
     harmful_val, harmless_val = run.batches(sets["harmful_val"]), run.batches(sets["harmless_val"])
-    bar = run.bar(3 * len(grid) * (len(harmful_val) + len(harmless_val)) // 2, f"scoring {len(grid)} candidates")
+    # progress counts candidate evaluations: (no-op + live candidates) x batches, for each of the three scores
+    bar = run.bar(None, f"scoring {len(grid)} candidates")
     t0 = time.perf_counter()
-    evaluations = directions.score_candidates(run.params, run.cfg, diffs, harmful_val, harmless_val,
-                                              run.refusal_ids, grid, chunk=a.chunk, progress=None)
+    evaluations, baselines = directions.score_candidates(run.params, run.cfg, diffs, harmful_val, harmless_val,
+                                                         run.refusal_ids, grid, chunk=a.chunk, progress=bar.update)
     bar.close()
     sweep_s = time.perf_counter() - t0
-    base_harmful = directions.baseline_refusal_scores(run.params, run.cfg, harmful_val, run.refusal_ids).mean()
-    base_harmless = directions.baseline_refusal_scores(run.params, run.cfg, harmless_val, run.refusal_ids).mean()
+    base_harmful, base_harmless = baselines["harmful_refusal_score"], baselines["harmless_refusal_score"]
     runs.write_json(sel / "direction_evaluations.json", evaluations)
     filt = dict(kl_threshold=a.kl_threshold, induce_threshold=a.induce_threshold,
                 prune_layer_fraction=a.prune_layer_fraction)

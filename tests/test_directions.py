@@ -51,7 +51,7 @@ def test_sweep_scores_match_single_runs_and_compile_once(model, monkeypatch):
     monkeypatch.setattr(directions, "_resumed_scores", resumed)
     chex.clear_trace_counter()
     grid = directions.candidate_grid(cfg, 3)
-    evals = directions.score_candidates(params, cfg, diffs, harmful, harmless, ids, grid, chunk=4)
+    evals, _ = directions.score_candidates(params, cfg, diffs, harmful, harmless, ids, grid, chunk=4)
     assert len(evals) == 9  # 9 candidates x 3 scores in chunks of 4: one trace of each scoring function
     # one candidate recomputed directly, prompt by prompt
     pos, layer = grid[5]
