@@ -158,6 +158,15 @@ def parser():
                    help="accept source config.json attributes refusal_jax does not know (only if you checked they "
                         "do not change the forward pass)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--method", default="plain", choices=("plain", "projected", "norm-preserving"),
+                   help="plain (default): project r̂ out of every residual-writing row (the paper's edit); projected: "
+                        "remove only the part of r orthogonal to the harmless mean; norm-preserving: project out "
+                        "(biprojected r' with --harmless-mean, else r̂) and rescale every edited row to its original "
+                        "norm. See refusal_jax.edits")
+    p.add_argument("--harmless-mean", default=None, metavar="PATH.npy",
+                   help="harmless mean activation for --method projected / norm-preserving: [d_model], [n_layers, "
+                        "d_model] (per-layer biprojection) or [n_pos, n_layers, d_model] (position from "
+                        "direction_metadata.json), or a run directory holding generate_directions/mean_harmless.npy")
     return p
 
 
@@ -196,11 +205,22 @@ def main(argv=None):
         raise CheckpointError(f"--shard-size must be positive, got {args.shard_size}")
     t0 = time.perf_counter()
     load_direction(args.direction, None)  # fail fast on a bad file, before the (slow) model load
+    if args.method == "projected" and not args.harmless_mean:
+        raise DataError("--method projected needs --harmless-mean")
     params, cfg, tokenizer = load_model(args.model, dtype=args.dtype, strict_config=not args.no_strict_config,
                                         progress=not args.no_progress)
     direction = load_direction(args.direction, cfg.d_model)
     before = residual_write_norms(params, direction)
-    edited = orthogonalize(params, cfg, direction)
+    if args.method == "plain":
+        edited = orthogonalize(params, cfg, direction)
+    else:
+        from refusal_jax import edits
+
+        mean = (edits.load_harmless_mean(args.harmless_mean, cfg, args.direction)
+                if args.harmless_mean else None)
+        edited = edits.edit(params, cfg, direction, args.method, mean)
+        for line in edits.describe(args.method, direction, mean):
+            print(line)
     del params
     after = residual_write_norms(edited, direction)
     ocfg = untied_config(cfg)

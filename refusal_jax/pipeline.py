@@ -237,8 +237,14 @@ def stage_directions(run: Run, sets) -> np.ndarray:
         return np.load(path)
     harmful, harmless = run.batches(sets["harmful_train"]), run.batches(sets["harmless_train"])
     bar = run.bar(len(harmful) + len(harmless), "mean activations")
-    diffs = directions.mean_diffs(run.params, run.cfg, harmful, harmless, len(run.eoi), progress=bar.update)
+    n_pos = len(run.eoi)
+    mean_harmless = directions.mean_activations(run.params, run.cfg, harmless, n_pos, bar.update)
+    diffs = directions.mean_activations(run.params, run.cfg, harmful, n_pos, bar.update) - mean_harmless
     bar.close()
+    if not np.isfinite(diffs).all():
+        raise RunError("mean activations contain NaN or infinite values (check the model dtype / weights)")
+    # the harmless mean feeds projected / norm-preserving abliteration (orthogonalize --harmless-mean)
+    runs.write_npy(path.with_name("mean_harmless.npy"), mean_harmless)
     runs.write_npy(path, diffs)
     return diffs
 

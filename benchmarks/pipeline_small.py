@@ -1,0 +1,82 @@
+"""The whole method at reduced size, refusal_jax vs the PyTorch reference method, same data, same run:
+difference-in-means (stage 1), a selection sweep (stage 2), and greedy completions under baseline and ablation
+(stage 3). Compile time is included on the JAX side (a fresh process compiles everything once).
+
+    python benchmarks/pipeline_small.py [--n-train 16] [--n-val 8] [--layers 8-11] [--n-gen 8] [--max-new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from common import emit, hf_reference_model, machine
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--n-train", type=int, default=16)
+    p.add_argument("--n-val", type=int, default=8)
+    p.add_argument("--layers", default="8-11")
+    p.add_argument("--n-gen", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    args = p.parse_args()
+
+    import refusal_jax
+    from refusal_jax import Intervention, bundled, datasets, directions, templates
+    from refusal_jax.batching import bucketed, encode, pad_id
+    from refusal_jax.generate import greedy_generate, stop_token_ids
+    from refusal_jax.pipeline import _int_list
+
+    import reference_torch
+
+    m = refusal_jax.load_model(args.model, progress=False)
+    fmt = templates.chat_format_for(m.cfg.family, m.tokenizer)
+    harmful, harmless = datasets.default_sets()
+    pad, stops = pad_id(m.tokenizer), stop_token_ids(m.tokenizer)
+
+    def batches(xs, bs=32):
+        ids = encode(m.tokenizer, templates.format_instructions(fmt, xs))
+        return list(bucketed(ids, min(bs, len(ids)), pad))
+
+    n, v = args.n_train, args.n_val
+    tr_h, tr_b = batches(harmful[:n]), batches(harmless[:n])
+    va_h, va_b = batches(harmful[n:n + v]), batches(harmless[n:n + v])
+    gen = batches(harmful[n + v:n + v + args.n_gen], bs=8)
+    n_pos = len(templates.eoi_tokens(fmt, m.tokenizer))
+    layers = _int_list(args.layers)
+    grid = [(-1, layer) for layer in layers]
+    ids = fmt.refusal_token_ids
+
+    t0 = time.perf_counter()
+    diffs = directions.mean_diffs(m.params, m.cfg, tr_h, tr_b, n_pos)
+    evals, _ = directions.score_candidates(m.params, m.cfg, diffs, va_h, va_b, ids, grid)
+    best = min(evals, key=lambda e: e["refusal_score"])
+    r = diffs[best["position"], best["layer"]]
+    for iv in (None, Intervention.ablation(m.cfg, r)):
+        for b in gen:
+            np.asarray(greedy_generate(m.params, m.cfg, b.tokens, b.mask, iv, max_new_tokens=args.max_new_tokens,
+                                       stop_ids=stops, pad=pad))
+    ours_s = time.perf_counter() - t0
+
+    hf = hf_reference_model(bundled.model_path(args.model))
+    t0 = time.perf_counter()
+    ref_diffs = reference_torch.mean_diffs(hf, tr_h, tr_b, n_pos)
+    ref_evals = reference_torch.score_candidates(hf, ref_diffs, va_h, va_b, ids, grid)
+    ref_best = min(ref_evals, key=lambda e: e["refusal_score"])
+    rr = ref_diffs[ref_best["position"], ref_best["layer"]]
+    reference_torch.generate(hf, gen, args.max_new_tokens, pad, stops)
+    reference_torch.generate(hf, gen, args.max_new_tokens, pad, stops, rr)
+    ref_s = time.perf_counter() - t0
+    emit({"benchmark": "pipeline_small", "machine": machine(), "model": args.model, "dtype": "float32",
+          "n_train": n, "n_val": v, "n_candidates": len(grid), "n_gen": args.n_gen,
+          "max_new_tokens": args.max_new_tokens, "jax_total_s_including_compile": ours_s, "torch_reference_s": ref_s,
+          "speedup": ref_s / ours_s, "same_selected_layer": best["layer"] == ref_best["layer"],
+          "mean_diffs_max_abs_diff": float(np.abs(diffs - ref_diffs).max())})
+
+
+if __name__ == "__main__":
+    main()

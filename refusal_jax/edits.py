@@ -1,0 +1,245 @@
+"""Weight edits that aim to keep capabilities: projected and norm-preserving (biprojected) abliteration.
+
+Every method is a Params -> Params function and a `--method` of `python -m refusal_jax.orthogonalize`. The
+residual-writing weight vectors are the D-dimensional rows that a matrix adds into the residual stream:
+
+  embedding  embed[v, :]          one row per token                      [V, D]
+  attention  o[l, n, h, :]        one row per (head, head dim) input     [L, N, H, D]
+  MLP        down[l, f, :]        one row per MLP neuron                 [L, F, D]
+
+(HF's o_proj.weight / down_proj.weight are [D, in]: these rows are their columns.) The LM head is untied and
+keeps the original embedding, as `orthogonalize` does.
+
+plain            w <- w - (w·r̂) r̂ on every row: `orthogonalize.orthogonalize` itself, unchanged. Equivalent to
+                 inference-time directional ablation of r̂.
+projected        "projected abliteration" (J. Lai, 2025): only the part of r orthogonal to the harmless mean μ
+                 is removed, r' = r - (r·μ̂) μ̂, then plain orthogonalization against r'. The part of r along μ̂
+                 (argued to be shared by all prompts, not refusal) is left in the model. Equivalent to
+                 inference-time ablation of r'.
+norm-preserving  "norm-preserving biprojected abliteration" (J. Lai, 2025): project r' (or r̂ without a harmless
+                 mean) out of each row as above, then rescale the row to its original Euclidean norm:
+                 w <- ‖w‖ · u/‖u‖ with u = w - (w·r̂')r̂'. Rows keep their magnitudes and lose their r̂' component
+                 exactly (rescaling a vector orthogonal to r̂' keeps it orthogonal); only their directions change.
+                 A row parallel to r̂' becomes zero. Not equivalent to any inference-time ablation.
+
+Biprojection with per-layer means: `harmless_mean` may be one vector [D] (the same r' for every matrix) or one
+per layer [L, D] (e.g. mean resid_pre of harmless prompts at the chosen position): then the weights of layer l
+are edited against r'_l = r - (r·μ̂_l) μ̂_l, the harmless mean *of the layer being edited*, and the embedding
+against layer 0's. An [R, D] basis is projected row by row and re-orthonormalised (`subspace.orthonormalize`).
+
+Harmless means: stage 1 of the pipeline saves only mean differences (`generate_directions/mean_diffs.npy`). The
+harmless mean belongs in `generate_directions/mean_harmless.npy` (HARMLESS_MEAN_FILE: float64 [n_pos, L, D], the
+`directions.mean_activations` of the harmless train set, same layout as mean_diffs.npy); until the pipeline
+writes it, pass any .npy of shape [D], [L, D] or [n_pos, L, D] (`load_harmless_mean`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from refusal_jax.config import ModelConfig
+from refusal_jax.errors import ConfigError, DataError
+from refusal_jax.orthogonalize import _unit_basis, orthogonalize
+from refusal_jax.params import Params
+
+METHODS = ("plain", "projected", "norm-preserving")
+HARMLESS_MEAN_FILE = "generate_directions/mean_harmless.npy"
+
+
+# --------------------------------------------------------------------------------------------------
+# directions
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    if (n == 0).any():
+        raise DataError("the harmless mean is zero")
+    return x / n
+
+
+def projected_direction(direction, harmless_mean) -> np.ndarray:
+    """r' = r - (r·μ̂) μ̂, float64, not normalised.
+
+    direction [D] with harmless_mean [D] -> [D]; with harmless_mean [L, D] -> [L, D] (one r'_l per layer).
+    """
+    r = np.asarray(direction, np.float64)
+    mu = _unit(np.asarray(harmless_mean, np.float64))
+    if r.ndim != 1 or mu.shape[-1] != r.shape[0]:
+        raise DataError(f"direction {r.shape} and harmless mean {mu.shape} do not match")
+    return r - (mu @ r)[..., None] * mu
+
+
+def projected_basis(direction, harmless_mean) -> np.ndarray:
+    """The unit basis to project out: [R', D] for a [D] mean, [L, R', D] for an [L, D] mean (float32).
+
+    `direction` is [D] (any norm) or an orthonormal [R, D] basis; each row is projected orthogonally to μ̂ and
+    the result re-orthonormalised (a row that lies along μ̂ disappears, and an [L, D] mean needs the same number
+    of surviving rows in every layer).
+    """
+    from refusal_jax.subspace import orthonormalize
+
+    d = np.atleast_2d(np.asarray(direction, np.float64))
+    mu = np.asarray(harmless_mean, np.float64)
+    per_layer = mu.ndim == 2
+    mus = mu if per_layer else mu[None]
+    bases = []
+    for m in mus:
+        m = _unit(m)
+        proj = d - np.outer(d @ m, m)
+        bases.append(orthonormalize(proj))
+    if len({b.shape for b in bases}) != 1:
+        raise DataError("the projected basis has a different rank in different layers")
+    return np.stack(bases) if per_layer else bases[0]
+
+
+def resolve_harmless_mean(mean, cfg: ModelConfig, pos: int | None = None) -> np.ndarray:
+    """A harmless mean as [D] or [L, D] float64; an [n_pos, L, D] array (HARMLESS_MEAN_FILE) needs `pos`."""
+    mu = np.asarray(mean, np.float64)
+    D, L = cfg.d_model, cfg.n_layers
+    if mu.ndim == 3:
+        if mu.shape[1:] != (L, D):
+            raise DataError(f"harmless mean has shape {mu.shape}; expected [n_pos, {L}, {D}]")
+        if pos is None:
+            raise DataError("a [n_pos, L, D] harmless mean needs the position (pos of direction_metadata.json)")
+        if not -mu.shape[0] <= pos < 0:
+            raise DataError(f"position {pos} out of range for {mu.shape[0]} positions")
+        mu = mu[pos]
+    if mu.shape not in ((D,), (L, D)):
+        raise DataError(f"harmless mean has shape {mu.shape}; expected [{D}], [{L}, {D}] or [n_pos, {L}, {D}]")
+    if not np.isfinite(mu).all():
+        raise DataError("harmless mean contains NaN or infinite values")
+    if (np.linalg.norm(mu, axis=-1) == 0).any():
+        raise DataError("harmless mean is zero")
+    return mu
+
+
+def load_harmless_mean(path, cfg: ModelConfig, direction_path=None, pos: int | None = None) -> np.ndarray:
+    """Read a harmless mean .npy (or a run directory holding HARMLESS_MEAN_FILE) as [D] or [L, D].
+
+    For an [n_pos, L, D] file the position is `pos`, else "pos" of direction_metadata.json next to
+    `direction_path`.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / HARMLESS_MEAN_FILE
+    if not path.exists():
+        raise DataError(f"harmless mean file {path} does not exist")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from None
+    if arr.ndim == 3 and pos is None and direction_path is not None:
+        d = Path(direction_path).expanduser()
+        meta = (d if d.is_dir() else d.parent) / "direction_metadata.json"
+        if meta.exists():
+            import json
+
+            pos = int(json.loads(meta.read_text())["pos"])
+    try:
+        return resolve_harmless_mean(arr, cfg, pos)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# weight edits
+
+
+def _project_rows(w, basis, *, preserve_norm: bool):
+    """Remove span(basis) from the last axis (D) of w [..., D]; basis [R, D] or per leading index [L, R, D].
+
+    Computed in float32; with preserve_norm, each row is rescaled to its original norm.
+    """
+    w32 = jnp.asarray(w).astype(jnp.float32)
+    b = jnp.asarray(basis, jnp.float32)
+    if b.ndim == 2:
+        coords = jnp.einsum("...d,rd->...r", w32, b)
+        out = w32 - jnp.einsum("...r,rd->...d", coords, b)
+    else:  # per layer: w [L, ..., D], b [L, R, D]
+        flat = w32.reshape(w32.shape[0], -1, w32.shape[-1])
+        coords = jnp.einsum("lxd,lrd->lxr", flat, b)
+        out = (flat - jnp.einsum("lxr,lrd->lxd", coords, b)).reshape(w32.shape)
+    if preserve_norm:
+        before = jnp.linalg.norm(w32, axis=-1, keepdims=True)
+        after = jnp.linalg.norm(out, axis=-1, keepdims=True)
+        out = jnp.where(after > 0, out * (before / jnp.where(after > 0, after, 1.0)), 0.0)
+    return out.astype(jnp.asarray(w).dtype)
+
+
+def _edit(params: Params, cfg: ModelConfig, basis, *, preserve_norm: bool) -> Params:
+    """Project `basis` ([R, D], or [L, R, D] per layer; the embedding uses layer 0's) out of every residual-writing
+    row, optionally rescaling rows to their original norms; the LM head is untied (original embedding)."""
+    if cfg.post_norms:
+        raise ConfigError(
+            f"weight edits are not equivalent to ablation for {cfg.family}: its post-attention/MLP norms rescale "
+            "what is added to the residual. Use inference-time ablation instead.")
+    b = np.asarray(basis, np.float32)
+    embed_basis = b[0] if b.ndim == 3 else b
+    if b.ndim == 3 and b.shape[0] != cfg.n_layers:
+        raise DataError(f"per-layer basis has {b.shape[0]} layers, the model {cfg.n_layers}")
+    layers = params.layers.replace(
+        o=_project_rows(params.layers.o, b, preserve_norm=preserve_norm),
+        down=_project_rows(params.layers.down, b, preserve_norm=preserve_norm),
+    )
+    lm_head = params.lm_head if params.lm_head is not None else params.embed.T
+    return params.replace(embed=_project_rows(params.embed, embed_basis, preserve_norm=preserve_norm),
+                          layers=layers, lm_head=lm_head)
+
+
+def projected_abliteration(params: Params, cfg: ModelConfig, direction, harmless_mean) -> Params:
+    """Orthogonalize against r' = r - (r·μ̂)μ̂ (per layer for an [L, D] mean). With one [D] mean this is exactly
+    `orthogonalize(params, cfg, r')`."""
+    basis = projected_basis(direction, harmless_mean)
+    if basis.ndim == 2:
+        return orthogonalize(params, cfg, basis)
+    return _edit(params, cfg, basis, preserve_norm=False)
+
+
+def norm_preserving_abliteration(params: Params, cfg: ModelConfig, direction, harmless_mean=None) -> Params:
+    """Project r' (biprojected; r̂ itself when harmless_mean is None) out of every residual-writing row and rescale
+    each row to its original norm (module docstring)."""
+    basis = projected_basis(direction, harmless_mean) if harmless_mean is not None else _unit_basis(direction)
+    return _edit(params, cfg, np.asarray(basis), preserve_norm=True)
+
+
+def edit(params: Params, cfg: ModelConfig, direction, method: str = "plain", harmless_mean=None) -> Params:
+    """Apply one of METHODS. `harmless_mean` ([D] or [L, D]) is required for "projected", optional for
+    "norm-preserving" (without it the rows are only rescaled, not biprojected), ignored by "plain"."""
+    if method == "plain":
+        return orthogonalize(params, cfg, direction)
+    if method == "projected":
+        if harmless_mean is None:
+            raise DataError("--method projected needs the harmless mean (--harmless-mean PATH.npy)")
+        return projected_abliteration(params, cfg, direction, harmless_mean)
+    if method == "norm-preserving":
+        return norm_preserving_abliteration(params, cfg, direction, harmless_mean)
+    raise DataError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def row_norms(params: Params) -> dict[str, np.ndarray]:
+    """Norms of every residual-writing row: {"embed": [V], "o": [L, N, H], "down": [L, F]} (float32)."""
+    def n(w):
+        return np.linalg.norm(np.asarray(w, np.float32), axis=-1)
+
+    return {"embed": n(params.embed), "o": n(params.layers.o), "down": n(params.layers.down)}
+
+
+def describe(method: str, direction, harmless_mean) -> list[str]:
+    """Lines for the command line's report: what was projected out."""
+    if method == "plain":
+        return []
+    lines = [f"method {method}"]
+    if harmless_mean is None:
+        lines.append("  no harmless mean: rows lose their r̂ component and are rescaled to their original norms")
+        return lines
+    mu = np.asarray(harmless_mean, np.float64)
+    d = np.atleast_2d(np.asarray(direction, np.float64))
+    cos = (d / np.linalg.norm(d, axis=-1, keepdims=True)) @ _unit(mu).T  # [R, 1 or L]
+    where = "one harmless mean" if mu.ndim == 1 else f"per-layer harmless means ({mu.shape[0]} layers)"
+    lines.append(f"  {where}; |cos(r, μ)| {np.abs(cos).min():.3f}..{np.abs(cos).max():.3f}: that part of r is kept")
+    if method == "norm-preserving":
+        lines.append("  every embedding / o_proj / down_proj row keeps its original norm")
+    return lines

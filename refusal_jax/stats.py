@@ -1,0 +1,142 @@
+"""Uncertainty and agreement statistics for refusal experiments (numpy, float64).
+
+* `refusal_rate_ci`: a refusal rate with its percentile-bootstrap interval (`judge.bootstrap_ci`), from 0/1
+  judgements or from completion texts (substring judge).
+* `direction_stability`: how stable the difference-in-means direction is under resampling of the training
+  prompts: the harmful and harmless sets are resampled with replacement (independently), the difference of means
+  recomputed, and its cosine with the full-data direction recorded; the bootstrap distribution of that cosine
+  is returned with its mean and percentile interval. `split_half_cosines` gives the cosine between directions
+  from two disjoint random halves (a stricter check that needs no full-data reference).
+* `judge_agreement`: agreement of the logit refusal score (score > 0 = "refuses") with the substring judge of
+  the completion (`judge.is_refusal`): accuracy, Cohen's kappa and the 2x2 table.
+
+Cohen's kappa: κ = (p_o - p_e) / (1 - p_e), p_o the observed agreement, p_e the agreement expected from the
+two raters' marginal rates. When p_e = 1 (both raters say the same thing about every item) κ is undefined:
+NaN is returned, never a silent 0 or 1.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from refusal_jax import judge
+from refusal_jax.errors import ConfigError, DataError
+
+
+def refusal_rate_ci(judgements: Sequence[bool | int | float] | None = None, *, completions: Sequence[str] | None = None,
+                    n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+                    curly_apostrophes: bool = True) -> dict:
+    """Refusal rate with a (1 - alpha) percentile-bootstrap interval.
+
+    Pass either `judgements` (1/True = refusal) or `completions` (judged with `judge.is_refusal`).
+    Returns {"rate", "low", "high", "n", "n_refusals", "alpha", "n_boot"}.
+    """
+    if (judgements is None) == (completions is None):
+        raise DataError("pass exactly one of judgements or completions")
+    if completions is not None:
+        judgements = [judge.is_refusal(c, curly_apostrophes) for c in completions]
+    x = np.asarray(judgements, np.float64).reshape(-1)
+    if x.size and not np.isin(x, (0.0, 1.0)).all():
+        raise DataError("refusal judgements must be 0/1 (or booleans)")
+    rate, low, high = judge.bootstrap_ci(x, n_boot=n_boot, seed=seed, alpha=alpha)
+    return {"rate": rate, "low": low, "high": high, "n": int(x.size), "n_refusals": int(x.sum()), "alpha": alpha,
+            "n_boot": n_boot}
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of rows of a [..., D] with b [D] (or row-wise with b [..., D])."""
+    num = np.sum(a * b, axis=-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return num / np.where(den > 0, den, np.nan)
+
+
+def _acts(harmful_acts, harmless_acts) -> tuple[np.ndarray, np.ndarray]:
+    h = np.asarray(harmful_acts, np.float64)
+    s = np.asarray(harmless_acts, np.float64)
+    if h.ndim != 2 or s.ndim != 2 or h.shape[1] != s.shape[1] or len(h) < 2 or len(s) < 2:
+        raise DataError(f"need activations [n1 >= 2, D] and [n2 >= 2, D], got {h.shape} and {s.shape}")
+    if not (np.isfinite(h).all() and np.isfinite(s).all()):
+        raise DataError("activations contain NaN or infinite values")
+    return h, s
+
+
+def direction_stability(harmful_acts, harmless_acts, *, n_boot: int = 1000, seed: int = 0,
+                        alpha: float = 0.05) -> dict:
+    """Bootstrap distribution of cos(DIM of a resampled training set, DIM of the full set).
+
+    Args:
+      harmful_acts, harmless_acts: per-prompt activations [n1, D], [n2, D] at one (pos, layer)
+        (`refusal_jax.subspace.per_prompt_activations`).
+    Returns:
+      {"cosines": [n_boot], "mean", "low", "high" (percentile interval of the cosine), "direction": [D] the
+      full-data difference in means, "norm": its norm, "n_harmful", "n_harmless"}.
+    """
+    h, s = _acts(harmful_acts, harmless_acts)
+    if n_boot < 1 or not 0 < alpha < 1:
+        raise ConfigError(f"need n_boot >= 1 and 0 < alpha < 1, got {n_boot}, {alpha}")
+    full = h.mean(0) - s.mean(0)
+    rng = np.random.default_rng(seed)
+    ih = rng.integers(0, len(h), size=(n_boot, len(h)))
+    is_ = rng.integers(0, len(s), size=(n_boot, len(s)))
+    boot = h[ih].mean(1) - s[is_].mean(1)  # [n_boot, D]
+    cos = _cos(boot, full)
+    low, high = np.quantile(cos, [alpha / 2, 1 - alpha / 2])
+    return {"cosines": cos, "mean": float(cos.mean()), "low": float(low), "high": float(high), "direction": full,
+            "norm": float(np.linalg.norm(full)), "n_harmful": len(h), "n_harmless": len(s)}
+
+
+def split_half_cosines(harmful_acts, harmless_acts, *, n_splits: int = 200, seed: int = 0) -> np.ndarray:
+    """cos(DIM of one random half, DIM of the other half) for `n_splits` random splits of both sets: [n_splits]."""
+    h, s = _acts(harmful_acts, harmless_acts)
+    rng = np.random.default_rng(seed)
+    out = np.empty(n_splits)
+    for i in range(n_splits):
+        ph, ps = rng.permutation(len(h)), rng.permutation(len(s))
+        a = h[ph[: len(h) // 2]].mean(0) - s[ps[: len(s) // 2]].mean(0)
+        b = h[ph[len(h) // 2:]].mean(0) - s[ps[len(s) // 2:]].mean(0)
+        out[i] = _cos(a, b)
+    return out
+
+
+def cohens_kappa(a: Sequence[bool], b: Sequence[bool]) -> float:
+    """Cohen's kappa of two binary raters (NaN when chance agreement is 1, see the module docstring)."""
+    x, y = np.asarray(a, bool).reshape(-1), np.asarray(b, bool).reshape(-1)
+    if x.size == 0 or x.shape != y.shape:
+        raise DataError(f"need two equally long non-empty judgement lists, got {x.size} and {y.size}")
+    p_o = float(np.mean(x == y))
+    px, py = float(x.mean()), float(y.mean())
+    p_e = px * py + (1 - px) * (1 - py)
+    if p_e >= 1.0:
+        return float("nan")
+    return (p_o - p_e) / (1 - p_e)
+
+
+def judge_agreement(scores: Sequence[float], completions: Sequence[str], *, threshold: float = 0.0,
+                    curly_apostrophes: bool = True) -> dict:
+    """How well `score > threshold` (logit refusal score at the first position) predicts the substring judge.
+
+    Args:
+      scores: per-prompt refusal scores (`judge.refusal_score`, `directions.evaluate_interventions`).
+      completions: the completions of the same prompts, same order.
+    Returns:
+      {"accuracy", "kappa", "n", "score_refusal_rate", "substring_refusal_rate",
+       "confusion": {"both_refuse", "score_only", "substring_only", "neither"}}.
+    """
+    s = np.asarray(scores, np.float64).reshape(-1)
+    if len(s) != len(completions) or len(s) == 0:
+        raise DataError(f"{len(s)} scores for {len(completions)} completions")
+    if not np.isfinite(s).all():
+        raise DataError("refusal scores contain NaN or infinite values")
+    by_score = s > threshold
+    by_text = np.asarray([judge.is_refusal(c, curly_apostrophes) for c in completions], bool)
+    return {
+        "accuracy": float(np.mean(by_score == by_text)),
+        "kappa": cohens_kappa(by_score, by_text),
+        "n": int(len(s)),
+        "score_refusal_rate": float(by_score.mean()),
+        "substring_refusal_rate": float(by_text.mean()),
+        "confusion": {"both_refuse": int(np.sum(by_score & by_text)), "score_only": int(np.sum(by_score & ~by_text)),
+                      "substring_only": int(np.sum(~by_score & by_text)), "neither": int(np.sum(~by_score & ~by_text))},
+    }
