@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
-import numpy as np
 
 from refusal_jax import checkpoint
 from refusal_jax.config import ModelConfig
@@ -83,6 +82,3 @@ def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, 
         raise CheckpointError(f"{src}: no tokenizer found")
     return LoadedModel(jax.device_put(params), cfg, tok)
 
-
-def as_numpy(params: Params) -> Params:
-    return jax.tree.map(np.asarray, params)
