@@ -118,6 +118,8 @@ def evaluate_additions(params, cfg, batches: Sequence[Batch], vectors: np.ndarra
     by_layer: dict[int, list[int]] = {}
     for i, layer in enumerate(layers):
         by_layer.setdefault(int(layer), []).append(i)
+    # one chunk size for every layer (one compile), no larger than the largest group (no wasted no-ops)
+    chunk = min(chunk, max((len(v) for v in by_layer.values()), default=1))
     for batch in batches:
         resid, base = _resid_and_logits(params, cfg, batch.tokens, batch.mask)
         for layer, members in sorted(by_layer.items()):
@@ -152,6 +154,7 @@ def evaluate_interventions(params, cfg, batches: Sequence[Batch], interventions:
     """
     refusal_ids = tuple(int(i) for i in refusal_ids)
     C = len(interventions)
+    chunk = min(chunk, C)  # never pad a small list up to a large chunk of no-ops
     n_prompts = int(sum(b.weight.sum() for b in batches))
     per_prompt = np.zeros((C, n_prompts))
     kl_sum = np.zeros(C)
