@@ -190,6 +190,7 @@ def test_logits_and_hidden_states_match_transformers(qwen1_model, loaded):
     out = forward(params, cfg, tokens, mask, capture=("resid_pre",))
     real = mask.astype(bool)
     err = np.abs(np.asarray(out.logits) - ref_logits)[real].max()
+    print(f"qwen1 logits max abs diff {err:.2e}")
     assert err <= TOL, err
     for layer in range(cfg.n_layers):
         assert np.abs(np.asarray(out.resid_pre[layer]) - ref_hidden[layer])[real].max() <= TOL, layer
