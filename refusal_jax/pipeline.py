@@ -51,7 +51,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--harmful", help="harmful instructions file (.json/.jsonl/.csv/.txt)")
     d.add_argument("--harmless", help="harmless instructions file (.json/.jsonl/.csv/.txt)")
     d.add_argument("--data-dir", help="folder laid out like the reference's dataset/ (splits/, processed/): "
-                                      "samples exactly as the reference (random.seed(42))")
+                                      "samples exactly as the reference (random.seed(42)); used when neither "
+                                      "--harmful nor --harmless is given")
     d.add_argument("--n-train", type=int, default=128, help="harmful and harmless train prompts before filtering "
                                                              "(default 128)")
     d.add_argument("--n-val", type=int, default=32, help="harmful and harmless val prompts before filtering (default 32)")
