@@ -166,14 +166,15 @@ def test_extract_end_to_end(family, tmp_path, data_files, capsys, monkeypatch):
             "--harmless", str(data_files / "harmless.txt"), "--n-train", "6", "--n-val", "4", "--batch-size", "4",
             "--no-filter", "--kl-threshold", "1e9", "--induce-threshold=-1e9", "--prune-layer-fraction", "0",
             "--no-progress"]
-    # The candidate sweep (every position x layer, chunks of 8 candidates) compiles once per val batch shape.
+    # The candidate sweep (every position x layer, in chunks of at most 8 candidates) compiles each scoring
+    # function once per val batch shape: no (function, chunk, shape) is traced twice.
     traces = []
     for name in ("_scores", "_resumed_scores"):
         monkeypatch.setattr(directions, name, recording(getattr(directions, f"{name}_impl"), name, traces))
     printed = run_extract(args, capsys).out
     assert "selected direction" in printed
-    sweep = [t for t in traces if t[1] == 8]
-    assert sweep and len(sweep) == len(set(sweep)) and len({t[2] for t in sweep}) <= 2, traces
+    assert traces and len(traces) == len(set(traces)) and len({t[2] for t in traces}) <= 2, traces
+    assert {t[0] for t in traces} == {"_scores", "_resumed_scores"}, traces
 
     cfg, params, tok = load_hf(str(ckpt))
     assert cfg.family == family
