@@ -19,22 +19,16 @@ from refusal_jax import Intervention, edits, forward
 from refusal_jax.config import tiny_config
 from refusal_jax.errors import ConfigError, DataError
 from refusal_jax.orthogonalize import orthogonalize, untied_config
-from refusal_jax.params import from_flat, param_shapes, to_flat
+from refusal_jax.params import init_random, to_flat
 from tests.hf_tiny import left_padded_batch
 
-
-def numpy_params(cfg, seed=0, scale=0.3):
-    rng = np.random.default_rng(seed)
-    flat = {name: (1.0 + 0.1 * rng.standard_normal(shape) if "norm" in name else scale * rng.standard_normal(shape))
-            .astype(np.float32) for name, shape in sorted(param_shapes(cfg).items())}
-    return from_flat(flat)
 
 
 @pytest.fixture(scope="module", params=[("llama", False), ("qwen2", True)], ids=["llama", "qwen2-tied"])
 def model(request):
     family, tied = request.param
     cfg = tiny_config(family, tie_embeddings=tied, n_layers=3)
-    return cfg, numpy_params(cfg)
+    return cfg, init_random(cfg, 0, scale=0.3)
 
 
 def vectors(cfg, seed=1):
@@ -149,14 +143,14 @@ def test_per_layer_biprojection(model):
 def test_refusals_and_errors(tmp_path):
     cfg = tiny_config("gemma2", embed_scale=True, post_norms=True, sliding_window=4,
                       sliding_layers=(True, False), mlp_activation="gelu_tanh")
-    params = numpy_params(cfg)
+    params = init_random(cfg, 0, scale=0.3)
     r = np.ones(cfg.d_model)
     for method in ("projected", "norm-preserving"):
         with pytest.raises(ConfigError, match="post-attention/MLP norms"):
             edits.edit(params, cfg, r, method, np.arange(cfg.d_model, dtype=float))
     cfg = tiny_config("llama")
     with pytest.raises(DataError, match="needs the harmless mean"):
-        edits.edit(numpy_params(cfg), cfg, r, "projected", None)
+        edits.edit(init_random(cfg, 0, scale=0.3), cfg, r, "projected", None)
     with pytest.raises(DataError, match="expected"):
         edits.resolve_harmless_mean(np.ones(5), cfg)
     with pytest.raises(DataError, match="needs the position"):

@@ -16,7 +16,7 @@ from refusal_jax.config import ModelConfig, RopeConfig, from_hf_config, tiny_con
 from refusal_jax.convert import engine, export_hf, safetensors_io
 from refusal_jax.convert.hf import load_hf
 from refusal_jax.errors import CheckpointError, ConfigError
-from refusal_jax.params import from_flat, param_shapes, to_flat
+from refusal_jax.params import init_random, to_flat
 from tests.hf_tiny import hf_forward, left_padded_batch, make_hf_model
 
 TOL = 1e-4
@@ -50,15 +50,6 @@ CONFIGS = {
 }
 
 
-def random_params(cfg, seed=0, scale=0.02):
-    """init_random's distribution drawn with numpy: jax.random compiles once per shape (seconds each on CPU)."""
-    rng = np.random.default_rng(seed)
-    flat = {}
-    for name, shape in sorted(param_shapes(cfg).items()):
-        noise = rng.standard_normal(shape).astype(np.float32)
-        flat[name] = (1.0 + 0.1 * noise) if "norm" in name else scale * noise
-    return from_flat({k: v.astype(np.float32) for k, v in flat.items()})
-
 
 def bits(a):
     a = np.asarray(a)
@@ -72,7 +63,7 @@ def bits(a):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gemma3"])
 def test_tensor_round_trip_is_bit_exact(family):
     cfg = CONFIGS[family]
-    params = jax.device_put(random_params(cfg, 0))  # jax arrays: export slices them one layer at a time
+    params = jax.device_put(init_random(cfg, 0, scale=0.02))  # jax arrays: export slices them one layer at a time
     tensors = list(engine.to_hf_tensors(cfg, params))
     names = [n for n, _ in tensors]
     assert len(names) == len(set(names))
@@ -87,7 +78,7 @@ def test_tensor_round_trip_is_bit_exact(family):
 
 def test_tensor_export_layout_and_gemma_unfolding():
     cfg = GEMMA2
-    params = random_params(cfg, 1)
+    params = init_random(cfg, 1, scale=0.02)
     hf = dict(engine.to_hf_tensors(cfg, params))
     N, H, D = cfg.n_heads, cfg.head_dim, cfg.d_model
     q = np.asarray(params.layers.q[1])  # [D, N, H]
@@ -104,7 +95,7 @@ def test_tensor_export_layout_and_gemma_unfolding():
 
 def test_untied_config_with_tied_params_exports_embedding_as_head():
     cfg = CONFIGS["qwen2"]
-    params = random_params(cfg, 0)
+    params = init_random(cfg, 0, scale=0.02)
     untied = dict(engine.to_hf_tensors(dataclasses.replace(cfg, tie_embeddings=False), params))
     np.testing.assert_array_equal(untied["lm_head.weight"], untied["model.embed_tokens.weight"])
     with pytest.raises(CheckpointError, match="ties embeddings"):
@@ -162,7 +153,7 @@ def test_exported_model_matches_transformers(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
     cfg = CONFIGS[family]
-    params = random_params(cfg, 0, scale=0.3)
+    params = init_random(cfg, 0, scale=0.3)
     out = export_hf.save_hf(tmp_path / "m", cfg, params, shard_size=40_000 if family == "llama" else 2**30)
     if family == "llama":  # the sharded layout, with an index transformers and our reader both follow
         index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -182,7 +173,7 @@ def test_exported_model_matches_transformers(family, tmp_path):
 
 def test_save_hf_bfloat16_and_atomic_overwrite(tmp_path):
     cfg = CONFIGS["qwen2"]
-    params = random_params(cfg, 0)
+    params = init_random(cfg, 0, scale=0.02)
     out = export_hf.save_hf(tmp_path / "m", cfg, params, dtype="bfloat16")
     header, _ = safetensors_io.read_header(out / "model.safetensors")
     assert {v["dtype"] for v in header.values()} == {"BF16"} and "lm_head.weight" not in header
@@ -314,7 +305,7 @@ def test_cli_refuses_post_norm_families(tmp_path, capsys):
     from refusal_jax.orthogonalize import main
 
     cfg = GEMMA2
-    export_hf.save_hf(tmp_path / "g2", cfg, random_params(cfg, 0), tiny_tokenizer())
+    export_hf.save_hf(tmp_path / "g2", cfg, init_random(cfg, 0, scale=0.02), tiny_tokenizer())
     np.save(tmp_path / "d.npy", np.ones(cfg.d_model, np.float32))
     with pytest.raises(SystemExit) as exc:
         main(["--model", str(tmp_path / "g2"), "--direction", str(tmp_path / "d.npy"), "--out",

@@ -29,7 +29,7 @@ from refusal_jax.convert.gguf import load_gguf, permute_qk, read_gguf  # noqa: E
 from refusal_jax.convert.hf import load_hf  # noqa: E402
 from refusal_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from refusal_jax.orthogonalize import orthogonalize, untied_config  # noqa: E402
-from refusal_jax.params import from_flat, param_shapes, to_flat  # noqa: E402
+from refusal_jax.params import init_random, to_flat  # noqa: E402
 from tests.hf_tiny import left_padded_batch  # noqa: E402
 
 LLAMA3 = RopeConfig(theta=5e5, rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -55,12 +55,6 @@ CONFIGS = {
 }
 
 
-def random_params(cfg, seed=0, scale=0.3):
-    rng = np.random.default_rng(seed)
-    flat = {name: (1.0 + 0.1 * rng.standard_normal(shape) if "norm" in name else scale * rng.standard_normal(shape))
-            .astype(np.float32) for name, shape in sorted(param_shapes(cfg).items())}
-    return from_flat(flat)
-
 
 def assert_same_params(a, b, exact=True):
     fa, fb = to_flat(a), to_flat(b)
@@ -84,7 +78,7 @@ def last_logits(params, cfg, seed=0):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_f32_round_trip_is_exact(name, tmp_path):
     cfg = CONFIGS[name]
-    params = random_params(cfg)
+    params = init_random(cfg, 0, scale=0.3)
     res = export_gguf.save_gguf(tmp_path / "m.gguf", cfg, params)
     assert set(res["counts"]) == {"F32"}
     cfg2, params2, tok = load_gguf(tmp_path / "m.gguf", tokenizer=False)
@@ -105,7 +99,7 @@ def test_f32_round_trip_is_exact(name, tmp_path):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_logits_equal_source_and_safetensors_export(family, tmp_path):
     cfg = CONFIGS[family]
-    params = random_params(cfg, seed=1)
+    params = init_random(cfg, 1, scale=0.3)
     export_gguf.save_gguf(tmp_path / "m.gguf", cfg, params)
     cfg_g, params_g, _ = load_gguf(tmp_path / "m.gguf", tokenizer=False)
     export_hf.save_hf(tmp_path / "hf", cfg, params)
@@ -129,7 +123,7 @@ def test_transformers_reads_the_same_model(family, tmp_path):
     cfg = CONFIGS[family]
     if family == "gemma2":
         cfg = dataclasses.replace(cfg, query_scale=256.0**-0.5)
-    params = random_params(cfg, seed=2)
+    params = init_random(cfg, 2, scale=0.3)
     export_gguf.save_gguf(tmp_path / "m.gguf", cfg, params)
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
     tokens, mask = left_padded_batch(cfg.vocab_size, lengths=(6, 6, 6))
@@ -142,7 +136,7 @@ def test_transformers_reads_the_same_model(family, tmp_path):
 def test_names_and_qk_layout(tmp_path):
     for family, permuted in (("llama", True), ("qwen2", False)):
         cfg = CONFIGS[family]
-        params = random_params(cfg)
+        params = init_random(cfg, 0, scale=0.3)
         path = export_gguf.save_gguf(tmp_path / f"{family}.gguf", cfg, params)["path"]
         reader = gguf.GGUFReader(path)
         arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[family]
@@ -169,7 +163,7 @@ def test_names_and_qk_layout(tmp_path):
 
 def test_f16_and_q8_0(tmp_path):
     cfg = CONFIGS["llama"]
-    params = random_params(cfg, seed=2)
+    params = init_random(cfg, 2, scale=0.3)
     ref = last_logits(params, cfg)
     res = export_gguf.save_gguf(tmp_path / "h.gguf", cfg, params, tensor_type="f16")
     assert res["tensor_types"]["blk.0.attn_norm.weight"] == "F32" and res["tensor_types"]["token_embd.weight"] == "F16"
@@ -260,20 +254,20 @@ def test_command_line(source_gguf, tmp_path, capsys):
 def test_refusals(tmp_path):
     swa = tiny_config("mistral", sliding_window=4, sliding_layers=(True, True))
     with pytest.raises(ConfigError, match="sliding-window"):
-        export_gguf.save_gguf(tmp_path / "a.gguf", swa, random_params(swa))
+        export_gguf.save_gguf(tmp_path / "a.gguf", swa, init_random(swa, 0, scale=0.3))
     g2 = dataclasses.replace(CONFIGS["gemma2"], sliding_layers=(False, True, False, True))
     with pytest.raises(ConfigError, match="even layers"):
-        export_gguf.save_gguf(tmp_path / "b.gguf", g2, random_params(g2))
+        export_gguf.save_gguf(tmp_path / "b.gguf", g2, init_random(g2, 0, scale=0.3))
     cfg = CONFIGS["llama"]
-    export_gguf.save_gguf(tmp_path / "c.gguf", cfg, random_params(cfg))
+    export_gguf.save_gguf(tmp_path / "c.gguf", cfg, init_random(cfg, 0, scale=0.3))
     with pytest.raises(CheckpointError, match="already exists"):
-        export_gguf.save_gguf(tmp_path / "c.gguf", cfg, random_params(cfg))
+        export_gguf.save_gguf(tmp_path / "c.gguf", cfg, init_random(cfg, 0, scale=0.3))
     with pytest.raises(CheckpointError, match="source GGUF"):
-        export_gguf.save_gguf(tmp_path / "d.gguf", cfg, random_params(cfg), tensor_type="source")
+        export_gguf.save_gguf(tmp_path / "d.gguf", cfg, init_random(cfg, 0, scale=0.3), tensor_type="source")
     assert not list(tmp_path.glob(".*partial*"))
     # mistral without a window is written as a llama file (as llama.cpp does) and reads back as llama
     m = tiny_config("mistral", architecture="MistralForCausalLM")
-    p = random_params(m)
+    p = init_random(m, 0, scale=0.3)
     export_gguf.save_gguf(tmp_path / "m.gguf", m, p)
     cfg2, p2, _ = load_gguf(tmp_path / "m.gguf", tokenizer=False)
     assert cfg2.family == "llama"

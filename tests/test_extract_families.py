@@ -248,9 +248,10 @@ def check_orthogonalization(cfg, params, r):
 @pytest.mark.parametrize("family", SLOW)
 def test_orthogonalization_equals_ablation_tiny(family):
     """The families whose end-to-end run is marked slow, on tiny configs with their flags (tests/test_export.py)."""
-    from tests.test_export import CONFIGS, random_params
+    from refusal_jax.params import init_random
+    from tests.test_export import CONFIGS
 
     cfg = CONFIGS.get(family) or tiny_config(family, architecture="QWenLMHeadModel")
-    params = random_params(cfg, scale=0.3)
+    params = init_random(cfg, 0, scale=0.3)
     check_orthogonalization(cfg, params, np.random.default_rng(1).standard_normal(cfg.d_model))
 

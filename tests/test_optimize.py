@@ -23,22 +23,14 @@ import pytest
 from refusal_jax import optimize
 from refusal_jax.config import tiny_config
 from refusal_jax.errors import RunError
-from refusal_jax.params import from_flat, param_shapes
+from refusal_jax.params import init_random
 
-
-def numpy_params(cfg, seed=0, scale=0.3):
-    """Like params.init_random (norms near 1, other weights N(0, scale^2)), drawn with numpy: init_random compiles
-    one random op per parameter shape, ~10 s on a busy 2-core machine."""
-    rng = np.random.default_rng(seed)
-    flat = {name: (1.0 + 0.1 * rng.standard_normal(shape) if "norm" in name else scale * rng.standard_normal(shape))
-            .astype(np.float32) for name, shape in sorted(param_shapes(cfg).items())}
-    return from_flat(flat)
 
 
 @pytest.fixture(scope="module")
 def model():
     cfg = tiny_config("llama", n_layers=2)
-    return cfg, numpy_params(cfg)
+    return cfg, init_random(cfg, 0, scale=0.3)
 
 
 @pytest.fixture(scope="module")

@@ -27,21 +27,15 @@ from refusal_jax import Intervention, directions, forward, judge, stats, subspac
 from refusal_jax.batching import bucketed
 from refusal_jax.config import tiny_config
 from refusal_jax.errors import DataError
-from refusal_jax.params import from_flat, param_shapes
+from refusal_jax.params import init_random
 from tests.hf_tiny import left_padded_batch
 
-
-def numpy_params(cfg, seed=0, scale=0.3):
-    rng = np.random.default_rng(seed)
-    flat = {name: (1.0 + 0.1 * rng.standard_normal(shape) if "norm" in name else scale * rng.standard_normal(shape))
-            .astype(np.float32) for name, shape in sorted(param_shapes(cfg).items())}
-    return from_flat(flat)
 
 
 @pytest.fixture(scope="module")
 def model():
     cfg = tiny_config("llama", n_layers=2)
-    return cfg, numpy_params(cfg)
+    return cfg, init_random(cfg, 0, scale=0.3)
 
 
 def random_basis(cfg, k, seed):
