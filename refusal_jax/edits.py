@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from refusal_jax.config import ModelConfig
+from refusal_jax import runs
 from refusal_jax.errors import ConfigError, DataError
 from refusal_jax.orthogonalize import _unit_basis, orthogonalize
 from refusal_jax.params import Params
@@ -125,12 +126,7 @@ def load_harmless_mean(path, cfg: ModelConfig, direction_path=None, pos: int | N
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / HARMLESS_MEAN_FILE
-    if not path.exists():
-        raise DataError(f"harmless mean file {path} does not exist")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise DataError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from None
+    arr = runs.read_npy(path, "harmless mean")
     if arr.ndim == 3 and pos is None and direction_path is not None:
         d = Path(direction_path).expanduser()
         meta = (d if d.is_dir() else d.parent) / "direction_metadata.json"

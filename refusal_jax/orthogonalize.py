@@ -21,6 +21,7 @@ import numpy as np
 
 from refusal_jax.cli import main_wrapper
 from refusal_jax.config import ModelConfig
+from refusal_jax import runs
 from refusal_jax.errors import ConfigError, DataError
 from refusal_jax.params import Params
 
@@ -86,12 +87,7 @@ def load_direction(path, d_model: int | None):
     path = Path(path).expanduser()
     if path.is_dir() and (path / "direction.npy").exists():
         path = path / "direction.npy"
-    if not path.exists():
-        raise DataError(f"direction file {path} does not exist")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise DataError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from None
+    arr = runs.read_npy(path, "direction")
     if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiu":
         raise DataError(f"{path}: expected a real-valued array, got {getattr(arr, 'dtype', type(arr))}")
     arr = arr.astype(np.float32)

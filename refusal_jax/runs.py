@@ -53,6 +53,18 @@ def read_json(path: Path) -> Any:
         raise RunError(f"{path}: malformed JSON ({e})") from None
 
 
+def read_npy(path: Path, what: str) -> np.ndarray:
+    """A user-supplied .npy array, with a DataError naming `what` when it is missing or unreadable."""
+    from refusal_jax.errors import DataError
+
+    if not path.exists():
+        raise DataError(f"{what} file {path} does not exist")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from None
+
+
 def write_npy(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path).with_suffix(".npy")
