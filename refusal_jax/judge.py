@@ -269,11 +269,16 @@ def masked_ce_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -
     Returns:
         `(sum_nll, n_tokens)`: float32 scalar sum of `-log p(tokens[t+1])` over masked t, and int32 scalar count.
     """
+    nll, n = masked_ce_rows(logits, tokens, loss_mask)
+    return jnp.sum(nll), jnp.sum(n)
+
+
+def masked_ce_rows(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`masked_ce_loss` per sequence: ([B] summed NLL, [B] int32 token counts), for per-sequence statistics."""
     logp = jax.nn.log_softmax(logits[:, :-1].astype(_float_dtype(logits)), axis=-1)
     target = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
     m = loss_mask[:, :-1]
-    sum_nll = -jnp.sum(jnp.where(m > 0, target, 0.0))
-    return sum_nll, jnp.sum(m > 0).astype(jnp.int32)
+    return -jnp.sum(jnp.where(m > 0, target, 0.0), axis=1), jnp.sum(m > 0, axis=1).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from refusal_jax.model import _forward
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _nll(params, cfg, tokens, mask, loss_mask, intervention):
     logits = _forward(params, cfg, tokens, mask, intervention, logits="all").logits
-    return judge.masked_ce_loss(logits, tokens, loss_mask)
+    return judge.masked_ce_rows(logits, tokens, loss_mask)
 
 
 def _summarise(total: float, n: int) -> dict:
@@ -25,17 +25,29 @@ def _summarise(total: float, n: int) -> dict:
     return {"ce_loss": ce, "perplexity": math.exp(ce), "n_tokens": int(n)}
 
 
+def completion_nll(params, cfg, tokenizer, fmt: templates.ChatFormat, eoi: Sequence[int],
+                   instructions: Sequence[str], completions: Sequence[str], intervention=None, *,
+                   batch_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Per completion, in input order: float64 [n] summed NLL of the completion tokens given the templated
+    instruction, and int [n] how many tokens were scored."""
+    ids = encode(tokenizer, templates.format_instructions(fmt, list(instructions), list(completions)))
+    nll, count = np.zeros(len(ids), np.float64), np.zeros(len(ids), np.int64)
+    for batch in bucketed(ids, batch_size, pad_id(tokenizer)):
+        loss_mask = judge.completion_loss_mask(batch.tokens, batch.mask, eoi) * batch.weight[:, None].astype(np.int32)
+        s, k = (np.asarray(x) for x in _nll(params, cfg, batch.tokens, batch.mask, loss_mask, intervention))
+        for row, idx in enumerate(batch.index):
+            if idx >= 0:
+                nll[idx], count[idx] = float(s[row]), int(k[row])
+    return nll, count
+
+
 def completion_loss(params, cfg, tokenizer, fmt: templates.ChatFormat, eoi: Sequence[int],
                     instructions: Sequence[str], completions: Sequence[str], intervention=None, *,
                     batch_size: int = 2) -> dict:
     """CE loss of `completions` given their templated instructions, scored on completion tokens only."""
-    ids = encode(tokenizer, templates.format_instructions(fmt, list(instructions), list(completions)))
-    total, n = 0.0, 0
-    for batch in bucketed(ids, batch_size, pad_id(tokenizer)):
-        loss_mask = judge.completion_loss_mask(batch.tokens, batch.mask, eoi) * batch.weight[:, None].astype(np.int32)
-        s, k = _nll(params, cfg, batch.tokens, batch.mask, loss_mask, intervention)
-        total, n = total + float(s), n + int(k)
-    return _summarise(total, n)
+    nll, count = completion_nll(params, cfg, tokenizer, fmt, eoi, instructions, completions, intervention,
+                                batch_size=batch_size)
+    return _summarise(float(nll.sum()), int(count.sum()))
 
 
 def text_loss(params, cfg, tokenizer, texts: Sequence[str], intervention=None, *, batch_size: int = 2,
@@ -47,5 +59,5 @@ def text_loss(params, cfg, tokenizer, texts: Sequence[str], intervention=None, *
         loss_mask = batch.mask * batch.weight[:, None].astype(np.int32)
         loss_mask[:, -1] = 0
         s, k = _nll(params, cfg, batch.tokens, batch.mask, loss_mask, intervention)
-        total, n = total + float(s), n + int(k)
+        total, n = total + float(np.sum(s, dtype=np.float64)), n + int(np.sum(k))
     return _summarise(total, n)

@@ -2,6 +2,7 @@
 
 * `refusal_rate_ci`: a refusal rate with its percentile-bootstrap interval (`judge.bootstrap_ci`), from 0/1
   judgements or from completion texts (substring judge).
+* `ratio_ci`: a ratio of sums (a CE loss: summed NLL over scored tokens) with an interval resampled by item.
 * `direction_stability`: how stable the difference-in-means direction is under resampling of the training
   prompts: the harmful and harmless sets are resampled with replacement (independently), the difference of means
   recomputed, and its cosine with the full-data direction recorded; the bootstrap distribution of that cosine
@@ -43,6 +44,25 @@ def refusal_rate_ci(judgements: Sequence[bool | int | float] | None = None, *, c
     rate, low, high = judge.bootstrap_ci(x, n_boot=n_boot, seed=seed, alpha=alpha)
     return {"rate": rate, "low": low, "high": high, "n": int(x.size), "n_refusals": int(x.sum()), "alpha": alpha,
             "n_boot": n_boot}
+
+
+def ratio_ci(numerators: Sequence[float], denominators: Sequence[float], *, n_boot: int = 1000, seed: int = 0,
+             alpha: float = 0.05) -> dict:
+    """sum(numerators) / sum(denominators) with a percentile-bootstrap interval over items, e.g. a CE loss
+    (summed NLL and token count per sequence) resampled by sequence. Returns {"mean", "low", "high", "n"}."""
+    num = np.asarray(numerators, np.float64).reshape(-1)
+    den = np.asarray(denominators, np.float64).reshape(-1)
+    if num.shape != den.shape or num.size == 0:
+        raise DataError(f"need as many numerators as denominators (> 0), got {num.size} and {den.size}")
+    if not (np.isfinite(num).all() and np.isfinite(den).all()) or den.sum() <= 0:
+        raise DataError("ratio_ci needs finite values and a positive total denominator")
+    if n_boot < 1 or not 0 < alpha < 1:
+        raise ConfigError(f"need n_boot >= 1 and 0 < alpha < 1, got {n_boot}, {alpha}")
+    idx = np.random.default_rng(seed).integers(0, num.size, size=(n_boot, num.size))
+    d = den[idx].sum(1)
+    boot = num[idx].sum(1) / np.where(d > 0, d, np.nan)
+    low, high = np.nanquantile(boot, [alpha / 2, 1 - alpha / 2])
+    return {"mean": float(num.sum() / den.sum()), "low": float(low), "high": float(high), "n": int(num.size)}
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,0 +1,377 @@
+"""python -m refusal_jax.compare: difference-in-means vs optimized direction vs subspaces vs weight edits.
+
+Every method is evaluated by the same stages as the pipeline, on the same held-out prompts (the harmful eval set
+and the harmless test set of the run):
+
+  harmful refusal   substring judge of greedy completions of the harmful prompts under the method's bypass
+                    (directional ablation, or the edited weights)
+  harmless induce   substring judge of greedy completions of the harmless prompts under activation addition at
+                    the selected layer (coefficient +1); weight edits add nothing, so they have no entry
+  KL                per-prompt KL(baseline || method) of the last-position next-token distribution on the harmless
+                    prompts under the bypass (as the selection's KL score, on held-out prompts)
+  CE loss           cross-entropy of the model's own baseline completions of the harmless prompts under the bypass
+                    (the reference's "alpaca_custom_completions" loss)
+
+Each number comes with a 95% percentile-bootstrap interval over prompts (CE: over completions, of the ratio
+sum NLL / sum tokens). Methods:
+
+  baseline           no intervention
+  dim                the selected difference-in-means direction (ablation everywhere, actadd at its layer)
+  rdo                a direction from `python -m refusal_jax.optimize` (--optimized); ablated, and added with the
+                     norm optimize saved it with (the starting direction's norm)
+  subspace-k         ablation of the top-k principal directions of per-prompt harmful-minus-harmless-mean
+                     differences at the selected (pos, layer) of the filtered train sets (`subspace.pca_basis`),
+                     k = 1..--k-max; the added vector is the difference-in-means direction projected onto the
+                     subspace (for k = 1: the first component, scaled by the mean difference along it)
+  edit-plain         weight orthogonalization against the direction (`orthogonalize`); equals `dim`'s ablation
+  edit-projected     projected abliteration (per-layer harmless means of the run)
+  edit-norm-preserving  norm-preserving biprojected abliteration
+
+It also reports the bootstrap stability (cosine) of the difference-in-means direction over resampled training
+prompts and the agreement of the logit refusal score with the substring judge on the baseline completions.
+
+The command first runs (or resumes) the extraction stages in --out with the same flags as
+`python -m refusal_jax.extract`, then writes OUT/compare/: per-method completions and results (resumable),
+comparison.json, comparison.md (the table) and comparison.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from refusal_jax import judge, runs, stats
+from refusal_jax.cli import main_wrapper
+from refusal_jax.errors import DataError, RunError
+
+EDIT_METHODS = ("plain", "projected", "norm-preserving")
+
+
+@dataclasses.dataclass
+class Method:
+    name: str
+    description: str
+    bypass: Any = None  # Intervention applied on harmful prompts, for KL and CE (None: no intervention)
+    induce: Any = None  # Intervention for the harmless completions (None: not applicable)
+    edit: Callable | None = None  # () -> edited Params (built only when evaluated, then freed)
+    direction: np.ndarray | None = None  # [D] or [k, D], for the cosine with the DIM direction
+
+
+def parser() -> argparse.ArgumentParser:
+    from refusal_jax.pipeline import add_common_args
+
+    p = argparse.ArgumentParser(prog="python -m refusal_jax.compare", description=__doc__.split("\n\n")[0] + (
+        ". Runs or resumes the extraction in --out (same flags as python -m refusal_jax.extract), then evaluates "
+        "baseline, the DIM direction, an optimized direction (--optimized), subspace ablation k=1..--k-max and the "
+        "weight edits on the held-out harmful and harmless prompts: refusal rates (substring judge), KL and CE "
+        "loss, each with a bootstrap confidence interval. Writes OUT/compare/comparison.{json,md,png}."))
+    add_common_args(p)
+    g = p.add_argument_group("comparison")
+    g.add_argument("--optimized", default=None, metavar="PATH",
+                   help="direction.npy (or its directory) written by python -m refusal_jax.optimize; without it "
+                        "the table has no rdo row")
+    g.add_argument("--k-max", type=int, default=4, help="subspace ablation for k = 1..K principal directions (default 4; 0: none)")
+    g.add_argument("--edits", default=",".join(EDIT_METHODS),
+                   help=f"comma-separated weight edits to compare ({', '.join(EDIT_METHODS)}; '' for none)")
+    g.add_argument("--max-new-tokens", type=int, default=64,
+                   help="greedy tokens per completion (default 64; the reference uses 512, but refusals show in the first "
+                        "tokens)")
+    g.add_argument("--gen-batch-size", type=int, default=32, help="prompts per generation batch (default 32)")
+    g.add_argument("--loss-batch-size", type=int, default=8, help="sequences per CE-loss batch (default 8)")
+    g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the confidence intervals (default 1000)")
+    g.add_argument("--reference-judge", action="store_true",
+                   help="substring judge exactly as the reference (ASCII apostrophes only)")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# methods
+
+
+def build_methods(run, args, sets, pos: int, layer: int, dim: np.ndarray) -> tuple[list[Method], dict]:
+    """The methods to compare, and the subspace facts (explained variance, stability of the DIM direction)."""
+    from refusal_jax import edits, subspace
+    from refusal_jax.model import Intervention
+    from refusal_jax.orthogonalize import load_direction
+
+    cfg = run.cfg
+    methods = [Method("baseline", "no intervention"),
+               Method("dim", f"difference in means, pos {pos} layer {layer}", Intervention.ablation(cfg, dim),
+                      Intervention.addition(cfg, dim, layer, 1.0), direction=dim)]
+    if args.optimized:
+        rdo = load_direction(args.optimized, cfg.d_model)
+        if rdo.ndim != 1:
+            raise DataError("--optimized must be one direction [d_model], not a basis")
+        methods.append(Method("rdo", "optimized direction (python -m refusal_jax.optimize)",
+                              Intervention.ablation(cfg, rdo), Intervention.addition(cfg, rdo, layer, 1.0),
+                              direction=rdo))
+    facts: dict[str, Any] = {}
+    acts_path = run.out / "compare" / "per_prompt_activations.npz"
+    if acts_path.exists():
+        acts = np.load(acts_path)
+        harmful, harmless = acts["harmful"], acts["harmless"]
+    else:
+        harmful = subspace.per_prompt_activations(run.params, cfg, run.batches(sets["harmful_train"]), pos, layer)
+        harmless = subspace.per_prompt_activations(run.params, cfg, run.batches(sets["harmless_train"]), pos, layer)
+        _write_npz(acts_path, harmful=harmful, harmless=harmless)
+    stab = stats.direction_stability(harmful, harmless, n_boot=args.n_boot)
+    facts["dim_stability"] = {k: stab[k] for k in ("mean", "low", "high", "n_harmful", "n_harmless")}
+    if args.k_max > 0:
+        k_max = min(args.k_max, len(harmful))
+        basis, explained = subspace.pca_basis(harmful, harmless, k_max, return_variance=True)
+        facts["subspace"] = {"explained_second_moment": explained.tolist(),
+                             "cos_first_component_dim": float(basis[0] @ dim / np.linalg.norm(dim))}
+        for k in range(1, k_max + 1):
+            b = basis[:k]
+            added = b.T @ (b @ dim)  # the DIM direction's component in the subspace
+            methods.append(Method(f"subspace-{k}", f"top-{k} PCA subspace of per-prompt differences",
+                                  Intervention.ablation(cfg, b), Intervention.addition(cfg, added, layer, 1.0),
+                                  direction=b))
+    chosen = [m for m in args.edits.split(",") if m.strip()] if args.edits else []
+    for m in chosen:
+        if m not in EDIT_METHODS:
+            raise DataError(f"unknown --edits entry {m!r}; choose from {', '.join(EDIT_METHODS)}")
+    if chosen:
+        mean = edits.resolve_harmless_mean(
+            runs.read_npy(run.out / edits.HARMLESS_MEAN_FILE, "harmless mean"), cfg, pos)
+        for m in chosen:
+            methods.append(Method(f"edit-{m}", f"weight edit: {m}", edit=(
+                lambda m=m: edits.edit(run.params, cfg, dim, m, mean if m != "plain" else None)),
+                direction=dim if m == "plain" else None))  # the others remove per-layer variants of r
+    return methods, facts
+
+
+def _write_npz(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _last_logits(params, cfg, batches, intervention) -> np.ndarray:
+    """float32 [n, V] last-position logits of every real prompt, in input order."""
+    from refusal_jax.directions import last_logits
+
+    rows = {}
+    for b in batches:
+        out = np.asarray(last_logits(params, cfg, b.tokens, b.mask, intervention), np.float32)
+        for r, idx in enumerate(b.index):
+            if idx >= 0:
+                rows[int(idx)] = out[r]
+    return np.stack([rows[i] for i in sorted(rows)])
+
+
+def _completions(run, args, path: Path, params, records, intervention, desc: str) -> list[str]:
+    from refusal_jax.generate import generate_completions
+
+    if path.exists():
+        return [r["response"] for r in runs.read_json(path)]
+    texts = generate_completions(params, run.cfg, run.tokenizer, run.prompts([r["instruction"] for r in records]),
+                                 intervention, batch_size=args.gen_batch_size, max_new_tokens=args.max_new_tokens,
+                                 progress=run.progress, desc=desc, mesh=run.mesh)
+    runs.write_json(path, [{"category": r.get("category"), "prompt": r["instruction"], "response": t}
+                           for r, t in zip(records, texts)])
+    return texts
+
+
+def evaluate_method(run, args, method: Method, base_harmless_logits: np.ndarray | None,
+                    harmless_baseline: list[str] | None) -> dict:
+    """Completions, judgements, per-prompt KL / refusal scores and per-completion NLL of one method (resumable:
+    completions and the result are files under OUT/compare/)."""
+    from refusal_jax import loss
+
+    root = run.out / "compare"
+    result_path = root / "results" / f"{method.name}.json"
+    if result_path.exists():
+        return runs.read_json(result_path)
+    params = method.edit() if method.edit is not None else run.params
+    harmful_recs, harmless_recs = run.data["harmful_test"], run.data["harmless_test"]
+    curly = not args.reference_judge
+    res: dict[str, Any] = {"method": method.name, "description": method.description}
+    t0 = time.perf_counter()
+    harmful_texts = _completions(run, args, root / "completions" / f"{method.name}_harmful.json", params,
+                                 harmful_recs, method.bypass, f"{method.name}: harmful")
+    res["harmful_refused"] = [judge.is_refusal(t, curly) for t in harmful_texts]
+    harmful_batches = run.batches([r["instruction"] for r in harmful_recs])
+    harmless_batches = run.batches([r["instruction"] for r in harmless_recs])
+    res["harmful_refusal_score"] = judge.refusal_score(
+        _last_logits(params, run.cfg, harmful_batches, method.bypass), run.refusal_ids).tolist()
+    if method.name == "baseline" or method.induce is not None:
+        iv = None if method.name == "baseline" else method.induce
+        texts = _completions(run, args, root / "completions" / f"{method.name}_harmless.json", run.params,
+                             harmless_recs, iv, f"{method.name}: harmless")
+        res["harmless_refused"] = [judge.is_refusal(t, curly) for t in texts]
+        res["harmless_refusal_score"] = judge.refusal_score(
+            _last_logits(run.params, run.cfg, harmless_batches, iv), run.refusal_ids).tolist()
+    if method.name == "baseline":
+        harmless_baseline = texts
+        res["kl"] = [0.0] * len(harmless_recs)
+    else:
+        logits = _last_logits(params, run.cfg, harmless_batches, method.bypass)
+        res["kl"] = judge.kl_div(base_harmless_logits, logits).tolist()
+    nll, count = loss.completion_nll(params, run.cfg, run.tokenizer, run.fmt, run.eoi,
+                                     [r["instruction"] for r in harmless_recs], harmless_baseline, method.bypass,
+                                     batch_size=args.loss_batch_size)
+    res["ce_nll"], res["ce_tokens"] = nll.tolist(), count.tolist()
+    res["seconds"] = time.perf_counter() - t0
+    runs.write_json(result_path, res)
+    return res
+
+
+def summarise(res: dict, baseline: dict, dim: np.ndarray, direction, n_boot: int) -> dict:
+    """Rates, means and bootstrap intervals of one method's per-prompt results."""
+    out: dict[str, Any] = {"method": res["method"], "description": res["description"]}
+    out["harmful_refusal"] = stats.refusal_rate_ci(res["harmful_refused"], n_boot=n_boot)
+    base_refused = np.asarray(baseline["harmful_refused"], bool)
+    still = np.asarray(res["harmful_refused"], bool)[base_refused]
+    out["still_refused"] = {"n_refused_at_baseline": int(base_refused.sum()),
+                            "fraction": float(still.mean()) if still.size else None}
+    out["harmful_refusal_score"] = float(np.mean(res["harmful_refusal_score"]))
+    if "harmless_refused" in res:
+        out["harmless_refusal"] = stats.refusal_rate_ci(res["harmless_refused"], n_boot=n_boot)
+        out["harmless_refusal_score"] = float(np.mean(res["harmless_refusal_score"]))
+    mean, low, high = judge.bootstrap_ci(res["kl"], n_boot=n_boot)
+    out["kl"] = {"mean": mean, "low": low, "high": high}
+    out["ce_loss"] = stats.ratio_ci(res["ce_nll"], res["ce_tokens"], n_boot=n_boot)
+    if direction is not None:
+        d = np.atleast_2d(np.asarray(direction, np.float64))
+        r = dim / np.linalg.norm(dim)
+        # |cos| of r with its projection onto the span of the rows (1 = the DIM direction lies in the span)
+        q, _ = np.linalg.qr(d.T)
+        out["cos_with_dim"] = float(np.linalg.norm(q.T @ r)) if len(d) > 1 else float(d[0] @ r / np.linalg.norm(d[0]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+
+
+def _ci(x: dict, key: str = "rate", fmt: str = "{:.2f}") -> str:
+    return f"{fmt.format(x[key])} [{fmt.format(x['low'])}, {fmt.format(x['high'])}]"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| method | harmful refusal rate | still refused (of baseline refusals) | harmless refusal rate "
+             "(actadd) | KL (harmless, last position) | CE loss (harmless baseline completions) | cos with DIM |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        still = r["still_refused"]
+        still_s = "—" if r["method"] == "baseline" or still["fraction"] is None else (
+            f"{still['fraction']:.2f} of {still['n_refused_at_baseline']}")
+        harmless = _ci(r["harmless_refusal"]) if "harmless_refusal" in r else "—"
+        if r["method"] == "baseline" and "harmless_refusal" in r:
+            harmless += " (no actadd)"
+        cos = f"{r['cos_with_dim']:.3f}" if "cos_with_dim" in r else "—"
+        lines.append(f"| {r['method']} | {_ci(r['harmful_refusal'])} | {still_s} | {harmless} | "
+                     f"{_ci(r['kl'], 'mean', '{:.3f}')} | {_ci(r['ce_loss'], 'mean', '{:.3f}')} | {cos} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("harmful refusal rate", lambda r: r.get("harmful_refusal"), "rate"),
+              ("harmless refusal rate (actadd)", lambda r: r.get("harmless_refusal"), "rate"),
+              ("KL on harmless prompts", lambda r: r.get("kl"), "mean"),
+              ("CE loss, harmless completions", lambda r: r.get("ce_loss"), "mean")]
+    names = [r["method"] for r in rows]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 0.45 * len(rows) + 1.5), sharey=True)
+    for ax, (title, get, key) in zip(axes, panels):
+        for i, r in enumerate(rows):
+            x = get(r)
+            if x is None:
+                continue
+            ax.errorbar(x[key], i, xerr=[[x[key] - x["low"]], [x["high"] - x[key]]], fmt="o", capsize=3)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()
+    fig.suptitle("refusal_jax.compare (95% bootstrap intervals)")
+    fig.tight_layout()
+    runs.save_figure(fig, path)
+    plt.close(fig)
+
+
+def _check_compare_config(root: Path, config: dict, overwrite: bool) -> None:
+    path = root / "compare_config.json"
+    if path.exists() and runs.read_json(path) != config:
+        if not overwrite:
+            raise RunError(f"{root} holds a comparison with other settings; use another --out, or --overwrite "
+                           f"(the old comparison is moved to {root.parent}/previous/)")
+        stash = root.parent / "previous" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+        stash.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(root), stash)
+    runs.write_json(path, config)
+
+
+@main_wrapper
+def main(argv=None):
+    from refusal_jax import pipeline
+
+    args = parser().parse_args(argv)
+    if args.k_max < 0 or args.n_boot < 1 or args.max_new_tokens < 1:
+        raise DataError("--k-max must be >= 0, --n-boot and --max-new-tokens >= 1")
+    run = pipeline.setup(args)  # the extraction's own config: compare shares (and resumes) an extract run
+    t0 = time.perf_counter()
+    pos, layer, dim = pipeline.run_extract(run)
+    sets = pipeline.stage_filter(run)
+    root = run.out / "compare"
+    optimized_hash = None
+    if args.optimized:
+        from refusal_jax.orthogonalize import load_direction
+
+        opt = Path(args.optimized).expanduser()
+        optimized_hash = runs.file_hash(opt / "direction.npy" if opt.is_dir() else opt)
+        load_direction(args.optimized, run.cfg.d_model)
+    _check_compare_config(root, {
+        "run_config_hash": runs.read_json(run.out / runs.RUN_CONFIG)["hash"], "optimized_sha256": optimized_hash,
+        "k_max": args.k_max, "edits": args.edits, "max_new_tokens": args.max_new_tokens,
+        "reference_judge": args.reference_judge, "n_boot": args.n_boot}, args.overwrite)
+    methods, facts = build_methods(run, args, sets, pos, layer, dim)
+
+    base_logits = _last_logits(run.params, run.cfg, run.batches([r["instruction"] for r in run.data["harmless_test"]]),
+                               None)
+    results, harmless_baseline = {}, None
+    for i, m in enumerate(methods):
+        print(f"[{i + 1}/{len(methods)}] {m.name}: {m.description}", flush=True)
+        results[m.name] = evaluate_method(run, args, m, base_logits, harmless_baseline)
+        if m.name == "baseline":
+            harmless_baseline = [r["response"] for r in runs.read_json(root / "completions" / "baseline_harmless.json")]
+    base = results["baseline"]
+    rows = [summarise(results[m.name], base, dim, m.direction, args.n_boot) for m in methods]
+    agreement = stats.judge_agreement(
+        base["harmful_refusal_score"] + base["harmless_refusal_score"],
+        [r["response"] for name in ("baseline_harmful", "baseline_harmless")
+         for r in runs.read_json(root / "completions" / f"{name}.json")], curly_apostrophes=not args.reference_judge)
+    table = markdown_table(rows)
+    header = (f"{run.args.model}: direction at pos {pos}, layer {layer}; {len(run.data['harmful_test'])} harmful / "
+              f"{len(run.data['harmless_test'])} harmless held-out prompts, {args.max_new_tokens} greedy tokens; "
+              "95% bootstrap intervals")
+    runs.write_json(root / "comparison.json", {"pos": pos, "layer": layer, "rows": rows, "judge_agreement": agreement,
+                                                **facts, "seconds": time.perf_counter() - t0})
+    runs.write_text(root / "comparison.md", header + "\n\n" + table + "\n")
+    plot(rows, root / "comparison.png")
+    print("\n" + header + "\n" + table)
+    stab = facts["dim_stability"]
+    print(f"DIM direction stability (bootstrap over train prompts): cos {stab['mean']:.3f} "
+          f"[{stab['low']:.3f}, {stab['high']:.3f}]")
+    print(f"logit refusal score > 0 vs substring judge (baseline, {agreement['n']} prompts): accuracy "
+          f"{agreement['accuracy']:.2f}, Cohen's kappa {agreement['kappa']:.2f}")
+    print(f"wrote {root}/comparison.json, comparison.md, comparison.png ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
