@@ -119,7 +119,7 @@ def evaluate_additions(params, cfg, batches: Sequence[Batch], vectors: np.ndarra
     for i, layer in enumerate(layers):
         by_layer.setdefault(int(layer), []).append(i)
     # one chunk size for every layer (one compile), no larger than the largest group (no wasted no-ops)
-    chunk = min(chunk, max((len(v) for v in by_layer.values()), default=1))
+    chunk = balanced_chunk(max((len(v) for v in by_layer.values()), default=1), chunk)
     for batch in batches:
         resid, base = _resid_and_logits(params, cfg, batch.tokens, batch.mask)
         for layer, members in sorted(by_layer.items()):
@@ -144,24 +144,37 @@ def _stack(ivs: Sequence[Intervention]) -> Intervention:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *ivs)
 
 
+def balanced_chunk(n: int, chunk: int) -> int:
+    """The group size for `n` items at most `chunk` at a time with the least padding: 9 items with chunk 8 run as
+    two groups of 5 (one no-op) instead of 8 + 1 padded to 8 (seven no-ops). One size for all groups = one
+    compile."""
+    if n <= 0:
+        return 1
+    groups = -(-n // max(chunk, 1))
+    return -(-n // groups)
+
+
 def evaluate_interventions(params, cfg, batches: Sequence[Batch], interventions: Sequence[Intervention],
                            refusal_ids, *, chunk: int = 8, progress=None) -> dict[str, np.ndarray]:
     """Mean refusal score and mean KL (vs no intervention) of each intervention over all prompts of `batches`.
 
-    The list is processed in chunks of `chunk` (the last one padded with no-op interventions), so the compiled
-    program depends on the batch shape and `chunk` only.
-    Returns {"refusal_score": [C], "kl": [C], "per_prompt_refusal": [C, n_prompts]} (float64).
+    The list is processed in groups of at most `chunk` of one size (`balanced_chunk`; the last group padded
+    with no-op interventions), so the compiled program depends on the batch shape and the group size only.
+    Returns {"refusal_score": [C], "kl": [C], "per_prompt_refusal": [C, n_prompts], "baseline_refusal":
+    [n_prompts]} (float64); the baseline (no intervention) comes from the forward pass the KL needs anyway.
     """
     refusal_ids = tuple(int(i) for i in refusal_ids)
     C = len(interventions)
-    chunk = min(chunk, C)  # never pad a small list up to a large chunk of no-ops
+    chunk = balanced_chunk(C, chunk)
     n_prompts = int(sum(b.weight.sum() for b in batches))
     per_prompt = np.zeros((C, n_prompts))
+    baseline = np.zeros(n_prompts)
     kl_sum = np.zeros(C)
-    noop = Intervention.none(cfg, rank=interventions[0].ablate_basis.shape[0])
+    noop = Intervention.none(cfg, rank=interventions[0].ablate_basis.shape[0]) if C else None
     for batch in batches:
         base = last_logits(params, cfg, batch.tokens, batch.mask)
         real = batch.index >= 0
+        baseline[batch.index[real]] = judge.refusal_score(np.asarray(base, np.float64), refusal_ids)[real]
         for start in range(0, C, chunk):
             group = list(interventions[start:start + chunk])
             n = len(group)
@@ -172,13 +185,13 @@ def evaluate_interventions(params, cfg, batches: Sequence[Batch], interventions:
             kl_sum[start:start + n] += (kl * batch.weight).sum(1)
             if progress:
                 progress(n)
-    return {"refusal_score": per_prompt.mean(1), "kl": kl_sum / n_prompts, "per_prompt_refusal": per_prompt}
+    return {"refusal_score": per_prompt.mean(1), "kl": kl_sum / n_prompts, "per_prompt_refusal": per_prompt,
+            "baseline_refusal": baseline}
 
 
 def baseline_refusal_scores(params, cfg, batches: Sequence[Batch], refusal_ids) -> np.ndarray:
     """Per-prompt refusal score without intervention, in input order (for filtering train/val sets)."""
-    return evaluate_interventions(params, cfg, batches, [Intervention.none(cfg)], refusal_ids,
-                                  chunk=1)["per_prompt_refusal"][0]
+    return evaluate_interventions(params, cfg, batches, [], refusal_ids)["baseline_refusal"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,25 +224,29 @@ def score_candidates(params, cfg, diffs: np.ndarray, harmful_val: Sequence[Batch
     # Zero candidates (layer 0 at true template positions: the embeddings of identical tokens) are exact no-ops
     # under both interventions, so they get the baseline scores without running the model.
     live = [i for i, (p, layer) in enumerate(grid) if np.any(diffs[p, layer])]
-    none = [Intervention.none(cfg)]
-    ablations = none + [Intervention.ablation(cfg, diffs[grid[i]]) for i in live]
+    ablations = [Intervention.ablation(cfg, diffs[grid[i]]) for i in live]
     harmful = evaluate_interventions(params, cfg, harmful_val, ablations, refusal_ids, chunk=chunk, progress=progress)
     harmless_abl = evaluate_interventions(params, cfg, harmless_val, ablations, refusal_ids, chunk=chunk,
                                           progress=progress)
-    added = evaluate_additions(params, cfg, harmless_val, np.asarray([diffs[grid[i]] for i in live]),
-                               [grid[i][1] for i in live], refusal_ids, chunk=chunk, progress=progress)
-    # index 0 of every list is the no-op (baseline); live candidate k is at index k + 1
-    steering = np.concatenate([harmless_abl["refusal_score"][:1], added])
+    added = np.zeros(0)
+    if live:
+        added = evaluate_additions(params, cfg, harmless_val, np.asarray([diffs[grid[i]] for i in live]),
+                                   [grid[i][1] for i in live], refusal_ids, chunk=chunk, progress=progress)
+    base_harmful = float(harmful["baseline_refusal"].mean())
+    base_harmless = float(harmless_abl["baseline_refusal"].mean())
+    # row 0 of every column is the baseline (what a zero candidate gets); live candidate k is at row k + 1
+    refusal = np.concatenate([[base_harmful], harmful["refusal_score"]])
+    steering = np.concatenate([[base_harmless], added])
+    kl = np.concatenate([[0.0], harmless_abl["kl"]])
     row = np.zeros(len(grid), int)
     row[live] = np.arange(1, len(live) + 1)
     evaluations = [
-        {"position": p, "layer": layer, "refusal_score": float(harmful["refusal_score"][row[i]]),
-         "steering_score": float(steering[row[i]]), "kl_div_score": float(harmless_abl["kl"][row[i]]),
+        {"position": p, "layer": layer, "refusal_score": float(refusal[row[i]]),
+         "steering_score": float(steering[row[i]]), "kl_div_score": float(kl[row[i]]),
          "direction_norm": float(np.linalg.norm(diffs[p, layer]))}
         for i, (p, layer) in enumerate(grid)
     ]
-    baselines = {"harmful_refusal_score": float(harmful["refusal_score"][0]),
-                 "harmless_refusal_score": float(harmless_abl["refusal_score"][0])}
+    baselines = {"harmful_refusal_score": base_harmful, "harmless_refusal_score": base_harmless}
     return evaluations, baselines
 
 
