@@ -25,6 +25,9 @@ def main():
     p.add_argument("--layers", default="4-11")
     p.add_argument("--chunk", type=int, default=8)
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="also time the sweep's three parts, count their FLOPs (XLA cost analysis) and measure this "
+                        "machine's fp32 matmul rate (JAX and torch), to see what bounds the sweep")
     args = p.parse_args()
 
     import refusal_jax
@@ -74,7 +77,90 @@ def main():
         best = lambda evs: min(evs, key=lambda e: e["refusal_score"])  # noqa: E731
         record["same_best_candidate"] = (best(ours)["position"], best(ours)["layer"]) == \
             (best(ref)["position"], best(ref)["layer"])
+    if args.profile:
+        record["profile"] = profile(m, diffs, val_h, val_b, ids, grid, args.chunk)
     emit(record)
+
+
+def _flops(jitted, *args, **kw) -> float:
+    cost = jitted.lower(*args, **kw).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def profile(m, diffs, val_h, val_b, ids, grid, chunk) -> dict:
+    """Wall time and XLA-counted FLOPs of each part of the sweep, against the machine's fp32 matmul rate."""
+    import jax.numpy as jnp
+
+    from refusal_jax import directions
+    from refusal_jax.model import Intervention, forward
+
+    ids = tuple(int(i) for i in ids)
+    ablations = [Intervention.ablation(m.cfg, diffs[g]) for g in grid]
+    vectors, layers = np.asarray([diffs[g] for g in grid]), [g[1] for g in grid]
+    parts = {
+        "ablation_harmful": lambda: directions.evaluate_interventions(m.params, m.cfg, val_h, ablations, ids,
+                                                                      chunk=chunk),
+        "ablation_harmless_kl": lambda: directions.evaluate_interventions(m.params, m.cfg, val_b, ablations, ids,
+                                                                          chunk=chunk),
+        "actadd_resumed": lambda: directions.evaluate_additions(m.params, m.cfg, val_b, vectors, layers, ids,
+                                                                chunk=chunk),
+    }
+    out = {}
+    for name, fn in parts.items():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        out[name] = {"s": time.perf_counter() - t0}
+    # FLOPs: one batch, one group of candidates, as XLA counts them (dots dominate)
+    g = directions.balanced_chunk(len(grid), chunk)
+    stacked = directions._stack(ablations[:g] + ablations[:1] * (g - len(ablations[:g])))
+    tok_h, mask_h = val_h[0].tokens, val_h[0].mask
+    base = directions.last_logits(m.params, m.cfg, tok_h, mask_h)
+    per_group = _flops(directions._scores, m.params, m.cfg, tok_h, mask_h, stacked, base, ids)
+    one_forward_last = _flops(forward, m.params, m.cfg, tok_h, mask_h, logits="last")
+    one_forward_all = _flops(forward, m.params, m.cfg, tok_h, mask_h, logits="all")
+    n_groups = -(-len(grid) // g)
+    abl_flops = (n_groups * per_group + one_forward_last) * len(val_h)
+    out["ablation_harmful"]["gflops"] = abl_flops / 1e9
+    out["ablation_harmful"]["gflop_per_s"] = abl_flops / 1e9 / out["ablation_harmful"]["s"]
+    out["forward_gflops_last_logits"] = one_forward_last / 1e9
+    out["forward_gflops_all_logits"] = one_forward_all / 1e9
+    # the reference's work per candidate: three full-logit passes over the val sets (plus one baseline pass)
+    n_b = sum(len(b) for b in (val_h, val_b))
+    out["reference_gflops_per_candidate"] = (one_forward_all * (len(val_h) + 2 * len(val_b))) / 1e9
+    out["ours_gflops_per_candidate_ablation_harmful"] = abl_flops / len(grid) / 1e9
+    out["n_val_batches"] = n_b
+    out["matmul_gflop_per_s"] = matmul_rates(m.cfg)
+    return out
+
+
+def matmul_rates(cfg) -> dict:
+    """fp32 [T, D] x [D, F] rate of JAX (XLA) and torch here, at the sweep's shapes (T = 32 prompts x 64 tokens)."""
+    import jax
+    import jax.numpy as jnp
+
+    T, D, F = 2048, cfg.d_model, cfg.d_ff
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(T, D)), jnp.float32)
+    b = jnp.asarray(np.random.default_rng(1).normal(size=(D, F)), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        f(a, b).block_until_ready()
+    rates = {"jax": 2 * T * D * F * 10 / (time.perf_counter() - t0) / 1e9}
+    try:
+        import torch
+
+        ta, tb = torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b))
+        ta @ tb
+        t0 = time.perf_counter()
+        for _ in range(10):
+            ta @ tb
+        rates["torch"] = 2 * T * D * F * 10 / (time.perf_counter() - t0) / 1e9
+    except ImportError:
+        pass
+    return rates
 
 
 if __name__ == "__main__":

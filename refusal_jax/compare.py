@@ -32,7 +32,8 @@ prompts and the agreement of the logit refusal score with the substring judge on
 
 The command first runs (or resumes) the extraction stages in --out with the same flags as
 `python -m refusal_jax.extract`, then writes OUT/compare/: per-method completions and results (resumable),
-comparison.json, comparison.md (the table) and comparison.png.
+comparison.json, comparison.md (the table) and comparison.png. Rows can be added later (--optimized, --k-max,
+--edits) without redoing the others; a different --n-eval / --max-new-tokens / judge is a new comparison.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--k-max", type=int, default=4, help="subspace ablation for k = 1..K principal directions (default 4; 0: none)")
     g.add_argument("--edits", default=",".join(EDIT_METHODS),
                    help=f"comma-separated weight edits to compare ({', '.join(EDIT_METHODS)}; '' for none)")
+    g.add_argument("--n-eval", type=int, default=None,
+                   help="evaluate on the first N harmful eval / harmless test prompts of the run (default: all "
+                        "--n-test)")
     g.add_argument("--max-new-tokens", type=int, default=64,
                    help="greedy tokens per completion (default 64; the reference uses 512, but refusals show in the first "
                         "tokens)")
@@ -184,45 +188,49 @@ def _completions(run, args, path: Path, params, records, intervention, desc: str
     return texts
 
 
-def evaluate_method(run, args, method: Method, base_harmless_logits: np.ndarray | None,
-                    harmless_baseline: list[str] | None) -> dict:
-    """Completions, judgements, per-prompt KL / refusal scores and per-completion NLL of one method (resumable:
-    completions and the result are files under OUT/compare/)."""
+def evaluate_method(run, args, method: Method, records: dict[str, list], base_logits: np.ndarray | None,
+                    harmless_baseline: list[str] | None, stem: str | None = None) -> dict:
+    """Completions, judgements, per-prompt KL and per-completion NLL of one method (resumable: completions and
+    the result are files under OUT/compare/, named by `stem`).
+
+    One forward pass over the harmless baseline completions gives both the CE loss and, at each prompt's last
+    token, the next-token logits the KL compares with the baseline's (`loss.completion_nll(prompt_logits=True)`).
+    For the baseline it also gives the logit refusal scores of the judge-agreement check.
+    """
     from refusal_jax import loss
 
+    stem = stem or method.name
     root = run.out / "compare"
-    result_path = root / "results" / f"{method.name}.json"
+    result_path = root / "results" / f"{stem}.json"
     if result_path.exists():
         return runs.read_json(result_path)
     params = method.edit() if method.edit is not None else run.params
-    harmful_recs, harmless_recs = run.data["harmful_test"], run.data["harmless_test"]
     curly = not args.reference_judge
     res: dict[str, Any] = {"method": method.name, "description": method.description}
     t0 = time.perf_counter()
-    harmful_texts = _completions(run, args, root / "completions" / f"{method.name}_harmful.json", params,
-                                 harmful_recs, method.bypass, f"{method.name}: harmful")
-    res["harmful_refused"] = [judge.is_refusal(t, curly) for t in harmful_texts]
-    harmful_batches = run.batches([r["instruction"] for r in harmful_recs])
-    harmless_batches = run.batches([r["instruction"] for r in harmless_recs])
-    res["harmful_refusal_score"] = judge.refusal_score(
-        _last_logits(params, run.cfg, harmful_batches, method.bypass), run.refusal_ids).tolist()
-    if method.name == "baseline" or method.induce is not None:
-        iv = None if method.name == "baseline" else method.induce
-        texts = _completions(run, args, root / "completions" / f"{method.name}_harmless.json", run.params,
-                             harmless_recs, iv, f"{method.name}: harmless")
-        res["harmless_refused"] = [judge.is_refusal(t, curly) for t in texts]
-        res["harmless_refusal_score"] = judge.refusal_score(
-            _last_logits(run.params, run.cfg, harmless_batches, iv), run.refusal_ids).tolist()
-    if method.name == "baseline":
-        harmless_baseline = texts
-        res["kl"] = [0.0] * len(harmless_recs)
-    else:
-        logits = _last_logits(params, run.cfg, harmless_batches, method.bypass)
-        res["kl"] = judge.kl_div(base_harmless_logits, logits).tolist()
-    nll, count = loss.completion_nll(params, run.cfg, run.tokenizer, run.fmt, run.eoi,
-                                     [r["instruction"] for r in harmless_recs], harmless_baseline, method.bypass,
-                                     batch_size=args.loss_batch_size)
+    harmful = _completions(run, args, root / "completions" / f"{stem}_harmful.json", params, records["harmful"],
+                           method.bypass, f"{method.name}: harmful")
+    res["harmful_refused"] = [judge.is_refusal(t, curly) for t in harmful]
+    is_base = method.name == "baseline"
+    if is_base or method.induce is not None:
+        harmless = _completions(run, args, root / "completions" / f"{stem}_harmless.json", run.params,
+                                records["harmless"], None if is_base else method.induce, f"{method.name}: harmless")
+        res["harmless_refused"] = [judge.is_refusal(t, curly) for t in harmless]
+        if is_base:
+            harmless_baseline = harmless
+    nll, count, logits = loss.completion_nll(params, run.cfg, run.tokenizer, run.fmt, run.eoi,
+                                             [r["instruction"] for r in records["harmless"]], harmless_baseline,
+                                             method.bypass, batch_size=args.loss_batch_size, prompt_logits=True)
     res["ce_nll"], res["ce_tokens"] = nll.tolist(), count.tolist()
+    if is_base:
+        _write_npz(root / "baseline_harmless_logits.npz", logits=logits)
+        res["kl"] = [0.0] * len(logits)
+        harmful_logits = _last_logits(params, run.cfg, run.batches([r["instruction"] for r in records["harmful"]]),
+                                      None)
+        res["harmful_refusal_score"] = judge.refusal_score(harmful_logits, run.refusal_ids).tolist()
+        res["harmless_refusal_score"] = judge.refusal_score(logits, run.refusal_ids).tolist()
+    else:
+        res["kl"] = judge.kl_div(base_logits, logits).tolist()
     res["seconds"] = time.perf_counter() - t0
     runs.write_json(result_path, res)
     return res
@@ -236,10 +244,8 @@ def summarise(res: dict, baseline: dict, dim: np.ndarray, direction, n_boot: int
     still = np.asarray(res["harmful_refused"], bool)[base_refused]
     out["still_refused"] = {"n_refused_at_baseline": int(base_refused.sum()),
                             "fraction": float(still.mean()) if still.size else None}
-    out["harmful_refusal_score"] = float(np.mean(res["harmful_refusal_score"]))
     if "harmless_refused" in res:
         out["harmless_refusal"] = stats.refusal_rate_ci(res["harmless_refused"], n_boot=n_boot)
-        out["harmless_refusal_score"] = float(np.mean(res["harmless_refusal_score"]))
     mean, low, high = judge.bootstrap_ci(res["kl"], n_boot=n_boot)
     out["kl"] = {"mean": mean, "low": low, "high": high}
     out["ce_loss"] = stats.ratio_ci(res["ce_nll"], res["ce_tokens"], n_boot=n_boot)
@@ -322,8 +328,8 @@ def main(argv=None):
     from refusal_jax import pipeline
 
     args = parser().parse_args(argv)
-    if args.k_max < 0 or args.n_boot < 1 or args.max_new_tokens < 1:
-        raise DataError("--k-max must be >= 0, --n-boot and --max-new-tokens >= 1")
+    if args.k_max < 0 or args.n_boot < 1 or args.max_new_tokens < 1 or (args.n_eval is not None and args.n_eval < 2):
+        raise DataError("--k-max must be >= 0, --n-boot and --max-new-tokens >= 1, --n-eval >= 2")
     run = pipeline.setup(args)  # the extraction's own config: compare shares (and resumes) an extract run
     t0 = time.perf_counter()
     pos, layer, dim = pipeline.run_extract(run)
@@ -336,20 +342,21 @@ def main(argv=None):
         opt = Path(args.optimized).expanduser()
         optimized_hash = runs.file_hash(opt / "direction.npy" if opt.is_dir() else opt)
         load_direction(args.optimized, run.cfg.d_model)
+    # --optimized, --k-max and --edits only add or remove rows; these settings change every row
     _check_compare_config(root, {
-        "run_config_hash": runs.read_json(run.out / runs.RUN_CONFIG)["hash"], "optimized_sha256": optimized_hash,
-        "k_max": args.k_max, "edits": args.edits, "max_new_tokens": args.max_new_tokens,
-        "reference_judge": args.reference_judge, "n_boot": args.n_boot}, args.overwrite)
+        "run_config_hash": runs.read_json(run.out / runs.RUN_CONFIG)["hash"], "n_eval": args.n_eval,
+        "max_new_tokens": args.max_new_tokens, "reference_judge": args.reference_judge}, args.overwrite)
     methods, facts = build_methods(run, args, sets, pos, layer, dim)
-
-    base_logits = _last_logits(run.params, run.cfg, run.batches([r["instruction"] for r in run.data["harmless_test"]]),
-                               None)
-    results, harmless_baseline = {}, None
+    n_eval = args.n_eval or len(run.data["harmful_test"])
+    records = {"harmful": run.data["harmful_test"][:n_eval], "harmless": run.data["harmless_test"][:n_eval]}
+    results, harmless_baseline, base_logits = {}, None, None
     for i, m in enumerate(methods):
         print(f"[{i + 1}/{len(methods)}] {m.name}: {m.description}", flush=True)
-        results[m.name] = evaluate_method(run, args, m, base_logits, harmless_baseline)
+        stem = f"rdo-{optimized_hash[:12]}" if m.name == "rdo" else None  # a new --optimized is a new row
+        results[m.name] = evaluate_method(run, args, m, records, base_logits, harmless_baseline, stem)
         if m.name == "baseline":
             harmless_baseline = [r["response"] for r in runs.read_json(root / "completions" / "baseline_harmless.json")]
+            base_logits = np.load(root / "baseline_harmless_logits.npz")["logits"]
     base = results["baseline"]
     rows = [summarise(results[m.name], base, dim, m.direction, args.n_boot) for m in methods]
     agreement = stats.judge_agreement(
@@ -357,8 +364,8 @@ def main(argv=None):
         [r["response"] for name in ("baseline_harmful", "baseline_harmless")
          for r in runs.read_json(root / "completions" / f"{name}.json")], curly_apostrophes=not args.reference_judge)
     table = markdown_table(rows)
-    header = (f"{run.args.model}: direction at pos {pos}, layer {layer}; {len(run.data['harmful_test'])} harmful / "
-              f"{len(run.data['harmless_test'])} harmless held-out prompts, {args.max_new_tokens} greedy tokens; "
+    header = (f"{run.args.model}: direction at pos {pos}, layer {layer}; {len(records['harmful'])} harmful / "
+              f"{len(records['harmless'])} harmless held-out prompts, {args.max_new_tokens} greedy tokens; "
               "95% bootstrap intervals")
     runs.write_json(root / "comparison.json", {"pos": pos, "layer": layer, "rows": rows, "judge_agreement": agreement,
                                                 **facts, "seconds": time.perf_counter() - t0})

@@ -102,13 +102,15 @@ def _resid_and_logits(params, cfg, tokens, mask):
 
 
 def evaluate_additions(params, cfg, batches: Sequence[Batch], vectors: np.ndarray, layers: Sequence[int],
-                       refusal_ids, *, coeff: float = 1.0, chunk: int = 8, progress=None) -> np.ndarray:
+                       refusal_ids, *, coeff: float = 1.0, chunk: int = 8, progress=None,
+                       base_logits_out: list | None = None) -> np.ndarray:
     """Mean refusal score of activation addition of `vectors[i]` at `layers[i]` (coefficient `coeff`).
 
     Equals `evaluate_interventions` over `Intervention.addition(...)`, but each batch's unmodified residual
     stream is computed once and every candidate starts at its own layer, so an addition at layer l costs
     (L - l) / L of a forward pass. Candidates are grouped by layer and run `chunk` at a time (one compile).
-    Returns [C] float64.
+    Returns [C] float64. `base_logits_out`, if given, receives each batch's last-position logits without
+    intervention (a by-product that `evaluate_interventions(base_logits=...)` can reuse).
     """
     refusal_ids = tuple(int(i) for i in refusal_ids)
     C = len(layers)
@@ -122,6 +124,8 @@ def evaluate_additions(params, cfg, batches: Sequence[Batch], vectors: np.ndarra
     chunk = balanced_chunk(max((len(v) for v in by_layer.values()), default=1), chunk)
     for batch in batches:
         resid, base = _resid_and_logits(params, cfg, batch.tokens, batch.mask)
+        if base_logits_out is not None:
+            base_logits_out.append(base)
         for layer, members in sorted(by_layer.items()):
             for start in range(0, len(members), chunk):
                 idx = members[start:start + chunk]
@@ -155,13 +159,15 @@ def balanced_chunk(n: int, chunk: int) -> int:
 
 
 def evaluate_interventions(params, cfg, batches: Sequence[Batch], interventions: Sequence[Intervention],
-                           refusal_ids, *, chunk: int = 8, progress=None) -> dict[str, np.ndarray]:
+                           refusal_ids, *, chunk: int = 8, progress=None,
+                           base_logits: Sequence[jax.Array] | None = None) -> dict[str, np.ndarray]:
     """Mean refusal score and mean KL (vs no intervention) of each intervention over all prompts of `batches`.
 
     The list is processed in groups of at most `chunk` of one size (`balanced_chunk`; the last group padded
     with no-op interventions), so the compiled program depends on the batch shape and the group size only.
     Returns {"refusal_score": [C], "kl": [C], "per_prompt_refusal": [C, n_prompts], "baseline_refusal":
-    [n_prompts]} (float64); the baseline (no intervention) comes from the forward pass the KL needs anyway.
+    [n_prompts]} (float64); the baseline (no intervention) comes from the forward pass the KL needs anyway,
+    or from `base_logits` (one [B, V] array per batch) when the caller already has it.
     """
     refusal_ids = tuple(int(i) for i in refusal_ids)
     C = len(interventions)
@@ -171,8 +177,8 @@ def evaluate_interventions(params, cfg, batches: Sequence[Batch], interventions:
     baseline = np.zeros(n_prompts)
     kl_sum = np.zeros(C)
     noop = Intervention.none(cfg, rank=interventions[0].ablate_basis.shape[0]) if C else None
-    for batch in batches:
-        base = last_logits(params, cfg, batch.tokens, batch.mask)
+    for i, batch in enumerate(batches):
+        base = last_logits(params, cfg, batch.tokens, batch.mask) if base_logits is None else base_logits[i]
         real = batch.index >= 0
         baseline[batch.index[real]] = judge.refusal_score(np.asarray(base, np.float64), refusal_ids)[real]
         for start in range(0, C, chunk):
@@ -226,12 +232,14 @@ def score_candidates(params, cfg, diffs: np.ndarray, harmful_val: Sequence[Batch
     live = [i for i, (p, layer) in enumerate(grid) if np.any(diffs[p, layer])]
     ablations = [Intervention.ablation(cfg, diffs[grid[i]]) for i in live]
     harmful = evaluate_interventions(params, cfg, harmful_val, ablations, refusal_ids, chunk=chunk, progress=progress)
-    harmless_abl = evaluate_interventions(params, cfg, harmless_val, ablations, refusal_ids, chunk=chunk,
-                                          progress=progress)
-    added = np.zeros(0)
-    if live:
+    added, harmless_base = np.zeros(0), None
+    if live:  # the additions' unmodified pass also gives the harmless baseline logits the KL needs
+        harmless_base = []
         added = evaluate_additions(params, cfg, harmless_val, np.asarray([diffs[grid[i]] for i in live]),
-                                   [grid[i][1] for i in live], refusal_ids, chunk=chunk, progress=progress)
+                                   [grid[i][1] for i in live], refusal_ids, chunk=chunk, progress=progress,
+                                   base_logits_out=harmless_base)
+    harmless_abl = evaluate_interventions(params, cfg, harmless_val, ablations, refusal_ids, chunk=chunk,
+                                          progress=progress, base_logits=harmless_base)
     base_harmful = float(harmful["baseline_refusal"].mean())
     base_harmless = float(harmless_abl["baseline_refusal"].mean())
     # row 0 of every column is the baseline (what a zero candidate gets); live candidate k is at row k + 1

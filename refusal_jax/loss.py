@@ -7,9 +7,11 @@ import math
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from refusal_jax import judge, templates
+from refusal_jax.errors import DataError
 from refusal_jax.batching import bucketed, encode, pad_id
 from refusal_jax.model import _forward
 
@@ -25,20 +27,47 @@ def _summarise(total: float, n: int) -> dict:
     return {"ce_loss": ce, "perplexity": math.exp(ce), "n_tokens": int(n)}
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _nll_and_prompt_logits(params, cfg, tokens, mask, loss_mask, intervention, prompt_end):
+    logits = _forward(params, cfg, tokens, mask, intervention, logits="all").logits
+    nll, n = judge.masked_ce_rows(logits, tokens, loss_mask)
+    return nll, n, logits[jnp.arange(tokens.shape[0]), prompt_end].astype(jnp.float32)
+
+
 def completion_nll(params, cfg, tokenizer, fmt: templates.ChatFormat, eoi: Sequence[int],
                    instructions: Sequence[str], completions: Sequence[str], intervention=None, *,
-                   batch_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+                   batch_size: int = 2, prompt_logits: bool = False):
     """Per completion, in input order: float64 [n] summed NLL of the completion tokens given the templated
-    instruction, and int [n] how many tokens were scored."""
+    instruction, and int [n] how many tokens were scored.
+
+    With `prompt_logits`, also float32 [n, V]: the logits at each prompt's last token (the end of the
+    post-instruction tokens), which are the prompt's own next-token logits - the same forward pass gives the
+    KL / refusal score of the prompt without a second pass.
+    """
     ids = encode(tokenizer, templates.format_instructions(fmt, list(instructions), list(completions)))
     nll, count = np.zeros(len(ids), np.float64), np.zeros(len(ids), np.int64)
+    last = None
     for batch in bucketed(ids, batch_size, pad_id(tokenizer)):
         loss_mask = judge.completion_loss_mask(batch.tokens, batch.mask, eoi) * batch.weight[:, None].astype(np.int32)
-        s, k = (np.asarray(x) for x in _nll(params, cfg, batch.tokens, batch.mask, loss_mask, intervention))
+        if prompt_logits:
+            # the first scored position predicts the first completion token: it is the prompt's last token
+            real = batch.weight > 0
+            if not loss_mask[real].any(axis=1).all():
+                raise DataError("a completion has no tokens to score (empty completion and no end-of-turn token)")
+            s, k, lg = _nll_and_prompt_logits(params, cfg, batch.tokens, batch.mask, loss_mask, intervention,
+                                               jnp.asarray(loss_mask.argmax(axis=1), jnp.int32))
+            lg = np.asarray(lg)
+            if last is None:
+                last = np.zeros((len(ids), lg.shape[-1]), np.float32)
+        else:
+            s, k = _nll(params, cfg, batch.tokens, batch.mask, loss_mask, intervention)
+        s, k = np.asarray(s), np.asarray(k)
         for row, idx in enumerate(batch.index):
             if idx >= 0:
                 nll[idx], count[idx] = float(s[row]), int(k[row])
-    return nll, count
+                if prompt_logits:
+                    last[idx] = lg[row]
+    return (nll, count, last) if prompt_logits else (nll, count)
 
 
 def completion_loss(params, cfg, tokenizer, fmt: templates.ChatFormat, eoi: Sequence[int],

@@ -53,8 +53,6 @@ def test_weight_orthogonalization_matches_ablation_in_the_comparison(compared):
     assert [c["response"] for c in comp["dim"]] == [c["response"] for c in comp["edit-plain"]]
     np.testing.assert_allclose(res["dim"]["kl"], res["edit-plain"]["kl"], atol=1e-4)
     np.testing.assert_allclose(res["dim"]["ce_nll"], res["edit-plain"]["ce_nll"], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(res["dim"]["harmful_refusal_score"], res["edit-plain"]["harmful_refusal_score"],
-                               atol=1e-3)
 
 
 def test_kl_and_refusal_of_a_method_match_an_independent_computation(compared):
