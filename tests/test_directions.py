@@ -38,6 +38,31 @@ def test_mean_activations_match_numpy_float64(model):
     assert got.dtype == np.float64 and got.shape == (3, cfg.n_layers, cfg.d_model)
 
 
+def test_bfloat16_weights_keep_float64_statistics(model):
+    """bf16 parameters and activations, float64 means: the statistic equals numpy's float64 mean of the bf16
+    model's own activations (no bf16 accumulation error) and stays within bf16 rounding of the fp32 model."""
+    from refusal_jax.params import cast
+
+    cfg, params = model
+    bf16 = cast(params, jax.numpy.bfloat16)
+    prompts = random_prompts(cfg.vocab_size, 13, seed=4)
+    batches = list(bucketed(prompts, batch_size=4, pad=0, bucket=8))
+    got = directions.mean_activations(bf16, cfg, batches, n_pos=3)
+    assert got.dtype == np.float64
+    acts = [np.asarray(forward(bf16, cfg, np.asarray([p], np.int32), capture=("resid_pre",)).resid_pre,
+                       np.float64)[:, 0, -3:] for p in prompts]
+    want = np.mean(np.stack(acts), axis=0).transpose(1, 0, 2)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)  # padding / batching changes nothing
+    fp32 = directions.mean_activations(params, cfg, batches, n_pos=3)
+    scale = np.abs(fp32).max()
+    assert np.abs(got - fp32).max() <= 0.05 * scale  # bf16 rounding of weights and activations only
+    assert np.abs(got - fp32).max() > 0  # it really ran in bf16
+
+
+def test_balanced_chunk_pads_least():
+    assert [directions.balanced_chunk(n, 8) for n in (0, 1, 8, 9, 13, 16, 17)] == [1, 1, 8, 5, 7, 8, 6]
+
+
 def test_sweep_scores_match_single_runs_and_compile_once(model, monkeypatch):
     cfg, params = model
     harmful = list(bucketed(random_prompts(cfg.vocab_size, 6, 1), 4, 0, bucket=16))
