@@ -90,8 +90,6 @@ def _flops(jitted, *args, **kw) -> float:
 
 def profile(m, diffs, val_h, val_b, ids, grid, chunk) -> dict:
     """Wall time and XLA-counted FLOPs of each part of the sweep, against the machine's fp32 matmul rate."""
-    import jax.numpy as jnp
-
     from refusal_jax import directions
     from refusal_jax.model import Intervention, forward
 
@@ -112,25 +110,20 @@ def profile(m, diffs, val_h, val_b, ids, grid, chunk) -> dict:
         t0 = time.perf_counter()
         fn()
         out[name] = {"s": time.perf_counter() - t0}
-    # FLOPs: one batch, one group of candidates, as XLA counts them (dots dominate)
+    # FLOPs as XLA counts them (dots dominate): one batch of harmful val, each group of candidates, plus the
+    # baseline pass; and one plain forward with last-position / all-position logits for the reference's count
     g = directions.balanced_chunk(len(grid), chunk)
-    stacked = directions._stack(ablations[:g] + ablations[:1] * (g - len(ablations[:g])))
-    tok_h, mask_h = val_h[0].tokens, val_h[0].mask
-    base = directions.last_logits(m.params, m.cfg, tok_h, mask_h)
-    per_group = _flops(directions._scores, m.params, m.cfg, tok_h, mask_h, stacked, base, ids)
-    one_forward_last = _flops(forward, m.params, m.cfg, tok_h, mask_h, logits="last")
-    one_forward_all = _flops(forward, m.params, m.cfg, tok_h, mask_h, logits="all")
-    n_groups = -(-len(grid) // g)
-    abl_flops = (n_groups * per_group + one_forward_last) * len(val_h)
-    out["ablation_harmful"]["gflops"] = abl_flops / 1e9
-    out["ablation_harmful"]["gflop_per_s"] = abl_flops / 1e9 / out["ablation_harmful"]["s"]
-    out["forward_gflops_last_logits"] = one_forward_last / 1e9
-    out["forward_gflops_all_logits"] = one_forward_all / 1e9
-    # the reference's work per candidate: three full-logit passes over the val sets (plus one baseline pass)
-    n_b = sum(len(b) for b in (val_h, val_b))
-    out["reference_gflops_per_candidate"] = (one_forward_all * (len(val_h) + 2 * len(val_b))) / 1e9
-    out["ours_gflops_per_candidate_ablation_harmful"] = abl_flops / len(grid) / 1e9
-    out["n_val_batches"] = n_b
+    group = ablations[:g] + ablations[:1] * (g - min(g, len(ablations)))
+    tok, mask = val_h[0].tokens, val_h[0].mask
+    base = directions.last_logits(m.params, m.cfg, tok, mask)
+    per_group = _flops(directions._scores, m.params, m.cfg, tok, mask, directions._stack(group), base, ids)
+    fwd_last = _flops(forward, m.params, m.cfg, tok, mask, logits="last")
+    fwd_all = _flops(forward, m.params, m.cfg, tok, mask, logits="all")
+    abl = (-(-len(grid) // g) * per_group + fwd_last) * len(val_h)
+    out["ablation_harmful"].update(gflop=abl / 1e9, gflop_per_s=abl / 1e9 / out["ablation_harmful"]["s"])
+    out["gflop_per_batch_forward"] = {"last_position_logits": fwd_last / 1e9, "all_logits": fwd_all / 1e9}
+    # the reference runs three all-logit passes per candidate (harmful ablation, harmless ablation, actadd)
+    out["reference_gflop_per_candidate"] = fwd_all * (len(val_h) + 2 * len(val_b)) / 1e9
     out["matmul_gflop_per_s"] = matmul_rates(m.cfg)
     return out
 
