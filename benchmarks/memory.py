@@ -1,6 +1,6 @@
 """Peak host memory of conversion and of the orthogonalized export, each in a fresh process.
 
-Steps, each run as its own subprocess whose peak resident set size (ru_maxrss) is reported, next to the RSS the
+Steps, each run as its own subprocess whose peak resident set size (VmHWM) is reported, next to the RSS the
 process had after its imports (Python + JAX + the libraries, before any model byte was read):
 
   convert-gguf    python -m refusal_jax.convert MODEL.gguf --out CKPT        (dequantize, orbax save)
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,11 +29,17 @@ from pathlib import Path
 from common import REPO, emit, machine
 
 
-def _rss_now() -> int:
+def _status(field: str) -> int:
+    """A /proc/self/status memory field in bytes. VmHWM is this process image's own peak RSS: unlike
+    getrusage's ru_maxrss, it does not inherit the parent's peak through fork + exec."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    return 0
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
+def _rss_now() -> int:
+    return _status("VmRSS")
 
 
 def child(kind: str, argv: list[str]) -> None:
@@ -78,7 +83,7 @@ def child(kind: str, argv: list[str]) -> None:
         except SystemExit as e:
             if e.code:
                 raise
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status("VmHWM")
     print("MEMORY " + json.dumps({"after_imports": base, "peak": peak}))
 
 
