@@ -26,8 +26,8 @@ def main():
     p.add_argument("--chunk", type=int, default=8)
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--profile", action="store_true",
-                   help="also time the sweep's three parts, count their FLOPs (XLA cost analysis) and measure this "
-                        "machine's fp32 matmul rate (JAX and torch), to see what bounds the sweep")
+                   help="also time the sweep's three parts and measure this machine's fp32 matmul rate (JAX and "
+                        "torch), to see what bounds the sweep")
     args = p.parse_args()
 
     import refusal_jax
@@ -82,16 +82,11 @@ def main():
     emit(record)
 
 
-def _flops(jitted, *args, **kw) -> float:
-    cost = jitted.lower(*args, **kw).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", float("nan")))
-
-
 def profile(m, diffs, val_h, val_b, ids, grid, chunk) -> dict:
-    """Wall time and XLA-counted FLOPs of each part of the sweep, against the machine's fp32 matmul rate."""
+    """Wall time of each part of the sweep, and the machine's fp32 matmul rate on both sides. (XLA's
+    cost_analysis counts a lax.scan body once, not once per layer, so it is no use for FLOP counts here.)"""
     from refusal_jax import directions
-    from refusal_jax.model import Intervention, forward
+    from refusal_jax.model import Intervention
 
     ids = tuple(int(i) for i in ids)
     ablations = [Intervention.ablation(m.cfg, diffs[g]) for g in grid]
@@ -110,20 +105,6 @@ def profile(m, diffs, val_h, val_b, ids, grid, chunk) -> dict:
         t0 = time.perf_counter()
         fn()
         out[name] = {"s": time.perf_counter() - t0}
-    # FLOPs as XLA counts them (dots dominate): one batch of harmful val, each group of candidates, plus the
-    # baseline pass; and one plain forward with last-position / all-position logits for the reference's count
-    g = directions.balanced_chunk(len(grid), chunk)
-    group = ablations[:g] + ablations[:1] * (g - min(g, len(ablations)))
-    tok, mask = val_h[0].tokens, val_h[0].mask
-    base = directions.last_logits(m.params, m.cfg, tok, mask)
-    per_group = _flops(directions._scores, m.params, m.cfg, tok, mask, directions._stack(group), base, ids)
-    fwd_last = _flops(forward, m.params, m.cfg, tok, mask, logits="last")
-    fwd_all = _flops(forward, m.params, m.cfg, tok, mask, logits="all")
-    abl = (-(-len(grid) // g) * per_group + fwd_last) * len(val_h)
-    out["ablation_harmful"].update(gflop=abl / 1e9, gflop_per_s=abl / 1e9 / out["ablation_harmful"]["s"])
-    out["gflop_per_batch_forward"] = {"last_position_logits": fwd_last / 1e9, "all_logits": fwd_all / 1e9}
-    # the reference runs three all-logit passes per candidate (harmful ablation, harmless ablation, actadd)
-    out["reference_gflop_per_candidate"] = fwd_all * (len(val_h) + 2 * len(val_b)) / 1e9
     out["matmul_gflop_per_s"] = matmul_rates(m.cfg)
     return out
 
