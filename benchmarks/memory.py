@@ -50,9 +50,8 @@ def child(kind: str, argv: list[str]) -> None:
         from transformers import AutoModelForCausalLM
 
         base = _rss_now()
-        src, direction, out = argv
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32 if "--f32" in os.environ.get(
-            "MEM_DTYPE", "--f32") else torch.bfloat16)
+        src, direction, out, dtype = argv
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype))
         r = torch.tensor(np.load(direction), dtype=torch.float32)
         r = r / r.norm()
         with torch.no_grad():
@@ -87,9 +86,9 @@ def child(kind: str, argv: list[str]) -> None:
     print("MEMORY " + json.dumps({"after_imports": base, "peak": peak}))
 
 
-def measure(kind: str, argv: list[str], env=None) -> dict:
+def measure(kind: str, argv: list[str]) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--", *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})})
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{proc.stderr[-3000:]}")
     line = next(x for x in proc.stdout.splitlines() if x.startswith("MEMORY "))
@@ -122,7 +121,7 @@ def main():
     itemsize = np.dtype(np.float32 if args.dtype == "float32" else np.float16).itemsize
     sizes = {k: int(np.prod(s)) * itemsize for k, s in param_shapes(cfg).items()}
     model_bytes, biggest = sum(sizes.values()), max(sizes.values())
-    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         hf_dir = export_hf.save_hf(tmp / "hf", cfg, model.params, model.tokenizer, dtype=args.dtype)
         del model
@@ -136,8 +135,8 @@ def main():
                                                        "--out", str(tmp / "ortho"), *common]),
         }
         if not args.skip_torch:
-            steps["torch-load-save"] = measure("torch", [str(hf_dir), str(direction), str(tmp / "torch-out")],
-                                               env={"MEM_DTYPE": "--f32" if args.dtype == "float32" else "--bf16"})
+            steps["torch-load-save"] = measure("torch", [str(hf_dir), str(direction), str(tmp / "torch-out"),
+                                                         args.dtype])
     bound = max(model_bytes, biggest)
     for rec in steps.values():
         rec["work_over_model"] = round(rec["work"] / bound, 3)

@@ -24,6 +24,19 @@ class Batch:
     weight: np.ndarray  # [B] float32: 1 for real rows, 0 for filler rows
 
 
+def in_input_order(batches: Sequence[Batch], per_batch) -> np.ndarray:
+    """Stack `per_batch(batch)` ([B, ...] per batch) row by row back into input order, dropping filler rows."""
+    rows: dict[int, np.ndarray] = {}
+    for batch in batches:
+        out = np.asarray(per_batch(batch))
+        for r, idx in enumerate(batch.index):
+            if idx >= 0:
+                rows[int(idx)] = out[r]
+    if not rows:
+        raise DataError("no prompts")
+    return np.stack([rows[i] for i in sorted(rows)])
+
+
 def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text; the tokenizer adds BOS where its model expects one (as the reference does)."""
     if len(texts) == 0:

@@ -116,14 +116,14 @@ def build_methods(run, args, sets, pos: int, layer: int, dim: np.ndarray) -> tup
                               Intervention.ablation(cfg, rdo), Intervention.addition(cfg, rdo, layer, 1.0),
                               direction=rdo))
     facts: dict[str, Any] = {}
-    acts_path = run.out / "compare" / "per_prompt_activations.npz"
-    if acts_path.exists():
-        acts = np.load(acts_path)
-        harmful, harmless = acts["harmful"], acts["harmless"]
-    else:
-        harmful = subspace.per_prompt_activations(run.params, cfg, run.batches(sets["harmful_train"]), pos, layer)
-        harmless = subspace.per_prompt_activations(run.params, cfg, run.batches(sets["harmless_train"]), pos, layer)
-        _write_npz(acts_path, harmful=harmful, harmless=harmless)
+    acts = {}
+    for kind in ("harmful", "harmless"):
+        path = run.out / "compare" / f"{kind}_train_activations.npy"  # [n, D] at the selected (pos, layer)
+        if not path.exists():
+            runs.write_npy(path, subspace.per_prompt_activations(run.params, cfg, run.batches(sets[f"{kind}_train"]),
+                                                                 pos, layer))
+        acts[kind] = np.load(path)
+    harmful, harmless = acts["harmful"], acts["harmless"]
     stab = stats.direction_stability(harmful, harmless, n_boot=args.n_boot)
     facts["dim_stability"] = {k: stab[k] for k in ("mean", "low", "high", "n_harmful", "n_harmless")}
     if args.k_max > 0:
@@ -151,28 +151,17 @@ def build_methods(run, args, sets, pos: int, layer: int, dim: np.ndarray) -> tup
     return methods, facts
 
 
-def _write_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
-
-
 # --------------------------------------------------------------------------------------------------
 # evaluation
 
 
 def _last_logits(params, cfg, batches, intervention) -> np.ndarray:
     """float32 [n, V] last-position logits of every real prompt, in input order."""
+    from refusal_jax.batching import in_input_order
     from refusal_jax.directions import last_logits
 
-    rows = {}
-    for b in batches:
-        out = np.asarray(last_logits(params, cfg, b.tokens, b.mask, intervention), np.float32)
-        for r, idx in enumerate(b.index):
-            if idx >= 0:
-                rows[int(idx)] = out[r]
-    return np.stack([rows[i] for i in sorted(rows)])
+    return in_input_order(batches, lambda b: np.asarray(last_logits(params, cfg, b.tokens, b.mask, intervention),
+                                                        np.float32))
 
 
 def _completions(run, args, path: Path, params, records, intervention, desc: str) -> list[str]:
@@ -223,7 +212,7 @@ def evaluate_method(run, args, method: Method, records: dict[str, list], base_lo
                                              method.bypass, batch_size=args.loss_batch_size, prompt_logits=True)
     res["ce_nll"], res["ce_tokens"] = nll.tolist(), count.tolist()
     if is_base:
-        _write_npz(root / "baseline_harmless_logits.npz", logits=logits)
+        runs.write_npy(root / "baseline_harmless_logits.npy", logits)
         res["kl"] = [0.0] * len(logits)
         harmful_logits = _last_logits(params, run.cfg, run.batches([r["instruction"] for r in records["harmful"]]),
                                       None)
@@ -337,11 +326,8 @@ def main(argv=None):
     root = run.out / "compare"
     optimized_hash = None
     if args.optimized:
-        from refusal_jax.orthogonalize import load_direction
-
         opt = Path(args.optimized).expanduser()
         optimized_hash = runs.file_hash(opt / "direction.npy" if opt.is_dir() else opt)
-        load_direction(args.optimized, run.cfg.d_model)
     # --optimized, --k-max and --edits only add or remove rows; these settings change every row
     _check_compare_config(root, {
         "run_config_hash": runs.read_json(run.out / runs.RUN_CONFIG)["hash"], "n_eval": args.n_eval,
@@ -356,7 +342,7 @@ def main(argv=None):
         results[m.name] = evaluate_method(run, args, m, records, base_logits, harmless_baseline, stem)
         if m.name == "baseline":
             harmless_baseline = [r["response"] for r in runs.read_json(root / "completions" / "baseline_harmless.json")]
-            base_logits = np.load(root / "baseline_harmless_logits.npz")["logits"]
+            base_logits = np.load(root / "baseline_harmless_logits.npy")
     base = results["baseline"]
     rows = [summarise(results[m.name], base, dim, m.direction, args.n_boot) for m in methods]
     agreement = stats.judge_agreement(

@@ -17,21 +17,16 @@ from refusal_jax.model import _forward
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _nll(params, cfg, tokens, mask, loss_mask, intervention):
+def _nll(params, cfg, tokens, mask, loss_mask, intervention, prompt_end):
+    """Per row: summed NLL over `loss_mask`, scored-token count, and the float32 logits at `prompt_end`."""
     logits = _forward(params, cfg, tokens, mask, intervention, logits="all").logits
-    return judge.masked_ce_rows(logits, tokens, loss_mask)
+    nll, n = judge.masked_ce_rows(logits, tokens, loss_mask)
+    return nll, n, logits[jnp.arange(tokens.shape[0]), prompt_end].astype(jnp.float32)
 
 
 def _summarise(total: float, n: int) -> dict:
     ce = total / max(n, 1)
     return {"ce_loss": ce, "perplexity": math.exp(ce), "n_tokens": int(n)}
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _nll_and_prompt_logits(params, cfg, tokens, mask, loss_mask, intervention, prompt_end):
-    logits = _forward(params, cfg, tokens, mask, intervention, logits="all").logits
-    nll, n = judge.masked_ce_rows(logits, tokens, loss_mask)
-    return nll, n, logits[jnp.arange(tokens.shape[0]), prompt_end].astype(jnp.float32)
 
 
 def completion_nll(params, cfg, tokenizer, fmt: templates.ChatFormat, eoi: Sequence[int],
@@ -49,19 +44,16 @@ def completion_nll(params, cfg, tokenizer, fmt: templates.ChatFormat, eoi: Seque
     last = None
     for batch in bucketed(ids, batch_size, pad_id(tokenizer)):
         loss_mask = judge.completion_loss_mask(batch.tokens, batch.mask, eoi) * batch.weight[:, None].astype(np.int32)
+        # the first scored position predicts the first completion token: it is the prompt's last token
+        if prompt_logits and not loss_mask[batch.weight > 0].any(axis=1).all():
+            raise DataError("a completion has no tokens to score (empty completion and no end-of-turn token)")
+        s, k, lg = _nll(params, cfg, batch.tokens, batch.mask, loss_mask, intervention,
+                        jnp.asarray(loss_mask.argmax(axis=1), jnp.int32))
+        s, k = np.asarray(s), np.asarray(k)
         if prompt_logits:
-            # the first scored position predicts the first completion token: it is the prompt's last token
-            real = batch.weight > 0
-            if not loss_mask[real].any(axis=1).all():
-                raise DataError("a completion has no tokens to score (empty completion and no end-of-turn token)")
-            s, k, lg = _nll_and_prompt_logits(params, cfg, batch.tokens, batch.mask, loss_mask, intervention,
-                                               jnp.asarray(loss_mask.argmax(axis=1), jnp.int32))
             lg = np.asarray(lg)
             if last is None:
                 last = np.zeros((len(ids), lg.shape[-1]), np.float32)
-        else:
-            s, k = _nll(params, cfg, batch.tokens, batch.mask, loss_mask, intervention)
-        s, k = np.asarray(s), np.asarray(k)
         for row, idx in enumerate(batch.index):
             if idx >= 0:
                 nll[idx], count[idx] = float(s[row]), int(k[row])
@@ -87,6 +79,7 @@ def text_loss(params, cfg, tokenizer, texts: Sequence[str], intervention=None, *
     for batch in bucketed(ids, batch_size, pad_id(tokenizer)):
         loss_mask = batch.mask * batch.weight[:, None].astype(np.int32)
         loss_mask[:, -1] = 0
-        s, k = _nll(params, cfg, batch.tokens, batch.mask, loss_mask, intervention)
+        s, k, _ = _nll(params, cfg, batch.tokens, batch.mask, loss_mask, intervention,
+                       jnp.zeros(len(batch.tokens), jnp.int32))
         total, n = total + float(np.sum(s, dtype=np.float64)), n + int(np.sum(k))
     return _summarise(total, n)

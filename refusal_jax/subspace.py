@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from refusal_jax.batching import in_input_order
 from refusal_jax.errors import DataError
 from refusal_jax.model import Intervention, _forward
 
@@ -63,15 +64,8 @@ def per_prompt_activations(params, cfg, batches, pos: int, layer: int) -> np.nda
         raise DataError(f"pos must be a negative post-instruction position, got {pos}")
     if not 0 <= layer < cfg.n_layers:
         raise DataError(f"layer {layer} out of range 0..{cfg.n_layers - 1}")
-    rows: dict[int, np.ndarray] = {}
-    for batch in batches:
-        acts = np.asarray(_resid_at(params, cfg, batch.tokens, batch.mask, n_pos=-pos))[layer, :, 0]
-        for b, idx in enumerate(batch.index):
-            if idx >= 0:
-                rows[int(idx)] = acts[b]
-    if not rows:
-        raise DataError("no prompts")
-    return np.stack([rows[i] for i in sorted(rows)])
+    return in_input_order(
+        batches, lambda b: _resid_at(params, cfg, b.tokens, b.mask, n_pos=-pos)[layer, :, 0])  # one layer to host
 
 
 # --------------------------------------------------------------------------------------------------

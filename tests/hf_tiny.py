@@ -79,3 +79,14 @@ def hf_forward(model, tokens, mask):
         out = model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
                     position_ids=torch.tensor(positions, dtype=torch.long), output_hidden_states=True)
     return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
+
+
+def save_and_convert(family: str, path):
+    """A tiny random HF model of `family`, saved as safetensors in `path` and converted by refusal_jax:
+    (family, hf_model, cfg, params)."""
+    from refusal_jax.convert.hf import load_hf
+
+    model = make_hf_model(family)
+    model.save_pretrained(path, safe_serialization=True)
+    cfg, params, _ = load_hf(str(path), with_tokenizer=False)
+    return family, model, cfg, params

@@ -13,9 +13,8 @@ torch = pytest.importorskip("torch")
 
 from refusal_jax import Intervention, KVCache, forward  # noqa: E402
 from refusal_jax.config import RopeConfig, from_hf_config  # noqa: E402
-from refusal_jax.convert.hf import load_hf  # noqa: E402
 from refusal_jax.model import rms_norm  # noqa: E402
-from tests.hf_tiny import MORE_FAMILIES, hf_forward, left_padded_batch, make_hf_model  # noqa: E402
+from tests.hf_tiny import MORE_FAMILIES, hf_forward, left_padded_batch, save_and_convert  # noqa: E402
 
 TOL = 1e-4  # max abs difference, float32 both sides
 LENGTHS = (13, 6, 16)  # every prompt longer than the 4-5 token windows; the short one has 10 pads on the left
@@ -26,11 +25,7 @@ SITES = ("resid_pre", "attn_out", "mlp_out", "resid_final")
 
 @pytest.fixture(scope="module", params=sorted(MORE_FAMILIES))
 def converted(request, tmp_path_factory):
-    model = make_hf_model(request.param)
-    path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path, safe_serialization=True)
-    cfg, params, _ = load_hf(str(path), with_tokenizer=False)
-    return request.param, model, cfg, params
+    return save_and_convert(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def _max_err(a, b, real):
@@ -84,11 +79,7 @@ def test_logits_and_hidden_states_match(converted):
 
 @pytest.fixture(scope="module")
 def gemma2(tmp_path_factory):
-    model = make_hf_model("gemma2")
-    path = tmp_path_factory.mktemp("gemma2_sites")
-    model.save_pretrained(path, safe_serialization=True)
-    cfg, params, _ = load_hf(str(path), with_tokenizer=False)
-    return model, cfg, params
+    return save_and_convert("gemma2", tmp_path_factory.mktemp("gemma2_sites"))[1:]
 
 
 def test_gemma2_sites_are_what_the_residual_receives(gemma2):

@@ -6,19 +6,14 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from refusal_jax import forward  # noqa: E402
-from refusal_jax.convert.hf import load_hf  # noqa: E402
-from tests.hf_tiny import FAMILIES, hf_forward, left_padded_batch, make_hf_model  # noqa: E402
+from tests.hf_tiny import FAMILIES, hf_forward, left_padded_batch, save_and_convert  # noqa: E402
 
 TOL = 1e-4  # max abs difference, float32 both sides
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def converted(request, tmp_path_factory):
-    model = make_hf_model(request.param)
-    path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path, safe_serialization=True)
-    cfg, params, _ = load_hf(str(path), with_tokenizer=False)
-    return request.param, model, cfg, params
+    return save_and_convert(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def test_logits_and_hidden_states_match(converted):
