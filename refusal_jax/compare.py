@@ -77,18 +77,20 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--optimized", default=None, metavar="PATH",
                    help="direction.npy (or its directory) written by python -m refusal_jax.optimize; without it "
                         "the table has no rdo row")
-    g.add_argument("--k-max", type=int, default=4, help="subspace ablation for k = 1..K principal directions (default 4; 0: none)")
+    g.add_argument("--k-max", type=int, default=4,
+                   help="subspace ablation for k = 1..K principal directions (default 4; 0: none)")
     g.add_argument("--edits", default=",".join(EDIT_METHODS),
                    help=f"comma-separated weight edits to compare ({', '.join(EDIT_METHODS)}; '' for none)")
     g.add_argument("--n-eval", type=int, default=None,
                    help="evaluate on the first N harmful eval / harmless test prompts of the run (default: all "
                         "--n-test)")
     g.add_argument("--max-new-tokens", type=int, default=64,
-                   help="greedy tokens per completion (default 64; the reference uses 512, but refusals show in the first "
-                        "tokens)")
+                   help="greedy tokens per completion (default 64; the reference uses 512, but refusals show in "
+                        "the first tokens)")
     g.add_argument("--gen-batch-size", type=int, default=32, help="prompts per generation batch (default 32)")
     g.add_argument("--loss-batch-size", type=int, default=8, help="sequences per CE-loss batch (default 8)")
-    g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the confidence intervals (default 1000)")
+    g.add_argument("--n-boot", type=int, default=1000,
+                   help="bootstrap resamples for the confidence intervals (default 1000)")
     g.add_argument("--reference-judge", action="store_true",
                    help="substring judge exactly as the reference (ASCII apostrophes only)")
     return p
@@ -145,9 +147,9 @@ def build_methods(run, args, sets, pos: int, layer: int, dim: np.ndarray) -> tup
         mean = edits.resolve_harmless_mean(
             runs.read_npy(run.out / edits.HARMLESS_MEAN_FILE, "harmless mean"), cfg, pos)
         for m in chosen:
-            methods.append(Method(f"edit-{m}", f"weight edit: {m}", edit=(
-                lambda m=m: edits.edit(run.params, cfg, dim, m, mean if m != "plain" else None)),
-                direction=dim if m == "plain" else None))  # the others remove per-layer variants of r
+            methods.append(Method(f"edit-{m}", f"weight edit: {m}",
+                                  edit=lambda m=m: edits.edit(run.params, cfg, dim, m, mean),
+                                  direction=dim if m == "plain" else None))  # the others remove variants of r
     return methods, facts
 
 
