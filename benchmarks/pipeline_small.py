@@ -51,30 +51,37 @@ def main():
     grid = [(-1, layer) for layer in layers]
     ids = fmt.refusal_token_ids
 
-    t0 = time.perf_counter()
+    ours, t0 = {}, time.perf_counter()
     diffs = directions.mean_diffs(m.params, m.cfg, tr_h, tr_b, n_pos)
+    ours["stage1_directions_s"] = time.perf_counter() - t0
     evals, _ = directions.score_candidates(m.params, m.cfg, diffs, va_h, va_b, ids, grid)
     best = min(evals, key=lambda e: e["refusal_score"])
     r = diffs[best["position"], best["layer"]]
+    ours["stage2_selection_s"] = time.perf_counter() - t0 - sum(ours.values())
     for iv in (None, Intervention.ablation(m.cfg, r)):
         for b in gen:
             np.asarray(greedy_generate(m.params, m.cfg, b.tokens, b.mask, iv, max_new_tokens=args.max_new_tokens,
                                        stop_ids=stops, pad=pad))
-    ours_s = time.perf_counter() - t0
+    ours["stage3_completions_s"] = time.perf_counter() - t0 - sum(ours.values())
+    ours_s = sum(ours.values())
 
     hf = hf_reference_model(bundled.model_path(args.model))
-    t0 = time.perf_counter()
+    ref, t0 = {}, time.perf_counter()
     ref_diffs = reference_torch.mean_diffs(hf, tr_h, tr_b, n_pos)
+    ref["stage1_directions_s"] = time.perf_counter() - t0
     ref_evals = reference_torch.score_candidates(hf, ref_diffs, va_h, va_b, ids, grid)
     ref_best = min(ref_evals, key=lambda e: e["refusal_score"])
     rr = ref_diffs[ref_best["position"], ref_best["layer"]]
+    ref["stage2_selection_s"] = time.perf_counter() - t0 - sum(ref.values())
     reference_torch.generate(hf, gen, args.max_new_tokens, pad, stops)
     reference_torch.generate(hf, gen, args.max_new_tokens, pad, stops, rr)
-    ref_s = time.perf_counter() - t0
+    ref["stage3_completions_s"] = time.perf_counter() - t0 - sum(ref.values())
+    ref_s = sum(ref.values())
     emit({"benchmark": "pipeline_small", "machine": machine(), "model": args.model, "dtype": "float32",
           "n_train": n, "n_val": v, "n_candidates": len(grid), "n_gen": args.n_gen,
           "max_new_tokens": args.max_new_tokens, "jax_total_s_including_compile": ours_s, "torch_reference_s": ref_s,
-          "speedup": ref_s / ours_s, "same_selected_layer": best["layer"] == ref_best["layer"],
+          "speedup": ref_s / ours_s, "jax_stages_s": ours, "torch_stages_s": ref,
+          "stage_speedups": {k: ref[k] / ours[k] for k in ours}, "same_selected_layer": best["layer"] == ref_best["layer"],
           "mean_diffs_max_abs_diff": float(np.abs(diffs - ref_diffs).max())})
 
 

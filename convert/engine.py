@@ -79,6 +79,14 @@ def _is_norm(field: str) -> bool:
     return field.endswith("norm")
 
 
+def _all_finite(a: np.ndarray, chunk: int = 1 << 22) -> bool:
+    """np.isfinite(a).all() with a bounded temporary (row blocks of about `chunk` elements)."""
+    if a.ndim == 0 or a.size <= chunk:
+        return bool(np.isfinite(a).all())
+    step = max(1, chunk // (a.size // a.shape[0]))
+    return all(np.isfinite(a[i:i + step]).all() for i in range(0, a.shape[0], step))
+
+
 def fill_params(
     cfg: ModelConfig,
     tensors: Iterable[tuple[str, np.ndarray]],
@@ -134,16 +142,13 @@ def fill_params(
             raise CheckpointError(f"{source}: tensor {name} has shape {tuple(array.shape)}, expected {hf_shape} "
                                   f"for this config ({cfg.architecture}, d_model={cfg.d_model}, heads={cfg.n_heads}/"
                                   f"{cfg.n_kv_heads}, head_dim={cfg.head_dim}, d_ff={cfg.d_ff}, vocab={cfg.vocab_size})")
-        value = np.asarray(array, dtype=np.float32)
-        if not np.isfinite(value).all():
+        value = np.asarray(array, dtype=np.float32)  # no copy for a float32 (memory-mapped) source
+        if not _all_finite(value):
             raise CheckpointError(f"{source}: tensor {name} contains NaN or infinite values")
         if fold and _is_norm(field):
             value = value + np.float32(1.0)
-        value = transform(value).astype(dtype)
-        if layer is None:
-            target[...] = value
-        else:
-            target[layer] = value
+        # Cast on assignment: no intermediate copy of the tensor in the target dtype (peak memory).
+        (target if layer is None else target[layer])[...] = transform(value)
         if progress:
             progress(name)
 
@@ -221,6 +226,7 @@ def to_hf_tensors(
     *,
     dtype=None,
     norm_offset_folded: bool = False,
+    edit: Callable[[str, int | None, np.ndarray], np.ndarray] | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (hf_name, numpy array in HF/torch layout), tensor by tensor: the exact inverse of `fill_params`.
 
@@ -231,6 +237,8 @@ def to_hf_tensors(
       dtype: numpy dtype of the yielded arrays; None keeps each parameter's own dtype.
       norm_offset_folded: Gemma only: yield the stored multiplier 1 + w instead of HF's w (the GGUF convention).
         By default Gemma norms are un-folded as w = stored - 1, computed in float32 and rounded once to `dtype`.
+      edit: applied to each tensor in our layout before it is converted, as edit(field, layer index or None,
+        array) (e.g. `orthogonalize.streaming_edit`), so an edited model is exported without being held twice.
     Raises:
       CheckpointError: params whose shapes do not match `cfg`, or an lm_head on a tied config.
     """
@@ -252,6 +260,8 @@ def to_hf_tensors(
     for hf_name, hf_shape, field, layer in hf_tensor_plan(cfg):
         source = flat[field]
         value = np.asarray(source if layer is None else source[layer])
+        if edit is not None:
+            value = edit(field, layer, value)
         short = field.rsplit(".", 1)[-1]
         out_dtype = np.dtype(dtype) if dtype is not None else value.dtype
         if unfold and _is_norm(short):

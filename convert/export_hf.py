@@ -244,6 +244,11 @@ def _header(specs: list[tuple[str, tuple[int, ...]]], dtype: np.dtype) -> bytes:
     return struct.pack("<Q", len(blob)) + blob
 
 
+def raw_bytes(arr: np.ndarray) -> memoryview:
+    """The array's bytes without copying them (tobytes() would hold a second copy of the tensor)."""
+    return np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
+
+
 def write_safetensors_stream(path: Path, specs: list[tuple[str, tuple[int, ...]]], dtype,
                              tensors: Iterable[tuple[str, np.ndarray]]) -> None:
     """Write one safetensors file whose header is known up front, consuming `tensors` one at a time.
@@ -259,7 +264,7 @@ def write_safetensors_stream(path: Path, specs: list[tuple[str, tuple[int, ...]]
             if got_name != name or tuple(arr.shape) != tuple(shape) or arr.dtype != dtype:
                 raise CheckpointError(f"{path}: expected tensor {name} {shape} {dtype}, got {got_name} "
                                       f"{tuple(arr.shape)} {arr.dtype}")
-            f.write(np.ascontiguousarray(arr).tobytes())
+            f.write(raw_bytes(arr))
 
 
 def save_hf(
@@ -273,6 +278,7 @@ def save_hf(
     overwrite: bool = False,
     extra_config: Mapping[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    edit: Callable[[str, int | None, np.ndarray], np.ndarray] | None = None,
 ) -> Path:
     """Write `params` as a Hugging Face checkpoint directory.
 
@@ -288,6 +294,7 @@ def save_hf(
       overwrite: replace an existing `out_dir`.
       extra_config: extra config.json keys (e.g. max_position_embeddings of the source model).
       progress: called with each tensor name after it is written.
+      edit: a per-tensor edit applied while streaming (see `engine.to_hf_tensors`).
     Returns:
       The resolved output directory.
     """
@@ -320,7 +327,7 @@ def save_hf(
 
         specs = [(name, shape) for name, shape, _, _ in engine.hf_tensor_plan(cfg)]
         shards = _plan_shards(specs, np_dtype.itemsize, shard_size)
-        tensors = engine.to_hf_tensors(cfg, params, dtype=np_dtype)
+        tensors = engine.to_hf_tensors(cfg, params, dtype=np_dtype, edit=edit)
         if progress is not None:
             tensors = _tap(tensors, progress)
         if len(shards) == 1:

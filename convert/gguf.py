@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import mmap
 import re
 import warnings
 from pathlib import Path
@@ -117,6 +118,9 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 # the source
 
 
+DEQUANT_BLOCK = 1 << 22  # values dequantized at a time (bounds the dequantizers' temporaries)
+
+
 @dataclasses.dataclass
 class GGUFSource:
     """A parsed GGUF file. Tensor data stays memory-mapped until `tensors()` dequantizes it, one at a time.
@@ -148,6 +152,13 @@ class GGUFSource:
     def __len__(self) -> int:
         return len(self._names)
 
+    def _release_pages(self) -> None:
+        """Drop the file pages read so far from this process's resident set (they stay in the page cache):
+        otherwise the memory map of the whole file accumulates in RSS while the model is converted."""
+        mm = getattr(self._reader.data, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
+
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (HF name, float32 array in HF torch layout), dequantizing one tensor at a time."""
         n_head = self.hf_config["num_attention_heads"]
@@ -162,8 +173,19 @@ class GGUFSource:
         from gguf.quants import dequantize
 
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml ne (fastest first) -> torch order
+        # Dequantize in row blocks into one float32 array: gguf's dequantizers make several temporaries the size
+        # of their input, so a whole embedding at once would need a few times its size (peak memory).
+        data = t.data if t.data.ndim > 1 else t.data.reshape(1, -1)
+        values = np.empty(math.prod(shape), np.float32)
+        step, filled = max(1, DEQUANT_BLOCK // max(1, values.size // data.shape[0])), 0
         try:
-            values = dequantize(t.data, t.tensor_type)
+            for i in range(0, data.shape[0], step):
+                block = np.asarray(dequantize(data[i:i + step], t.tensor_type), np.float32).reshape(-1)
+                if filled + block.size > values.size:
+                    filled = -1  # more values than the header's shape
+                    break
+                values[filled:filled + block.size] = block
+                filled += block.size
         except NotImplementedError:
             raise CheckpointError(
                 f"{self.path}: tensor {t.name} is stored as {t.tensor_type.name}, which gguf {_gguf_version()} "
@@ -172,13 +194,11 @@ class GGUFSource:
         except Exception as e:
             raise CheckpointError(f"{self.path}: cannot read tensor {t.name} ({type(e).__name__}: {e}); "
                                   "the file is corrupt or truncated") from None
-        if values.size != math.prod(shape):
-            raise CheckpointError(f"{self.path}: tensor {t.name} dequantized to {values.size} values, its header "
-                                  f"says shape {shape}")
+        if filled != values.size:
+            raise CheckpointError(f"{self.path}: tensor {t.name} does not dequantize to the {values.size} values "
+                                  f"of its header's shape {shape}")
         values = values.reshape(shape)
-        if np.may_share_memory(values, t.data):  # F32 tensors are views of the file's memmap: hand out a copy
-            values = np.array(values, dtype=np.float32)
-        values = values.astype(np.float32, copy=False)
+        self._release_pages()
         if self.permuted_qk:
             if ".self_attn.q_proj." in hf_name:
                 values = unpermute_qk(values, n_head)

@@ -54,13 +54,17 @@ def read_header(path: Path) -> tuple[dict, int]:
 
 
 def iter_file(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, array) for every tensor of one file, memory-mapped (read lazily)."""
+    """Yield (name, array) for every tensor of one file, each memory-mapped on its own (read lazily, and unmapped
+    once the consumer drops it, so a file's pages do not accumulate in memory)."""
     header, start = read_header(path)
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
     for name in sorted(header, key=lambda k: header[k]["data_offsets"][0]):
         info = header[name]
         begin, end = info["data_offsets"]
-        yield name, mm[start + begin:start + end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        dtype, shape = _DTYPES[info["dtype"]], tuple(info["shape"])
+        if end == begin:
+            yield name, np.zeros(shape, dtype)
+        else:
+            yield name, np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=shape)
 
 
 def model_files(model_dir: Path) -> list[Path]:
@@ -113,5 +117,5 @@ def write_file(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for arr in arrays.values():
-            f.write(arr.tobytes())
+            f.write(arr.reshape(-1).view(np.uint8).data)  # no tobytes() copy
     os.replace(tmp, path)

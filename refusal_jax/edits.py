@@ -10,7 +10,7 @@ residual-writing weight vectors are the D-dimensional rows that a matrix adds in
 (HF's o_proj.weight / down_proj.weight are [D, in]: these rows are their columns.) The LM head is untied and
 keeps the original embedding, as `orthogonalize` does.
 
-plain            w <- w - (w·r̂) r̂ on every row: `orthogonalize.orthogonalize` itself, unchanged. Equivalent to
+plain            w <- w - (w·r̂) r̂ on every row: what `orthogonalize.orthogonalize` does. Equivalent to
                  inference-time directional ablation of r̂.
 projected        "projected abliteration" (J. Lai, 2025): only the part of r orthogonal to the harmless mean μ
                  is removed, r' = r - (r·μ̂) μ̂, then plain orthogonalization against r'. The part of r along μ̂
@@ -37,13 +37,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
 from refusal_jax.config import ModelConfig
 from refusal_jax import runs
-from refusal_jax.errors import ConfigError, DataError
-from refusal_jax.orthogonalize import _unit_basis, orthogonalize
+from refusal_jax.errors import DataError
+from refusal_jax.orthogonalize import _unit_basis, edit_weights
 from refusal_jax.params import Params
 
 METHODS = ("plain", "projected", "norm-preserving")
@@ -144,75 +143,37 @@ def load_harmless_mean(path, cfg: ModelConfig, direction_path=None, pos: int | N
 # weight edits
 
 
-def _project_rows(w, basis, *, preserve_norm: bool):
-    """Remove span(basis) from the last axis (D) of w [..., D]; basis [R, D] or per leading index [L, R, D].
-
-    Computed in float32; with preserve_norm, each row is rescaled to its original norm.
-    """
-    w32 = jnp.asarray(w).astype(jnp.float32)
-    b = jnp.asarray(basis, jnp.float32)
-    if b.ndim == 2:
-        coords = jnp.einsum("...d,rd->...r", w32, b)
-        out = w32 - jnp.einsum("...r,rd->...d", coords, b)
-    else:  # per layer: w [L, ..., D], b [L, R, D]
-        flat = w32.reshape(w32.shape[0], -1, w32.shape[-1])
-        coords = jnp.einsum("lxd,lrd->lxr", flat, b)
-        out = (flat - jnp.einsum("lxr,lrd->lxd", coords, b)).reshape(w32.shape)
-    if preserve_norm:
-        before = jnp.linalg.norm(w32, axis=-1, keepdims=True)
-        after = jnp.linalg.norm(out, axis=-1, keepdims=True)
-        out = jnp.where(after > 0, out * (before / jnp.where(after > 0, after, 1.0)), 0.0)
-    return out.astype(jnp.asarray(w).dtype)
+def edit_basis(direction, method: str = "plain", harmless_mean=None) -> tuple[np.ndarray, bool]:
+    """(unit basis to project out, preserve_norm) of one of METHODS; `harmless_mean` ([D] or [L, D]) is required
+    for "projected", optional for "norm-preserving" (without it the rows are only rescaled, not biprojected),
+    ignored by "plain". Feed the pair to `orthogonalize.edit_weights` or `orthogonalize.streaming_edit`."""
+    if method == "plain":
+        return np.asarray(_unit_basis(direction)), False
+    if method == "projected":
+        if harmless_mean is None:
+            raise DataError("--method projected needs the harmless mean (--harmless-mean PATH.npy)")
+        return projected_basis(direction, harmless_mean), False
+    if method == "norm-preserving":
+        basis = projected_basis(direction, harmless_mean) if harmless_mean is not None else _unit_basis(direction)
+        return np.asarray(basis), True
+    raise DataError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def _edit(params: Params, cfg: ModelConfig, basis, *, preserve_norm: bool) -> Params:
-    """Project `basis` ([R, D], or [L, R, D] per layer; the embedding uses layer 0's) out of every residual-writing
-    row, optionally rescaling rows to their original norms; the LM head is untied (original embedding)."""
-    if cfg.post_norms:
-        raise ConfigError(
-            f"weight edits are not equivalent to ablation for {cfg.family}: its post-attention/MLP norms rescale "
-            "what is added to the residual. Use inference-time ablation instead.")
-    b = np.asarray(basis, np.float32)
-    embed_basis = b[0] if b.ndim == 3 else b
-    if b.ndim == 3 and b.shape[0] != cfg.n_layers:
-        raise DataError(f"per-layer basis has {b.shape[0]} layers, the model {cfg.n_layers}")
-    layers = params.layers.replace(
-        o=_project_rows(params.layers.o, b, preserve_norm=preserve_norm),
-        down=_project_rows(params.layers.down, b, preserve_norm=preserve_norm),
-    )
-    lm_head = params.lm_head if params.lm_head is not None else params.embed.T
-    return params.replace(embed=_project_rows(params.embed, embed_basis, preserve_norm=preserve_norm),
-                          layers=layers, lm_head=lm_head)
+def edit(params: Params, cfg: ModelConfig, direction, method: str = "plain", harmless_mean=None) -> Params:
+    """Apply one of METHODS (see `edit_basis`)."""
+    basis, preserve_norm = edit_basis(direction, method, harmless_mean)
+    return edit_weights(params, cfg, basis, preserve_norm=preserve_norm)
 
 
 def projected_abliteration(params: Params, cfg: ModelConfig, direction, harmless_mean) -> Params:
-    """Orthogonalize against r' = r - (r·μ̂)μ̂ (per layer for an [L, D] mean). With one [D] mean this is exactly
-    `orthogonalize(params, cfg, r')`."""
-    basis = projected_basis(direction, harmless_mean)
-    if basis.ndim == 2:
-        return orthogonalize(params, cfg, basis)
-    return _edit(params, cfg, basis, preserve_norm=False)
+    """Orthogonalize against r' = r - (r·μ̂)μ̂ (per layer for an [L, D] mean)."""
+    return edit(params, cfg, direction, "projected", harmless_mean)
 
 
 def norm_preserving_abliteration(params: Params, cfg: ModelConfig, direction, harmless_mean=None) -> Params:
     """Project r' (biprojected; r̂ itself when harmless_mean is None) out of every residual-writing row and rescale
     each row to its original norm (module docstring)."""
-    basis = projected_basis(direction, harmless_mean) if harmless_mean is not None else _unit_basis(direction)
-    return _edit(params, cfg, np.asarray(basis), preserve_norm=True)
-
-
-def edit(params: Params, cfg: ModelConfig, direction, method: str = "plain", harmless_mean=None) -> Params:
-    """Apply one of METHODS. `harmless_mean` ([D] or [L, D]) is required for "projected", optional for
-    "norm-preserving" (without it the rows are only rescaled, not biprojected), ignored by "plain"."""
-    if method == "plain":
-        return orthogonalize(params, cfg, direction)
-    if method == "projected":
-        if harmless_mean is None:
-            raise DataError("--method projected needs the harmless mean (--harmless-mean PATH.npy)")
-        return projected_abliteration(params, cfg, direction, harmless_mean)
-    if method == "norm-preserving":
-        return norm_preserving_abliteration(params, cfg, direction, harmless_mean)
-    raise DataError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return edit(params, cfg, direction, "norm-preserving", harmless_mean)
 
 
 def row_norms(params: Params) -> dict[str, np.ndarray]:

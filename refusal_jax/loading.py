@@ -51,7 +51,7 @@ def convert_source(src: str, *, dtype: str = "float32", strict_config: bool = Tr
 
 
 def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, progress: bool = True,
-               cache: bool = True) -> LoadedModel:
+               cache: bool = True, on_device: bool = True) -> LoadedModel:
     """Load a model from any supported source.
 
     Args:
@@ -62,6 +62,8 @@ def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, 
       strict_config: refuse config attributes refusal_jax does not implement.
       progress: show a progress bar while converting.
       cache: bundled models are converted once into the user cache directory and loaded from there afterwards.
+      on_device: place the params on the default device; False keeps numpy host arrays (weight exports: reading a
+        device array back with np.asarray keeps a host copy of it alive as long as the array).
     Returns:
       LoadedModel(params, cfg, tokenizer), unpackable as a tuple.
     """
@@ -80,5 +82,5 @@ def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, 
         cfg, params, tok = convert_source(str(src), dtype=dtype, strict_config=strict_config, progress=progress)
     if tok is None:
         raise CheckpointError(f"{src}: no tokenizer found")
-    return LoadedModel(jax.device_put(params), cfg, tok)
+    return LoadedModel(jax.device_put(params) if on_device else params, cfg, tok)
 

@@ -36,27 +36,87 @@ def _unit_basis(direction) -> jax.Array:
     return d  # [R, D] rows assumed orthonormal (see refusal_jax.subspace)
 
 
-def project_out(w: jax.Array, basis: jax.Array, axis: int) -> jax.Array:
-    """Remove the span of `basis` [R, D] from axis `axis` (of size D) of w, computing in float32."""
-    w32 = jnp.moveaxis(w.astype(jnp.float32), axis, -1)
-    w32 = w32 - jnp.einsum("...r,rd->...d", jnp.einsum("...d,rd->...r", w32, basis), basis)
-    return jnp.moveaxis(w32, -1, axis).astype(w.dtype)
+EDITED_FIELDS = ("embed", "layers.o", "layers.down")  # the matrices whose rows write into the residual stream
+
+
+def project_rows(w, basis, *, preserve_norm: bool = False, xp=jnp):
+    """Remove span(basis) from the last axis (D) of w [..., D]; basis [R, D] or one per leading index [L, R, D].
+
+    Computed in float32 and returned in w's dtype; with preserve_norm, each row is rescaled to its original norm
+    (a row inside the span becomes zero). xp=np computes on the host (the streaming export's row blocks: no
+    device copies); results then differ from jax.numpy's by float32 rounding only.
+    """
+    w32 = xp.asarray(w).astype(xp.float32)
+    b = xp.asarray(basis, xp.float32)
+    if b.ndim == 2:
+        out = w32 - (w32 @ b.T) @ b  # [..., D] @ [D, R] @ [R, D]
+    else:  # per layer: w [L, ..., D], b [L, R, D]
+        flat = w32.reshape(w32.shape[0], -1, w32.shape[-1])
+        out = (flat - (flat @ b.transpose(0, 2, 1)) @ b).reshape(w32.shape)
+    if preserve_norm:
+        before = xp.linalg.norm(w32, axis=-1, keepdims=True)
+        after = xp.linalg.norm(out, axis=-1, keepdims=True)
+        out = xp.where(after > 0, out * (before / xp.where(after > 0, after, 1.0)), 0.0)
+    return out.astype(w.dtype)
+
+
+def _check_editable(cfg: ModelConfig, basis: np.ndarray) -> None:
+    if cfg.post_norms:
+        raise ConfigError(
+            f"weight edits are not equivalent to ablation for {cfg.family}: its post-attention/MLP norms rescale "
+            "what is added to the residual. Use inference-time ablation instead.")
+    if basis.ndim == 3 and basis.shape[0] != cfg.n_layers:
+        raise DataError(f"per-layer basis has {basis.shape[0]} layers, the model {cfg.n_layers}")
+
+
+def _field_basis(field: str, basis: np.ndarray, layer: int | None = None) -> np.ndarray:
+    """The basis that edits `field` (or its layer slice): a per-layer basis edits the embedding with layer 0's."""
+    if basis.ndim == 2:
+        return basis
+    if field == "embed":
+        return basis[0]
+    return basis if layer is None else basis[layer]
+
+
+def edit_weights(params: Params, cfg: ModelConfig, basis, *, preserve_norm: bool = False) -> Params:
+    """Project `basis` (unit [R, D], or [L, R, D] per layer) out of every residual-writing row (EDITED_FIELDS),
+    optionally rescaling rows to their original norms. The LM head is untied (keeps the original embedding)."""
+    b = np.asarray(basis, np.float32)
+    _check_editable(cfg, b)
+    layers = params.layers.replace(
+        o=project_rows(params.layers.o, _field_basis("layers.o", b), preserve_norm=preserve_norm),  # [L, N, H, D]
+        down=project_rows(params.layers.down, _field_basis("layers.down", b), preserve_norm=preserve_norm),
+    )
+    lm_head = params.lm_head if params.lm_head is not None else params.embed.T  # untie, see module docstring
+    return params.replace(embed=project_rows(params.embed, _field_basis("embed", b), preserve_norm=preserve_norm),
+                          layers=layers, lm_head=lm_head)
 
 
 def orthogonalize(params: Params, cfg: ModelConfig, direction) -> Params:
     """Params with r̂ (or an orthonormal [R, D] basis) projected out of every residual-writing matrix."""
-    if cfg.post_norms:
-        raise ConfigError(
-            f"weight orthogonalization is not equivalent to ablation for {cfg.family}: its post-attention/MLP "
-            "norms rescale what is added to the residual. Use inference-time ablation instead."
-        )
-    basis = _unit_basis(direction)
-    layers = params.layers.replace(
-        o=project_out(params.layers.o, basis, axis=-1),  # [L, N, H, D]
-        down=project_out(params.layers.down, basis, axis=-1),  # [L, F, D]
-    )
-    lm_head = params.lm_head if params.lm_head is not None else params.embed.T  # untie, see module docstring
-    return params.replace(embed=project_out(params.embed, basis, axis=-1), layers=layers, lm_head=lm_head)
+    return edit_weights(params, cfg, _unit_basis(direction))
+
+
+def streaming_edit(cfg: ModelConfig, basis, *, preserve_norm: bool = False, chunk_bytes: int = 16 << 20):
+    """The edit of `edit_weights` as a per-tensor function (field, layer or None, array) -> array, for
+    `convert.engine.to_hf_tensors(edit=...)`: an export then holds the original model plus one edited tensor, not
+    a second copy of every edited matrix. Rows are projected in chunks of about `chunk_bytes` (float32)."""
+    b = np.asarray(basis, np.float32)
+    _check_editable(cfg, b)
+
+    def edit(field: str, layer: int | None, w):
+        if field not in EDITED_FIELDS:
+            return w
+        fb = _field_basis(field, b, layer)
+        w = np.asarray(w)
+        rows = w.reshape(-1, w.shape[-1])
+        out = np.empty(rows.shape, w.dtype)
+        step = max(1, chunk_bytes // (4 * rows.shape[1]))
+        for i in range(0, rows.shape[0], step):
+            out[i:i + step] = project_rows(rows[i:i + step], fb, preserve_norm=preserve_norm, xp=np)
+        return out.reshape(w.shape)
+
+    return edit
 
 
 def untied_config(cfg: ModelConfig) -> ModelConfig:
@@ -109,15 +169,23 @@ def load_direction(path, d_model: int | None):
     return arr
 
 
+SITE_NAMES = {"embed": "embed", "layers.o": "o_proj", "layers.down": "down_proj"}
+
+
+def max_projection(w, direction, chunk_bytes: int = 16 << 20) -> float:
+    """max |w r̂| over the rows of w [..., D] (0 once r̂ is projected out), in float32 row blocks on the host
+    (one einsum over a whole stacked matrix made XLA copy it)."""
+    basis = np.asarray(_unit_basis(direction))
+    rows = np.asarray(w).reshape(-1, basis.shape[-1])
+    step = max(1, chunk_bytes // (4 * rows.shape[1]))
+    return max(float(np.abs(rows[i:i + step].astype(np.float32) @ basis.T).max())
+               for i in range(0, rows.shape[0], step))
+
+
 def residual_write_norms(params: Params, direction) -> dict[str, float]:
     """max |W r̂| over every residual-writing matrix (embedding, o_proj, down_proj): 0 after orthogonalization."""
-    basis = _unit_basis(direction)
-
-    def site(w):
-        proj = jnp.einsum("...d,rd->...r", jnp.asarray(w).astype(jnp.float32), basis)
-        return float(jnp.abs(proj).max())
-
-    return {"embed": site(params.embed), "o_proj": site(params.layers.o), "down_proj": site(params.layers.down)}
+    fields = {"embed": params.embed, "layers.o": params.layers.o, "layers.down": params.layers.down}
+    return {SITE_NAMES[f]: max_projection(w, direction) for f, w in fields.items()}
 
 
 def parser():
@@ -186,7 +254,7 @@ def main(argv=None):
     import time
     from pathlib import Path
 
-    from refusal_jax import checkpoint
+    from refusal_jax import checkpoint, edits
     from refusal_jax.convert import export_hf
     from refusal_jax.errors import CheckpointError
     from refusal_jax.loading import load_model
@@ -204,22 +272,23 @@ def main(argv=None):
     if args.method == "projected" and not args.harmless_mean:
         raise DataError("--method projected needs --harmless-mean")
     params, cfg, tokenizer = load_model(args.model, dtype=args.dtype, strict_config=not args.no_strict_config,
-                                        progress=not args.no_progress)
+                                        progress=not args.no_progress, on_device=False)
     direction = load_direction(args.direction, cfg.d_model)
+    mean = (edits.load_harmless_mean(args.harmless_mean, cfg, args.direction) if args.harmless_mean else None)
+    basis, preserve_norm = edits.edit_basis(direction, args.method, mean)
+    for line in edits.describe(args.method, direction, mean):
+        print(line)
     before = residual_write_norms(params, direction)
-    if args.method == "plain":
-        edited = orthogonalize(params, cfg, direction)
-    else:
-        from refusal_jax import edits
-
-        mean = (edits.load_harmless_mean(args.harmless_mean, cfg, args.direction)
-                if args.harmless_mean else None)
-        edited = edits.edit(params, cfg, direction, args.method, mean)
-        for line in edits.describe(args.method, direction, mean):
-            print(line)
-    del params
-    after = residual_write_norms(edited, direction)
     ocfg = untied_config(cfg)
+    # Edit tensor by tensor while writing, so the export holds the model plus one edited tensor.
+    edit = streaming_edit(cfg, basis, preserve_norm=preserve_norm)
+    after: dict[str, float] = {}
+
+    def edit_and_measure(field, layer, w):
+        w = edit(field, layer, w)
+        if field in SITE_NAMES:
+            after[SITE_NAMES[field]] = max(after.get(SITE_NAMES[field], 0.0), max_projection(w, direction))
+        return w
 
     bar = None
     if not args.no_progress:
@@ -229,9 +298,9 @@ def main(argv=None):
 
         bar = tqdm(total=len(engine.hf_tensor_plan(ocfg)), desc=f"writing {out.name}", unit="tensor", leave=False)
     try:
-        path = export_hf.save_hf(out, ocfg, edited, tokenizer, dtype=args.dtype,
+        path = export_hf.save_hf(out, ocfg, params, tokenizer, dtype=args.dtype,
                                  shard_size=int(args.shard_size * 2**30), overwrite=args.overwrite,
-                                 extra_config=_source_hf_config(args.model),
+                                 extra_config=_source_hf_config(args.model), edit=edit_and_measure,
                                  progress=(lambda _: bar.update()) if bar is not None else None)
     finally:
         if bar is not None:
@@ -251,6 +320,8 @@ def main(argv=None):
     if args.dtype != "float32":
         print(f"    (the edit is computed in float32; what is left is the {args.dtype} rounding of the edited weights)")
     if ckpt is not None:
+        edited = edit_weights(params, cfg, basis, preserve_norm=preserve_norm)
+        del params
         cpath = checkpoint.save(ckpt, ocfg, edited, tokenizer, source=f"{args.model} orthogonalized against "
                                 f"{args.direction}", overwrite=args.overwrite)
         print(f"  refusal_jax checkpoint: {cpath} (load with refusal_jax.load_model({str(cpath)!r}))")

@@ -202,3 +202,26 @@ def test_orthogonalize_command_line_methods(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ortho.main(base + ["--out", str(tmp_path / "p"), "--method", "projected"])
     assert e.value.code == 2 and "--harmless-mean" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,per_layer", [("plain", False), ("projected", True), ("norm-preserving", True),
+                                              ("norm-preserving", False)])
+def test_streaming_edit_exports_the_same_tensors_as_the_in_memory_edit(model, method, per_layer):
+    """The orthogonalize CLI edits tensor by tensor while exporting (memory); it must write what edit_weights
+    gives, row chunks included (a tiny chunk size forces several chunks per tensor)."""
+    from refusal_jax.convert import engine
+    from refusal_jax.orthogonalize import edit_weights, streaming_edit
+
+    cfg, params = model
+    r, mu = vectors(cfg)
+    mean = np.stack([mu + 0.1 * i for i in range(cfg.n_layers)]) if per_layer else mu
+    basis, preserve = edits.edit_basis(r, method, mean)
+    ocfg = untied_config(cfg)
+    want = dict(engine.to_hf_tensors(ocfg, edit_weights(params, cfg, basis, preserve_norm=preserve)))
+    got = dict(engine.to_hf_tensors(ocfg, params, edit=streaming_edit(cfg, basis, preserve_norm=preserve,
+                                                                       chunk_bytes=4 * cfg.d_model * 5)))
+    assert got.keys() == want.keys() and "lm_head.weight" in got
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(got["lm_head.weight"], np.asarray(params.lm_head).T if params.lm_head is not None
+                                  else np.asarray(params.embed))  # the head keeps the original matrix

@@ -218,7 +218,11 @@ def test_unpermute_rejects_bad_rows():
 # reading tensors and config
 
 
-def test_llama_tensors_come_back_unpermuted(tiny_llama):
+@pytest.mark.parametrize("block", [None, 40], ids=["whole", "row-blocks"])
+def test_llama_tensors_come_back_unpermuted(tiny_llama, monkeypatch, block):
+    """Also dequantized in blocks of a few rows (as big tensors are, for memory): the same values."""
+    if block is not None:
+        monkeypatch.setattr("refusal_jax.convert.gguf.DEQUANT_BLOCK", block)
     path, tensors = tiny_llama
     src = read_gguf(path)
     assert isinstance(src, GGUFSource) and src.architecture == "llama"
