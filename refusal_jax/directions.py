@@ -218,6 +218,13 @@ def candidate_grid(cfg: ModelConfig, n_pos: int, positions: Sequence[int] | None
     return [(p, layer) for p in positions for layer in layers]
 
 
+def live_candidates(diffs: np.ndarray, grid: Sequence[tuple[int, int]]) -> list[int]:
+    """Indices of the grid's non-zero candidates. Zero candidates (layer 0 at true template positions: the
+    embeddings of identical tokens) are exact no-ops under both interventions, so they get the baseline scores
+    without running the model. The sweep makes len(live) x (harmful + 2 x harmless batches) progress steps."""
+    return [i for i, (p, layer) in enumerate(grid) if np.any(diffs[p, layer])]
+
+
 def score_candidates(params, cfg, diffs: np.ndarray, harmful_val: Sequence[Batch], harmless_val: Sequence[Batch],
                      refusal_ids, grid: Sequence[tuple[int, int]], *, chunk: int = 8,
                      progress=None) -> tuple[list[dict], dict]:
@@ -227,9 +234,7 @@ def score_candidates(params, cfg, diffs: np.ndarray, harmful_val: Sequence[Batch
       (evaluations, baselines): evaluations as the reference's direction_evaluations.json entries plus
       `direction_norm`; baselines {"harmful_refusal_score", "harmless_refusal_score"} without intervention.
     """
-    # Zero candidates (layer 0 at true template positions: the embeddings of identical tokens) are exact no-ops
-    # under both interventions, so they get the baseline scores without running the model.
-    live = [i for i, (p, layer) in enumerate(grid) if np.any(diffs[p, layer])]
+    live = live_candidates(diffs, grid)
     ablations = [Intervention.ablation(cfg, diffs[grid[i]]) for i in live]
     harmful = evaluate_interventions(params, cfg, harmful_val, ablations, refusal_ids, chunk=chunk, progress=progress)
     added, harmless_base = np.zeros(0), None

@@ -263,8 +263,9 @@ def stage_select(run: Run, sets, diffs: np.ndarray) -> tuple[int, int, np.ndarra
     a = run.args
     grid = directions.candidate_grid(run.cfg, len(run.eoi), a.positions, a.layers)
     harmful_val, harmless_val = run.batches(sets["harmful_val"]), run.batches(sets["harmless_val"])
-    # progress counts candidate evaluations: (no-op + live candidates) x batches, for each of the three scores
-    bar = run.bar(None, f"scoring {len(grid)} candidates")
+    # progress counts candidate x batch evaluations over the three scores
+    steps = len(directions.live_candidates(diffs, grid)) * (len(harmful_val) + 2 * len(harmless_val))
+    bar = run.bar(steps, f"scoring {len(grid)} candidates")
     t0 = time.perf_counter()
     evaluations, baselines = directions.score_candidates(run.params, run.cfg, diffs, harmful_val, harmless_val,
                                                          run.refusal_ids, grid, chunk=a.chunk, progress=bar.update)

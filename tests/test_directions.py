@@ -76,8 +76,13 @@ def test_sweep_scores_match_single_runs_and_compile_once(model, monkeypatch):
     monkeypatch.setattr(directions, "_resumed_scores", resumed)
     chex.clear_trace_counter()
     grid = directions.candidate_grid(cfg, 3)
-    evals, _ = directions.score_candidates(params, cfg, diffs, harmful, harmless, ids, grid, chunk=4)
+    diffs[1, 0] = 0.0  # a zero candidate: scored as the baseline, without running the model
+    steps = []
+    evals, _ = directions.score_candidates(params, cfg, diffs, harmful, harmless, ids, grid, chunk=4,
+                                           progress=steps.append)
     assert len(evals) == 9  # 9 candidates x 3 scores in chunks of 4: one trace of each scoring function
+    # the progress total the pipeline announces is the number of steps made
+    assert sum(steps) == len(directions.live_candidates(diffs, grid)) * (len(harmful) + 2 * len(harmless)) == 8 * 6
     # one candidate recomputed directly, prompt by prompt
     pos, layer = grid[5]
     r = diffs[pos, layer]
