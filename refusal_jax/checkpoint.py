@@ -3,7 +3,7 @@
 Layout of a converted directory:
   refusal_jax_config.json   ModelConfig.to_dict() (with format_version)
   manifest.json             source, dtype, refusal_jax version
-  params/                   orbax StandardCheckpointer tree {"embed", "final_norm", "lm_head"?, "layers": {...}}
+  params/                   orbax PyTree checkpoint {"embed", "final_norm", "lm_head"?, "layers": {...}}, uncompressed
   tokenizer/                tokenizer.save_pretrained() output (chat template included)
 
 Everything is written into a sibling temporary directory and renamed into place at the end, so an interrupted
