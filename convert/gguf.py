@@ -177,7 +177,7 @@ class GGUFSource:
         # of their input, so a whole embedding at once would need a few times its size (peak memory).
         data = t.data if t.data.ndim > 1 else t.data.reshape(1, -1)
         values = np.empty(math.prod(shape), np.float32)
-        step, filled = max(1, DEQUANT_BLOCK // max(1, values.size // data.shape[0])), 0
+        step, filled = max(1, DEQUANT_BLOCK // max(1, values.size // max(1, data.shape[0]))), 0
         try:
             for i in range(0, data.shape[0], step):
                 block = np.asarray(dequantize(data[i:i + step], t.tensor_type), np.float32).reshape(-1)
