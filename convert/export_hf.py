@@ -22,6 +22,7 @@ import numpy as np
 
 from refusal_jax.config import ARCHITECTURES, ModelConfig, RopeConfig, from_hf_config
 from refusal_jax.convert import engine
+from refusal_jax.convert.safetensors_io import raw_bytes
 from refusal_jax.errors import CheckpointError, ConfigError
 from refusal_jax.params import Params
 
@@ -113,7 +114,6 @@ def to_hf_config(cfg: ModelConfig, *, extra: Mapping[str, Any] | None = None) ->
     arch, model_type = HF_NAMES[cfg.family]
     if cfg.architecture in ARCHITECTURES and ARCHITECTURES[cfg.architecture] == cfg.family:
         arch = cfg.architecture
-    gemma = cfg.family.startswith("gemma")
     act = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.mlp_activation]
     hf: dict[str, Any] = {
         "architectures": [arch],
@@ -242,11 +242,6 @@ def _header(specs: list[tuple[str, tuple[int, ...]]], dtype: np.dtype) -> bytes:
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     return struct.pack("<Q", len(blob)) + blob
-
-
-def raw_bytes(arr: np.ndarray) -> memoryview:
-    """The array's bytes without copying them (tobytes() would hold a second copy of the tensor)."""
-    return np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
 
 
 def write_safetensors_stream(path: Path, specs: list[tuple[str, tuple[int, ...]]], dtype,

@@ -97,6 +97,11 @@ def iter_model(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
         yield from iter_file(path)
 
 
+def raw_bytes(arr: np.ndarray) -> memoryview:
+    """The array's bytes without copying them (tobytes() would hold a second copy of the tensor)."""
+    return np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
+
+
 def write_file(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
     """Write tensors to a safetensors file atomically (temp file + rename)."""
     header, offset = {}, 0
@@ -117,5 +122,5 @@ def write_file(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for arr in arrays.values():
-            f.write(arr.reshape(-1).view(np.uint8).data)  # no tobytes() copy
+            f.write(raw_bytes(arr))
     os.replace(tmp, path)

@@ -24,17 +24,22 @@ class Batch:
     weight: np.ndarray  # [B] float32: 1 for real rows, 0 for filler rows
 
 
-def in_input_order(batches: Sequence[Batch], per_batch) -> np.ndarray:
-    """Stack `per_batch(batch)` ([B, ...] per batch) row by row back into input order, dropping filler rows."""
-    rows: dict[int, np.ndarray] = {}
+def in_input_order(batches: Sequence[Batch], per_batch):
+    """Stack `per_batch(batch)` ([B, ...] per batch, or a tuple of such arrays) row by row back into input order,
+    dropping filler rows; returns an array, or a tuple of arrays."""
+    rows: dict[int, tuple] = {}
+    is_tuple = False
     for batch in batches:
-        out = np.asarray(per_batch(batch))
+        out = per_batch(batch)
+        is_tuple = isinstance(out, tuple)
+        out = tuple(np.asarray(a) for a in (out if is_tuple else (out,)))  # one host copy per batch
         for r, idx in enumerate(batch.index):
             if idx >= 0:
-                rows[int(idx)] = out[r]
+                rows[int(idx)] = tuple(a[r] for a in out)
     if not rows:
         raise DataError("no prompts")
-    return np.stack([rows[i] for i in sorted(rows)])
+    stacked = tuple(np.stack(col) for col in zip(*(rows[i] for i in sorted(rows))))
+    return stacked if is_tuple else stacked[0]
 
 
 def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:

@@ -148,14 +148,14 @@ def edit_basis(direction, method: str = "plain", harmless_mean=None) -> tuple[np
     for "projected", optional for "norm-preserving" (without it the rows are only rescaled, not biprojected),
     ignored by "plain". Feed the pair to `orthogonalize.edit_weights` or `orthogonalize.streaming_edit`."""
     if method == "plain":
-        return np.asarray(_unit_basis(direction)), False
+        return _unit_basis(direction), False
     if method == "projected":
         if harmless_mean is None:
             raise DataError("--method projected needs the harmless mean (--harmless-mean PATH.npy)")
         return projected_basis(direction, harmless_mean), False
     if method == "norm-preserving":
         basis = projected_basis(direction, harmless_mean) if harmless_mean is not None else _unit_basis(direction)
-        return np.asarray(basis), True
+        return basis, True
     raise DataError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 

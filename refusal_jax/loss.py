@@ -12,7 +12,7 @@ import numpy as np
 
 from refusal_jax import judge, templates
 from refusal_jax.errors import DataError
-from refusal_jax.batching import bucketed, encode, pad_id
+from refusal_jax.batching import bucketed, encode, in_input_order, pad_id
 from refusal_jax.model import _forward
 
 
@@ -40,26 +40,19 @@ def completion_nll(params, cfg, tokenizer, fmt: templates.ChatFormat, eoi: Seque
     KL / refusal score of the prompt without a second pass.
     """
     ids = encode(tokenizer, templates.format_instructions(fmt, list(instructions), list(completions)))
-    nll, count = np.zeros(len(ids), np.float64), np.zeros(len(ids), np.int64)
-    last = None
-    for batch in bucketed(ids, batch_size, pad_id(tokenizer)):
+
+    def per_batch(batch):
         loss_mask = judge.completion_loss_mask(batch.tokens, batch.mask, eoi) * batch.weight[:, None].astype(np.int32)
         # the first scored position predicts the first completion token: it is the prompt's last token
         if prompt_logits and not loss_mask[batch.weight > 0].any(axis=1).all():
             raise DataError("a completion has no tokens to score (empty completion and no end-of-turn token)")
         s, k, lg = _nll(params, cfg, batch.tokens, batch.mask, loss_mask, intervention,
                         jnp.asarray(loss_mask.argmax(axis=1), jnp.int32))
-        s, k = np.asarray(s), np.asarray(k)
-        if prompt_logits:
-            lg = np.asarray(lg)
-            if last is None:
-                last = np.zeros((len(ids), lg.shape[-1]), np.float32)
-        for row, idx in enumerate(batch.index):
-            if idx >= 0:
-                nll[idx], count[idx] = float(s[row]), int(k[row])
-                if prompt_logits:
-                    last[idx] = lg[row]
-    return (nll, count, last) if prompt_logits else (nll, count)
+        return (s, k, lg) if prompt_logits else (s, k)
+
+    out = in_input_order(list(bucketed(ids, batch_size, pad_id(tokenizer))), per_batch)
+    nll, count = out[0].astype(np.float64), out[1].astype(np.int64)
+    return (nll, count, out[2].astype(np.float32)) if prompt_logits else (nll, count)
 
 
 def completion_loss(params, cfg, tokenizer, fmt: templates.ChatFormat, eoi: Sequence[int],

@@ -15,7 +15,6 @@ the original embedding (transposed), so the edited model equals the ablated one.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -26,14 +25,15 @@ from refusal_jax.errors import ConfigError, DataError
 from refusal_jax.params import Params
 
 
-def _unit_basis(direction) -> jax.Array:
-    d = jnp.asarray(direction, jnp.float32)
+def _unit_basis(direction) -> np.ndarray:
+    """float32 [1, D] unit direction, or an [R, D] basis as given (rows assumed orthonormal, see subspace)."""
+    d = np.asarray(direction, np.float64)
     if d.ndim == 1:
-        norm = float(jnp.linalg.norm(d))
+        norm = float(np.linalg.norm(d))
         if not norm > 0 or not np.isfinite(norm):
             raise DataError(f"cannot orthogonalize against a direction of norm {norm}")
-        return (d / norm)[None]
-    return d  # [R, D] rows assumed orthonormal (see refusal_jax.subspace)
+        d = (d / norm)[None]
+    return d.astype(np.float32)
 
 
 EDITED_FIELDS = ("embed", "layers.o", "layers.down")  # the matrices whose rows write into the residual stream
@@ -140,10 +140,6 @@ def load_direction(path, d_model: int | None):
     """
     from pathlib import Path
 
-    import numpy as np
-
-    from refusal_jax.errors import DataError
-
     path = Path(path).expanduser()
     if path.is_dir() and (path / "direction.npy").exists():
         path = path / "direction.npy"
@@ -175,7 +171,7 @@ SITE_NAMES = {"embed": "embed", "layers.o": "o_proj", "layers.down": "down_proj"
 def max_projection(w, direction, chunk_bytes: int = 16 << 20) -> float:
     """max |w r̂| over the rows of w [..., D] (0 once r̂ is projected out), in float32 row blocks on the host
     (one einsum over a whole stacked matrix made XLA copy it)."""
-    basis = np.asarray(_unit_basis(direction))
+    basis = _unit_basis(direction)
     rows = np.asarray(w).reshape(-1, basis.shape[-1])
     step = max(1, chunk_bytes // (4 * rows.shape[1]))
     return max(float(np.abs(rows[i:i + step].astype(np.float32) @ basis.T).max())
