@@ -1,7 +1,9 @@
 """Residual-capturing forward pass: refusal_jax vs transformers + torch forward hooks, same prompts, same run.
 
 Both sides collect resid_pre (the input of every decoder block) at the last `n_pos` positions of left-padded,
-chat-templated prompts, as stage 1 of the pipeline does, and skip nothing else. Prints one JSON record.
+chat-templated prompts, as stage 1 of the pipeline does. The PyTorch side runs twice: the reference's method
+(`get_mean_activations` calls the whole causal LM, so it computes logits at every position that nobody reads) and,
+as a stronger baseline, the decoder stack alone without the LM head. Prints one JSON record.
 
     python benchmarks/forward.py [--n-prompts 64] [--batch-size 32] [--n-pos 5]
 """
@@ -59,31 +61,49 @@ def main():
 
         hf = hf_reference_model(bundled.model_path(args.model))
         captured = {}
+        positions = list(range(-args.n_pos, 0))
 
-        def hook(layer):
+        def hook(layer, faithful):
             def pre_hook(module, inputs, kwargs):
                 hidden = inputs[0] if inputs else kwargs["hidden_states"]
-                captured.setdefault(layer, []).append(hidden[:, -args.n_pos:].float().clone())
+                if faithful:  # generate_directions.py: input[0].clone().to(float64), then the positions
+                    captured.setdefault(layer, []).append(hidden.clone().to(torch.float64)[:, positions])
+                else:
+                    captured.setdefault(layer, []).append(hidden[:, -args.n_pos:].double())
             return pre_hook
 
-        handles = [blk.register_forward_pre_hook(hook(i), with_kwargs=True) for i, blk in enumerate(hf.model.layers)]
+        def run_torch(module, faithful):
+            handles = [blk.register_forward_pre_hook(hook(i, faithful), with_kwargs=True)
+                       for i, blk in enumerate(hf.model.layers)]
 
-        def reference():
-            captured.clear()
-            with torch.no_grad():
-                for b in batches:
-                    hf.model(input_ids=torch.tensor(b.tokens, dtype=torch.long),
-                             attention_mask=torch.tensor(b.mask, dtype=torch.long))  # no LM head, like ours
-            return captured
+            def reference():
+                captured.clear()
+                with torch.no_grad():
+                    for b in batches:
+                        module(input_ids=torch.tensor(b.tokens, dtype=torch.long),
+                               attention_mask=torch.tensor(b.mask, dtype=torch.long))
+                return {k: torch.cat(v).numpy() for k, v in captured.items()}
 
-        t_first, t_steady, ref = timed(reference, args.repeats)
-        for h in handles:
-            h.remove()
-        ref0 = torch.cat(ref[0]).numpy()
+            try:
+                return timed(reference, args.repeats)
+            finally:
+                for h in handles:
+                    h.remove()
+
         ours0 = np.concatenate([a[0] for a in acts])
-        record["torch_hooks"] = {"first_call_s": t_first, "steady_s": t_steady, "tokens_per_s": n_tokens / t_steady}
+        # The reference method: get_mean_activations calls the whole causal LM, so logits are computed for every
+        # position ([B, T, 151936]) and thrown away.
+        t_first, t_steady, ref = run_torch(hf, faithful=True)
+        record["torch_reference_method"] = {"first_call_s": t_first, "steady_s": t_steady,
+                                            "tokens_per_s": n_tokens / t_steady,
+                                            "what": "AutoModelForCausalLM forward + pre-hooks, as generate_directions.py"}
         record["speedup_steady"] = t_steady / steady
-        record["layer0_capture_max_abs_diff"] = float(np.abs(ref0 - ours0).max())
+        record["layer0_capture_max_abs_diff"] = float(np.abs(ref[0] - ours0).max())
+        # A leaner torch baseline than the reference: the decoder stack only (no LM head), as refusal_jax does.
+        t_first, t_steady, _ = run_torch(hf.model, faithful=False)
+        record["torch_without_lm_head"] = {"first_call_s": t_first, "steady_s": t_steady,
+                                           "tokens_per_s": n_tokens / t_steady}
+        record["speedup_vs_torch_without_lm_head"] = t_steady / steady
     emit(record)
 
 

@@ -3,7 +3,8 @@
 It follows andyrdt/refusal_direction (spec §5-§8): forward pre-hooks on every decoder block and forward hooks on
 every attention and MLP module for directional ablation; a pre-hook on one block for activation addition; a
 per-candidate Python loop over the validation sets in batches of 32 with full logits (the reference computes
-the whole [B, T, V] logits tensor and keeps the last position); float64 accumulation of mean activations;
+the whole [B, T, V] logits tensor and keeps the last position); for mean activations, the whole causal LM (logits
+included, unused) with a float64 copy of each block input;
 `model.generate` with the hooks active for completions. Benchmarks only: the library never imports torch.
 """
 
@@ -96,12 +97,13 @@ def mean_diffs(model, harmful, harmless, n_pos: int) -> np.ndarray:
 
             def make(layer):
                 def pre(module, args):
-                    acc[:, layer] += (args[0][:, -n_pos:].double() * w[:, None, None]).sum(0) / n
+                    act = args[0].clone().to(torch.float64)  # as the reference's hook: the whole activation
+                    acc[:, layer] += (act[:, -n_pos:] * w[:, None, None]).sum(0) / n
                 return pre
 
             with hooks(model, [(blk, make(i)) for i, blk in enumerate(model.model.layers)]), torch.no_grad():
                 ids, mask = _tensor(b)
-                model.model(input_ids=ids, attention_mask=mask)
+                model(input_ids=ids, attention_mask=mask)  # the whole causal LM, logits included, as the reference
         return acc.numpy()
 
     return means(harmful) - means(harmless)

@@ -12,29 +12,52 @@ import numpy as np
 from refusal_jax.batching import bucketed, encode, pad_id
 from refusal_jax.config import ModelConfig
 from refusal_jax.model import Intervention, KVCache, _forward
-from refusal_jax.params import Params
+from refusal_jax.params import Params, unembedding, unstack_layers
 
 # End-of-turn tokens of the supported chat formats; generation stops at these and at the tokenizer's EOS.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|end_of_text|>")
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "stop_ids", "pad"))
 def greedy_generate(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array,
                     intervention: Intervention | None = None, *, max_new_tokens: int,
-                    stop_ids: tuple[int, ...] = (), pad: int = 0) -> jax.Array:
-    """Greedy continuation of left-padded prompts.
+                    stop_ids: tuple[int, ...] = (), pad: int = 0, per_layer: bool | None = None) -> jax.Array:
+    """Greedy continuation of left-padded prompts (jit-compiled).
 
     Args:
       tokens, mask: [B, T] left-padded prompt ids and attention mask.
       intervention: applied to the prompt and to every generated token (traced).
       max_new_tokens: number of decoding steps (static).
       stop_ids: token ids that end a sequence; later positions are filled with `pad`.
+      per_layer: decode with per-layer copies of the layer weights and per-layer KV caches instead of the layer
+        scan (`params.unstack_layers`). Default: on CPU, where it makes a decoding step about twice as fast,
+        at the cost of a second copy of the layer weights while generating.
     Returns:
       [B, max_new_tokens] int32 generated ids.
     """
+    if per_layer is None:
+        per_layer = jax.default_backend() == "cpu"
+    return decode_program(per_layer)(params, cfg, tokens, mask, intervention, max_new_tokens=max_new_tokens,
+                                     stop_ids=stop_ids, pad=pad)
+
+
+@functools.cache
+def decode_program(per_layer: bool):
+    """The jitted generation function. XLA:CPU's YNNPACK fusions read a batch-of-rows matmul's weights at about half
+    the bandwidth of its default dot (profile in `benchmarks/generate.py --profile`), so they are off here."""
+    cpu = jax.default_backend() == "cpu"
+    options = {"xla_cpu_experimental_ynn_fusion_type": ""} if per_layer and cpu else None
+    return jax.jit(functools.partial(_greedy_generate, per_layer=per_layer),
+                   static_argnames=("cfg", "max_new_tokens", "stop_ids", "pad"), compiler_options=options)
+
+
+def _greedy_generate(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array,
+                     intervention: Intervention | None = None, *, max_new_tokens: int,
+                     stop_ids: tuple[int, ...] = (), pad: int = 0, per_layer: bool = False) -> jax.Array:
     B, T = tokens.shape
     dtype = params.embed.dtype
-    cache = KVCache.init(cfg, B, T + max_new_tokens, dtype)
+    if per_layer:  # copied once, read by every step
+        params = params.replace(layers=unstack_layers(params.layers), lm_head=unembedding(params))
+    cache = KVCache.init(cfg, B, T + max_new_tokens, dtype, per_layer=per_layer)
     out = _forward(params, cfg, tokens, mask, intervention, cache, logits="last")
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
 

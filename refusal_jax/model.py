@@ -79,20 +79,27 @@ class Intervention:
 
 @struct.dataclass
 class KVCache:
-    """Key/value cache of fixed capacity S. Slot s of sequence b holds a real token iff mask[b, s]."""
+    """Key/value cache of fixed capacity S. Slot s of sequence b holds a real token iff mask[b, s].
 
-    k: jax.Array  # [L, B, S, K, H]
-    v: jax.Array  # [L, B, S, K, H]
+    k and v are stacked [L, B, S, K, H] for the layer scan, or tuples of L arrays [B, S, K, H] (`per_layer`) for
+    per-layer weights (`params.unstack_layers`), so that no step rewrites the whole stacked cache.
+    """
+
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     mask: jax.Array  # [B, S] bool
     lengths: jax.Array  # [B] int32: real tokens so far (the next token's RoPE position)
     index: jax.Array  # [] int32: next slot to write
 
     @classmethod
-    def init(cls, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32) -> "KVCache":
-        shape = (cfg.n_layers, batch, capacity, cfg.n_kv_heads, cfg.head_dim)
+    def init(cls, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32, *,
+             per_layer: bool = False) -> "KVCache":
+        shape = (batch, capacity, cfg.n_kv_heads, cfg.head_dim)
+        zeros = (lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))) if per_layer else (
+            lambda: jnp.zeros((cfg.n_layers, *shape), dtype))
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=zeros(),
+            v=zeros(),
             mask=jnp.zeros((batch, capacity), bool),
             lengths=jnp.zeros((batch,), jnp.int32),
             index=jnp.zeros((), jnp.int32),
@@ -208,8 +215,11 @@ def _attention(lp: LayerParams, cfg: ModelConfig, h, cos, sin, k_cache, v_cache,
         scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
     scores = jnp.where(key_ok[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(h.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(h.dtype)).reshape(B, T, cfg.n_heads, H)
-    return jnp.einsum("btnh,nhd->btd", out, lp.o), k, v
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(h.dtype))
+    # Heads flattened on both sides (E = N*H): with [B, T, N, H] XLA:CPU may transpose the whole o weight to
+    # match the activation's layout on every call, instead of the small activation.
+    o = lp.o.reshape(cfg.n_heads * H, -1)
+    return jnp.einsum("bte,ed->btd", out.reshape(B, T, cfg.n_heads * H), o), k, v
 
 
 def _mlp(lp: LayerParams, cfg: ModelConfig, h):
@@ -247,6 +257,12 @@ def _forward(
         attention_mask = jnp.ones((B, T), jnp.int32)
     chex.assert_shape(attention_mask, (B, T))
     chex.assert_shape(params.embed, (cfg.vocab_size, cfg.d_model))
+    per_layer = isinstance(params.layers, tuple)  # per-layer weights: the layer loop is written out, not scanned
+    if per_layer and len(params.layers) != cfg.n_layers:
+        raise ValueError(f"params have {len(params.layers)} per-layer weight sets, the config {cfg.n_layers} layers")
+    if cache is not None and isinstance(cache.k, tuple) != per_layer:
+        raise ValueError("a per-layer KVCache (KVCache.init(per_layer=True)) goes with per-layer params "
+                         "(params.unstack_layers) and a stacked one with stacked params")
     if intervention is None:
         intervention = Intervention.none(cfg)
     chex.assert_shape(intervention.ablate_layers, (cfg.n_layers,))
@@ -338,7 +354,7 @@ def _forward(
         jnp.arange(cfg.n_layers),
     )
     with jax.named_scope("decoder_blocks"):
-        x, (saved, (k_all, v_all)) = jax.lax.scan(block, x, xs)
+        x, (saved, (k_all, v_all)) = (_layer_loop if per_layer else jax.lax.scan)(block, x, xs)
 
     out_logits = None
     if logits != "none":
@@ -362,6 +378,18 @@ def _forward(
         resid_final=sl(x) if "resid_final" in capture else None,
         cache=new_cache,
     )
+
+
+def _layer_loop(block, x, xs):
+    """`lax.scan(block, x, xs)` written out over per-layer weights (a tuple); per-layer KV caches stay a tuple."""
+    layers, *per_layer_xs = xs
+    ys = []
+    for i, lp in enumerate(layers):
+        x, y = block(x, (lp, *(None if a is None else a[i] for a in per_layer_xs)))
+        ys.append(y)
+    saved = jax.tree.map(lambda *a: jnp.stack(a), *(s for s, _ in ys))
+    k, v = (None, None) if ys[0][1][0] is None else (tuple(kv[0] for _, kv in ys), tuple(kv[1] for _, kv in ys))
+    return x, (saved, (k, v))
 
 
 forward = jax.jit(_forward, static_argnames=("cfg", "capture", "capture_last", "logits"))

@@ -24,7 +24,7 @@ from refusal_jax import Intervention, directions, forward  # noqa: E402
 from refusal_jax import sharding as shd  # noqa: E402
 from refusal_jax.batching import bucketed  # noqa: E402
 from refusal_jax.config import tiny_config  # noqa: E402
-from refusal_jax.generate import greedy_generate  # noqa: E402
+from refusal_jax.generate import decode_program, greedy_generate  # noqa: E402
 from refusal_jax.params import init_random  # noqa: E402
 
 B = C = 8  # prompts per batch and candidates per chunk: multiples of every data-axis size used
@@ -115,13 +115,12 @@ def main(specs):
         r["n_devices"] = {"resid_pre": len(got["resid_pre"].sharding.device_set),
                           "cand_score": len(got["cand_score"].sharding.device_set),
                           "generated": len(got["generated"].sharding.device_set)}
-        # The KV cache lives inside greedy_generate's jit: read its per-device shape [L, B/d, S, K/m, H] from the
-        # partitioned HLO.
-        hlo = greedy_generate.lower(sp, cfg, *got["_gen_args"][1:], max_new_tokens=NEW).compile().as_text()
+        # The KV cache lives inside greedy_generate's jit: read its per-device shape (per layer on CPU, [B/d, S, K/m,
+        # H]) from the partitioned HLO.
+        hlo = decode_program(per_layer=True).lower(sp, cfg, *got["_gen_args"][1:], max_new_tokens=NEW).compile().as_text()
         S = harmful[0].tokens.shape[1] + NEW
-        r["cache_shapes"] = sorted(set(re.findall(
-            rf"f32\[{cfg.n_layers},\d+,{S},\d+,{cfg.head_dim}\]", hlo)))
-        r["cache_full_shape"] = f"f32[{cfg.n_layers},{B},{S},{cfg.n_kv_heads},{cfg.head_dim}]"
+        r["cache_shapes"] = sorted(set(re.findall(rf"f32\[\d+,{S},\d+,{cfg.head_dim}\]", hlo)))
+        r["cache_full_shape"] = f"f32[{B},{S},{cfg.n_kv_heads},{cfg.head_dim}]"
         r["mesh"] = dict(mesh.shape)
         r["seconds"] = time.perf_counter() - t
         result["meshes"][mesh_spec] = r

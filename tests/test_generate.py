@@ -4,10 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from refusal_jax import Intervention, forward
+from refusal_jax import Intervention, KVCache, forward
 from refusal_jax.config import tiny_config
 from refusal_jax.generate import cut_at_stop, greedy_generate
-from refusal_jax.params import init_random
+from refusal_jax.params import init_random, unstack_layers
 from tests.hf_tiny import left_padded_batch
 
 
@@ -23,18 +23,37 @@ def naive_greedy(params, cfg, tokens, mask, intervention, n):
     return np.stack(out, 1)
 
 
+@pytest.mark.parametrize("per_layer", [False, True], ids=["scan", "per_layer"])
 @pytest.mark.parametrize("kind", ["none", "ablation", "addition"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_cached_generation_matches_naive(family, kind):
+def test_cached_generation_matches_naive(family, kind, per_layer):
     cfg = tiny_config(family, n_layers=3)
     params = init_random(cfg, jax.random.key(0), scale=0.4)
     r = np.asarray(jax.random.normal(jax.random.key(1), (cfg.d_model,)))
     iv = {"none": None, "ablation": Intervention.ablation(cfg, r),
           "addition": Intervention.addition(cfg, r, layer=1, coeff=1.5)}[kind]
     tokens, mask = left_padded_batch(cfg.vocab_size, lengths=(6, 3, 9))
-    got = np.asarray(greedy_generate(params, cfg, tokens, mask, iv, max_new_tokens=8))
+    got = np.asarray(greedy_generate(params, cfg, tokens, mask, iv, max_new_tokens=8, per_layer=per_layer))
     want = naive_greedy(params, cfg, tokens, mask, iv, 8)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_per_layer_params_equal_the_layer_scan(family):
+    """Per-layer weights (the CPU decoding path) give the stacked scan's logits, captures and KV cache."""
+    cfg = tiny_config(family, n_layers=3)
+    params = init_random(cfg, jax.random.key(0), scale=0.4)
+    per_layer = params.replace(layers=unstack_layers(params.layers))
+    iv = Intervention.ablation(cfg, np.asarray(jax.random.normal(jax.random.key(1), (cfg.d_model,))))
+    tokens, mask = left_padded_batch(cfg.vocab_size, lengths=(6, 3, 9))
+    runs = [forward(p, cfg, tokens, mask, iv, KVCache.init(cfg, 3, 12, per_layer=p is per_layer),
+                    capture=("resid_pre", "mlp_out")) for p in (params, per_layer)]
+    for name in ("logits", "resid_pre", "mlp_out"):
+        np.testing.assert_allclose(getattr(runs[1], name), getattr(runs[0], name), rtol=1e-5, atol=1e-5)
+    assert len(runs[1].cache.k) == cfg.n_layers
+    np.testing.assert_allclose(np.stack(runs[1].cache.k), runs[0].cache.k, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="per-layer KVCache"):
+        forward(per_layer, cfg, tokens, mask, cache=KVCache.init(cfg, 3, 12))
 
 
 def test_stop_tokens_end_sequences():

@@ -86,10 +86,10 @@ def test_generation_identical_and_cache_sharded(run8, mesh):
     r = run8[mesh]
     assert r["generated_equal"]
     assert r["spec"]["generated"] == ["data"] and r["n_devices"]["generated"] == 8
-    # the KV cache built inside greedy_generate's jit holds only this device's prompts: [L, B/data, S, K', H]
+    # the KV cache built inside greedy_generate's jit holds only this device's prompts: [B/data, S, K', H] per layer
     assert r["cache_shapes"] and r["cache_full_shape"] not in r["cache_shapes"]
     per_device_batch = 8 // r["mesh"]["data"]
-    assert all(s.split(",")[1] == str(per_device_batch) for s in r["cache_shapes"]), r["cache_shapes"]
+    assert all(s.split(",")[0] == f"f32[{per_device_batch}" for s in r["cache_shapes"]), r["cache_shapes"]
 
 
 # --------------------------------------------------------------------------------------------------
