@@ -67,3 +67,30 @@ def chat_prompts(n: int, tokenizer, family: str):
     fmt = templates.chat_format_for(family, tokenizer)
     mixed = [x for pair in zip(harmful, harmless) for x in pair][:n]
     return templates.format_instructions(fmt, mixed), fmt
+
+
+def xla_op_times(fn, repeats: int = 3, top: int = 8) -> dict:
+    """Milliseconds per call spent in each kind of XLA:CPU operation (fusion names without their numeric suffix,
+    e.g. `dynamic-slice_bitcast_fusion`, `dot`), read from a jax.profiler trace of `repeats` calls of `fn`."""
+    import collections
+    import gzip
+    import re
+    import tempfile
+
+    import jax
+
+    fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+        for _ in range(repeats):
+            fn()
+        jax.profiler.stop_trace()
+        trace = json.load(gzip.open(next(Path(tmp).rglob("*.trace.json.gz"))))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    kinds = collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") != "X" or name.startswith(("$", "Pjit", "end:")) or "::" in name:
+            continue  # Python frames and runtime bookkeeping, not XLA operations
+        kinds[re.sub(r"\.\d+$", "", name)] += e["dur"] / 1e3 / repeats
+    return {k: round(v, 2) for k, v in kinds.most_common(top)}

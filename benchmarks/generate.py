@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from common import chat_prompts, emit, hf_reference_model, machine
+from common import chat_prompts, emit, hf_reference_model, machine, xla_op_times
 
 
 def main():
@@ -20,6 +20,9 @@ def main():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="also time one decoding step in both weight layouts, with XLA op times and the matvec "
+                        "bandwidth of both sides")
     args = p.parse_args()
 
     import jax
@@ -27,7 +30,7 @@ def main():
     import refusal_jax
     from refusal_jax import Intervention, bundled
     from refusal_jax.batching import bucketed, encode, pad_id
-    from refusal_jax.generate import cut_at_stop, greedy_generate, stop_token_ids
+    from refusal_jax.generate import cut_at_stop, decoding_params, greedy_generate, stop_token_ids
 
     m = refusal_jax.load_model(args.model, progress=False)
     prompts, _ = chat_prompts(args.n_prompts, m.tokenizer, m.cfg.family)
@@ -37,8 +40,9 @@ def main():
     stops, pad = stop_token_ids(m.tokenizer), pad_id(m.tokenizer)
 
     def ours():
+        params = decoding_params(m.params)  # once per set of prompts, as generate_completions
         return [np.asarray(jax.block_until_ready(greedy_generate(
-            m.params, m.cfg, b.tokens, b.mask, iv, max_new_tokens=args.max_new_tokens, stop_ids=stops, pad=pad)))
+            params, m.cfg, b.tokens, b.mask, iv, max_new_tokens=args.max_new_tokens, stop_ids=stops, pad=pad)))
             for b in batches]
 
     t0 = time.perf_counter()
@@ -68,7 +72,77 @@ def main():
         record["torch_generate_hooks"] = {"wall_s": t_ref, "generated_tokens": ref_new, "tokens_per_s": ref_new / t_ref}
         record["speedup_steady"] = (n_new / steady) / (ref_new / t_ref)
         record["identical_completions"] = f"{same}/{args.n_prompts}"
+    if args.profile:
+        record["profile"] = profile(m, iv, args.batch_size, batches[0].tokens.shape[1] + args.max_new_tokens)
     emit(record)
+
+
+def profile(m, iv, batch: int, capacity: int) -> dict:
+    """One decoding step (batch rows, cache half full) with the stacked layer scan and with `decoding_params`; XLA
+    op times of each; the bytes of weights a step reads, against the machine's few-row matmul bandwidth."""
+    import jax
+    import jax.numpy as jnp
+
+    from refusal_jax.generate import CPU_DECODE_OPTIONS, decoding_params
+    from refusal_jax.model import KVCache, _forward
+
+    out = {}
+    for name, params, options in (("layer_scan", m.params, None),
+                                  ("per_layer", decoding_params(m.params, True), CPU_DECODE_OPTIONS)):
+        per_layer = isinstance(params.layers, tuple)
+        cache = KVCache.init(m.cfg, batch, capacity, per_layer=per_layer)
+        cache = cache.replace(mask=cache.mask.at[:, :capacity // 2].set(True),
+                              index=jnp.asarray(capacity // 2, jnp.int32),
+                              lengths=jnp.full((batch,), capacity // 2, jnp.int32))
+        step = jax.jit(lambda p, t, c: _forward(p, m.cfg, t, jnp.ones_like(t), iv, c, logits="last").logits,
+                       compiler_options=options)
+        tok = jnp.ones((batch, 1), jnp.int32)
+        run = lambda: jax.block_until_ready(step(params, tok, cache))  # noqa: E731
+        run()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            run()
+        out[name] = {"step_s": (time.perf_counter() - t0) / 10, "xla_op_ms": xla_op_times(run)}
+    weights = sum(a.nbytes for a in jax.tree.leaves(decoding_params(m.params, True).layers))
+    head = m.params.embed.nbytes if m.params.lm_head is None else m.params.lm_head.nbytes
+    out["weight_bytes_per_step"] = weights + head
+    out["matvec_gb_per_s"] = matvec_bandwidth(batch, m.cfg.d_model, m.cfg.d_ff)
+    out["step_floor_s"] = out["weight_bytes_per_step"] / (out["matvec_gb_per_s"]["jax_default_dot"] * 1e9)
+    return out
+
+
+def matvec_bandwidth(rows: int, d: int, f: int, n: int = 48) -> dict:
+    """GB/s of weights read by [rows, d] x [d, f] products over n distinct weight matrices (more than the caches)."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    ws = [rng.random((d, f), np.float32) for _ in range(n)]
+    x = np.ones((rows, d), np.float32)
+    out = {}
+
+    def rate(fn):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            fn()
+        return n * d * f * 4 * 5 / (time.perf_counter() - t0) / 1e9
+
+    jw, jx = [jnp.asarray(w) for w in ws], jnp.asarray(x)
+    from refusal_jax.generate import CPU_DECODE_OPTIONS
+
+    for name, options in (("jax_ynn_fusion", None), ("jax_default_dot", CPU_DECODE_OPTIONS)):
+        f_ = jax.jit(lambda x, ws: [x @ w for w in ws], compiler_options=options)
+        out[name] = rate(lambda: jax.block_until_ready(f_(jx, jw)))
+    try:
+        import torch
+
+        tw, tx = [torch.from_numpy(w.T.copy()) for w in ws], torch.from_numpy(x)  # nn.Linear's [out, in]
+        with torch.no_grad():
+            out["torch_linear"] = rate(lambda: [torch.nn.functional.linear(tx, w) for w in tw])
+    except ImportError:
+        pass
+    return out
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import numpy as np
 from refusal_jax.batching import bucketed, encode, pad_id
 from refusal_jax.config import ModelConfig
 from refusal_jax.model import Intervention, KVCache, _forward
-from refusal_jax.params import Params, unembedding, unstack_layers
+from refusal_jax.params import Params, unstack_layers
 
 # End-of-turn tokens of the supported chat formats; generation stops at these and at the tokenizer's EOS.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|end_of_text|>")
@@ -24,39 +24,57 @@ def greedy_generate(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: j
     """Greedy continuation of left-padded prompts (jit-compiled).
 
     Args:
+      params: stacked, or already laid out for decoding by `decoding_params` (reused across calls).
       tokens, mask: [B, T] left-padded prompt ids and attention mask.
       intervention: applied to the prompt and to every generated token (traced).
       max_new_tokens: number of decoding steps (static).
       stop_ids: token ids that end a sequence; later positions are filled with `pad`.
-      per_layer: decode with per-layer copies of the layer weights and per-layer KV caches instead of the layer
-        scan (`params.unstack_layers`). Default: on CPU, where it makes a decoding step about twice as fast,
-        at the cost of a second copy of the layer weights while generating.
+      per_layer: see `decoding_params` (default: on CPU).
     Returns:
       [B, max_new_tokens] int32 generated ids.
     """
+    params = decoding_params(params, per_layer)
+    return decode_program(isinstance(params.layers, tuple))(
+        params, cfg, tokens, mask, intervention, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad=pad)
+
+
+def decoding_params(params: Params, per_layer: bool | None = None) -> Params:
+    """`params` laid out for fast decoding: per-layer weight copies (`params.unstack_layers`; the KV cache is then
+    per layer too) and, for a tied embedding, a row-major [D, V] LM head.
+
+    Inside the layer scan XLA:CPU copies every layer's weight slice out of the stacked arrays on each decoding step
+    (half of a step's time), and it reads a transposed [V, D] operand of a few-row matmul at a third of the
+    bandwidth; a step is about 2.5x faster without both. The price is a second copy of the weights while
+    generating. per_layer: default on CPU; False returns `params` unchanged. Already prepared params pass through.
+    """
     if per_layer is None:
         per_layer = jax.default_backend() == "cpu"
-    return decode_program(per_layer)(params, cfg, tokens, mask, intervention, max_new_tokens=max_new_tokens,
-                                     stop_ids=stop_ids, pad=pad)
+    if not per_layer or isinstance(params.layers, tuple):
+        return params
+    # Outside jit, so that XLA cannot fold the transpose back into the matmul.
+    lm_head = jnp.transpose(params.embed) if params.lm_head is None else params.lm_head
+    return params.replace(layers=unstack_layers(params.layers), lm_head=lm_head)
+
+
+# XLA:CPU's YNNPACK fusions read a few-row matmul's weights at about 70% of the bandwidth of its default dot (11 vs
+# 16 GB/s here, `benchmarks/generate.py --profile`); decoding steps are such matmuls.
+CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @functools.cache
 def decode_program(per_layer: bool):
-    """The jitted generation function. XLA:CPU's YNNPACK fusions read a batch-of-rows matmul's weights at about half
-    the bandwidth of its default dot (profile in `benchmarks/generate.py --profile`), so they are off here."""
-    cpu = jax.default_backend() == "cpu"
-    options = {"xla_cpu_experimental_ynn_fusion_type": ""} if per_layer and cpu else None
-    return jax.jit(functools.partial(_greedy_generate, per_layer=per_layer),
-                   static_argnames=("cfg", "max_new_tokens", "stop_ids", "pad"), compiler_options=options)
+    """The jitted generation function; for per-layer params on CPU compiled with `CPU_DECODE_OPTIONS`."""
+    options = CPU_DECODE_OPTIONS if per_layer and jax.default_backend() == "cpu" else None
+    return jax.jit(_greedy_generate, static_argnames=("cfg", "max_new_tokens", "stop_ids", "pad"),
+                   compiler_options=options)
 
 
 def _greedy_generate(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array,
                      intervention: Intervention | None = None, *, max_new_tokens: int,
-                     stop_ids: tuple[int, ...] = (), pad: int = 0, per_layer: bool = False) -> jax.Array:
+                     stop_ids: tuple[int, ...] = (), pad: int = 0) -> jax.Array:
     B, T = tokens.shape
     dtype = params.embed.dtype
-    if per_layer:  # copied once, read by every step
-        params = params.replace(layers=unstack_layers(params.layers), lm_head=unembedding(params))
+    per_layer = isinstance(params.layers, tuple)
     cache = KVCache.init(cfg, B, T + max_new_tokens, dtype, per_layer=per_layer)
     out = _forward(params, cfg, tokens, mask, intervention, cache, logits="last")
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
@@ -105,6 +123,7 @@ def generate_completions(params: Params, cfg: ModelConfig, tokenizer, prompts: S
     pad, stops = pad_id(tokenizer), stop_token_ids(tokenizer)
     texts: list[str] = [""] * len(prompts)
     batches = list(bucketed(ids, batch_size, pad))
+    params = decoding_params(params)  # once for all batches
     if progress:
         from tqdm.auto import tqdm
 

@@ -24,7 +24,7 @@ from refusal_jax import Intervention, directions, forward  # noqa: E402
 from refusal_jax import sharding as shd  # noqa: E402
 from refusal_jax.batching import bucketed  # noqa: E402
 from refusal_jax.config import tiny_config  # noqa: E402
-from refusal_jax.generate import decode_program, greedy_generate  # noqa: E402
+from refusal_jax.generate import decode_program, decoding_params, greedy_generate  # noqa: E402
 from refusal_jax.params import init_random  # noqa: E402
 
 B = C = 8  # prompts per batch and candidates per chunk: multiples of every data-axis size used
@@ -117,7 +117,8 @@ def main(specs):
                           "generated": len(got["generated"].sharding.device_set)}
         # The KV cache lives inside greedy_generate's jit: read its per-device shape (per layer on CPU, [B/d, S, K/m,
         # H]) from the partitioned HLO.
-        hlo = decode_program(per_layer=True).lower(sp, cfg, *got["_gen_args"][1:], max_new_tokens=NEW).compile().as_text()
+        program = decode_program(True).lower(decoding_params(sp, True), cfg, *got["_gen_args"][1:], max_new_tokens=NEW)
+        hlo = program.compile().as_text()
         S = harmful[0].tokens.shape[1] + NEW
         r["cache_shapes"] = sorted(set(re.findall(rf"f32\[\d+,{S},\d+,{cfg.head_dim}\]", hlo)))
         r["cache_full_shape"] = f"f32[{B},{S},{cfg.n_kv_heads},{cfg.head_dim}]"
