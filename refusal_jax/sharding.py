@@ -236,22 +236,28 @@ def shard_batches(batches: Sequence[Batch], mesh: Mesh, rules: MeshRules = DEFAU
 
 
 def cache_shardings(cfg: ModelConfig, mesh: Mesh, batch: int, capacity: int,
-                    rules: MeshRules = DEFAULT_RULES) -> KVCache:
-    """A KVCache-shaped pytree of NamedSharding: k/v [L, B, S, K, H] over batch and kv_heads; mask, lengths over
-    batch; index replicated."""
+                    rules: MeshRules = DEFAULT_RULES, *, per_layer: bool = False) -> KVCache:
+    """A KVCache-shaped pytree of NamedSharding: k/v [L, B, S, K, H] (or per layer [B, S, K, H]) over batch and
+    kv_heads; mask, lengths over batch; index replicated."""
     shapes = {
         "k": (cfg.n_layers, batch, capacity, cfg.n_kv_heads, cfg.head_dim),
         "v": (cfg.n_layers, batch, capacity, cfg.n_kv_heads, cfg.head_dim),
         "mask": (batch, capacity), "lengths": (batch,), "index": (),
     }
-    return KVCache(**{name: sharding_for(shape, CACHE_AXES[name], mesh, rules) for name, shape in shapes.items()})
+    out = {name: sharding_for(shape, CACHE_AXES[name], mesh, rules) for name, shape in shapes.items()}
+    if per_layer:
+        for name in ("k", "v"):
+            one = sharding_for(shapes[name][1:], CACHE_AXES[name][1:], mesh, rules)
+            out[name] = (one,) * cfg.n_layers
+    return KVCache(**out)
 
 
 def shard_cache(cache: KVCache, cfg: ModelConfig, mesh: Mesh, rules: MeshRules = DEFAULT_RULES) -> KVCache:
     """`cache` placed per `cache_shardings`. (`greedy_generate` needs none: its cache is built inside jit and
     inherits the batch / kv_heads sharding of the keys and values written into it.)"""
     batch, capacity = cache.mask.shape
-    return jax.device_put(cache, cache_shardings(cfg, mesh, batch, capacity, rules))
+    per_layer = isinstance(cache.k, tuple)
+    return jax.device_put(cache, cache_shardings(cfg, mesh, batch, capacity, rules, per_layer=per_layer))
 
 
 def stack_interventions(interventions: Sequence[Intervention]) -> Intervention:

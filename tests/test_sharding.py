@@ -151,7 +151,10 @@ def test_shard_params_and_cache_on_one_device():
         shd.shard_params(params, tiny_config("qwen2", tie_embeddings=False), mesh)
     from refusal_jax.model import KVCache
     cache = shd.shard_cache(KVCache.init(cfg, 2, 8), cfg, mesh)
-    assert cache.k.sharding.mesh == mesh and cache.k.shape == (2, 2, 8, 2, 8)
+    assert cache.k.sharding.mesh == mesh and cache.k.shape == (2, 2, 8, 2, 8)  # [L, B, S, K, H]
+    per_layer = shd.shard_cache(KVCache.init(cfg, 2, 8, per_layer=True), cfg, mesh)
+    assert len(per_layer.k) == cfg.n_layers and per_layer.k[0].sharding.mesh == mesh
+    assert per_layer.k[0].shape == (2, 8, 2, 8)
 
 
 def test_make_mesh_parsing():
