@@ -12,7 +12,7 @@ import numpy as np
 from refusal_jax.batching import bucketed, encode, pad_id
 from refusal_jax.config import ModelConfig
 from refusal_jax.model import Intervention, KVCache, _forward
-from refusal_jax.params import Params, unstack_layers
+from refusal_jax.params import Params, unembedding, unstack_layers
 
 # End-of-turn tokens of the supported chat formats; generation stops at these and at the tokenizer's EOS.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|end_of_text|>")
@@ -51,9 +51,14 @@ def decoding_params(params: Params, per_layer: bool | None = None) -> Params:
         per_layer = jax.default_backend() == "cpu"
     if not per_layer or isinstance(params.layers, tuple):
         return params
-    # Outside jit, so that XLA cannot fold the transpose back into the matmul.
-    lm_head = jnp.transpose(params.embed) if params.lm_head is None else params.lm_head
-    return params.replace(layers=unstack_layers(params.layers), lm_head=lm_head)
+    return _decoding_layout(params)
+
+
+@jax.jit
+def _decoding_layout(params: Params) -> Params:
+    # One program for all copies; its outputs are row-major buffers, so the transposed embedding is materialized
+    # (inside the decoding program XLA would fold the transpose back into the matmul).
+    return params.replace(layers=unstack_layers(params.layers), lm_head=unembedding(params))
 
 
 # XLA:CPU's YNNPACK fusions read a few-row matmul's weights at about 70% of the bandwidth of its default dot (11 vs
