@@ -28,12 +28,10 @@ def main():
     args = p.parse_args()
 
     import jax
-    import jax.numpy as jnp
 
     import refusal_jax
     from refusal_jax import bundled
     from refusal_jax.batching import bucketed, encode, pad_id
-    from refusal_jax.directions import _resid_sums
     from refusal_jax.model import forward
 
     model = refusal_jax.load_model(args.model, progress=False)

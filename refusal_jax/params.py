@@ -1,4 +1,5 @@
-"""Parameter pytrees. Layers are stacked on a leading axis L so the forward pass is one `lax.scan`.
+"""Parameter pytrees. Layers are stacked on a leading axis L so the forward pass is one `lax.scan` (or, for
+decoding on CPU, split into per-layer copies by `unstack_layers`).
 
 Axis letters (used in every einsum of the project):
   B batch, T query positions, S key positions, D d_model, N query heads, K kv heads, G query heads per kv head,
@@ -41,7 +42,7 @@ class LayerParams:
 @struct.dataclass
 class Params:
     embed: jax.Array  # [V, D]
-    layers: LayerParams
+    layers: LayerParams  # stacked [L, ...]; or a tuple of L per-layer LayerParams (`unstack_layers`)
     final_norm: jax.Array  # [D]
     lm_head: jax.Array | None = None  # [D, V]; None when tied to `embed`
 

@@ -80,7 +80,7 @@ def test_tensor_export_layout_and_gemma_unfolding():
     cfg = GEMMA2
     params = init_random(cfg, 1, scale=0.02)
     hf = dict(engine.to_hf_tensors(cfg, params))
-    N, H, D = cfg.n_heads, cfg.head_dim, cfg.d_model
+    H = cfg.head_dim
     q = np.asarray(params.layers.q[1])  # [D, N, H]
     np.testing.assert_array_equal(hf["model.layers.1.self_attn.q_proj.weight"][3 * H + 2], q[:, 3, 2])
     np.testing.assert_array_equal(hf["model.layers.1.self_attn.o_proj.weight"][:, 2 * H + 5],

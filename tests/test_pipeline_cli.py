@@ -1,7 +1,6 @@
 """The extract and pipeline commands end to end on a tiny model: artifacts, resume, and bad input (exit 2)."""
 
 import json
-import os
 
 import numpy as np
 import pytest
