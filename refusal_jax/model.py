@@ -95,8 +95,12 @@ class KVCache:
     def init(cls, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32, *,
              per_layer: bool = False) -> "KVCache":
         shape = (batch, capacity, cfg.n_kv_heads, cfg.head_dim)
-        zeros = (lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))) if per_layer else (
-            lambda: jnp.zeros((cfg.n_layers, *shape), dtype))
+
+        def zeros():  # k and v must be distinct buffers (both are donated)
+            if per_layer:
+                return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+            return jnp.zeros((cfg.n_layers, *shape), dtype)
+
         return cls(
             k=zeros(),
             v=zeros(),

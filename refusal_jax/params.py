@@ -119,12 +119,8 @@ def unembedding(params: Params) -> jax.Array:
 
 
 def unstack_layers(layers: LayerParams) -> tuple[LayerParams, ...]:
-    """The stacked [L, ...] layer weights as L separate per-layer LayerParams (copies).
-
-    The forward pass loops over such a tuple in Python instead of scanning. Decoding on CPU wants this: inside a
-    scan, XLA:CPU copies each layer's weight slice out of the stacked array on every step (half the time of a
-    decoding step, `benchmarks/generate.py --profile`); separate buffers are read in place.
-    """
+    """The stacked [L, ...] layer weights as L separate per-layer LayerParams (copies). The forward pass loops over
+    such a tuple instead of scanning; `generate.decoding_params` says why decoding on CPU wants that."""
     return tuple(jax.tree.map(lambda a: a[i], layers) for i in range(layers.attn_norm.shape[0]))
 
 
