@@ -55,6 +55,7 @@ def main():
                 "tokens_per_s": n_tokens / steady},
     }
     if not args.skip_torch:
+        import reference_torch
         import torch
 
         hf = hf_reference_model(bundled.model_path(args.model))
@@ -62,31 +63,24 @@ def main():
         positions = list(range(-args.n_pos, 0))
 
         def hook(layer, faithful):
-            def pre_hook(module, inputs, kwargs):
-                hidden = inputs[0] if inputs else kwargs["hidden_states"]
+            def pre_hook(module, inputs):
                 if faithful:  # generate_directions.py: input[0].clone().to(float64), then the positions
-                    captured.setdefault(layer, []).append(hidden.clone().to(torch.float64)[:, positions])
+                    captured.setdefault(layer, []).append(inputs[0].clone().to(torch.float64)[:, positions])
                 else:
-                    captured.setdefault(layer, []).append(hidden[:, -args.n_pos:].double())
+                    captured.setdefault(layer, []).append(inputs[0][:, positions].double())
             return pre_hook
 
         def run_torch(module, faithful):
-            handles = [blk.register_forward_pre_hook(hook(i, faithful), with_kwargs=True)
-                       for i, blk in enumerate(hf.model.layers)]
-
             def reference():
                 captured.clear()
-                with torch.no_grad():
+                pre_hooks = [(blk, hook(i, faithful)) for i, blk in enumerate(hf.model.layers)]
+                with reference_torch.hooks(hf, pre_hooks), torch.no_grad():
                     for b in batches:
                         module(input_ids=torch.tensor(b.tokens, dtype=torch.long),
                                attention_mask=torch.tensor(b.mask, dtype=torch.long))
                 return {k: torch.cat(v).numpy() for k, v in captured.items()}
 
-            try:
-                return timed(reference, args.repeats)
-            finally:
-                for h in handles:
-                    h.remove()
+            return timed(reference, args.repeats)
 
         ours0 = np.concatenate([a[0] for a in acts])
         # The reference method: get_mean_activations calls the whole causal LM, so logits are computed for every

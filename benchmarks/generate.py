@@ -86,9 +86,8 @@ def profile(m, iv, batch: int, capacity: int) -> dict:
     from refusal_jax.generate import CPU_DECODE_OPTIONS, decoding_params
     from refusal_jax.model import KVCache, _forward
 
-    out = {}
-    for name, params, options in (("layer_scan", m.params, None),
-                                  ("per_layer", decoding_params(m.params, True), CPU_DECODE_OPTIONS)):
+    out, decoding = {}, decoding_params(m.params, True)
+    for name, params, options in (("layer_scan", m.params, None), ("per_layer", decoding, CPU_DECODE_OPTIONS)):
         per_layer = isinstance(params.layers, tuple)
         cache = KVCache.init(m.cfg, batch, capacity, per_layer=per_layer)
         cache = cache.replace(mask=cache.mask.at[:, :capacity // 2].set(True),
@@ -110,9 +109,7 @@ def profile(m, iv, batch: int, capacity: int) -> dict:
         for _ in range(10):
             run()
         out[name] = {"step_s": (time.perf_counter() - t0) / 10, "xla_op_ms": xla_op_times(run, top=14)}
-    weights = sum(a.nbytes for a in jax.tree.leaves(decoding_params(m.params, True).layers))
-    head = m.params.embed.nbytes if m.params.lm_head is None else m.params.lm_head.nbytes
-    out["weight_bytes_per_step"] = weights + head
+    out["weight_bytes_per_step"] = sum(a.nbytes for a in jax.tree.leaves(decoding.layers)) + decoding.lm_head.nbytes
     out["matvec_gb_per_s"] = matvec_bandwidth(batch, m.cfg.d_model, m.cfg.d_ff)
     out["step_floor_s"] = out["weight_bytes_per_step"] / (out["matvec_gb_per_s"]["jax_default_dot"] * 1e9)
     return out
@@ -122,6 +119,8 @@ def matvec_bandwidth(rows: int, d: int, f: int, n: int = 48) -> dict:
     """GB/s of weights read by [rows, d] x [d, f] products over n distinct weight matrices (more than the caches)."""
     import jax
     import jax.numpy as jnp
+
+    from refusal_jax.generate import CPU_DECODE_OPTIONS
 
     rng = np.random.default_rng(0)
     ws = [rng.random((d, f), np.float32) for _ in range(n)]
@@ -136,8 +135,6 @@ def matvec_bandwidth(rows: int, d: int, f: int, n: int = 48) -> dict:
         return n * d * f * 4 * 5 / (time.perf_counter() - t0) / 1e9
 
     jw, jx = [jnp.asarray(w) for w in ws], jnp.asarray(x)
-    from refusal_jax.generate import CPU_DECODE_OPTIONS
-
     for name, options in (("jax_ynn_fusion", None), ("jax_default_dot", CPU_DECODE_OPTIONS)):
         f_ = jax.jit(lambda x, ws: [x @ w for w in ws], compiler_options=options)
         out[name] = rate(lambda: jax.block_until_ready(f_(jx, jw)))

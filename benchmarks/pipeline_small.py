@@ -29,7 +29,7 @@ def main():
     import refusal_jax
     from refusal_jax import Intervention, bundled, datasets, directions, templates
     from refusal_jax.batching import bucketed, encode, pad_id
-    from refusal_jax.generate import greedy_generate, stop_token_ids
+    from refusal_jax.generate import decoding_params, greedy_generate, stop_token_ids
     from refusal_jax.pipeline import _int_list
 
     import reference_torch
@@ -60,9 +60,10 @@ def main():
         best = min(evals, key=lambda e: e["refusal_score"])
         r = diffs[best["position"], best["layer"]]
         stages["stage2_selection_s"] = time.perf_counter() - t0 - sum(stages.values())
+        decoding = decoding_params(m.params)  # once, as generate_completions does
         for iv in (None, Intervention.ablation(m.cfg, r)):
             for b in gen:
-                np.asarray(greedy_generate(m.params, m.cfg, b.tokens, b.mask, iv,
+                np.asarray(greedy_generate(decoding, m.cfg, b.tokens, b.mask, iv,
                                            max_new_tokens=args.max_new_tokens, stop_ids=stops, pad=pad))
         stages["stage3_completions_s"] = time.perf_counter() - t0 - sum(stages.values())
         return stages, diffs, best

@@ -119,20 +119,20 @@ def cut_at_stop(tokens: list[int], stops: Sequence[int]) -> list[int]:
     return tokens
 
 
-def generate_completions(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[str],
-                         intervention: Intervention | None = None, *, batch_size: int = 8,
-                         max_new_tokens: int = 512, progress: bool = False, desc: str = "generating",
-                         mesh=None) -> list[str]:
-    """Greedy completions (decoded, special tokens skipped, stripped, as the reference) in input order."""
-    ids = encode(tokenizer, prompts)
+def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[str],
+                 intervention: Intervention | None = None, *, batch_size: int = 8, max_new_tokens: int = 512,
+                 progress: bool = False, desc: str = "generating", leave: bool = True,
+                 mesh=None) -> list[list[int]]:
+    """Greedy completion token ids of templated prompts (up to and including a stop token), in input order."""
+    ids = encode(tokenizer, list(prompts))
     pad, stops = pad_id(tokenizer), stop_token_ids(tokenizer)
-    texts: list[str] = [""] * len(prompts)
+    out: list[list[int]] = [[] for _ in prompts]
     batches = list(bucketed(ids, batch_size, pad))
     params = decoding_params(params)  # once for all batches
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc=desc, unit="batch")
+        batches = tqdm(batches, desc=desc, unit="batch", leave=leave)
     for batch in batches:
         tokens, mask = batch.tokens, batch.mask
         if mesh is not None:  # prompts split over the data axis; the KV cache follows inside jit
@@ -143,5 +143,15 @@ def generate_completions(params: Params, cfg: ModelConfig, tokenizer, prompts: S
                                          max_new_tokens=max_new_tokens, stop_ids=stops, pad=pad))
         for row, idx in enumerate(batch.index):
             if idx >= 0:
-                texts[idx] = tokenizer.decode(cut_at_stop(gen[row].tolist(), stops), skip_special_tokens=True).strip()
-    return texts
+                out[idx] = cut_at_stop(gen[row].tolist(), stops)
+    return out
+
+
+def generate_completions(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[str],
+                         intervention: Intervention | None = None, *, batch_size: int = 8,
+                         max_new_tokens: int = 512, progress: bool = False, desc: str = "generating",
+                         mesh=None) -> list[str]:
+    """Greedy completions (decoded, special tokens skipped, stripped, as the reference) in input order."""
+    ids = generate_ids(params, cfg, tokenizer, prompts, intervention, batch_size=batch_size,
+                       max_new_tokens=max_new_tokens, progress=progress, desc=desc, mesh=mesh)
+    return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]

@@ -165,24 +165,10 @@ def examples_from_texts(tokenizer, prompts: Sequence[str], targets: Sequence[str
 def generate_targets(params, cfg, tokenizer, prompts: Sequence[str], intervention, *, max_new_tokens: int = 30,
                      batch_size: int = 16, progress: bool = False, desc: str = "targets") -> list[list[int]]:
     """Greedy completion token ids (up to and including a stop token) of templated prompts, in input order."""
-    from refusal_jax.batching import bucketed, encode, pad_id
-    from refusal_jax.generate import cut_at_stop, greedy_generate, stop_token_ids
+    from refusal_jax.generate import generate_ids
 
-    ids = encode(tokenizer, list(prompts))
-    pad, stops = pad_id(tokenizer), stop_token_ids(tokenizer)
-    out: list[list[int]] = [[] for _ in prompts]
-    batches = list(bucketed(ids, min(batch_size, len(ids)), pad))
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc=desc, unit="batch", leave=False)
-    for batch in batches:
-        gen = np.asarray(greedy_generate(params, cfg, batch.tokens, batch.mask, intervention,
-                                         max_new_tokens=max_new_tokens, stop_ids=stops, pad=pad))
-        for row, idx in enumerate(batch.index):
-            if idx >= 0:
-                out[idx] = cut_at_stop(gen[row].tolist(), stops)
-    return out
+    return generate_ids(params, cfg, tokenizer, prompts, intervention, batch_size=min(batch_size, len(prompts)),
+                        max_new_tokens=max_new_tokens, progress=progress, desc=desc, leave=False)
 
 
 # --------------------------------------------------------------------------------------------------
