@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from refusal_jax.runs import cli
 from refusal_jax.runs.cli import main_wrapper
 
 
@@ -16,13 +17,10 @@ def parser() -> argparse.ArgumentParser:
                     "(orbax params + versioned config + tokenizer).")
     p.add_argument("src", help="HF model directory, HF hub id (owner/name), .gguf file, or bundled model name")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="parameter dtype of the converted checkpoint (default float32)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--no-strict-config", action="store_true",
-                   help="accept config.json attributes refusal_jax does not know (only if you checked they do not "
-                        "change the forward pass)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli.add_dtype_flag(p, "parameter dtype of the converted checkpoint (default float32)")
+    cli.add_overwrite_flag(p)
+    cli.add_strict_config_flag(p)
+    cli.add_progress_flag(p)
     return p
 
 

@@ -27,6 +27,8 @@ import secrets
 from pathlib import Path
 
 from refusal_jax.errors import CheckpointError, ChecksumError
+from refusal_jax.runs.progress import byte_bar
+from refusal_jax.runs.rundir import sha256_file
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 CACHE_ENV = "REFUSAL_JAX_CACHE"
@@ -186,28 +188,6 @@ def _target_path(spec: ModelSpec, cache: Path) -> Path:
 # hashing with a stamp
 
 
-def _progress_bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is a dependency, but a progress bar is never worth failing over
-        return None
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
-
-
-def sha256_file(path: Path, progress: bool = False, desc: str | None = None) -> str:
-    path = Path(path)
-    h = hashlib.sha256()
-    bar = _progress_bar(path.stat().st_size, desc or f"sha256 {path.name}", progress)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            if bar:
-                bar.update(len(chunk))
-    if bar:
-        bar.close()
-    return h.hexdigest()
 
 
 def _stamp_path(spec: ModelSpec, cache: Path) -> Path:
@@ -278,7 +258,7 @@ def _assemble(spec: ModelSpec, target: Path, stamp: Path, progress: bool) -> Pat
         raise CheckpointError(f"cannot write the assembled {spec.name} into {target.parent} ({e.strerror}); "
                               f"point ${CACHE_ENV} at a writable directory") from None
     h = hashlib.sha256()
-    bar = _progress_bar(total, f"assembling {target.name}", progress)
+    bar = byte_bar(total, f"assembling {target.name}", progress)
     try:
         with os.fdopen(fd, "wb") as out:
             for part in parts:
@@ -286,8 +266,7 @@ def _assemble(spec: ModelSpec, target: Path, stamp: Path, progress: bool) -> Pat
                     while chunk := f.read(_CHUNK):
                         out.write(chunk)
                         h.update(chunk)
-                        if bar:
-                            bar.update(len(chunk))
+                        bar.update(len(chunk))
             out.flush()
             os.fsync(out.fileno())
         sha = h.hexdigest()
@@ -302,8 +281,7 @@ def _assemble(spec: ModelSpec, target: Path, stamp: Path, progress: bool) -> Pat
         tmp.unlink(missing_ok=True)
         raise
     finally:
-        if bar:
-            bar.close()
+        bar.close()
     _write_stamp(stamp, target, sha)
     return target
 

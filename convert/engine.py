@@ -238,7 +238,7 @@ def to_hf_tensors(
       norm_offset_folded: Gemma only: yield the stored multiplier 1 + w instead of HF's w (the GGUF convention).
         By default Gemma norms are un-folded as w = stored - 1, computed in float32 and rounded once to `dtype`.
       edit: applied to each tensor in our layout before it is converted, as edit(field, layer index or None,
-        array) (e.g. `orthogonalize.streaming_edit`), so an edited model is exported without being held twice.
+        array) (e.g. `method.orthogonalization.streaming_edit`), so an edited model is exported without being held twice.
     Raises:
       CheckpointError: params whose shapes do not match `cfg`, or an lm_head on a tied config.
     """
@@ -247,7 +247,7 @@ def to_hf_tensors(
     flat = to_flat(params)
     if cfg.tie_embeddings and "lm_head" in flat:
         raise CheckpointError("params have an lm_head but the config ties embeddings: export with an untied config "
-                              "(refusal_jax.orthogonalize.untied_config)")
+                              "(refusal_jax.method.orthogonalization.untied_config)")
     if not cfg.tie_embeddings and "lm_head" not in flat:
         flat["lm_head"] = _Transposed(flat["embed"])  # untied config, tied params: the head is the embedding
     shapes = param_shapes(cfg)

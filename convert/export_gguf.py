@@ -270,7 +270,7 @@ def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_s
 
     Args:
       path: the output .gguf file; refused if it exists unless `overwrite`.
-      cfg: the config of `params` (for an orthogonalized model: `orthogonalize.untied_config(cfg)`).
+      cfg: the config of `params` (for an orthogonalized model: `orthogonalization.untied_config(cfg)`).
       tokenizer_source: a GGUF file (path or `read_gguf` result) whose tokenizer and general.* metadata are
         copied, and whose tensor types "source" follows.
       tensor_type: one of TENSOR_TYPES.
@@ -376,23 +376,24 @@ def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_s
 def parser():
     import argparse
 
+    from refusal_jax.runs import cli
+
     p = argparse.ArgumentParser(prog="python -m refusal_jax.convert.export_gguf", description=(
         "Write a model as a llama.cpp GGUF file, optionally edited first (--direction: weight orthogonalization "
         "with --method plain / projected / norm-preserving, see python -m refusal_jax.orthogonalize). From a GGUF "
         "source the tokenizer metadata is copied and --type source keeps each tensor's type where gguf can "
         "encode it (else Q8_0)."))
-    p.add_argument("--model", required=True, help="the model: .gguf file, converted checkpoint, HF model dir or id")
+    p.add_argument("--model", required=True, help=f"the model: {cli.MODEL_SOURCES}")
     p.add_argument("--out", required=True, help="the output .gguf file")
     p.add_argument("--type", default=None, choices=TENSOR_TYPES,
                    help="tensor type (default: source for a GGUF model, else f16)")
     p.add_argument("--direction", default=None, help="orthogonalize against this direction first (.npy or run dir)")
-    p.add_argument("--method", default="plain", choices=("plain", "projected", "norm-preserving"))
-    p.add_argument("--harmless-mean", default=None, metavar="PATH.npy", help="for --method projected/norm-preserving")
+    cli.add_edit_flags(p)
     p.add_argument("--tokenizer-gguf", default=None, metavar="FILE.gguf",
                    help="copy tokenizer metadata from this GGUF file (default: --model when it is a .gguf)")
-    p.add_argument("--name", default=None, help="general.name")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--name", default=None, help="general.name (default: none)")
+    cli.add_overwrite_flag(p)
+    cli.add_progress_flag(p)
     return p
 
 
@@ -409,7 +410,7 @@ def _main(argv=None):
 
     from refusal_jax.method import edits
     from refusal_jax.convert.loading import load_model
-    from refusal_jax.orthogonalize import load_direction, untied_config
+    from refusal_jax.method.orthogonalization import load_direction, untied_config
 
     args = parser().parse_args(argv)
     t0 = time.perf_counter()
@@ -431,17 +432,12 @@ def _main(argv=None):
         cfg = untied_config(cfg)
         notes.append(f"orthogonalized ({args.method}) against {args.direction}")
     params = jax.tree.map(np.asarray, params)
-    bar = None
-    if not args.no_progress:
-        from tqdm.auto import tqdm
+    from refusal_jax.runs.progress import progress_bar
 
-        bar = tqdm(total=len(engine.hf_tensor_plan(cfg)), desc=f"writing {out.name}", unit="tensor", leave=False)
-    try:
+    with progress_bar(len(engine.hf_tensor_plan(cfg)), f"writing {out.name}", not args.no_progress,
+                      unit="tensor") as bar:
         res = save_gguf(out, cfg, params, tokenizer_source=tok_src, tensor_type=tensor_type, name=args.name,
-                        overwrite=args.overwrite, progress=(lambda _: bar.update()) if bar is not None else None)
-    finally:
-        if bar is not None:
-            bar.close()
+                        overwrite=args.overwrite, progress=lambda _: bar.update())
     size = res["path"].stat().st_size
     print(f"wrote {res['path']} ({size / 2**20:.1f} MiB, {GGUF_ARCH[cfg.family]}) in {time.perf_counter() - t0:.1f} s")
     print(f"  tensor types: {', '.join(f'{k} x{v}' for k, v in sorted(res['counts'].items()))}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -12,20 +11,13 @@ from refusal_jax.convert import checkpoint
 from refusal_jax.model.config import ModelConfig
 from refusal_jax.errors import CheckpointError
 from refusal_jax.model.params import Params
+from refusal_jax.runs.progress import progress_bar
 
 
 class LoadedModel(NamedTuple):
     params: Params
     cfg: ModelConfig
     tokenizer: object
-
-
-def _progress_bar(total: int | None, desc: str, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext(None)
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="tensor", leave=False)
 
 
 def convert_source(src: str, *, dtype: str = "float32", strict_config: bool = True, progress: bool = True):
@@ -40,14 +32,14 @@ def convert_source(src: str, *, dtype: str = "float32", strict_config: bool = Tr
     if path.suffix == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
         from refusal_jax.convert import gguf
 
-        with _progress_bar(None, f"converting {path.name}", progress) as bar:
-            return gguf.load_gguf(path, dtype=np_dtype, progress=(lambda _: bar.update()) if bar is not None else None)
+        with progress_bar(None, f"converting {path.name}", progress, unit="tensor") as bar:
+            return gguf.load_gguf(path, dtype=np_dtype, progress=lambda _: bar.update())
     from refusal_jax.convert import hf
 
     model_dir = hf.resolve_hf_dir(src)
-    with _progress_bar(hf.n_tensors(model_dir), f"converting {model_dir.name}", progress) as bar:
+    with progress_bar(hf.n_tensors(model_dir), f"converting {model_dir.name}", progress, unit="tensor") as bar:
         return hf.load_hf(str(model_dir), dtype=np_dtype, strict_config=strict_config,
-                          progress=(lambda _: bar.update()) if bar is not None else None)
+                          progress=lambda _: bar.update())
 
 
 def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, progress: bool = True,

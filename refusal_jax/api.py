@@ -23,6 +23,7 @@ from refusal_jax.errors import DataError
 from refusal_jax.method.selection import Extraction, SelectionSettings
 from refusal_jax.prompts import templates
 from refusal_jax.prompts.chat import ChatPrompts
+from refusal_jax.runs.progress import progress_bar as _bar
 
 
 def _settings(settings: SelectionSettings | None, overrides: dict) -> SelectionSettings:
@@ -31,12 +32,6 @@ def _settings(settings: SelectionSettings | None, overrides: dict) -> SelectionS
     if unknown:
         raise TypeError(f"unknown selection settings: {', '.join(sorted(unknown))}")
     return dataclasses.replace(settings, **overrides)
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 
 def extract_direction(model: LoadedModel, harmful: Sequence[str], harmless: Sequence[str],
@@ -99,7 +94,7 @@ def orthogonalized(model: LoadedModel, direction, *, method: str = "plain", harm
     every residual-writing matrix; `method` "projected" / "norm-preserving" as `python -m
     refusal_jax.orthogonalize --method`. The config is untied (the LM head keeps the original embedding)."""
     from refusal_jax.method import edits
-    from refusal_jax.orthogonalize import untied_config
+    from refusal_jax.method.orthogonalization import untied_config
 
     direction = np.asarray(direction)
     params = edits.edit(model.params, model.cfg, direction, method, harmless_mean)

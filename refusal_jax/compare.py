@@ -105,7 +105,7 @@ def build_methods(run, args, sets, pos: int, layer: int, dim: np.ndarray) -> tup
     """The methods to compare, and the subspace facts (explained variance, stability of the DIM direction)."""
     from refusal_jax.method import edits, subspace
     from refusal_jax.model.transformer import Intervention
-    from refusal_jax.orthogonalize import load_direction
+    from refusal_jax.method.orthogonalization import load_direction
 
     cfg = run.cfg
     methods = [Method("baseline", "no intervention"),
@@ -330,7 +330,7 @@ def main(argv=None):
     optimized_hash = None
     if args.optimized:
         opt = Path(args.optimized).expanduser()
-        optimized_hash = runs.file_hash(opt / "direction.npy" if opt.is_dir() else opt)
+        optimized_hash = runs.sha256_file(opt / "direction.npy" if opt.is_dir() else opt)
     # --optimized, --k-max and --edits only add or remove rows; these settings change every row
     _check_compare_config(root, {
         "run_config_hash": runs.read_json(run.out / runs.RUN_CONFIG)["hash"], "n_eval": args.n_eval,

@@ -289,7 +289,6 @@ rdo_train_step.__doc__ = """One RDO step: `rdo_train_step(state, params, data, h
 The Adam state must come from `adam(lr).init` (`init_state(direction, adam(lr))`). Compiles once per model config
 and batch shapes, whatever the learning rate, loss weights, layer or scale.
 """
-rdo_loss_jit = jax.jit(rdo_loss, static_argnames=("cfg",))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -580,7 +579,7 @@ def main(argv=None):
     from refusal_jax import pipeline
     from refusal_jax.method import directions
     from refusal_jax.model.batching import encode, pad_id
-    from refusal_jax.orthogonalize import load_direction
+    from refusal_jax.method.orthogonalization import load_direction
 
     p = parser()
     args = p.parse_args(argv)
@@ -594,7 +593,7 @@ def main(argv=None):
                "independence": args.independence_weight}
     dim_path = Path(args.direction).expanduser()
     dim_path = dim_path / "direction.npy" if dim_path.is_dir() else dim_path
-    extra = {"optimize": {"direction_sha256": runs.file_hash(dim_path), "layer": layer, "lr": args.lr,
+    extra = {"optimize": {"direction_sha256": runs.sha256_file(dim_path), "layer": layer, "lr": args.lr,
                           "batch_size": args.batch_size, "weights": weights, "add_scale": args.add_scale,
                           "target_tokens": args.target_tokens, "targets": args.targets, "train_seed": args.train_seed,
                           "independent_of": args.independent_of}}

@@ -27,7 +27,9 @@ from refusal_jax.method.selection import SelectionSettings
 from refusal_jax.prompts import datasets, templates
 from refusal_jax.prompts.chat import ChatPrompts
 from refusal_jax.runs import rundir as runs
+from refusal_jax.runs import cli
 from refusal_jax.runs.cli import main_wrapper
+from refusal_jax.runs.progress import progress_bar
 
 # --------------------------------------------------------------------------------------------------
 # command-line arguments shared by extract and pipeline
@@ -39,12 +41,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="converted checkpoint dir, .gguf file, HF model dir, HF hub id, or bundled model name "
                         "(default: the bundled qwen2.5-coder-0.5b-instruct)")
     g.add_argument("--out", default=None, help="run directory (default: runs/<model name>)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="parameter/activation dtype (statistics are always accumulated in float32/float64)")
+    cli.add_dtype_flag(g, "parameter/activation dtype (statistics are always accumulated in float32/float64)")
     g.add_argument("--overwrite", action="store_true",
                    help="start over when --out holds a run with a different config (old artifacts are moved to "
                         "<out>/previous/)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cli.add_progress_flag(g)
     g.add_argument("--mesh", default=None,
                    help="shard over devices: e.g. 'data=4,model=2' (prompts on data; heads/MLP width on model) or "
                         "'auto' (all devices on data). Default: one device. On TPU pods call "
@@ -150,9 +151,7 @@ class Run:
         return batches
 
     def bar(self, total, desc):
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
+        return progress_bar(total, desc, self.progress)
 
 
 def setup(args, extra_config: dict | None = None) -> Run:

@@ -10,7 +10,7 @@ residual-writing weight vectors are the D-dimensional rows that a matrix adds in
 (HF's o_proj.weight / down_proj.weight are [D, in]: these rows are their columns.) The LM head is untied and
 keeps the original embedding, as `orthogonalize` does.
 
-plain            w <- w - (w·r̂) r̂ on every row: what `orthogonalize.orthogonalize` does. Equivalent to
+plain            w <- w - (w·r̂) r̂ on every row: what `orthogonalization.orthogonalize` does. Equivalent to
                  inference-time directional ablation of r̂.
 projected        "projected abliteration" (J. Lai, 2025): only the part of r orthogonal to the harmless mean μ
                  is removed, r' = r - (r·μ̂) μ̂, then plain orthogonalization against r'. The part of r along μ̂
@@ -27,10 +27,9 @@ per layer [L, D] (e.g. mean resid_pre of harmless prompts at the chosen position
 are edited against r'_l = r - (r·μ̂_l) μ̂_l, the harmless mean *of the layer being edited*, and the embedding
 against layer 0's. An [R, D] basis is projected row by row and re-orthonormalised (`subspace.orthonormalize`).
 
-Harmless means: stage 1 of the pipeline saves only mean differences (`generate_directions/mean_diffs.npy`). The
-harmless mean belongs in `generate_directions/mean_harmless.npy` (HARMLESS_MEAN_FILE: float64 [n_pos, L, D], the
-`directions.mean_activations` of the harmless train set, same layout as mean_diffs.npy); until the pipeline
-writes it, pass any .npy of shape [D], [L, D] or [n_pos, L, D] (`load_harmless_mean`).
+Harmless means: stage 1 of the pipeline writes `generate_directions/mean_harmless.npy` (HARMLESS_MEAN_FILE: float64
+[n_pos, L, D], the `directions.mean_activations` of the harmless train set, same layout as mean_diffs.npy); any
+.npy of shape [D], [L, D] or [n_pos, L, D] is accepted too (`load_harmless_mean`).
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ import numpy as np
 from refusal_jax.model.config import ModelConfig
 from refusal_jax.runs import rundir as runs
 from refusal_jax.errors import DataError
-from refusal_jax.orthogonalize import _unit_basis, edit_weights
+from refusal_jax.method.orthogonalization import _unit_basis, edit_weights
 from refusal_jax.model.params import Params
 
 METHODS = ("plain", "projected", "norm-preserving")
@@ -146,7 +145,7 @@ def load_harmless_mean(path, cfg: ModelConfig, direction_path=None, pos: int | N
 def edit_basis(direction, method: str = "plain", harmless_mean=None) -> tuple[np.ndarray, bool]:
     """(unit basis to project out, preserve_norm) of one of METHODS; `harmless_mean` ([D] or [L, D]) is required
     for "projected", optional for "norm-preserving" (without it the rows are only rescaled, not biprojected),
-    ignored by "plain". Feed the pair to `orthogonalize.edit_weights` or `orthogonalize.streaming_edit`."""
+    ignored by "plain". Feed the pair to `orthogonalization.edit_weights` or `orthogonalization.streaming_edit`."""
     if method == "plain":
         return _unit_basis(direction), False
     if method == "projected":
@@ -163,17 +162,6 @@ def edit(params: Params, cfg: ModelConfig, direction, method: str = "plain", har
     """Apply one of METHODS (see `edit_basis`)."""
     basis, preserve_norm = edit_basis(direction, method, harmless_mean)
     return edit_weights(params, cfg, basis, preserve_norm=preserve_norm)
-
-
-def projected_abliteration(params: Params, cfg: ModelConfig, direction, harmless_mean) -> Params:
-    """Orthogonalize against r' = r - (r·μ̂)μ̂ (per layer for an [L, D] mean)."""
-    return edit(params, cfg, direction, "projected", harmless_mean)
-
-
-def norm_preserving_abliteration(params: Params, cfg: ModelConfig, direction, harmless_mean=None) -> Params:
-    """Project r' (biprojected; r̂ itself when harmless_mean is None) out of every residual-writing row and rescale
-    each row to its original norm (module docstring)."""
-    return edit(params, cfg, direction, "norm-preserving", harmless_mean)
 
 
 def row_norms(params: Params) -> dict[str, np.ndarray]:

@@ -87,11 +87,16 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=_json_default).encode()).hexdigest()[:16]
 
 
-def file_hash(path: Path) -> str:
+def sha256_file(path: Path, progress: bool = False, desc: str | None = None) -> str:
+    """Hex sha256 of a file, read in 8 MiB chunks (with a byte progress bar when `progress`)."""
+    from refusal_jax.runs.progress import byte_bar
+
+    path = Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+    with open(path, "rb") as f, byte_bar(path.stat().st_size, desc or f"sha256 {path.name}", progress) as bar:
+        while chunk := f.read(8 << 20):
             h.update(chunk)
+            bar.update(len(chunk))
     return h.hexdigest()
 
 
