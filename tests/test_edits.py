@@ -19,7 +19,7 @@ from refusal_jax import Intervention, forward
 from refusal_jax.method import edits
 from refusal_jax.model.config import tiny_config
 from refusal_jax.errors import ConfigError, DataError
-from refusal_jax.orthogonalize import orthogonalize, untied_config
+from refusal_jax.method.orthogonalization import orthogonalize, untied_config
 from refusal_jax.model.params import init_random, to_flat
 from tests.hf_tiny import left_padded_batch
 
@@ -211,7 +211,7 @@ def test_streaming_edit_exports_the_same_tensors_as_the_in_memory_edit(model, me
     """The orthogonalize CLI edits tensor by tensor while exporting (memory); it must write what edit_weights
     gives, row chunks included (a tiny chunk size forces several chunks per tensor)."""
     from refusal_jax.convert import engine
-    from refusal_jax.orthogonalize import edit_weights, streaming_edit
+    from refusal_jax.method.orthogonalization import edit_weights, streaming_edit
 
     cfg, params = model
     r, mu = vectors(cfg)

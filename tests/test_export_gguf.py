@@ -28,7 +28,7 @@ from refusal_jax.convert import export_gguf, export_hf  # noqa: E402
 from refusal_jax.convert.gguf import load_gguf, permute_qk, read_gguf  # noqa: E402
 from refusal_jax.convert.hf import load_hf  # noqa: E402
 from refusal_jax.errors import CheckpointError, ConfigError  # noqa: E402
-from refusal_jax.orthogonalize import orthogonalize, untied_config  # noqa: E402
+from refusal_jax.method.orthogonalization import orthogonalize, untied_config  # noqa: E402
 from refusal_jax.model.params import init_random, to_flat  # noqa: E402
 from tests.hf_tiny import left_padded_batch  # noqa: E402
 

@@ -1,0 +1,1 @@
+"""Run directories (atomic artifacts, recorded config, resume) and command-line plumbing."""
