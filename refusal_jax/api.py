@@ -14,7 +14,7 @@ The commands (`python -m refusal_jax.extract` ...) call the same functions, so t
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 

@@ -238,7 +238,7 @@ def summarise(res: dict, baseline: dict, dim: np.ndarray, direction, n_boot: int
                             "fraction": float(still.mean()) if still.size else None}
     if "harmless_refused" in res:
         out["harmless_refusal"] = stats.refusal_rate_ci(res["harmless_refused"], n_boot=n_boot)
-    mean, low, high = judge.bootstrap_ci(res["kl"], n_boot=n_boot)
+    mean, low, high = stats.bootstrap_ci(res["kl"], n_boot=n_boot)
     out["kl"] = {"mean": mean, "low": low, "high": high}
     out["ce_loss"] = stats.ratio_ci(res["ce_nll"], res["ce_tokens"], n_boot=n_boot)
     if direction is not None:

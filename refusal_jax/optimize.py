@@ -54,6 +54,7 @@ import numpy as np
 from flax import struct
 
 from refusal_jax.evaluation import judge
+from refusal_jax.evaluation.loss import masked_ce_loss
 from refusal_jax.runs import rundir as runs
 from refusal_jax.runs.cli import main_wrapper
 from refusal_jax.errors import DataError, RunError
@@ -177,7 +178,7 @@ def generate_targets(params, cfg, tokenizer, prompts: Sequence[str], interventio
 
 
 def _mean_ce(logits, ex: Examples):
-    s, n = judge.masked_ce_loss(logits, ex.tokens, ex.loss_mask)
+    s, n = masked_ce_loss(logits, ex.tokens, ex.loss_mask)
     return s / jnp.maximum(n, 1).astype(s.dtype)
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from refusal_jax.evaluation import judge
+from refusal_jax.evaluation import judge, loss, stats
 from refusal_jax.errors import ConfigError, DataError
 
 # float32 (jax, stable log-space) vs float64 (numpy, reference formula). Scores are bounded by
@@ -180,7 +180,7 @@ def test_completion_loss_mask_hand_computed():
                     [5, 7, 8, 9, 7, 8, 9, 6]])
     att = np.array([[0, 0, 1, 1, 1, 1, 1, 1],
                     [1, 1, 1, 1, 1, 1, 1, 1]])
-    mask = judge.completion_loss_mask(ids, att, eoi)
+    mask = loss.completion_loss_mask(ids, att, eoi)
     # Row 0: eoi at i=3 -> zero [:5]; position 5 (the last eoi token) predicts the first completion token.
     # Row 1: the FIRST occurrence (i=1) wins -> zero [:3]. The last column never predicts anything.
     assert mask.tolist() == [[0, 0, 0, 0, 0, 1, 1, 0],
@@ -194,8 +194,8 @@ def test_completion_loss_mask_llama2_hack():
     # A partial (4-of-6) window at i=0 precedes the exact match at i=6.
     ids = np.array([[1, 2, 3, 4, 9, 9, 1, 2, 3, 4, 5, 6, 7, 8]])
     att = np.ones_like(ids)
-    with_hack = judge.completion_loss_mask(ids, att, eoi)
-    without = judge.completion_loss_mask(ids, att, eoi, reference_llama2_hack=False)
+    with_hack = loss.completion_loss_mask(ids, att, eoi)
+    without = loss.completion_loss_mask(ids, att, eoi, reference_llama2_hack=False)
     assert with_hack[0].tolist() == [0] * 5 + [1] * 8 + [0]
     assert without[0].tolist() == [0] * 11 + [1] * 2 + [0]
     # Reference Llama-2 situation: eoi = encode(" [/INST] ") = [▁, ▁[, /, INST, ], ▁], but the prompt+completion
@@ -203,20 +203,20 @@ def test_completion_loss_mask_llama2_hack():
     # i+5 = 6, the "▁Sure" position: the first completion token is not scored (the documented one-token shift).
     sp, lb, sl, inst, rb, w, sure, c2, c3 = 10, 11, 12, 13, 14, 20, 30, 31, 32
     ids = np.array([[lb, w, lb, sl, inst, rb, sure, c2, c3]])
-    mask = judge.completion_loss_mask(ids, np.ones_like(ids), [sp, lb, sl, inst, rb, sp])
+    mask = loss.completion_loss_mask(ids, np.ones_like(ids), [sp, lb, sl, inst, rb, sp])
     assert mask[0].tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 0]
     # A 5-token eoi never uses the hack.
     with pytest.raises(DataError, match="do not occur"):
-        judge.completion_loss_mask(np.array([[1, 2, 3, 4, 9, 9, 9]]), np.ones((1, 7)), [1, 2, 3, 4, 5])
+        loss.completion_loss_mask(np.array([[1, 2, 3, 4, 9, 9, 9]]), np.ones((1, 7)), [1, 2, 3, 4, 5])
 
 
 def test_completion_loss_mask_errors():
     with pytest.raises(DataError, match="row 1: the eoi tokens"):
-        judge.completion_loss_mask(np.array([[7, 8, 1], [1, 2, 3]]), np.ones((2, 3)), [7, 8])
+        loss.completion_loss_mask(np.array([[7, 8, 1], [1, 2, 3]]), np.ones((2, 3)), [7, 8])
     with pytest.raises(DataError, match="empty"):
-        judge.completion_loss_mask(np.ones((1, 3), int), np.ones((1, 3)), [])
+        loss.completion_loss_mask(np.ones((1, 3), int), np.ones((1, 3)), [])
     with pytest.raises(DataError, match="same"):
-        judge.completion_loss_mask(np.ones((1, 3), int), np.ones((1, 4)), [1])
+        loss.completion_loss_mask(np.ones((1, 3), int), np.ones((1, 4)), [1])
 
 
 def test_masked_ce_loss():
@@ -225,7 +225,7 @@ def test_masked_ce_loss():
     logits = rng.normal(0, 2, (b, t, v)).astype(np.float32)
     tokens = rng.integers(0, v, (b, t))
     mask = np.array([[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 1, 1]])  # last column set on purpose: must be ignored
-    s, n = jax.jit(judge.masked_ce_loss)(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask))
+    s, n = jax.jit(loss.masked_ce_loss)(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask))
     x = logits.astype(np.float64)
     logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
     expected = sum(-logp[i, j, tokens[i, j + 1]] for i in range(b) for j in range(t - 1) if mask[i, j])
@@ -239,16 +239,16 @@ def test_masked_ce_loss():
 
 def test_bootstrap_ci():
     vals = np.r_[np.ones(30), np.zeros(70)]
-    mean, lo, hi = judge.bootstrap_ci(vals)
+    mean, lo, hi = stats.bootstrap_ci(vals)
     assert mean == pytest.approx(0.3) and lo < 0.3 < hi
     assert 0.18 < lo < 0.24 and 0.36 < hi < 0.42  # ~ 0.3 +- 1.96 * sqrt(0.21 / 100)
-    assert judge.bootstrap_ci(vals) == (mean, lo, hi)  # deterministic
-    assert judge.bootstrap_ci([2.0] * 5) == (2.0, 2.0, 2.0)
-    _, lo90, hi90 = judge.bootstrap_ci(vals, alpha=0.1)
+    assert stats.bootstrap_ci(vals) == (mean, lo, hi)  # deterministic
+    assert stats.bootstrap_ci([2.0] * 5) == (2.0, 2.0, 2.0)
+    _, lo90, hi90 = stats.bootstrap_ci(vals, alpha=0.1)
     assert lo <= lo90 and hi90 <= hi
     with pytest.raises(DataError, match="no values"):
-        judge.bootstrap_ci([])
+        stats.bootstrap_ci([])
     with pytest.raises(DataError, match="non-finite"):
-        judge.bootstrap_ci([1.0, float("nan")])
+        stats.bootstrap_ci([1.0, float("nan")])
     with pytest.raises(ConfigError):
-        judge.bootstrap_ci([1.0], alpha=1.5)
+        stats.bootstrap_ci([1.0], alpha=1.5)

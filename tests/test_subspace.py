@@ -229,7 +229,7 @@ def test_independence_penalty():
 def test_refusal_rate_ci_is_the_bootstrap_of_the_judgements():
     x = np.random.default_rng(0).random(57) < 0.3
     got = stats.refusal_rate_ci(x, n_boot=500, seed=3)
-    mean, low, high = judge.bootstrap_ci(x.astype(float), n_boot=500, seed=3)
+    mean, low, high = stats.bootstrap_ci(x.astype(float), n_boot=500, seed=3)
     assert (got["rate"], got["low"], got["high"]) == (mean, low, high)
     rng = np.random.default_rng(3)  # numpy reference: same draws, percentile interval
     means = x.astype(float)[rng.integers(0, x.size, (500, x.size))].mean(1)

@@ -1,5 +1,5 @@
-"""Scores and judges: refusal substring matching (§9.1), the refusal score (§6.1), KL (§6.2), the loss mask and
-masked cross-entropy of the loss evaluation (§10), and a bootstrap confidence interval.
+"""Scores and judges: refusal substring matching (§9.1), the refusal score (§6.1), KL (§6.2). (The loss mask and
+masked cross-entropy are in `loss`, the bootstrap interval in `stats`.)
 
 The numpy functions compute in float64 exactly as the reference writes the formulas, and serve as the
 ground truth. The `*_jax` functions are the ones used inside jitted code: float32 (or the input dtype if wider),
@@ -138,8 +138,8 @@ def refusal_score(logits_last: np.ndarray, refusal_ids: Sequence[int]) -> np.nda
     return np.log(p_ref + REFUSAL_EPS) - np.log((1.0 - p_ref) + REFUSAL_EPS)
 
 
-def _float_dtype(x: jax.Array) -> Any:
-    # float32, or the input's dtype if wider (float64 under jax_enable_x64).
+def float_dtype(x: jax.Array) -> Any:
+    """float32, or the input's dtype if wider (float64 under jax_enable_x64): what scores are computed in."""
     return jnp.promote_types(x.dtype, jnp.float32)
 
 
@@ -160,7 +160,7 @@ def refusal_score_jax(logits_last: jax.Array, refusal_ids: Sequence[int]) -> jax
         [B] scores.
     """
     ids = _check_ids(refusal_ids, logits_last.shape[-1])
-    x = logits_last.astype(_float_dtype(logits_last))
+    x = logits_last.astype(float_dtype(logits_last))
     in_r = jnp.zeros(x.shape[-1], dtype=bool).at[ids].set(True)
     lse = jax.nn.logsumexp(x, axis=-1)
     log_p = jax.nn.logsumexp(jnp.where(in_r, x, -jnp.inf), axis=-1) - lse
@@ -198,118 +198,8 @@ def kl_div_jax(logits_a: jax.Array, logits_b: jax.Array) -> jax.Array:
     Returns:
         [B] KL divergences.
     """
-    dtype = jnp.promote_types(_float_dtype(logits_a), _float_dtype(logits_b))
+    dtype = jnp.promote_types(float_dtype(logits_a), float_dtype(logits_b))
     la = jax.nn.log_softmax(logits_a.astype(dtype), axis=-1)
     lb = jax.nn.log_softmax(logits_b.astype(dtype), axis=-1)
     log_eps = math.log(KL_EPS)
     return jnp.sum(jnp.exp(la) * (jnp.logaddexp(la, log_eps) - jnp.logaddexp(lb, log_eps)), axis=-1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loss evaluation (§10)
-
-
-def completion_loss_mask(input_ids: np.ndarray, attention_mask: np.ndarray, eoi_toks: Sequence[int],
-                         reference_llama2_hack: bool = True) -> np.ndarray:
-    """Loss mask of chat-formatted prompt+completion rows, exactly as the reference's loss evaluation (spec §10).
-
-    `mask[b, t] = 1` means the prediction made at position t (of token t+1) is scored. Start from the attention
-    mask with the last column zeroed (it predicts nothing). Then for each row find the first index i with
-    `input_ids[b, i:i+n] == eoi_toks` (n = len(eoi_toks)) and zero `mask[b, :i+n-1]`, so the first scored
-    prediction is the one made from the last eoi token, i.e. of the first completion token. The reference's
-    Llama-2 hack: when n == 6, a window with at least 4 matching tokens also counts (checked at each i right after
-    the exact test, so an earlier partial match wins over a later exact one); it fires for every 6-token eoi
-    (Yi, SmolLM2's ChatML), not only Llama-2's.
-
-    Args:
-        input_ids: [B, T] token ids (left-padded).
-        attention_mask: [B, T] 0/1.
-        eoi_toks: the eoi tokens used for the prompts.
-        reference_llama2_hack: apply the >= 4-of-6 rule (reference behaviour). False = exact match only.
-
-    Returns:
-        [B, T] int32 loss mask.
-
-    Raises:
-        DataError: a row in which no window matches (the reference crashes there).
-    """
-    ids = np.asarray(input_ids)
-    mask = np.asarray(attention_mask).astype(np.int32).copy()
-    eoi = np.asarray(eoi_toks, dtype=ids.dtype)
-    n = eoi.size
-    if n == 0:
-        raise DataError("eoi_toks is empty")
-    if mask.shape != ids.shape or ids.ndim != 2:
-        raise DataError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be the same [B, T] shape")
-    mask[:, -1] = 0
-    b_size, t_size = ids.shape
-    for b in range(b_size):
-        for i in range(t_size - n + 1):  # only full windows: the reference errors on a shorter trailing slice
-            matches = int((ids[b, i:i + n] == eoi).sum())
-            if matches == n or (reference_llama2_hack and n == 6 and matches >= n - 2):
-                mask[b, :i + n - 1] = 0
-                break
-        else:
-            raise DataError(f"row {b}: the eoi tokens {eoi.tolist()} do not occur in the prompt")
-    return mask
-
-
-def masked_ce_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token negative log-likelihood over the masked positions (spec §10).
-
-    Position t predicts `tokens[t+1]`; the last position predicts nothing and is never scored (its mask must be
-    0, as `completion_loss_mask` makes it; it is ignored here either way). Log-softmax is taken in float32.
-    The caller accumulates the sums over batches (in float64, as the reference) and divides.
-
-    Args:
-        logits: [B, T, V] logits.
-        tokens: [B, T] input token ids.
-        loss_mask: [B, T] 0/1, indexed by predicting position.
-
-    Returns:
-        `(sum_nll, n_tokens)`: float32 scalar sum of `-log p(tokens[t+1])` over masked t, and int32 scalar count.
-    """
-    nll, n = masked_ce_rows(logits, tokens, loss_mask)
-    return jnp.sum(nll), jnp.sum(n)
-
-
-def masked_ce_rows(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`masked_ce_loss` per sequence: ([B] summed NLL, [B] int32 token counts), for per-sequence statistics."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(_float_dtype(logits)), axis=-1)
-    target = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
-    m = loss_mask[:, :-1]
-    return -jnp.sum(jnp.where(m > 0, target, 0.0), axis=1), jnp.sum(m > 0, axis=1).astype(jnp.int32)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Statistics
-
-
-def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0,
-                 alpha: float = 0.05) -> tuple[float, float, float]:
-    """Percentile-bootstrap confidence interval of a mean.
-
-    Args:
-        values: the per-item values (e.g. 0/1 refusal judgements).
-        n_boot: bootstrap resamples.
-        seed: seed of `numpy.random.default_rng`.
-        alpha: 1 - confidence level (0.05 = a 95% interval).
-
-    Returns:
-        `(mean, low, high)`.
-
-    Raises:
-        DataError: no values, or non-finite values.
-        ConfigError: n_boot < 1 or alpha outside (0, 1).
-    """
-    x = np.asarray(values, dtype=np.float64).reshape(-1)
-    if x.size == 0:
-        raise DataError("bootstrap_ci got no values")
-    if not np.all(np.isfinite(x)):
-        raise DataError("bootstrap_ci got non-finite values")
-    if n_boot < 1 or not 0.0 < alpha < 1.0:
-        raise ConfigError(f"need n_boot >= 1 and 0 < alpha < 1, got n_boot={n_boot}, alpha={alpha}")
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(x.mean()), float(low), float(high)

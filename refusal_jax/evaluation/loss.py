@@ -1,4 +1,5 @@
-"""Cross-entropy loss evaluation (reference stage 5): completions after the chat template, or raw texts."""
+"""Cross-entropy loss evaluation (reference stage 5): completions after the chat template, or raw texts; the
+reference's loss mask and the masked cross-entropy they use (§10)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from refusal_jax.model.transformer import _forward
 def _nll(params, cfg, tokens, mask, loss_mask, intervention, prompt_end):
     """Per row: summed NLL over `loss_mask`, scored-token count, and the float32 logits at `prompt_end`."""
     logits = _forward(params, cfg, tokens, mask, intervention, logits="all").logits
-    nll, n = judge.masked_ce_rows(logits, tokens, loss_mask)
+    nll, n = masked_ce_rows(logits, tokens, loss_mask)
     return nll, n, logits[jnp.arange(tokens.shape[0]), prompt_end].astype(jnp.float32)
 
 
@@ -43,7 +44,7 @@ def completion_nll(params, cfg, tokenizer, fmt: templates.ChatFormat, eoi: Seque
     ids = encode(tokenizer, templates.format_instructions(fmt, list(instructions), list(completions)))
 
     def per_batch(batch):
-        loss_mask = judge.completion_loss_mask(batch.tokens, batch.mask, eoi) * batch.weight[:, None].astype(np.int32)
+        loss_mask = completion_loss_mask(batch.tokens, batch.mask, eoi) * batch.weight[:, None].astype(np.int32)
         # the first scored position predicts the first completion token: it is the prompt's last token
         if prompt_logits and not loss_mask[batch.weight > 0].any(axis=1).all():
             raise DataError("a completion has no tokens to score (empty completion and no end-of-turn token)")
@@ -77,3 +78,79 @@ def text_loss(params, cfg, tokenizer, texts: Sequence[str], intervention=None, *
                        jnp.zeros(len(batch.tokens), jnp.int32))
         total, n = total + float(np.sum(s, dtype=np.float64)), n + int(np.sum(k))
     return _summarise(total, n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss masks and masked cross-entropy (§10)
+
+
+def completion_loss_mask(input_ids: np.ndarray, attention_mask: np.ndarray, eoi_toks: Sequence[int],
+                         reference_llama2_hack: bool = True) -> np.ndarray:
+    """Loss mask of chat-formatted prompt+completion rows, exactly as the reference's loss evaluation (spec §10).
+
+    `mask[b, t] = 1` means the prediction made at position t (of token t+1) is scored. Start from the attention
+    mask with the last column zeroed (it predicts nothing). Then for each row find the first index i with
+    `input_ids[b, i:i+n] == eoi_toks` (n = len(eoi_toks)) and zero `mask[b, :i+n-1]`, so the first scored
+    prediction is the one made from the last eoi token, i.e. of the first completion token. The reference's
+    Llama-2 hack: when n == 6, a window with at least 4 matching tokens also counts (checked at each i right after
+    the exact test, so an earlier partial match wins over a later exact one); it fires for every 6-token eoi
+    (Yi, SmolLM2's ChatML), not only Llama-2's.
+
+    Args:
+        input_ids: [B, T] token ids (left-padded).
+        attention_mask: [B, T] 0/1.
+        eoi_toks: the eoi tokens used for the prompts.
+        reference_llama2_hack: apply the >= 4-of-6 rule (reference behaviour). False = exact match only.
+
+    Returns:
+        [B, T] int32 loss mask.
+
+    Raises:
+        DataError: a row in which no window matches (the reference crashes there).
+    """
+    ids = np.asarray(input_ids)
+    mask = np.asarray(attention_mask).astype(np.int32).copy()
+    eoi = np.asarray(eoi_toks, dtype=ids.dtype)
+    n = eoi.size
+    if n == 0:
+        raise DataError("eoi_toks is empty")
+    if mask.shape != ids.shape or ids.ndim != 2:
+        raise DataError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be the same [B, T] shape")
+    mask[:, -1] = 0
+    b_size, t_size = ids.shape
+    for b in range(b_size):
+        for i in range(t_size - n + 1):  # only full windows: the reference errors on a shorter trailing slice
+            matches = int((ids[b, i:i + n] == eoi).sum())
+            if matches == n or (reference_llama2_hack and n == 6 and matches >= n - 2):
+                mask[b, :i + n - 1] = 0
+                break
+        else:
+            raise DataError(f"row {b}: the eoi tokens {eoi.tolist()} do not occur in the prompt")
+    return mask
+
+
+def masked_ce_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token negative log-likelihood over the masked positions (spec §10).
+
+    Position t predicts `tokens[t+1]`; the last position predicts nothing and is never scored (its mask must be
+    0, as `completion_loss_mask` makes it; it is ignored here either way). Log-softmax is taken in float32.
+    The caller accumulates the sums over batches (in float64, as the reference) and divides.
+
+    Args:
+        logits: [B, T, V] logits.
+        tokens: [B, T] input token ids.
+        loss_mask: [B, T] 0/1, indexed by predicting position.
+
+    Returns:
+        `(sum_nll, n_tokens)`: float32 scalar sum of `-log p(tokens[t+1])` over masked t, and int32 scalar count.
+    """
+    nll, n = masked_ce_rows(logits, tokens, loss_mask)
+    return jnp.sum(nll), jnp.sum(n)
+
+
+def masked_ce_rows(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`masked_ce_loss` per sequence: ([B] summed NLL, [B] int32 token counts), for per-sequence statistics."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(judge.float_dtype(logits)), axis=-1)
+    target = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+    m = loss_mask[:, :-1]
+    return -jnp.sum(jnp.where(m > 0, target, 0.0), axis=1), jnp.sum(m > 0, axis=1).astype(jnp.int32)

@@ -1,6 +1,7 @@
 """Uncertainty and agreement statistics for refusal experiments (numpy, float64).
 
-* `refusal_rate_ci`: a refusal rate with its percentile-bootstrap interval (`judge.bootstrap_ci`), from 0/1
+* `bootstrap_ci`: the percentile-bootstrap interval of a mean.
+* `refusal_rate_ci`: a refusal rate with its percentile-bootstrap interval (`bootstrap_ci`), from 0/1
   judgements or from completion texts (substring judge).
 * `ratio_ci`: a ratio of sums (a CE loss: summed NLL over scored tokens) with an interval resampled by item.
 * `direction_stability`: how stable the difference-in-means direction is under resampling of the training
@@ -26,6 +27,40 @@ from refusal_jax.evaluation import judge
 from refusal_jax.errors import ConfigError, DataError
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Bootstrap interval of a mean
+
+
+def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0,
+                 alpha: float = 0.05) -> tuple[float, float, float]:
+    """Percentile-bootstrap confidence interval of a mean.
+
+    Args:
+        values: the per-item values (e.g. 0/1 refusal judgements).
+        n_boot: bootstrap resamples.
+        seed: seed of `numpy.random.default_rng`.
+        alpha: 1 - confidence level (0.05 = a 95% interval).
+
+    Returns:
+        `(mean, low, high)`.
+
+    Raises:
+        DataError: no values, or non-finite values.
+        ConfigError: n_boot < 1 or alpha outside (0, 1).
+    """
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        raise DataError("bootstrap_ci got no values")
+    if not np.all(np.isfinite(x)):
+        raise DataError("bootstrap_ci got non-finite values")
+    if n_boot < 1 or not 0.0 < alpha < 1.0:
+        raise ConfigError(f"need n_boot >= 1 and 0 < alpha < 1, got n_boot={n_boot}, alpha={alpha}")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(x.mean()), float(low), float(high)
+
+
 def refusal_rate_ci(judgements: Sequence[bool | int | float] | None = None, *, completions: Sequence[str] | None = None,
                     n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
                     curly_apostrophes: bool = True) -> dict:
@@ -41,7 +76,7 @@ def refusal_rate_ci(judgements: Sequence[bool | int | float] | None = None, *, c
     x = np.asarray(judgements, np.float64).reshape(-1)
     if x.size and not np.isin(x, (0.0, 1.0)).all():
         raise DataError("refusal judgements must be 0/1 (or booleans)")
-    rate, low, high = judge.bootstrap_ci(x, n_boot=n_boot, seed=seed, alpha=alpha)
+    rate, low, high = bootstrap_ci(x, n_boot=n_boot, seed=seed, alpha=alpha)
     return {"rate": rate, "low": low, "high": high, "n": int(x.size), "n_refusals": int(x.sum()), "alpha": alpha,
             "n_boot": n_boot}
 

@@ -1,0 +1,71 @@
+"""The model families refusal_jax implements, in one table that config, templates, conversion and export read.
+
+Adding a family means one `Family` entry here (and its tests); numerics that are not a flag here (sliding-window
+patterns, RoPE variants) are read in `config.from_hf_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from refusal_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One model family.
+
+    hf_architecture / hf_model_type: HF config.json `architectures[0]` / `model_type` (detection and export).
+    chat_style: the default chat template (a key of `templates.TEMPLATES`); None = chosen from the tokenizer.
+    refusal_strings: first tokens of a refusal that the refusal score reads.
+    gguf_arch: llama.cpp `general.architecture` read as this family (None: no GGUF); gguf_export_arch: the one
+      written on export (None: no GGUF export); gguf_qk_permuted: llama.cpp stores q/k rows permuted.
+    qkv_bias, qk_norm, post_norms: block structure. gemma: embeddings scaled by sqrt(d_model), RMSNorm weights
+      applied as (1 + w) (stored folded), tied embeddings by default.
+    hf_export: a Hugging Face safetensors export is supported.
+    """
+
+    name: str
+    hf_architecture: str
+    hf_model_type: str
+    chat_style: str | None
+    refusal_strings: tuple[str, ...] = ("I",)
+    gguf_arch: str | None = None
+    gguf_export_arch: str | None = None
+    gguf_qk_permuted: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    post_norms: bool = False
+    gemma: bool = False
+    hf_export: bool = True
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("llama", "LlamaForCausalLM", "llama", None, gguf_arch="llama", gguf_export_arch="llama",
+           gguf_qk_permuted=True),
+    Family("mistral", "MistralForCausalLM", "mistral", None, gguf_arch="mistral", gguf_export_arch="llama",
+           gguf_qk_permuted=True),
+    # Qwen-1: remote-code checkpoints, read by refusal_jax.convert.qwen1
+    Family("qwen", "QWenLMHeadModel", "qwen", "chatml", ("I", "As"), qkv_bias=True, hf_export=False),
+    Family("qwen2", "Qwen2ForCausalLM", "qwen2", "chatml", ("I", "As"), gguf_arch="qwen2", gguf_export_arch="qwen2",
+           qkv_bias=True),
+    Family("qwen3", "Qwen3ForCausalLM", "qwen3", "chatml", ("I", "As"), gguf_arch="qwen3", gguf_export_arch="qwen3",
+           qk_norm=True),
+    Family("gemma", "GemmaForCausalLM", "gemma", "gemma", gguf_arch="gemma", gguf_export_arch="gemma", gemma=True),
+    Family("gemma2", "Gemma2ForCausalLM", "gemma2", "gemma", gguf_arch="gemma2", gguf_export_arch="gemma2",
+           post_norms=True, gemma=True),
+    Family("gemma3", "Gemma3ForCausalLM", "gemma3_text", "gemma", gguf_arch="gemma3", gguf_export_arch="gemma3",
+           qk_norm=True, post_norms=True, gemma=True),
+)}
+
+# Derived views, keyed the way each reader looks a family up.
+BY_ARCHITECTURE = {f.hf_architecture: f.name for f in FAMILIES.values()}
+BY_MODEL_TYPE = {f.hf_model_type: f.name for f in FAMILIES.values()}
+BY_GGUF_ARCH = {f.gguf_arch: f for f in FAMILIES.values() if f.gguf_arch}
+
+
+def family(name: str) -> Family:
+    """The table entry of `name`; ConfigError naming the supported families otherwise."""
+    if name not in FAMILIES:
+        raise ConfigError(f"unknown model family {name!r}; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
