@@ -46,11 +46,11 @@ from refusal_jax.model.config import ModelConfig
 from refusal_jax.convert import engine
 from refusal_jax.convert.gguf import _GLOBAL_NAMES, _layer_names, permute_qk
 from refusal_jax.errors import CheckpointError, ConfigError
+from refusal_jax.model import families
 from refusal_jax.model.params import Params
 
 # family -> GGUF general.architecture
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
-             "gemma2": "gemma2", "gemma3": "gemma3"}
+GGUF_ARCH = {f.name: f.gguf_export_arch for f in families.FAMILIES.values() if f.gguf_export_arch}
 TENSOR_TYPES = ("f32", "f16", "bf16", "q8_0", "source")
 # general.* keys that describe the file itself, never copied from the source
 _OWN_GENERAL = {"general.architecture", "general.file_type", "general.quantization_version", "general.alignment"}

@@ -44,17 +44,12 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from refusal_jax.errors import CheckpointError, ConfigError
+from refusal_jax.model import families
 
 # GGUF `general.architecture` -> (HF architectures[0], HF model_type, q/k rows permuted by llama.cpp,
 # norm weights stored as 1 + w)
 ARCHITECTURES: dict[str, tuple[str, str, bool, bool]] = {
-    "llama": ("LlamaForCausalLM", "llama", True, False),
-    "mistral": ("MistralForCausalLM", "mistral", True, False),
-    "qwen2": ("Qwen2ForCausalLM", "qwen2", False, False),
-    "qwen3": ("Qwen3ForCausalLM", "qwen3", False, False),
-    "gemma": ("GemmaForCausalLM", "gemma", False, True),
-    "gemma2": ("Gemma2ForCausalLM", "gemma2", False, True),
-    "gemma3": ("Gemma3ForCausalLM", "gemma3_text", False, True),
+    arch: (f.hf_architecture, f.hf_model_type, f.gguf_qk_permuted, f.gemma) for arch, f in families.BY_GGUF_ARCH.items()
 }
 
 _GLOBAL_NAMES = {

@@ -13,30 +13,14 @@ import json
 from typing import Any, Mapping
 
 from refusal_jax.errors import ConfigError
+from refusal_jax.model import families
 
 CONFIG_FORMAT_VERSION = 1
 
-# HF `architectures[0]` / `model_type` -> family. Detection never looks at the model's name or path.
-ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "QWenLMHeadModel": "qwen",  # Qwen-1 (remote-code checkpoints, read by refusal_jax.convert.qwen1)
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "GemmaForCausalLM": "gemma",
-    "Gemma2ForCausalLM": "gemma2",
-    "Gemma3ForCausalLM": "gemma3",
-}
-MODEL_TYPES = {
-    "llama": "llama",
-    "mistral": "mistral",
-    "qwen": "qwen",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "gemma": "gemma",
-    "gemma2": "gemma2",
-    "gemma3_text": "gemma3",
-}
+# HF `architectures[0]` / `model_type` -> family (from the family table). Detection never looks at the model's
+# name or path.
+ARCHITECTURES = families.BY_ARCHITECTURE
+MODEL_TYPES = families.BY_MODEL_TYPE
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -97,7 +81,7 @@ class ModelConfig:
     @property
     def norm_offset(self) -> bool:
         """Gemma families: HF applies RMSNorm weights as (1 + w) in float32; we store the folded 1 + w."""
-        return self.embed_scale
+        return self.family in families.FAMILIES and families.FAMILIES[self.family].gemma
 
     @property
     def q_scale(self) -> float:
@@ -277,7 +261,8 @@ def from_hf_config(hf: Mapping[str, Any], *, strict: bool = True) -> ModelConfig
     n_layers = int(req("num_hidden_layers"))
     n_heads = int(req("num_attention_heads"))
     d_model = int(req("hidden_size"))
-    gemma = family.startswith("gemma")
+    spec = families.family(family)
+    gemma = spec.gemma
 
     # transformers reads exactly one key per family: Gemma-2/3 `hidden_activation`, everything else (Gemma-1
     # included) `hidden_act`; the other key, when present, is ignored there and so here.
@@ -344,12 +329,12 @@ def from_hf_config(hf: Mapping[str, Any], *, strict: bool = True) -> ModelConfig
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope=rope,
         rope_local=rope_local,
-        qkv_bias=family in ("qwen", "qwen2"),
-        qk_norm=family in ("qwen3", "gemma3"),
+        qkv_bias=spec.qkv_bias,
+        qk_norm=spec.qk_norm,
         tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
         mlp_activation=act,
         embed_scale=gemma,
-        post_norms=family in ("gemma2", "gemma3"),
+        post_norms=spec.post_norms,
         attn_softcap=hf.get("attn_logit_softcapping") if family == "gemma2" else None,
         final_softcap=hf.get("final_logit_softcapping") if family in ("gemma2", "gemma3") else None,
         query_scale=query_scale,
