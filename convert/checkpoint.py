@@ -13,8 +13,6 @@ save never leaves a half-written checkpoint under the final name.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import jax
@@ -22,6 +20,7 @@ import numpy as np
 
 from refusal_jax.model.config import ModelConfig
 from refusal_jax.errors import CheckpointError, ConfigError
+from refusal_jax.runs.rundir import atomic_directory
 from refusal_jax.model.params import Params, from_flat, param_shapes, to_flat
 
 CONFIG_FILE = "refusal_jax_config.json"
@@ -42,8 +41,8 @@ def _writer():
     """An orbax checkpointer that writes host arrays without copying them first and without compression.
 
     StandardCheckpointer deep-copies every numpy array (a guard against concurrent modification; our trees are not
-    modified while saving) and zstd-compresses chunks in memory, which together took conversion to 2.6x the model's
-    size; weights barely compress. The layout is the same PyTree checkpoint, so StandardCheckpointer restores it.
+    modified while saving) and zstd-compresses chunks in memory, which multiplies peak memory during conversion;
+    weights barely compress. The layout is the same PyTree checkpoint, so StandardCheckpointer restores it.
     """
     import orbax.checkpoint as ocp
     from orbax.checkpoint import type_handlers
@@ -68,22 +67,17 @@ def save(out_dir: str | Path, cfg: ModelConfig, params: Params, tokenizer=None, 
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     tree = jax.tree.map(np.asarray, _nested(params))
     dtypes = sorted({str(v.dtype) for v in jax.tree.leaves(tree)})
-    with _writer() as ckptr:
-        ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(tree))
-    (tmp / CONFIG_FILE).write_text(cfg.to_json())
-    (tmp / MANIFEST_FILE).write_text(json.dumps(
-        {"source": source, "dtype": dtypes, "refusal_jax_version": __version__, "n_params": cfg.n_params}, indent=2))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_directory(out_dir) as tmp:
+        with _writer() as ckptr:
+            ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(tree))
+        (tmp / CONFIG_FILE).write_text(cfg.to_json())
+        (tmp / MANIFEST_FILE).write_text(json.dumps(
+            {"source": source, "dtype": dtypes, "refusal_jax_version": __version__, "n_params": cfg.n_params},
+            indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
     return out_dir
 
 

@@ -116,7 +116,7 @@ def fill_params(
     layers, globals_ = layer_table(cfg), global_table(cfg)
     seen: set[str] = set()
     unexpected: list[str] = []
-    fold = cfg.embed_scale and not norm_offset_folded  # Gemma families use the 1 + w convention
+    fold = cfg.norm_offset and not norm_offset_folded  # Gemma families use the 1 + w convention
 
     for name, array in tensors:
         if any(p.fullmatch(name) for p in _IGNORED):
@@ -256,7 +256,7 @@ def to_hf_tensors(
         if got != shape:
             raise CheckpointError(f"parameter {name} has shape {got}, config expects {shape}")
     inverse = _inverse_transforms(cfg)
-    unfold = cfg.embed_scale and not norm_offset_folded
+    unfold = cfg.norm_offset and not norm_offset_folded
     for hf_name, hf_shape, field, layer in hf_tensor_plan(cfg):
         source = flat[field]
         value = np.asarray(source if layer is None else source[layer])

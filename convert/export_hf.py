@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import struct
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -24,18 +22,12 @@ from refusal_jax.model.config import ARCHITECTURES, ModelConfig, RopeConfig, fro
 from refusal_jax.convert import engine
 from refusal_jax.convert.safetensors_io import raw_bytes
 from refusal_jax.errors import CheckpointError, ConfigError
+from refusal_jax.runs.rundir import atomic_directory
+from refusal_jax.model import families
 from refusal_jax.model.params import Params
 
 # family -> (HF architecture, model_type)
-HF_NAMES = {
-    "llama": ("LlamaForCausalLM", "llama"),
-    "mistral": ("MistralForCausalLM", "mistral"),
-    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
-    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
-    "gemma": ("GemmaForCausalLM", "gemma"),
-    "gemma2": ("Gemma2ForCausalLM", "gemma2"),
-    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
-}
+HF_NAMES = {f.name: (f.hf_architecture, f.hf_model_type) for f in families.FAMILIES.values() if f.hf_export}
 DEFAULT_SHARD_SIZE = 2 * 2**30  # bytes; one file up to this size, shards of at most this size above it
 
 _ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16"}
@@ -310,11 +302,7 @@ def save_hf(
     extra.setdefault("dtype", dtype)
     hf_config = to_hf_config(cfg, extra=extra)
 
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(tok_ids, indent=2) + "\n")
         if tokenizer is not None:
@@ -338,12 +326,6 @@ def save_hf(
                     total += int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
     return out_dir
 
 

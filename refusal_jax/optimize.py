@@ -58,6 +58,7 @@ from refusal_jax.evaluation.loss import masked_ce_loss
 from refusal_jax.runs import rundir as runs
 from refusal_jax.runs.cli import main_wrapper
 from refusal_jax.errors import DataError, RunError
+from refusal_jax.model.batching import left_pad
 from refusal_jax.model.transformer import Intervention, _forward
 
 LOSS_TERMS = ("ablation", "addition", "retain", "independence")
@@ -140,16 +141,13 @@ def make_examples(prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequ
     T = length or _round_up(max(len(s) for s in seqs), bucket)
     if max(len(s) for s in seqs) > T:
         raise DataError(f"sequences of {max(len(s) for s in seqs)} tokens do not fit length {T}")
-    tokens = np.full((len(seqs), T), pad, np.int32)
-    mask = np.zeros((len(seqs), T), np.int32)
-    loss_mask = np.zeros((len(seqs), T), np.float32)
-    for b, s in enumerate(seqs):
-        tokens[b, T - len(s):] = s
-        mask[b, T - len(s):] = 1
-        if target_ids is None:
-            loss_mask[b, T - len(s):] = 1.0
-        else:
-            loss_mask[b, T - n_target[b] - 1:T - 1] = 1.0  # positions predicting the target tokens
+    tokens, mask = left_pad(seqs, pad, T)
+    if target_ids is None:
+        loss_mask = mask.astype(np.float32)
+    else:
+        loss_mask = np.zeros((len(seqs), T), np.float32)
+        for b, n in enumerate(n_target):
+            loss_mask[b, T - n - 1:T - 1] = 1.0  # positions predicting the target tokens
     return Examples(tokens=tokens, mask=mask, loss_mask=loss_mask)
 
 
@@ -242,6 +240,19 @@ def init_state(direction, optimizer) -> TrainState:
     return _strong(TrainState(v=v, opt_state=optimizer.init(v), step=jnp.zeros((), jnp.int32)))
 
 
+def _update(loss_fn: Callable, optimizer, renormalize: bool, state: TrainState, *args):
+    """One optimizer update of v from the gradient of `loss_fn(v, *args) -> (loss, aux)` with respect to v only,
+    then v <- v / ‖v‖ when `renormalize`: (new state, loss, aux)."""
+    import optax
+
+    (loss, aux), grad = jax.value_and_grad(loss_fn, has_aux=True)(state.v, *args)
+    updates, opt_state = optimizer.update(grad, state.opt_state, state.v)
+    v = optax.apply_updates(state.v, updates)
+    if renormalize:
+        v = v / jnp.linalg.norm(v)
+    return TrainState(v=v, opt_state=opt_state, step=state.step + 1), loss, aux
+
+
 def make_train_step(loss_fn: Callable, optimizer, *, renormalize: bool = True, max_traces: int | None = None):
     """A jitted `step(state, *args) -> (state, loss, aux)` for `loss_fn(v, *args) -> (loss, aux)`.
 
@@ -249,15 +260,8 @@ def make_train_step(loss_fn: Callable, optimizer, *, renormalize: bool = True, m
     the model parameters included, is frozen), then v <- v / ‖v‖ when `renormalize`. With `max_traces`, the step
     raises (chex.assert_max_traces) if it is traced more often, i.e. if something recompiles it.
     """
-    import optax
-
     def step(state: TrainState, *args):
-        (loss, aux), grad = jax.value_and_grad(loss_fn, has_aux=True)(state.v, *args)
-        updates, opt_state = optimizer.update(grad, state.opt_state, state.v)
-        v = optax.apply_updates(state.v, updates)
-        if renormalize:
-            v = v / jnp.linalg.norm(v)
-        return TrainState(v=v, opt_state=opt_state, step=state.step + 1), loss, aux
+        return _update(loss_fn, optimizer, renormalize, state, *args)
 
     if max_traces is not None:
         import chex
@@ -275,13 +279,8 @@ def adam(lr: float):
 
 
 def _rdo_step_impl(state: TrainState, params, data: RDOData, hp: RDOHyper, *, cfg):
-    import optax
-
-    (loss, aux), grad = jax.value_and_grad(rdo_loss, has_aux=True)(state.v, params, cfg, data, hp)
-    updates, opt_state = adam(0.0).update(grad, state.opt_state, state.v)  # the rate is read from opt_state
-    v = optax.apply_updates(state.v, updates)
-    v = v / jnp.linalg.norm(v)
-    return TrainState(v=v, opt_state=opt_state, step=state.step + 1), loss, aux
+    # adam(0.0): the learning rate is read from opt_state
+    return _update(lambda v, p, d, h: rdo_loss(v, p, cfg, d, h), adam(0.0), True, state, params, data, hp)
 
 
 rdo_train_step = jax.jit(_rdo_step_impl, static_argnames=("cfg",))

@@ -56,6 +56,17 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
+def left_pad(seqs: Sequence[Sequence[int]], pad: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """[len(seqs), width] int32 token ids right-aligned (left-padded with `pad`) and their 0/1 attention mask."""
+    tokens = np.full((len(seqs), width), pad, np.int32)
+    mask = np.zeros((len(seqs), width), np.int32)
+    for b, seq in enumerate(seqs):
+        if len(seq):
+            tokens[b, width - len(seq):] = seq
+            mask[b, width - len(seq):] = 1
+    return tokens, mask
+
+
 def bucketed(ids: Sequence[Sequence[int]], batch_size: int, pad: int, bucket: int = 16,
              sort: bool = True) -> Iterator[Batch]:
     """Yield fixed-size left-padded batches covering every sequence once."""
@@ -68,12 +79,7 @@ def bucketed(ids: Sequence[Sequence[int]], batch_size: int, pad: int, bucket: in
         rows += [rows[0]] * (batch_size - n_real)
         longest = max(len(ids[r]) for r in rows)
         T = -(-longest // bucket) * bucket
-        tokens = np.full((batch_size, T), pad, np.int32)
-        mask = np.zeros((batch_size, T), np.int32)
-        for b, r in enumerate(rows):
-            seq = ids[r]
-            tokens[b, T - len(seq):] = seq
-            mask[b, T - len(seq):] = 1
+        tokens, mask = left_pad([ids[r] for r in rows], pad, T)
         weight = (np.arange(batch_size) < n_real).astype(np.float32)
         index = np.where(weight > 0, np.asarray(rows), -1)
         yield Batch(index=index, tokens=tokens, mask=mask, weight=weight)

@@ -42,10 +42,9 @@ def decoding_params(params: Params, per_layer: bool | None = None) -> Params:
     """`params` laid out for fast decoding: per-layer weight copies (`params.unstack_layers`; the KV cache is then
     per layer too) and, for a tied embedding, a row-major [D, V] LM head.
 
-    Inside the layer scan XLA:CPU copies every layer's weight slice out of the stacked arrays on each decoding step
-    (half of a step's time), and it reads a transposed [V, D] operand of a few-row matmul at a third of the
-    bandwidth; a step is about 2.5x faster without both. The price is a second copy of the weights while
-    generating. per_layer: default on CPU; False returns `params` unchanged. Already prepared params pass through.
+    Inside the layer scan XLA:CPU copies every layer's weight slice out of the stacked arrays on each decoding step,
+    and it reads a transposed [V, D] operand of a few-row matmul at a fraction of the bandwidth; this layout avoids
+    both (README, Benchmarks). The price is a second copy of the weights while generating. per_layer: default on CPU; False returns `params` unchanged. Already prepared params pass through.
     """
     if per_layer is None:
         per_layer = jax.default_backend() == "cpu"
@@ -61,8 +60,8 @@ def _decoding_layout(params: Params) -> Params:
     return params.replace(layers=unstack_layers(params.layers), lm_head=unembedding(params))
 
 
-# XLA:CPU's YNNPACK fusions read a few-row matmul's weights at about 70% of the bandwidth of its default dot (11 vs
-# 16 GB/s here, `benchmarks/generate.py --profile`); decoding steps are such matmuls.
+# XLA:CPU's YNNPACK fusions read a few-row matmul's weights more slowly than its default dot
+# (`benchmarks/generate.py --profile`); decoding steps are such matmuls.
 CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 

@@ -28,6 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from refusal_jax.errors import ConfigError, DataError
+from refusal_jax.model import families
+from refusal_jax.model.batching import left_pad
 
 INSTRUCTION_FIELD = "{instruction}"
 
@@ -44,9 +46,7 @@ TEMPLATES = {
     "mistral": "[INST] {instruction} [/INST]",
 }
 
-FAMILIES = ("llama", "mistral", "qwen", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
-_QWEN_FAMILIES = ("qwen", "qwen2", "qwen3")
-_GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3")
+FAMILIES = tuple(families.FAMILIES)
 
 # Spec §4: the refusal token ids the reference hard-codes, keyed by the reference model it used them for, with
 # the strings they decode to.
@@ -120,16 +120,15 @@ def chat_format_for(cfg_family: str, tokenizer: Any = None, style: str | None = 
         raise ConfigError(f"no chat template for model family {cfg_family!r}; supported: {', '.join(FAMILIES)}")
     if style is not None and style not in TEMPLATES and style != MODEL_STYLE:
         raise ConfigError(f"unknown chat template style {style!r}; supported: {', '.join(TEMPLATES)}, {MODEL_STYLE}")
+    spec = families.FAMILIES[cfg_family]
     if style is None:
-        if cfg_family in _QWEN_FAMILIES:
-            style = "chatml"
-        elif cfg_family in _GEMMA_FAMILIES:
-            style = "gemma"
+        if spec.chat_style is not None:
+            style = spec.chat_style
         elif cfg_family == "mistral":
             style = "chatml" if tokenizer is not None and _has_token(tokenizer, "<|im_start|>") else "mistral"
         else:
             style = _llama_style(tokenizer)
-    strings = ("I", "As") if cfg_family in _QWEN_FAMILIES else ("I",)
+    strings = spec.refusal_strings
     template = model_template(tokenizer) if style == MODEL_STYLE else TEMPLATES[style]
     fmt = ChatFormat(family=cfg_family, template=template, refusal_strings=strings, style=style)
     if tokenizer is not None:
@@ -319,7 +318,9 @@ def refusal_token_ids(fmt: ChatFormat, tokenizer: Any) -> tuple[int, ...]:
 
 def _reference_key(fmt: ChatFormat) -> str | None:
     if fmt.style == "chatml":
-        return "qwen" if fmt.family in _QWEN_FAMILIES else "yi"
+        # ChatML as the family's own template is Qwen's; on a llama-architecture model it is Yi's
+        return "qwen" if fmt.family in families.FAMILIES and families.FAMILIES[fmt.family].chat_style == "chatml" \
+            else "yi"
     return fmt.style if fmt.style in ("gemma", "llama2", "llama3") else None
 
 
@@ -366,10 +367,4 @@ def tokenize(tokenizer: Any, prompts: Sequence[str], max_length: int | None = No
         if bos is not None and len(s) >= 2 and s[0] == s[1] == bos:
             raise DataError(f"prompt {i} starts with two BOS tokens: the template must not contain the BOS text, "
                             "the tokenizer adds it")
-    width = max(len(s) for s in seqs)
-    input_ids = np.full((len(seqs), width), pad_id, dtype=np.int32)
-    attention_mask = np.zeros((len(seqs), width), dtype=np.int32)
-    for i, s in enumerate(seqs):
-        input_ids[i, width - len(s):] = s
-        attention_mask[i, width - len(s):] = 1
-    return input_ids, attention_mask
+    return left_pad(seqs, pad_id, max(len(s) for s in seqs))

@@ -8,6 +8,7 @@ deleted, so nothing a user produced is lost.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -74,6 +75,26 @@ def write_npy(path: Path, array: np.ndarray) -> None:
     tmp = _tmp(path).with_suffix(".npy")
     np.save(tmp, array)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: Path):
+    """Yield a fresh sibling temporary directory to write into; on success it replaces `out_dir` (removed first if
+    it exists: the caller has checked it may be), on any error it is deleted, so nobody sees a half-written
+    directory."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
 
 
 def save_figure(fig, path: Path) -> None:
