@@ -47,32 +47,49 @@ class Params:
     lm_head: jax.Array | None = None  # [D, V]; None when tied to `embed`
 
 
+# The parameter spec: every Params field ("embed", "layers.q", ...) -> its logical axes, and the config flag that
+# makes it present (None = always). Shapes (`param_shapes`) and shardings (`sharding.param_shardings`) read it.
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("vocab", "embed"),
+    "final_norm": ("embed",),
+    "layers.attn_norm": ("layers", "embed"),
+    "layers.q": ("layers", "embed", "heads", "head_dim"),
+    "layers.k": ("layers", "embed", "kv_heads", "head_dim"),
+    "layers.v": ("layers", "embed", "kv_heads", "head_dim"),
+    "layers.o": ("layers", "heads", "head_dim", "embed"),
+    "layers.mlp_norm": ("layers", "embed"),
+    "layers.gate": ("layers", "embed", "mlp"),
+    "layers.up": ("layers", "embed", "mlp"),
+    "layers.down": ("layers", "mlp", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "layers.q_bias": ("layers", "heads", "head_dim"),
+    "layers.k_bias": ("layers", "kv_heads", "head_dim"),
+    "layers.v_bias": ("layers", "kv_heads", "head_dim"),
+    "layers.q_norm": ("layers", "head_dim"),
+    "layers.k_norm": ("layers", "head_dim"),
+    "layers.post_attn_norm": ("layers", "embed"),
+    "layers.post_mlp_norm": ("layers", "embed"),
+}
+_PRESENT_IF = {
+    "lm_head": lambda cfg: not cfg.tie_embeddings,
+    "layers.q_bias": lambda cfg: cfg.qkv_bias, "layers.k_bias": lambda cfg: cfg.qkv_bias,
+    "layers.v_bias": lambda cfg: cfg.qkv_bias,
+    "layers.q_norm": lambda cfg: cfg.qk_norm, "layers.k_norm": lambda cfg: cfg.qk_norm,
+    "layers.post_attn_norm": lambda cfg: cfg.post_norms, "layers.post_mlp_norm": lambda cfg: cfg.post_norms,
+}
+
+
+def axis_sizes(cfg: ModelConfig) -> dict[str, int]:
+    """Size of every logical axis of the parameters under `cfg`."""
+    return {"vocab": cfg.vocab_size, "embed": cfg.d_model, "layers": cfg.n_layers, "heads": cfg.n_heads,
+            "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "mlp": cfg.d_ff}
+
+
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Field path ("embed", "layers.q", ...) -> shape, for exactly the fields this config uses."""
-    L, D, N, K, H, F, V = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
-                           cfg.vocab_size)
-    shapes = {
-        "embed": (V, D),
-        "final_norm": (D,),
-        "layers.attn_norm": (L, D),
-        "layers.q": (L, D, N, H),
-        "layers.k": (L, D, K, H),
-        "layers.v": (L, D, K, H),
-        "layers.o": (L, N, H, D),
-        "layers.mlp_norm": (L, D),
-        "layers.gate": (L, D, F),
-        "layers.up": (L, D, F),
-        "layers.down": (L, F, D),
-    }
-    if not cfg.tie_embeddings:
-        shapes["lm_head"] = (D, V)
-    if cfg.qkv_bias:
-        shapes.update({"layers.q_bias": (L, N, H), "layers.k_bias": (L, K, H), "layers.v_bias": (L, K, H)})
-    if cfg.qk_norm:
-        shapes.update({"layers.q_norm": (L, H), "layers.k_norm": (L, H)})
-    if cfg.post_norms:
-        shapes.update({"layers.post_attn_norm": (L, D), "layers.post_mlp_norm": (L, D)})
-    return shapes
+    sizes = axis_sizes(cfg)
+    return {name: tuple(sizes[a] for a in axes) for name, axes in PARAM_AXES.items()
+            if name not in _PRESENT_IF or _PRESENT_IF[name](cfg)}
 
 
 def from_flat(flat: dict[str, np.ndarray | jax.Array]) -> Params:

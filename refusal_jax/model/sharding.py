@@ -57,7 +57,7 @@ from refusal_jax.model.batching import Batch
 from refusal_jax.model.config import ModelConfig
 from refusal_jax.errors import ConfigError
 from refusal_jax.model.transformer import Intervention, KVCache
-from refusal_jax.model.params import Params, from_flat, param_shapes, to_flat
+from refusal_jax.model.params import PARAM_AXES, Params, from_flat, param_shapes, to_flat
 
 LOGICAL_AXES = ("batch", "candidates", "heads", "kv_heads", "mlp", "vocab", "embed", "layers", "head_dim", "seq")
 
@@ -100,29 +100,6 @@ class MeshRules:
 
 
 DEFAULT_RULES = MeshRules()
-
-# Logical axes of every Params field, keyed like `params.param_shapes` / `params.to_flat`.
-PARAM_AXES: dict[str, tuple[str | None, ...]] = {
-    "embed": ("vocab", "embed"),
-    "final_norm": ("embed",),
-    "lm_head": ("embed", "vocab"),
-    "layers.attn_norm": ("layers", "embed"),
-    "layers.q": ("layers", "embed", "heads", "head_dim"),
-    "layers.k": ("layers", "embed", "kv_heads", "head_dim"),
-    "layers.v": ("layers", "embed", "kv_heads", "head_dim"),
-    "layers.o": ("layers", "heads", "head_dim", "embed"),
-    "layers.mlp_norm": ("layers", "embed"),
-    "layers.gate": ("layers", "embed", "mlp"),
-    "layers.up": ("layers", "embed", "mlp"),
-    "layers.down": ("layers", "mlp", "embed"),
-    "layers.q_bias": ("layers", "heads", "head_dim"),
-    "layers.k_bias": ("layers", "kv_heads", "head_dim"),
-    "layers.v_bias": ("layers", "kv_heads", "head_dim"),
-    "layers.q_norm": ("layers", "head_dim"),
-    "layers.k_norm": ("layers", "head_dim"),
-    "layers.post_attn_norm": ("layers", "embed"),
-    "layers.post_mlp_norm": ("layers", "embed"),
-}
 
 # Logical axes of the KV cache fields and of stacked Interventions (leading candidate axis C).
 CACHE_AXES = {
