@@ -14,6 +14,7 @@ regex = pytest.importorskip("regex")
 from refusal_jax import forward  # noqa: E402
 from refusal_jax.prompts import templates
 from refusal_jax.model.config import from_hf_config  # noqa: E402
+from refusal_jax.model.qwen1_config import qwen2_style_config  # noqa: E402
 from refusal_jax.convert import engine, qwen1, safetensors_io  # noqa: E402
 from refusal_jax.convert.hf import load_hf  # noqa: E402
 from refusal_jax.errors import CheckpointError, ConfigError  # noqa: E402
@@ -245,7 +246,7 @@ def test_unsupported_qwen1_options_are_named(qwen1_model, overrides, match):
 def test_config_mapping(qwen1_model):
     model, _, _ = qwen1_model
     raw = qwen1_config(model.config, rotary_emb_base=5000, layer_norm_epsilon=1e-5)
-    mapped = qwen1.qwen2_style_config(raw)
+    mapped = qwen2_style_config(raw)
     assert mapped["intermediate_size"] == raw["intermediate_size"] // 2 and mapped["num_key_value_heads"] == 4
     cfg = from_hf_config(raw)
     assert cfg == from_hf_config(mapped)  # the mapped dict reads the same (and is not mapped twice)

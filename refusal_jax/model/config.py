@@ -237,7 +237,7 @@ def from_hf_config(hf: Mapping[str, Any], *, strict: bool = True) -> ModelConfig
     family = detect_family(hf)
     if family == "qwen" and "rms_norm_eps" not in hf:
         # A Qwen-1 config.json: map it onto Qwen2 numerics first (its own keys are checked there).
-        from refusal_jax.convert.qwen1 import qwen2_style_config
+        from refusal_jax.model.qwen1_config import qwen2_style_config
 
         hf = qwen2_style_config(hf, strict=strict)
     if "quantization_config" in hf:
