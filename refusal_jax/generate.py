@@ -122,13 +122,32 @@ def cut_at_stop(tokens: list[int], stops: Sequence[int]) -> list[int]:
 def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[str],
                  intervention: Intervention | None = None, *, batch_size: int = 8, max_new_tokens: int = 512,
                  progress: bool = False, desc: str = "generating", leave: bool = True,
-                 mesh=None) -> list[list[int]]:
-    """Greedy completion token ids of templated prompts (up to and including a stop token), in input order."""
+                 mesh=None, continuous: bool = True, stats: dict | None = None) -> list[list[int]]:
+    """Greedy completion token ids of templated prompts (up to and including a stop token), in input order.
+
+    continuous: continuous batching (`refusal_jax.continuous`) with `batch_size` slots: a slot whose row stopped
+    takes the next prompt. False: static length-bucketed batches, each decoded until its longest row stops (always
+    so with a `mesh`). Greedy output is the same either way. stats: filled by the continuous path (see there).
+    """
     ids = encode(tokenizer, list(prompts))
     pad, stops = pad_id(tokenizer), stop_token_ids(tokenizer)
+    params = decoding_params(params)  # once for all batches
+    if continuous and mesh is None:
+        from refusal_jax import continuous as cb
+
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc=desc, unit="prompt", leave=leave)
+        try:
+            return cb.generate(params, cfg, ids, intervention, slots=min(batch_size, len(ids)),
+                               max_new_tokens=max_new_tokens, stop_ids=stops, pad=pad, progress=bar, stats=stats)
+        finally:
+            if bar is not None:
+                bar.close()
     out: list[list[int]] = [[] for _ in prompts]
     batches = list(bucketed(ids, batch_size, pad))
-    params = decoding_params(params)  # once for all batches
     if progress:
         from tqdm.auto import tqdm
 
@@ -150,8 +169,8 @@ def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[
 def generate_completions(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[str],
                          intervention: Intervention | None = None, *, batch_size: int = 8,
                          max_new_tokens: int = 512, progress: bool = False, desc: str = "generating",
-                         mesh=None) -> list[str]:
+                         mesh=None, continuous: bool = True) -> list[str]:
     """Greedy completions (decoded, special tokens skipped, stripped, as the reference) in input order."""
     ids = generate_ids(params, cfg, tokenizer, prompts, intervention, batch_size=batch_size,
-                       max_new_tokens=max_new_tokens, progress=progress, desc=desc, mesh=mesh)
+                       max_new_tokens=max_new_tokens, progress=progress, desc=desc, mesh=mesh, continuous=continuous)
     return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
