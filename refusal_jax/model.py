@@ -24,6 +24,7 @@ from flax import struct
 
 from refusal_jax.config import ModelConfig, RopeConfig
 from refusal_jax.params import LayerParams, Params, unembedding
+from refusal_jax.quant import matmul
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "resid_final")
 LOGITS_MODES = ("all", "last", "none")
@@ -210,9 +211,9 @@ def _attention(lp: LayerParams, cfg: ModelConfig, h, cos, sin, k_cache, v_cache,
     """
     B, T, _ = h.shape
     K, G, H = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
-    q = jnp.einsum("btd,dnh->btnh", h, lp.q)
-    k = jnp.einsum("btd,dkh->btkh", h, lp.k)
-    v = jnp.einsum("btd,dkh->btkh", h, lp.v)
+    q = matmul("btd,dnh->btnh", h, lp.q)
+    k = matmul("btd,dkh->btkh", h, lp.k)
+    v = matmul("btd,dkh->btkh", h, lp.v)
     if lp.q_bias is not None:
         q, k, v = q + lp.q_bias, k + lp.k_bias, v + lp.v_bias
     if lp.q_norm is not None:
@@ -231,14 +232,14 @@ def _attention(lp: LayerParams, cfg: ModelConfig, h, cos, sin, k_cache, v_cache,
     # Heads flattened on both sides (E = N*H): with [B, T, N, H] XLA:CPU may transpose the whole o weight to
     # match the activation's layout on every call, instead of the small activation.
     o = lp.o.reshape(cfg.n_heads * H, -1)
-    return jnp.einsum("bte,ed->btd", out.reshape(B, T, cfg.n_heads * H), o), k, v
+    return matmul("bte,ed->btd", out.reshape(B, T, cfg.n_heads * H), o), k, v
 
 
 def _mlp(lp: LayerParams, cfg: ModelConfig, h):
-    gate = jnp.einsum("btd,df->btf", h, lp.gate)
-    up = jnp.einsum("btd,df->btf", h, lp.up)
+    gate = matmul("btd,df->btf", h, lp.gate)
+    up = matmul("btd,df->btf", h, lp.up)
     act = jax.nn.silu(gate) if cfg.mlp_activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    return jnp.einsum("btf,fd->btd", act * up, lp.down)
+    return matmul("btf,fd->btd", act * up, lp.down)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,7 +373,7 @@ def _forward(
     if logits != "none":
         h = x[:, -1:] if logits == "last" else x
         h = _norm(cfg, h, params.final_norm)
-        out_logits = jnp.einsum("btd,dv->btv", h, unembedding(params).astype(h.dtype)).astype(jnp.float32)
+        out_logits = matmul("btd,dv->btv", h, unembedding(params)).astype(jnp.float32)
         if cfg.final_softcap:
             out_logits = jnp.tanh(out_logits / cfg.final_softcap) * cfg.final_softcap
         if logits == "last":
