@@ -353,7 +353,8 @@ def stage_completions(run: Run, layer: int, direction: np.ndarray) -> dict[str, 
         records = run.data["harmful_test" if dataset != "harmless" else "harmless_test"]
         texts = generate_completions(run.params, run.cfg, run.tokenizer, run.prompts([r["instruction"] for r in records]),
                                      iv, batch_size=run.args.gen_batch_size, max_new_tokens=run.args.max_new_tokens,
-                                     progress=run.progress, desc=f"{dataset} {label}", mesh=run.mesh)
+                                     progress=run.progress, desc=f"{dataset} {label}", mesh=run.mesh,
+                                     decode_dtype=getattr(run.args, "decode_dtype", "float32"))
         runs.write_json(path, [{"category": r.get("category"), "prompt": r["instruction"], "response": t}
                                for r, t in zip(records, texts)])
     return written
@@ -410,7 +411,13 @@ def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files) ->
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("completions and evaluation")
     g.add_argument("--max-new-tokens", type=int, default=512, help="greedy tokens per completion (reference: 512)")
-    g.add_argument("--gen-batch-size", type=int, default=8, help="prompts per generation batch (reference: 8)")
+    g.add_argument("--gen-batch-size", type=int, default=8,
+                   help="prompts decoded together: the slots of continuous batching, where a stopped row's slot "
+                        "takes the next prompt (reference: static batches of 8)")
+    g.add_argument("--decode-dtype", choices=("float32", "bfloat16", "int8"), default="float32",
+                   help="precision of the decoding copy of the matmul weights: bfloat16 (float32 accumulation) or "
+                        "int8 weight-only with per-channel scales; faster, completions may differ from float32 "
+                        "(scores, directions and statistics always use the model's weights) (default: float32)")
     g.add_argument("--loss-batch-size", type=int, default=2, help="sequences per loss batch (reference: 2)")
     g.add_argument("--loss-texts", nargs="*", default=None,
                    help="text files (one document per line, or .json/.jsonl/.csv) whose CE loss is reported, e.g. "
