@@ -456,7 +456,9 @@ def pipeline_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = pipeline_parser().parse_args(argv)
     run = setup(args, extra_config={"max_new_tokens": args.max_new_tokens, "reference_judge": args.reference_judge,
-                                    "loss_texts": args.loss_texts})
+                                    "loss_texts": args.loss_texts,
+                                    # recorded only when not the default, so earlier runs still resume
+                                    **({"decode_dtype": args.decode_dtype} if args.decode_dtype != "float32" else {})})
     t0 = time.perf_counter()
     pos, layer, direction = run_extract(run)
     files = stage_completions(run, layer, direction)
