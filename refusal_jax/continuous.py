@@ -10,8 +10,8 @@ call with the same sizes:
 
   prefill  one prompt, left-padded to a multiple of `chunk` tokens, enters one slot `chunk` tokens per call
            (chunked prefill: no program per prompt length), and its first generated token is chosen.
-  decode   greedy steps of all slots inside one `while_loop`, until as many rows have stopped as there are
-           prompts waiting for a slot (or every row has stopped); then the host refills the free slots.
+  decode   greedy steps of all slots inside one `while_loop`, until a row stops while prompts are waiting (or
+           every row has stopped); then the host refills the free slots.
 
 Greedy fp32 output equals the static path's (`generate.greedy_generate`) for every prompt (tests/test_continuous.py).
 """
@@ -186,8 +186,8 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
         admit(slot)
     while any(o is not None for o in owner):
         before = np.asarray(state.count)
-        target = len(waiting) if waiting else slots + 1
-        cache, state = decode(params, cfg, cache, state, jnp.asarray(min(target, slots + 1), jnp.int32),
+        target = 1 if waiting else slots + 1  # back to the host as soon as a slot can take a waiting prompt
+        cache, state = decode(params, cfg, cache, state, jnp.asarray(target, jnp.int32),
                               intervention, stop_ids=stop_ids)
         active, count = np.asarray(state.active), np.asarray(state.count)
         progressed = count - np.where([o is not None for o in owner], before, count)
