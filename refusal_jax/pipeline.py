@@ -416,8 +416,9 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
                         "takes the next prompt (reference: static batches of 8)")
     g.add_argument("--decode-dtype", choices=("float32", "bfloat16", "int8"), default="float32",
                    help="precision of the decoding copy of the matmul weights: bfloat16 (float32 accumulation) or "
-                        "int8 weight-only with per-channel scales; faster, completions may differ from float32 "
-                        "(scores, directions and statistics always use the model's weights) (default: float32)")
+                        "int8 weight-only with per-channel scales; a smaller copy, completions may differ from "
+                        "float32, and on CPU not faster yet (README, Benchmarks); scores, directions and statistics "
+                        "always use the model's weights (default: float32)")
     g.add_argument("--loss-batch-size", type=int, default=2, help="sequences per loss batch (reference: 2)")
     g.add_argument("--loss-texts", nargs="*", default=None,
                    help="text files (one document per line, or .json/.jsonl/.csv) whose CE loss is reported, e.g. "
