@@ -122,12 +122,13 @@ def _decode(params: Params, cfg: ModelConfig, cache: KVCache, slots: Slots, free
 
 
 @functools.cache
-def programs(per_layer: bool):
-    """(prefill, decode) jitted with the cache and slot state donated; on CPU with per-layer params compiled with
-    `generate.CPU_DECODE_OPTIONS`, as the static decoding program."""
+def programs(per_layer: bool, bfloat16: bool = False):
+    """(prefill, decode) jitted with the cache and slot state donated; on CPU with per-layer float32 params compiled
+    with `generate.CPU_DECODE_OPTIONS`, as the static decoding program. bfloat16 weights keep XLA:CPU's YNNPACK
+    fusions, which read them as bfloat16 (its default dot converts them to float32 first)."""
     from refusal_jax.generate import CPU_DECODE_OPTIONS
 
-    options = CPU_DECODE_OPTIONS if per_layer and jax.default_backend() == "cpu" else None
+    options = CPU_DECODE_OPTIONS if per_layer and not bfloat16 and jax.default_backend() == "cpu" else None
     prefill = jax.jit(_prefill_chunk, static_argnames=("cfg",), donate_argnames=("cache", "slots"),
                       compiler_options=options)
     decode = jax.jit(_decode, static_argnames=("cfg", "stop_ids"), donate_argnames=("cache", "slots"),
@@ -159,7 +160,8 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
     if intervention is None:  # as data, so that baseline and interventions share the compiled programs
         intervention = Intervention.none(cfg)
     per_layer = isinstance(params.layers, tuple)
-    prefill, decode = programs(per_layer)
+    first_layer = params.layers[0] if per_layer else params.layers
+    prefill, decode = programs(per_layer, getattr(first_layer.q, "dtype", None) == jnp.bfloat16)
     S = cache_length([len(x) for x in ids], max_new_tokens, chunk)
     cache = KVCache.init(cfg, slots, S, params.embed.dtype, per_layer=per_layer)
     cache = cache.replace(index=jnp.zeros((slots,), jnp.int32))
