@@ -60,9 +60,9 @@ def parse():
 
 
 def quick_direction(m, data_dir: Path):
-    from refusal_jax import datasets, templates
-    from refusal_jax.batching import bucketed, encode, pad_id
-    from refusal_jax.directions import mean_diffs
+    from refusal_jax.method.directions import mean_diffs
+    from refusal_jax.model.batching import bucketed, encode, pad_id
+    from refusal_jax.prompts import datasets, templates
 
     fmt = templates.chat_format_for(m.cfg.family, m.tokenizer)
     sets = [templates.format_instructions(fmt, datasets.reference_split(data_dir, name, instructions_only=True)[:32])
@@ -78,9 +78,12 @@ def main():
     from jax import monitoring
 
     import refusal_jax
-    from refusal_jax import Intervention, bundled, datasets, judge, templates
-    from refusal_jax.batching import bucketed, encode, pad_id
-    from refusal_jax.generate import cut_at_stop, generate_ids, stop_token_ids
+    from refusal_jax import Intervention
+    from refusal_jax.convert import bundled
+    from refusal_jax.evaluation import judge
+    from refusal_jax.model.batching import bucketed, encode, pad_id
+    from refusal_jax.model.generate import cut_at_stop, generate_ids, stop_token_ids
+    from refusal_jax.prompts import datasets, templates
 
     compile_s = [0.0]
     monitoring.register_event_duration_secs_listener(

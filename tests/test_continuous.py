@@ -6,11 +6,12 @@ from jax import monitoring
 import numpy as np
 import pytest
 
-from refusal_jax import Intervention, continuous
-from refusal_jax.batching import bucketed
-from refusal_jax.config import tiny_config
-from refusal_jax.generate import cut_at_stop, decoding_params, greedy_generate
-from refusal_jax.params import init_random
+from refusal_jax import Intervention
+from refusal_jax.model import continuous
+from refusal_jax.model.batching import bucketed
+from refusal_jax.model.config import tiny_config
+from refusal_jax.model.generate import cut_at_stop, decoding_params, greedy_generate
+from refusal_jax.model.params import init_random
 
 
 def prompts(vocab: int, n: int, seed: int = 0, longest: int = 15):

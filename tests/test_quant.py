@@ -5,11 +5,12 @@ import jax
 import numpy as np
 import pytest
 
-from refusal_jax import Intervention, continuous, forward
-from refusal_jax.config import tiny_config
-from refusal_jax.generate import decoding_params
-from refusal_jax.params import init_random
-from refusal_jax.quant import Int8Weight, matmul, numpy_int8, quantize_int8
+from refusal_jax import Intervention, forward
+from refusal_jax.model import continuous
+from refusal_jax.model.config import tiny_config
+from refusal_jax.model.generate import decoding_params
+from refusal_jax.model.params import init_random
+from refusal_jax.model.quant import Int8Weight, matmul, numpy_int8, quantize_int8
 from tests.hf_tiny import left_padded_batch
 from tests.test_continuous import prompts
 

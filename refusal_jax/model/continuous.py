@@ -13,7 +13,7 @@ call with the same sizes:
   decode   greedy steps of all slots inside one `while_loop`, until a row stops while prompts are waiting (or
            every row has stopped); then the host refills the free slots.
 
-Greedy fp32 output equals the static path's (`generate.greedy_generate`) for every prompt (tests/test_continuous.py).
+Greedy fp32 output equals the static path's (`model.generate.greedy_generate`) for every prompt (tests/test_continuous.py).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from refusal_jax.config import ModelConfig
-from refusal_jax.model import Intervention, KVCache, _forward
-from refusal_jax.params import Params
+from refusal_jax.model.config import ModelConfig
+from refusal_jax.model.params import Params
+from refusal_jax.model.transformer import Intervention, KVCache, _forward
 
 
 @struct.dataclass
@@ -126,7 +126,7 @@ def programs(per_layer: bool, bfloat16: bool = False):
     """(prefill, decode) jitted with the cache and slot state donated; on CPU with per-layer float32 params compiled
     with `generate.CPU_DECODE_OPTIONS`, as the static decoding program. bfloat16 weights keep XLA:CPU's YNNPACK
     fusions, which read them as bfloat16 (its default dot converts them to float32 first)."""
-    from refusal_jax.generate import CPU_DECODE_OPTIONS
+    from refusal_jax.model.generate import CPU_DECODE_OPTIONS
 
     options = CPU_DECODE_OPTIONS if per_layer and not bfloat16 and jax.default_backend() == "cpu" else None
     prefill = jax.jit(_prefill_chunk, static_argnames=("cfg",), donate_argnames=("cache", "slots"),

@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refusal_jax.batching import bucketed, encode, pad_id
-from refusal_jax.config import ModelConfig
-from refusal_jax.model import Intervention, KVCache, _forward
-from refusal_jax.params import Params, unembedding, unstack_layers
-from refusal_jax.quant import DECODE_DTYPES, lower_precision
+from refusal_jax.model.batching import bucketed, encode, pad_id
+from refusal_jax.model.config import ModelConfig
+from refusal_jax.model.transformer import Intervention, KVCache, _forward
+from refusal_jax.model.params import Params, unembedding, unstack_layers
+from refusal_jax.model.quant import DECODE_DTYPES, lower_precision
 
 # End-of-turn tokens of the supported chat formats; generation stops at these and at the tokenizer's EOS.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|end_of_text|>")
@@ -47,7 +47,7 @@ def decoding_params(params: Params, per_layer: bool | None = None, dtype: str = 
     (half of a step's time), and it reads a transposed [V, D] operand of a few-row matmul at a third of the
     bandwidth; a step is about 2.5x faster without both. The price is a second copy of the weights while
     generating. per_layer: default on CPU; False keeps the stacked layers. Already prepared params pass through.
-    dtype: "float32" (the model's weights), "bfloat16" or "int8" (`refusal_jax.quant`) for the matmul weights of
+    dtype: "float32" (the model's weights), "bfloat16" or "int8" (`refusal_jax.model.quant`) for the matmul weights of
     this decoding copy only.
     """
     if dtype not in DECODE_DTYPES:
@@ -137,7 +137,7 @@ def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[
                  decode_dtype: str = "float32") -> list[list[int]]:
     """Greedy completion token ids of templated prompts (up to and including a stop token), in input order.
 
-    continuous: continuous batching (`refusal_jax.continuous`) with `batch_size` slots: a slot whose row stopped
+    continuous: continuous batching (`refusal_jax.model.continuous`) with `batch_size` slots: a slot whose row stopped
     takes the next prompt. False: static length-bucketed batches, each decoded until its longest row stops (always
     so with a `mesh`). Greedy output is the same either way. stats: filled by the continuous path (see there).
     decode_dtype: the precision of the decoding copy of the matmul weights (`decoding_params`).
@@ -146,7 +146,7 @@ def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[
     pad, stops = pad_id(tokenizer), stop_token_ids(tokenizer)
     params = decoding_params(params, dtype=decode_dtype)  # once for all batches
     if continuous and mesh is None:
-        from refusal_jax import continuous as cb
+        from refusal_jax.model import continuous as cb
 
         bar = None
         if progress:
@@ -168,7 +168,7 @@ def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[
     for batch in batches:
         tokens, mask = batch.tokens, batch.mask
         if mesh is not None:  # prompts split over the data axis; the KV cache follows inside jit
-            from refusal_jax import sharding
+            from refusal_jax.model import sharding
 
             tokens, mask = sharding.shard_batch(tokens, mesh), sharding.shard_batch(mask, mesh)
         gen = np.asarray(greedy_generate(params, cfg, tokens, mask, intervention,
