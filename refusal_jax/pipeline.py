@@ -420,7 +420,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-dtype", choices=("float32", "bfloat16", "int8"), default="float32",
                    help="precision of the decoding copy of the matmul weights: bfloat16 (float32 accumulation) or "
                         "int8 weight-only with per-channel scales; a smaller copy, completions may differ from "
-                        "float32, and on CPU not faster yet (README, Benchmarks); scores, directions and statistics "
+                        "float32; speed on CPU: README, Benchmarks; scores, directions and statistics "
                         "always use the model's weights (default: float32)")
     g.add_argument("--loss-batch-size", type=int, default=2, help="sequences per loss batch (reference: 2)")
     g.add_argument("--loss-texts", nargs="*", default=None,
