@@ -35,7 +35,8 @@ def parse():
                    help="reference splits folder (default: ../shared/data/refusal_direction from the repo, else "
                         "/work/shared/data/refusal_direction)")
     p.add_argument("--n-prompts", type=int, default=64, help="JailbreakBench prompts (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="greedy tokens per completion (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="greedy tokens per completion (default: %(default)s)")
     p.add_argument("--slots", type=int, default=32, help="refusal_jax continuous-batching slots (default: %(default)s)")
     p.add_argument("--ref-batch-size", type=int, default=8, help="reference generate() batch (default: %(default)s)")
     p.add_argument("--run-dir", type=Path, default=None, help="take direction.npy and its layer from this run")

@@ -13,7 +13,8 @@ call with the same sizes:
   decode   greedy steps of all slots inside one `while_loop`, until a row stops while prompts are waiting (or
            every row has stopped); then the host refills the free slots.
 
-Greedy fp32 output equals the static path's (`model.generate.greedy_generate`) for every prompt (tests/test_continuous.py).
+Greedy fp32 output equals the static path's (`model.generate.greedy_generate`) for every prompt
+(tests/test_continuous.py).
 """
 
 from __future__ import annotations
