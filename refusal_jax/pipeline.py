@@ -269,12 +269,13 @@ class EvalSettings:
     loss_batch_size: int = 2
     loss_texts: tuple[str, ...] = ()
     reference_judge: bool = False
+    decode_dtype: str = "float32"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EvalSettings:
         return cls(max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
                    loss_batch_size=args.loss_batch_size, loss_texts=tuple(args.loss_texts or ()),
-                   reference_judge=args.reference_judge)
+                   reference_judge=args.reference_judge, decode_dtype=args.decode_dtype)
 
 
 def stage_completions(run: Run, layer: int, direction: np.ndarray, settings: EvalSettings) -> dict[str, Path]:
@@ -294,7 +295,8 @@ def stage_completions(run: Run, layer: int, direction: np.ndarray, settings: Eva
         records = run.data["harmful_test" if dataset != "harmless" else "harmless_test"]
         texts = generate_completions(run.params, run.cfg, run.tokenizer, run.prompts([r["instruction"] for r in records]),
                                      iv, batch_size=settings.gen_batch_size, max_new_tokens=settings.max_new_tokens,
-                                     progress=run.progress, desc=f"{dataset} {label}", mesh=run.mesh)
+                                     progress=run.progress, desc=f"{dataset} {label}", mesh=run.mesh,
+                                     decode_dtype=settings.decode_dtype)
         runs.write_json(path, [{"category": r.get("category"), "prompt": r["instruction"], "response": t}
                                for r, t in zip(records, texts)])
     return written
@@ -351,7 +353,14 @@ def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files, se
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("completions and evaluation")
     g.add_argument("--max-new-tokens", type=int, default=512, help="greedy tokens per completion (reference: 512)")
-    g.add_argument("--gen-batch-size", type=int, default=8, help="prompts per generation batch (reference: 8)")
+    g.add_argument("--gen-batch-size", type=int, default=8,
+                   help="prompts decoded together: the slots of continuous batching, where a stopped row's slot "
+                        "takes the next prompt (reference: static batches of 8)")
+    g.add_argument("--decode-dtype", choices=("float32", "bfloat16", "int8"), default="float32",
+                   help="precision of the decoding copy of the matmul weights: bfloat16 (float32 accumulation) or "
+                        "int8 weight-only with per-channel scales; a smaller copy, completions may differ from "
+                        "float32; speed on CPU: README, Benchmarks; scores, directions and statistics "
+                        "always use the model's weights (default: float32)")
     g.add_argument("--loss-batch-size", type=int, default=2, help="sequences per loss batch (reference: 2)")
     g.add_argument("--loss-texts", nargs="*", default=None,
                    help="text files (one document per line, or .json/.jsonl/.csv) whose CE loss is reported, e.g. "
@@ -390,7 +399,9 @@ def pipeline_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = pipeline_parser().parse_args(argv)
     run = setup(args, extra_config={"max_new_tokens": args.max_new_tokens, "reference_judge": args.reference_judge,
-                                    "loss_texts": args.loss_texts})
+                                    "loss_texts": args.loss_texts,
+                                    # recorded only when not the default, so earlier runs still resume
+                                    **({"decode_dtype": args.decode_dtype} if args.decode_dtype != "float32" else {})})
     t0 = time.perf_counter()
     pos, layer, direction = run_extract(run)
     ev = EvalSettings.from_args(args)

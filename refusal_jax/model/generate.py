@@ -13,6 +13,7 @@ from refusal_jax.model.batching import bucketed, encode, pad_id
 from refusal_jax.model.config import ModelConfig
 from refusal_jax.model.transformer import Intervention, KVCache, _forward
 from refusal_jax.model.params import Params, unembedding, unstack_layers
+from refusal_jax.model.quant import DECODE_DTYPES, lower_precision
 
 # End-of-turn tokens of the supported chat formats; generation stops at these and at the tokenizer's EOS.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|end_of_text|>")
@@ -38,19 +39,30 @@ def greedy_generate(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: j
         params, cfg, tokens, mask, intervention, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad=pad)
 
 
-def decoding_params(params: Params, per_layer: bool | None = None) -> Params:
+def decoding_params(params: Params, per_layer: bool | None = None, dtype: str = "float32") -> Params:
     """`params` laid out for fast decoding: per-layer weight copies (`params.unstack_layers`; the KV cache is then
     per layer too) and, for a tied embedding, a row-major [D, V] LM head.
 
     Inside the layer scan XLA:CPU copies every layer's weight slice out of the stacked arrays on each decoding step,
     and it reads a transposed [V, D] operand of a few-row matmul at a fraction of the bandwidth; this layout avoids
-    both (README, Benchmarks). The price is a second copy of the weights while generating. per_layer: default on CPU; False returns `params` unchanged. Already prepared params pass through.
+    both (README, Benchmarks). The price is a second copy of the weights while generating. per_layer: default on
+    CPU; False keeps the stacked layers. Already prepared params pass through.
+    dtype: "float32" (the model's weights), "bfloat16" or "int8" (`refusal_jax.model.quant`) for the matmul weights
+    of this decoding copy only.
     """
+    if dtype not in DECODE_DTYPES:
+        raise ValueError(f"decode dtype must be one of {DECODE_DTYPES}, got {dtype!r}")
     if per_layer is None:
         per_layer = jax.default_backend() == "cpu"
-    if not per_layer or isinstance(params.layers, tuple):
+    prepared = isinstance(params.layers, tuple) or not isinstance(params.layers.q, jax.Array) or (
+        params.layers.q.dtype != params.embed.dtype)
+    if prepared:
         return params
-    return _decoding_layout(params)
+    if per_layer:
+        params = _decoding_layout(params)
+    elif dtype != "float32":
+        params = params.replace(lm_head=unembedding(params))
+    return lower_precision(params, dtype) if dtype != "float32" else params
 
 
 @jax.jit
@@ -121,13 +133,34 @@ def cut_at_stop(tokens: list[int], stops: Sequence[int]) -> list[int]:
 def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[str],
                  intervention: Intervention | None = None, *, batch_size: int = 8, max_new_tokens: int = 512,
                  progress: bool = False, desc: str = "generating", leave: bool = True,
-                 mesh=None) -> list[list[int]]:
-    """Greedy completion token ids of templated prompts (up to and including a stop token), in input order."""
+                 mesh=None, continuous: bool = True, stats: dict | None = None,
+                 decode_dtype: str = "float32") -> list[list[int]]:
+    """Greedy completion token ids of templated prompts (up to and including a stop token), in input order.
+
+    continuous: continuous batching (`refusal_jax.model.continuous`) with `batch_size` slots: a slot whose row stopped
+    takes the next prompt. False: static length-bucketed batches, each decoded until its longest row stops (always
+    so with a `mesh`). Greedy output is the same either way. stats: filled by the continuous path (see there).
+    decode_dtype: the precision of the decoding copy of the matmul weights (`decoding_params`).
+    """
     ids = encode(tokenizer, list(prompts))
     pad, stops = pad_id(tokenizer), stop_token_ids(tokenizer)
+    params = decoding_params(params, dtype=decode_dtype)  # once for all batches
+    if continuous and mesh is None:
+        from refusal_jax.model import continuous as cb
+
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc=desc, unit="prompt", leave=leave)
+        try:
+            return cb.generate(params, cfg, ids, intervention, slots=min(batch_size, len(ids)),
+                               max_new_tokens=max_new_tokens, stop_ids=stops, pad=pad, progress=bar, stats=stats)
+        finally:
+            if bar is not None:
+                bar.close()
     out: list[list[int]] = [[] for _ in prompts]
     batches = list(bucketed(ids, batch_size, pad))
-    params = decoding_params(params)  # once for all batches
     if progress:
         from tqdm.auto import tqdm
 
@@ -149,8 +182,9 @@ def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[
 def generate_completions(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[str],
                          intervention: Intervention | None = None, *, batch_size: int = 8,
                          max_new_tokens: int = 512, progress: bool = False, desc: str = "generating",
-                         mesh=None) -> list[str]:
+                         mesh=None, continuous: bool = True, decode_dtype: str = "float32") -> list[str]:
     """Greedy completions (decoded, special tokens skipped, stripped, as the reference) in input order."""
     ids = generate_ids(params, cfg, tokenizer, prompts, intervention, batch_size=batch_size,
-                       max_new_tokens=max_new_tokens, progress=progress, desc=desc, mesh=mesh)
+                       max_new_tokens=max_new_tokens, progress=progress, desc=desc, mesh=mesh, continuous=continuous,
+                       decode_dtype=decode_dtype)
     return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]

@@ -24,6 +24,7 @@ from flax import struct
 
 from refusal_jax.model.config import ModelConfig, RopeConfig
 from refusal_jax.model.params import LayerParams, Params, unembedding
+from refusal_jax.model.quant import matmul
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "resid_final")
 LOGITS_MODES = ("all", "last", "none")
@@ -89,7 +90,7 @@ class KVCache:
     v: jax.Array | tuple[jax.Array, ...]
     mask: jax.Array  # [B, S] bool
     lengths: jax.Array  # [B] int32: real tokens so far (the next token's RoPE position)
-    index: jax.Array  # [] int32: next slot to write
+    index: jax.Array  # [] int32: next slot to write; or [B], each row's own (continuous batching)
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32, *,
@@ -194,6 +195,15 @@ def _ablate(x: jax.Array, basis: jax.Array, on: jax.Array) -> jax.Array:
     return x - on.astype(x.dtype) * jnp.einsum("...r,rd->...d", coords, basis)
 
 
+def _write_cache(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """new [B, T, K, H] into cache [B, S, K, H] at slot `index`: a scalar, or one slot per row ([B], continuous
+    batching, where every row is at its own place in its sequence)."""
+    new = new.astype(cache.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache, new, (0, index, 0, 0))
+    return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, 0, 0)))(cache, new, index)
+
+
 def _attention(lp: LayerParams, cfg: ModelConfig, h, cos, sin, k_cache, v_cache, key_ok, write_index):
     """Grouped-query attention for one layer. h: [B, T, D]; key_ok: [B, T, S] bool; caches [B, S, K, H] or None.
 
@@ -201,9 +211,9 @@ def _attention(lp: LayerParams, cfg: ModelConfig, h, cos, sin, k_cache, v_cache,
     """
     B, T, _ = h.shape
     K, G, H = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
-    q = jnp.einsum("btd,dnh->btnh", h, lp.q)
-    k = jnp.einsum("btd,dkh->btkh", h, lp.k)
-    v = jnp.einsum("btd,dkh->btkh", h, lp.v)
+    q = matmul("btd,dnh->btnh", h, lp.q)
+    k = matmul("btd,dkh->btkh", h, lp.k)
+    v = matmul("btd,dkh->btkh", h, lp.v)
     if lp.q_bias is not None:
         q, k, v = q + lp.q_bias, k + lp.k_bias, v + lp.v_bias
     if lp.q_norm is not None:
@@ -211,8 +221,7 @@ def _attention(lp: LayerParams, cfg: ModelConfig, h, cos, sin, k_cache, v_cache,
         k = _norm(cfg, k, lp.k_norm)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if k_cache is not None:
-        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_index, 0, 0))
-        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, write_index, 0, 0))
+        k, v = _write_cache(k_cache, k, write_index), _write_cache(v_cache, v, write_index)
     q = q.reshape(B, T, K, G, H)
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype)).astype(jnp.float32) * cfg.q_scale
     if cfg.attn_softcap:
@@ -223,14 +232,14 @@ def _attention(lp: LayerParams, cfg: ModelConfig, h, cos, sin, k_cache, v_cache,
     # Heads flattened on both sides (E = N*H): with [B, T, N, H] XLA:CPU may transpose the whole o weight to
     # match the activation's layout on every call, instead of the small activation.
     o = lp.o.reshape(cfg.n_heads * H, -1)
-    return jnp.einsum("bte,ed->btd", out.reshape(B, T, cfg.n_heads * H), o), k, v
+    return matmul("bte,ed->btd", out.reshape(B, T, cfg.n_heads * H), o), k, v
 
 
 def _mlp(lp: LayerParams, cfg: ModelConfig, h):
-    gate = jnp.einsum("btd,df->btf", h, lp.gate)
-    up = jnp.einsum("btd,df->btf", h, lp.up)
+    gate = matmul("btd,df->btf", h, lp.gate)
+    up = matmul("btd,df->btf", h, lp.up)
     act = jax.nn.silu(gate) if cfg.mlp_activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    return jnp.einsum("btf,fd->btd", act * up, lp.down)
+    return matmul("btf,fd->btd", act * up, lp.down)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,16 +292,16 @@ def _forward(
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
         S = T
     else:
-        index = cache.index
-        key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, index))
+        index = cache.index  # [] shared by all rows, or [B] one per row (continuous batching)
+        key_mask = _write_cache(cache.mask[:, :, None, None], mask[:, :, None, None], index)[:, :, 0, 0]
         positions = cache.lengths[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
         S = cache.mask.shape[1]
-    q_slot = index + jnp.arange(T)
+    q_slot = jnp.atleast_2d(index[..., None] + jnp.arange(T))  # [1, T] or [B, T]
     k_slot = jnp.arange(S)
-    causal = k_slot[None, :] <= q_slot[:, None]  # [T, S]
-    key_ok = causal[None] & key_mask[:, None, :]  # [B, T, S]
+    causal = k_slot[None, None, :] <= q_slot[:, :, None]  # [1 or B, T, S]
+    key_ok = causal & key_mask[:, None, :]  # [B, T, S]
     if cfg.sliding_window:
-        key_ok_local = key_ok & ((q_slot[:, None] - k_slot[None, :]) < cfg.sliding_window)[None]
+        key_ok_local = key_ok & ((q_slot[:, :, None] - k_slot[None, None, :]) < cfg.sliding_window)
     else:
         key_ok_local = key_ok
 
@@ -364,7 +373,7 @@ def _forward(
     if logits != "none":
         h = x[:, -1:] if logits == "last" else x
         h = _norm(cfg, h, params.final_norm)
-        out_logits = jnp.einsum("btd,dv->btv", h, unembedding(params).astype(h.dtype)).astype(jnp.float32)
+        out_logits = matmul("btd,dv->btv", h, unembedding(params)).astype(jnp.float32)
         if cfg.final_softcap:
             out_logits = jnp.tanh(out_logits / cfg.final_softcap) * cfg.final_softcap
         if logits == "last":

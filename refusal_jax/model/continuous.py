@@ -1,0 +1,211 @@
+"""Continuous (in-flight) batching for greedy decoding: a fixed number of slots over a fixed-size KV cache.
+
+Static batches decode until their longest completion ends, so rows that stopped early (refusals are short) keep
+costing a full step. Here every slot of the batch holds one prompt at a time; when its row stops (a stop token or
+`max_new_tokens`), the slot takes the next waiting prompt. Each row sits at its own place in its cache row
+(`KVCache.index` of shape [B]); RoPE positions come from the per-row `lengths`, as in the static path.
+
+Two compiled programs, each compiled once per (slots, cache length, chunk) and reused for every prompt and every
+call with the same sizes:
+
+  prefill  one prompt, left-padded to a multiple of `chunk` tokens, enters one slot `chunk` tokens per call
+           (chunked prefill: no program per prompt length), and its first generated token is chosen.
+  decode   greedy steps of all slots inside one `while_loop`, until a row stops while prompts are waiting (or
+           every row has stopped); then the host refills the free slots.
+
+Greedy fp32 output equals the static path's (`model.generate.greedy_generate`) for every prompt
+(tests/test_continuous.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from refusal_jax.model.config import ModelConfig
+from refusal_jax.model.params import Params
+from refusal_jax.model.transformer import Intervention, KVCache, _forward
+
+
+@struct.dataclass
+class Slots:
+    """Device state of the slots besides the KV cache.
+
+    next_token: [B] int32 the token chosen for each row and not yet recorded in `out`.
+    active:     [B] bool the slot holds a row that has not stopped.
+    count:      [B] int32 tokens recorded in `out` for the slot's row.
+    out:        [B, M] int32 the row's generated tokens (the first `count`).
+    """
+
+    next_token: jax.Array
+    active: jax.Array
+    count: jax.Array
+    out: jax.Array
+
+    @classmethod
+    def init(cls, slots: int, max_new_tokens: int, pad: int) -> "Slots":
+        return cls(next_token=jnp.zeros((slots,), jnp.int32), active=jnp.zeros((slots,), bool),
+                   count=jnp.zeros((slots,), jnp.int32), out=jnp.full((slots, max_new_tokens), pad, jnp.int32))
+
+
+def cache_length(prompt_lengths: Sequence[int], max_new_tokens: int, chunk: int, round_to: int = 64) -> int:
+    """Cache slots per row: the longest prompt in whole chunks plus `max_new_tokens`, rounded up to `round_to` so
+    that sets of prompts of similar lengths share compiled programs."""
+    longest = -(-max(prompt_lengths) // chunk) * chunk
+    return -(-(longest + max_new_tokens) // round_to) * round_to
+
+
+def _rows(tree, per_layer: bool, fn):
+    """fn(array, batch_axis) over the k/v arrays of a cache (per-layer tuples [B, S, K, H] or stacked [L, B, ...])."""
+    return jax.tree.map(lambda a: fn(a, 0 if per_layer else 1), tree)
+
+
+def _prefill_chunk(params: Params, cfg: ModelConfig, cache: KVCache, slots: Slots, slot: jax.Array,
+                   tokens: jax.Array, mask: jax.Array, first: jax.Array, intervention: Intervention | None):
+    """One chunk [1, C] of a left-padded prompt into row `slot` (the row is reset when `first`); the row's next
+    token is the argmax after the chunk (meaningful after the last chunk)."""
+    per_layer = isinstance(cache.k, tuple)
+    take = lambda a, ax: jax.lax.dynamic_index_in_dim(a, slot, ax, keepdims=True)  # noqa: E731
+    row = KVCache(k=_rows(cache.k, per_layer, take), v=_rows(cache.v, per_layer, take),
+                  mask=jnp.where(first, False, take(cache.mask, 0)),
+                  lengths=jnp.where(first, 0, take(cache.lengths, 0)),
+                  index=jnp.where(first, 0, cache.index[slot]))
+    out = _forward(params, cfg, tokens, mask, intervention, row, logits="last")
+
+    def put(big, small, ax):
+        return jax.lax.dynamic_update_index_in_dim(big, small.astype(big.dtype), slot, ax)
+
+    new = out.cache
+    cache = KVCache(k=jax.tree.map(lambda b, s: put(b, s, 0 if per_layer else 1), cache.k, new.k),
+                    v=jax.tree.map(lambda b, s: put(b, s, 0 if per_layer else 1), cache.v, new.v),
+                    mask=put(cache.mask, new.mask, 0), lengths=put(cache.lengths, new.lengths, 0),
+                    index=cache.index.at[slot].set(new.index))
+    nxt = jnp.argmax(out.logits[0]).astype(jnp.int32)
+    slots = Slots(next_token=slots.next_token.at[slot].set(nxt), active=slots.active.at[slot].set(True),
+                  count=slots.count.at[slot].set(0), out=slots.out)
+    return cache, slots
+
+
+def _decode(params: Params, cfg: ModelConfig, cache: KVCache, slots: Slots, free_target: jax.Array,
+            intervention: Intervention | None, *, stop_ids: tuple[int, ...]):
+    """Greedy steps of every slot until `free_target` rows have stopped or none is active.
+
+    Each step records every active row's next token, stops rows at a stop token or at the out buffer's end, and
+    runs the still-active rows one token further (stopped slots ride along masked: their keys are never attended).
+    """
+    B, M = slots.out.shape
+    stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+    rows = jnp.arange(B)
+
+    def cond(state):
+        _, slots, freed = state
+        return (freed < free_target) & jnp.any(slots.active)
+
+    def body(state):
+        cache, s, freed = state
+        col = jnp.minimum(s.count, M - 1)
+        out = s.out.at[rows, col].set(jnp.where(s.active, s.next_token, s.out[rows, col]))
+        count = s.count + s.active
+        stopped = s.active & (jnp.isin(s.next_token, stops) | (count >= M))
+        active = s.active & ~stopped
+        fwd = _forward(params, cfg, s.next_token[:, None], active[:, None].astype(jnp.int32), intervention, cache,
+                       logits="last")
+        nxt = jnp.argmax(fwd.logits, axis=-1).astype(jnp.int32)  # first maximal index, as torch.argmax
+        return fwd.cache, Slots(next_token=nxt, active=active, count=count, out=out), freed + stopped.sum()
+
+    cache, slots, _ = jax.lax.while_loop(cond, body, (cache, slots, jnp.zeros((), jnp.int32)))
+    return cache, slots
+
+
+@functools.cache
+def programs(per_layer: bool, bfloat16: bool = False):
+    """(prefill, decode) jitted with the cache and slot state donated; on CPU with per-layer float32 params compiled
+    with `generate.CPU_DECODE_OPTIONS`, as the static decoding program. bfloat16 weights keep XLA:CPU's YNNPACK
+    fusions, which read them as bfloat16 (its default dot converts them to float32 first)."""
+    from refusal_jax.model.generate import CPU_DECODE_OPTIONS
+
+    options = CPU_DECODE_OPTIONS if per_layer and not bfloat16 and jax.default_backend() == "cpu" else None
+    prefill = jax.jit(_prefill_chunk, static_argnames=("cfg",), donate_argnames=("cache", "slots"),
+                      compiler_options=options)
+    decode = jax.jit(_decode, static_argnames=("cfg", "stop_ids"), donate_argnames=("cache", "slots"),
+                     compiler_options=options)
+    return prefill, decode
+
+
+def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
+             intervention: Intervention | None = None, *, slots: int, max_new_tokens: int,
+             stop_ids: tuple[int, ...] = (), pad: int = 0, chunk: int = 32, progress=None,
+             stats: dict | None = None) -> list[list[int]]:
+    """Greedy completions of token-id prompts with continuous batching, in input order.
+
+    Args:
+      params: laid out for decoding (`generate.decoding_params`) or stacked.
+      ids: prompt token ids (templated, with any BOS).
+      slots: rows decoded together (the batch size of a step).
+      chunk: prompt tokens per prefill call; prompts are left-padded to a multiple of it.
+      progress: a tqdm-like bar updated by one per finished prompt.
+      stats: if a dict, filled with "steps" (decode steps run), "slot_steps" (steps x slots) and "row_steps"
+        (steps of active rows; their ratio is the slot occupancy).
+    Returns:
+      each prompt's generated ids, up to and including its stop token.
+    """
+    if not ids:
+        return []
+    if slots < 1 or chunk < 1 or max_new_tokens < 1:
+        raise ValueError("slots, chunk and max_new_tokens must be >= 1")
+    if intervention is None:  # as data, so that baseline and interventions share the compiled programs
+        intervention = Intervention.none(cfg)
+    per_layer = isinstance(params.layers, tuple)
+    first_layer = params.layers[0] if per_layer else params.layers
+    prefill, decode = programs(per_layer, getattr(first_layer.q, "dtype", None) == jnp.bfloat16)
+    S = cache_length([len(x) for x in ids], max_new_tokens, chunk)
+    cache = KVCache.init(cfg, slots, S, params.embed.dtype, per_layer=per_layer)
+    cache = cache.replace(index=jnp.zeros((slots,), jnp.int32))
+    state = Slots.init(slots, max_new_tokens, pad)
+    waiting = list(range(len(ids)))[::-1]  # pop() takes them in input order
+    owner: list[int | None] = [None] * slots
+    results: list[list[int]] = [[] for _ in ids]
+    steps = row_steps = 0
+
+    def admit(slot: int):
+        nonlocal cache, state
+        i = waiting.pop()
+        owner[slot] = i
+        seq = list(ids[i])
+        n = -(-len(seq) // chunk) * chunk
+        tokens = np.full((1, n), pad, np.int32)
+        mask = np.zeros((1, n), np.int32)
+        tokens[0, n - len(seq):], mask[0, n - len(seq):] = seq, 1
+        for c in range(0, n, chunk):
+            cache, state = prefill(params, cfg, cache, state, jnp.asarray(slot, jnp.int32),
+                                   tokens[:, c:c + chunk], mask[:, c:c + chunk], jnp.asarray(c == 0), intervention)
+
+    for slot in range(min(slots, len(ids))):
+        admit(slot)
+    while any(o is not None for o in owner):
+        before = np.asarray(state.count)
+        target = 1 if waiting else slots + 1  # back to the host as soon as a slot can take a waiting prompt
+        cache, state = decode(params, cfg, cache, state, jnp.asarray(target, jnp.int32),
+                              intervention, stop_ids=stop_ids)
+        active, count = np.asarray(state.active), np.asarray(state.count)
+        progressed = count - np.where([o is not None for o in owner], before, count)
+        steps += int(progressed.max(initial=0))
+        row_steps += int(progressed.sum())
+        finished = [s for s in range(slots) if owner[s] is not None and not active[s]]
+        if finished:
+            out = np.asarray(state.out)
+            for s in finished:
+                results[owner[s]] = out[s, :count[s]].tolist()
+                owner[s] = None
+                if progress is not None:
+                    progress.update(1)
+                if waiting:
+                    admit(s)
+    if stats is not None:
+        stats.update(steps=steps, slot_steps=steps * slots, row_steps=row_steps)
+    return results
