@@ -11,6 +11,7 @@ import numpy as np
 
 from refusal_jax.batching import bucketed, encode, pad_id
 from refusal_jax.config import ModelConfig
+from refusal_jax.distributed import to_host
 from refusal_jax.model import Intervention, KVCache, _forward
 from refusal_jax.params import Params, unembedding, unstack_layers
 
@@ -139,7 +140,7 @@ def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[
             from refusal_jax import sharding
 
             tokens, mask = sharding.shard_batch(tokens, mesh), sharding.shard_batch(mask, mesh)
-        gen = np.asarray(greedy_generate(params, cfg, tokens, mask, intervention,
+        gen = to_host(greedy_generate(params, cfg, tokens, mask, intervention,
                                          max_new_tokens=max_new_tokens, stop_ids=stops, pad=pad))
         for row, idx in enumerate(batch.index):
             if idx >= 0:

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from refusal_jax import datasets, directions, judge, runs, templates
+from refusal_jax import datasets, directions, distributed, judge, runs, templates
 from refusal_jax.batching import bucketed, encode, pad_id
 from refusal_jax.cli import main_wrapper
 from refusal_jax.errors import DataError, RunError
@@ -46,6 +46,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="shard over devices: e.g. 'data=4,model=2' (prompts on data; heads/MLP width on model) or "
                         "'auto' (all devices on data). Default: one device. On TPU pods call "
                         "jax.distributed.initialize() first (see refusal_jax.sharding)")
+    distributed.add_args(p)
     d = p.add_argument_group("data (default: the bundled instruction sets)")
     d.add_argument("--harmful", help="harmful instructions file (.json/.jsonl/.csv/.txt)")
     d.add_argument("--harmless", help="harmless instructions file (.json/.jsonl/.csv/.txt)")
@@ -171,22 +172,29 @@ def _sample_data(args) -> tuple[dict[str, list], dict]:
 def setup(args, extra_config: dict | None = None) -> Run:
     from refusal_jax.loading import load_model
 
-    progress = not args.no_progress
+    distributed.init_from_args(args)  # several processes join before any device is used
+    main = distributed.is_main_process()
+    progress = not args.no_progress and main
+    if args.mesh is None and distributed.process_count() > 1:
+        args.mesh = "auto"  # a mesh over every process's devices (prompts data-parallel)
     data, data_source = _sample_data(args)
     for key, values in data.items():
         if not values:
             raise DataError(f"the {key} set is empty")
-    model = load_model(args.model, dtype=args.dtype, progress=progress)
-    fmt = templates.chat_format_for(model.cfg.family, model.tokenizer, style=args.chat_style)
-    eoi = templates.eoi_tokens(fmt, model.tokenizer, args.eoi_mode)
-    refusal_ids = tuple(int(i) for i in fmt.refusal_token_ids)
-    params, mesh = model.params, None
+    mesh = None
     if args.mesh:
         from refusal_jax import sharding
 
         mesh = sharding.make_mesh(args.mesh)
-        params = sharding.shard_params(params, model.cfg, mesh)
-        print(f"sharding over {sharding.describe(mesh)}")
+    # with a mesh every parameter is placed shard by shard: never whole on one device
+    model = load_model(args.model, dtype=args.dtype, progress=progress, mesh=mesh)
+    fmt = templates.chat_format_for(model.cfg.family, model.tokenizer, style=args.chat_style)
+    eoi = templates.eoi_tokens(fmt, model.tokenizer, args.eoi_mode)
+    refusal_ids = tuple(int(i) for i in fmt.refusal_token_ids)
+    params = model.params
+    if mesh is not None and main:
+        print(f"sharding over {sharding.describe(mesh)}"
+              + (f" in {distributed.process_count()} processes" if distributed.process_count() > 1 else ""))
     config = {
         "model": str(args.model), "model_config": model.cfg.to_dict(), "dtype": args.dtype,
         "data": data_source, "data_hashes": {k: runs.texts_hash([str(v) for v in vals]) for k, vals in data.items()},
@@ -208,7 +216,7 @@ def setup(args, extra_config: dict | None = None) -> Run:
 def stage_filter(run: Run) -> dict[str, list[str]]:
     """Keep harmful prompts the model refuses (score > 0) and harmless ones it does not (score < 0)."""
     path = run.out / "datasets" / "filtered.json"
-    if path.exists():
+    if runs.done(path):
         return runs.read_json(path)["sets"]
     sets = {k: run.data[k] for k in ("harmful_train", "harmless_train", "harmful_val", "harmless_val")}
     scores = {}
@@ -228,12 +236,13 @@ def stage_filter(run: Run) -> dict[str, list[str]]:
                            "prompts, or --no-filter.")
     runs.write_json(path, {"sets": sets, "baseline_scores": scores,
                            "sizes": {k: len(v) for k, v in sets.items()}})
+    distributed.barrier("filtered")  # the others may read what process 0 wrote from here on
     return sets
 
 
 def stage_directions(run: Run, sets) -> np.ndarray:
     path = run.out / "generate_directions" / "mean_diffs.npy"
-    if path.exists():
+    if runs.done(path):
         return np.load(path)
     harmful, harmless = run.batches(sets["harmful_train"]), run.batches(sets["harmless_train"])
     bar = run.bar(len(harmful) + len(harmless), "mean activations")
@@ -246,6 +255,7 @@ def stage_directions(run: Run, sets) -> np.ndarray:
     # the harmless mean feeds projected / norm-preserving abliteration (orthogonalize --harmless-mean)
     runs.write_npy(path.with_name("mean_harmless.npy"), mean_harmless)
     runs.write_npy(path, diffs)
+    distributed.barrier("mean_diffs")
     return diffs
 
 
@@ -274,7 +284,8 @@ def stage_select(run: Run, sets, diffs: np.ndarray) -> tuple[int, int, np.ndarra
     runs.write_json(sel / "direction_evaluations.json", evaluations)
     filt = dict(kl_threshold=a.kl_threshold, induce_threshold=a.induce_threshold,
                 prune_layer_fraction=a.prune_layer_fraction)
-    plot_scores(evaluations, run.cfg.n_layers, sel, base_harmful, base_harmless)
+    if distributed.is_main_process():
+        plot_scores(evaluations, run.cfg.n_layers, sel, base_harmful, base_harmless)
     try:
         best, survivors = directions.select(evaluations, run.cfg.n_layers, **filt)
     finally:
@@ -285,13 +296,15 @@ def stage_select(run: Run, sets, diffs: np.ndarray) -> tuple[int, int, np.ndarra
     pos, layer = best["position"], best["layer"]
     direction = diffs[pos, layer]
     runs.write_npy(dir_path, direction)
-    run_cfg = runs.read_json(run.out / runs.RUN_CONFIG)
-    runs.write_json(meta_path, {
-        "pos": pos, "layer": layer, "model": str(a.model), "config_hash": run_cfg["hash"],
-        "data_hashes": run_cfg["config"]["data_hashes"], "refusal_score": best["refusal_score"],
-        "steering_score": best["steering_score"], "kl_div_score": best["kl_div_score"],
-        "n_survivors": len(survivors), "direction_norm": float(np.linalg.norm(direction)),
-    })
+    if distributed.is_main_process():
+        run_cfg = runs.read_json(run.out / runs.RUN_CONFIG)
+        runs.write_json(meta_path, {
+            "pos": pos, "layer": layer, "model": str(a.model), "config_hash": run_cfg["hash"],
+            "data_hashes": run_cfg["config"]["data_hashes"], "refusal_score": best["refusal_score"],
+            "steering_score": best["steering_score"], "kl_div_score": best["kl_div_score"],
+            "n_survivors": len(survivors), "direction_norm": float(np.linalg.norm(direction)),
+        })
+    distributed.barrier("direction")
     return pos, layer, direction
 
 
@@ -348,7 +361,7 @@ def stage_completions(run: Run, layer: int, direction: np.ndarray) -> dict[str, 
     for dataset, label, iv in jobs:
         path = run.out / "completions" / f"{dataset}_{label}_completions.json"
         written[f"{dataset}_{label}"] = path
-        if path.exists():
+        if runs.done(path):
             continue
         records = run.data["harmful_test" if dataset != "harmless" else "harmless_test"]
         texts = generate_completions(run.params, run.cfg, run.tokenizer, run.prompts([r["instruction"] for r in records]),
@@ -356,6 +369,7 @@ def stage_completions(run: Run, layer: int, direction: np.ndarray) -> dict[str, 
                                      progress=run.progress, desc=f"{dataset} {label}", mesh=run.mesh)
         runs.write_json(path, [{"category": r.get("category"), "prompt": r["instruction"], "response": t}
                                for r, t in zip(records, texts)])
+        distributed.barrier("completions")
     return written
 
 
@@ -390,7 +404,7 @@ def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files) ->
     results = {}
     for label, iv in (("baseline", ivs["baseline"]), ("ablation", ivs["ablation"]), ("actadd", ivs["actadd"](-1.0))):
         path = run.out / "loss_evals" / f"{label}_loss_eval.json"
-        if not path.exists():
+        if not runs.done(path):
             res = {"alpaca_custom_completions": loss.completion_loss(
                 run.params, run.cfg, run.tokenizer, run.fmt, run.eoi, [r["prompt"] for r in harmless],
                 [r["response"] for r in harmless], iv, batch_size=run.args.loss_batch_size)}
@@ -399,6 +413,7 @@ def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files) ->
                                                            datasets.load_instructions(text_file), iv,
                                                            batch_size=run.args.loss_batch_size)
             runs.write_json(path, res)
+            distributed.barrier("loss_eval")
         results[label] = runs.read_json(path)
     return results
 
@@ -424,6 +439,8 @@ def run_extract(run: Run) -> tuple[int, int, np.ndarray]:
     sets = stage_filter(run)
     diffs = stage_directions(run, sets)
     pos, layer, direction = stage_select(run, sets, diffs)
+    if not distributed.is_main_process():  # summaries are printed once
+        return pos, layer, direction
     meta = runs.read_json(run.out / "direction_metadata.json")
     sizes = runs.read_json(run.out / "datasets" / "filtered.json")["sizes"]
     print(f"\nselected direction: pos {pos}, layer {layer} of {run.cfg.n_layers} (norm {meta['direction_norm']:.3f})")
@@ -453,8 +470,10 @@ def main(argv=None):
     t0 = time.perf_counter()
     pos, layer, direction = run_extract(run)
     files = stage_completions(run, layer, direction)
-    summary = stage_evaluate(run, files)
+    summary = stage_evaluate(run, files) if distributed.is_main_process() else {}  # host-only: process 0
     losses = stage_loss(run, layer, direction, files)
+    if not distributed.is_main_process():
+        return
     print("\nrefusal rate (substring judge):")
     for key, s in summary.items():
         extra = ""
