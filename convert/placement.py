@@ -16,10 +16,10 @@ from typing import Callable, Mapping
 import jax
 import numpy as np
 
-from refusal_jax.config import ModelConfig
+from refusal_jax.model.config import ModelConfig
 from refusal_jax.convert import engine
 from refusal_jax.errors import CheckpointError
-from refusal_jax.params import Params, from_flat, param_shapes, to_flat
+from refusal_jax.model.params import Params, from_flat, param_shapes, to_flat
 
 
 @dataclasses.dataclass

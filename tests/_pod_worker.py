@@ -17,7 +17,8 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 
 def cli(log, command, argv):
-    from refusal_jax import distributed, runs
+    from refusal_jax.runs import distributed
+    from refusal_jax.runs import rundir as runs
 
     real_replace = os.replace
 
@@ -40,9 +41,9 @@ def load(mesh_spec, sources):
     import jax
     import numpy as np
 
-    from refusal_jax import sharding
-    from refusal_jax.loading import load_model
-    from refusal_jax.params import to_flat
+    from refusal_jax.model import sharding
+    from refusal_jax.convert.loading import load_model
+    from refusal_jax.model.params import to_flat
 
     placed = []  # shapes of host arrays sent to one device
     real_put, real_cb = jax.device_put, jax.make_array_from_callback

@@ -147,11 +147,11 @@ def test_two_processes_write_every_artifact_once_from_process_0(runs):
 def sources(tmp_path_factory):
     """The same random weights as a converted checkpoint, a safetensors HF directory and a GGUF file; a tiny config
     whose heads, KV heads, MLP width and vocabulary all divide by 4."""
-    from refusal_jax import checkpoint
-    from refusal_jax.config import tiny_config
+    from refusal_jax.convert import checkpoint
+    from refusal_jax.model.config import tiny_config
     from refusal_jax.convert.export_gguf import save_gguf
     from refusal_jax.convert.export_hf import save_hf
-    from refusal_jax.params import init_random
+    from refusal_jax.model.params import init_random
     from tests.tiny_chat import chat_tokenizer
 
     root = tmp_path_factory.mktemp("sources")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from refusal_jax import distributed
+from refusal_jax.runs import distributed
 from refusal_jax.errors import RunError
 
 RUN_CONFIG = "run_config.json"

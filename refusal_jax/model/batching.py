@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from refusal_jax.distributed import to_host
+from refusal_jax.runs.distributed import to_host
 from refusal_jax.errors import DataError
 
 

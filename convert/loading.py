@@ -8,10 +8,10 @@ from typing import NamedTuple
 
 import jax
 
-from refusal_jax import checkpoint
-from refusal_jax.config import ModelConfig
+from refusal_jax.convert import checkpoint
+from refusal_jax.model.config import ModelConfig
 from refusal_jax.errors import CheckpointError
-from refusal_jax.params import Params
+from refusal_jax.model.params import Params
 
 
 class LoadedModel(NamedTuple):
@@ -45,7 +45,7 @@ def convert_source(src: str, *, dtype: str = "float32", strict_config: bool = Tr
     sharding (`sharding.param_shardings`) shard by shard, reading one source tensor at a time
     (`convert.placement.place_params`), so no weight is ever whole on one device.
     """
-    from refusal_jax import bundled
+    from refusal_jax.convert import bundled
     from refusal_jax.convert import engine
 
     np_dtype = engine.numpy_dtype(dtype)
@@ -68,14 +68,14 @@ def convert_source(src: str, *, dtype: str = "float32", strict_config: bool = Tr
         cfg, params, tok = hf.load_hf(str(model_dir), dtype=np_dtype, strict_config=strict_config,
                                       progress=(lambda _: bar.update()) if bar is not None else None)
     if mesh is not None:
-        from refusal_jax import sharding
+        from refusal_jax.model import sharding
 
         params = sharding.shard_params(params, cfg, mesh, *([rules] if rules else []))
     return cfg, params, tok
 
 
 def _convert_sharded(source, np_dtype, progress, mesh, rules):
-    from refusal_jax import sharding
+    from refusal_jax.model import sharding
     from refusal_jax.convert import placement
 
     shardings = sharding.param_shardings(source.cfg, mesh, *([rules] if rules else []))
@@ -93,7 +93,7 @@ def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, 
     Args:
       src: a converted refusal_jax checkpoint directory, a `.gguf` file, a Hugging Face model directory, a hub id
         ("owner/name"), or the short name of a bundled model ("qwen2.5-coder-0.5b-instruct", see
-        `refusal_jax.bundled.known_models()`).
+        `refusal_jax.convert.bundled.known_models()`).
       dtype: parameter dtype: "float32", "bfloat16" or "float16".
       strict_config: refuse config attributes refusal_jax does not implement.
       progress: show a progress bar while converting.
@@ -107,13 +107,13 @@ def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, 
     Returns:
       LoadedModel(params, cfg, tokenizer), unpackable as a tuple.
     """
-    from refusal_jax import bundled
+    from refusal_jax.convert import bundled
 
-    from refusal_jax import distributed
+    from refusal_jax.runs import distributed
 
     shardings = None
     if mesh is not None:
-        from refusal_jax import sharding
+        from refusal_jax.model import sharding
 
         shardings = lambda cfg: sharding.param_shardings(cfg, mesh, *([rules] if rules else []))  # noqa: E731
     path = Path(str(src)).expanduser()
