@@ -7,6 +7,9 @@
       load_model(SOURCE, mesh=MESH) for each source, recording every host array handed to a device (jax.device_put
       and each shard that jax.make_array_from_callback asks for); prints `RESULT {json}` with, per parameter,
       the global shape, each device's shard shape, and the largest array any single placement moved.
+  python tests/_pod_worker.py saveload PORT PROCESS_ID DIR
+      one of two processes: process 0 alone saves a converted checkpoint (as load_model does for a bundled model),
+      then both restore it on a data=1,model=4 mesh spanning them; prints `RESULT {json}` (values equal, shards).
 """
 
 import os
@@ -88,8 +91,36 @@ def load(mesh_spec, sources):
     print("RESULT " + json.dumps(result))
 
 
+def saveload(port, process_id, out):
+    import json
+
+    from refusal_jax.runs import distributed
+
+    distributed.initialize(f"127.0.0.1:{port}", 2, int(process_id))
+    import numpy as np
+
+    from refusal_jax.convert import checkpoint
+    from refusal_jax.model import sharding
+    from refusal_jax.model.config import tiny_config
+    from refusal_jax.model.params import init_random, to_flat
+
+    cfg = tiny_config("llama", n_kv_heads=4, vocab_size=64, d_ff=64)
+    params = to_flat(init_random(cfg, 0))
+    if distributed.is_main_process():
+        checkpoint.save(out, cfg, checkpoint.from_flat({k: np.asarray(v) for k, v in params.items()}))
+    distributed.barrier("saved")
+    mesh = sharding.make_mesh("data=1,model=4")
+    _, loaded, _ = checkpoint.load(out, with_tokenizer=False, shardings=lambda c: sharding.param_shardings(c, mesh))
+    loaded = to_flat(loaded)
+    print("RESULT " + json.dumps({
+        "equal": all(np.array_equal(distributed.to_host(a), np.asarray(params[k])) for k, a in loaded.items()),
+        "q_shards": [list(s.data.shape) for s in loaded["layers.q"].addressable_shards]}))
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "cli":
+    if sys.argv[1] == "saveload":
+        saveload(*sys.argv[2:5])
+    elif sys.argv[1] == "cli":
         cli(sys.argv[2], sys.argv[3], sys.argv[4:])
     else:
         load(sys.argv[2], sys.argv[3:])

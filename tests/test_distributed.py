@@ -183,6 +183,16 @@ def test_model_axis_4_each_device_holds_a_quarter(sources):
         assert 0 < r["max_placed_elements"] <= largest // 4, (src, r["placed"])
 
 
+def test_process_0_saves_alone_then_both_restore_sharded(tmp_path):
+    """What load_model does for a bundled model under several processes: process 0 converts and saves (orbax must
+    not wait for the others), then every process restores its own shards."""
+    port = free_port()
+    outs = finish([worker("saveload", port, i, tmp_path / "ckpt", devices=2) for i in range(2)], timeout=300)
+    for out, _ in outs:
+        r = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+        assert r["equal"] and r["q_shards"] == [[2, 32, 1, 8]] * 2  # this process's 2 of the 4 head shards
+
+
 # --------------------------------------------------------------------------------------------------
 # a process dies
 
