@@ -6,9 +6,10 @@ Every process runs the same command with the same prompts and the same program (
 global: `to_host` gathers one onto every host. Only the main process (0) writes files and prints; `barrier` and
 `broadcast` let the others follow its decisions (which stages are complete) and read what it wrote.
 
-If one process dies, the coordination service stops receiving its heartbeats and, after `heartbeat_timeout_s`,
-tells every other process, which then exits non-zero with a message naming the cause. A process blocked in a
-collective with a dead peer fails at once (the transport sees the closed connection) and exits the same way.
+If one process dies, the coordination service stops receiving its heartbeats; after `heartbeat_timeout_s` a
+watch thread in every other process sees it missing and exits non-zero with a message naming it, even when the
+main thread is blocked in a collective or a barrier with the dead peer. If process 0 (which hosts the service)
+dies, JAX's own client ends the others at once with its "another task died" message.
 """
 
 from __future__ import annotations
