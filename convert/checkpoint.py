@@ -50,7 +50,14 @@ def _writer():
     registry = type_handlers.create_type_handler_registry(
         (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
         (jax.Array, type_handlers.ArrayHandler()))  # unused (trees are host arrays); its absence logs a warning
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False))
+    # The save is this process's alone (several processes: process 0 converts while the others wait), so orbax
+    # must not wait for the others at its internal barriers.
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                                 barrier_sync_key_prefix=f"refusal_jax_save_{me}")
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False,
+                                                        multiprocessing_options=options),
+                            multiprocessing_options=options)
 
 
 def is_converted(path: Path) -> bool:
@@ -91,8 +98,15 @@ def load_config(ckpt_dir: str | Path) -> ModelConfig:
         raise ConfigError(f"{path}: malformed config ({e})") from None
 
 
-def load(ckpt_dir: str | Path, *, with_tokenizer: bool = True) -> tuple[ModelConfig, Params, object | None]:
-    """Load a converted checkpoint written by `save`; shapes are checked against the config."""
+def load(ckpt_dir: str | Path, *, with_tokenizer: bool = True, shardings: Params | None = None,
+         ) -> tuple[ModelConfig, Params, object | None]:
+    """Load a converted checkpoint written by `save`; shapes are checked against the config.
+
+    shardings: a Params-shaped tree of `NamedSharding`s (`sharding.param_shardings`), or a function cfg -> such a
+      tree. Each parameter is then restored straight into its sharding: every process reads only the slices its
+      devices hold, so no weight is ever whole on one device (or in one host's memory, unless replicated).
+      Without it, host-side numpy arrays.
+    """
     import orbax.checkpoint as ocp
 
     ckpt_dir = Path(ckpt_dir).expanduser().resolve()
@@ -100,9 +114,14 @@ def load(ckpt_dir: str | Path, *, with_tokenizer: bool = True) -> tuple[ModelCon
     manifest = json.loads((ckpt_dir / MANIFEST_FILE).read_text()) if (ckpt_dir / MANIFEST_FILE).exists() else {}
     dtype = np.dtype((manifest.get("dtype") or ["float32"])[0]) if len(manifest.get("dtype", [])) <= 1 else None
     shapes = param_shapes(cfg)
+    if callable(shardings):
+        shardings = shardings(cfg)
+    placed = to_flat(shardings) if shardings is not None else {}
+    if shardings is not None and dtype is None:
+        raise CheckpointError(f"{ckpt_dir}: mixed parameter dtypes {manifest.get('dtype')}; cannot restore sharded")
     abstract: dict = {"layers": {}}
     for name, shape in shapes.items():
-        spec = jax.ShapeDtypeStruct(shape, dtype or np.float32)
+        spec = jax.ShapeDtypeStruct(shape, dtype or np.float32, sharding=placed.get(name))
         if name.startswith("layers."):
             abstract["layers"][name[len("layers."):]] = spec
         else:

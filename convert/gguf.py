@@ -588,6 +588,29 @@ def _auto_tokenizer(src: GGUFSource):
     return tok
 
 
+def sharded_source(path: str | Path, *, strict: bool = True):
+    """A GGUF file opened for `placement.place_params`: each tensor dequantized only when placed."""
+    from refusal_jax.model.config import from_hf_config
+    from refusal_jax.convert.placement import ShardedSource
+
+    src = read_gguf(path, strict=strict)
+    try:
+        cfg = from_hf_config(src.hf_config, strict=strict)
+    except ConfigError as e:
+        raise ConfigError(f"{src.path}: {e}") from None
+    n_head, n_kv = src.hf_config["num_attention_heads"], src.hf_config["num_key_value_heads"]
+    loaders, duplicates = {}, []
+    for t in src._reader.tensors:
+        hf_name = src._names.get(t.name)
+        if hf_name is None:
+            continue
+        if hf_name in loaders:
+            duplicates.append(hf_name)
+        loaders[hf_name] = (lambda t=t, n=hf_name: src._dequantize(t, n, n_head, n_kv))
+    return ShardedSource(str(src.path), cfg, loaders, lambda: load_tokenizer(src),
+                         norm_offset_folded=src.norm_offset_folded, duplicates=tuple(duplicates))
+
+
 # ------------------------------------------------------------------------------------------------
 # everything at once
 

@@ -73,6 +73,22 @@ def load_hf(
     return cfg, params, tokenizer
 
 
+def sharded_source(model_dir: Path, *, strict: bool = True):
+    """The safetensors checkpoint in `model_dir` opened for `placement.place_params` (tensors memory-mapped, read
+    only when placed)."""
+    from refusal_jax.convert.placement import ShardedSource
+
+    model_dir = Path(model_dir)
+    cfg = from_hf_config(read_hf_config(model_dir), strict=strict)
+    loaders, duplicates = {}, []
+    for path in safetensors_io.model_files(model_dir):
+        for name, array in safetensors_io.iter_file(path):
+            if name in loaders:
+                duplicates.append(name)
+            loaders[name] = (lambda a=array: a)
+    return ShardedSource(str(model_dir), cfg, loaders, lambda: load_tokenizer(model_dir), duplicates=tuple(duplicates))
+
+
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 

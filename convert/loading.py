@@ -20,8 +20,23 @@ class LoadedModel(NamedTuple):
     tokenizer: object
 
 
-def convert_source(src: str, *, dtype: str = "float32", strict_config: bool = True, progress: bool = True):
-    """Convert any non-converted source (GGUF file, HF dir or hub id, bundled short name) -> (cfg, params, tok)."""
+def _is_gguf(path: Path) -> bool:
+    if path.suffix == ".gguf":
+        return True
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def convert_source(src: str, *, dtype: str = "float32", strict_config: bool = True, progress: bool = True,
+                   mesh=None, rules=None):
+    """Convert any non-converted source (GGUF file, HF dir or hub id, bundled short name) -> (cfg, params, tok).
+
+    Without `mesh`, params are host numpy arrays. With a `mesh`, every parameter is placed straight into its
+    sharding (`sharding.param_shardings`) shard by shard, reading one source tensor at a time
+    (`convert.placement.place_params`), so no weight is ever whole on one device.
+    """
     from refusal_jax.convert import bundled
     from refusal_jax.convert import engine
 
@@ -29,21 +44,41 @@ def convert_source(src: str, *, dtype: str = "float32", strict_config: bool = Tr
     path = Path(src).expanduser()
     if bundled.is_known_model(src):
         path = bundled.model_path(src)
-    if path.suffix == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
+    if _is_gguf(path):
         from refusal_jax.convert import gguf
 
+        if mesh is not None:
+            return _convert_sharded(gguf.sharded_source(path, strict=strict_config), np_dtype, progress, mesh, rules)
         with progress_bar(None, f"converting {path.name}", progress, unit="tensor") as bar:
             return gguf.load_gguf(path, dtype=np_dtype, progress=lambda _: bar.update())
     from refusal_jax.convert import hf
 
     model_dir = hf.resolve_hf_dir(src)
+    if mesh is not None and hf.read_hf_config(model_dir).get("model_type") != "qwen":  # Qwen-1: fused qkv
+        return _convert_sharded(hf.sharded_source(model_dir, strict=strict_config), np_dtype, progress, mesh, rules)
     with progress_bar(hf.n_tensors(model_dir), f"converting {model_dir.name}", progress, unit="tensor") as bar:
-        return hf.load_hf(str(model_dir), dtype=np_dtype, strict_config=strict_config,
-                          progress=lambda _: bar.update())
+        cfg, params, tok = hf.load_hf(str(model_dir), dtype=np_dtype, strict_config=strict_config,
+                                      progress=lambda _: bar.update())
+    if mesh is not None:
+        from refusal_jax.model import sharding
+
+        params = sharding.shard_params(params, cfg, mesh, *([rules] if rules else []))
+    return cfg, params, tok
+
+
+def _convert_sharded(source, np_dtype, progress, mesh, rules):
+    from refusal_jax.model import sharding
+    from refusal_jax.convert import placement
+
+    shardings = sharding.param_shardings(source.cfg, mesh, *([rules] if rules else []))
+    with progress_bar(len(source.loaders), f"converting {source.name} onto {sharding.describe(mesh)}", progress,
+                      unit="tensor") as bar:
+        params = placement.place_params(source, shardings, dtype=np_dtype, progress=lambda _: bar.update())
+    return source.cfg, params, source.load_tokenizer()
 
 
 def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, progress: bool = True,
-               cache: bool = True, on_device: bool = True) -> LoadedModel:
+               cache: bool = True, on_device: bool = True, mesh=None, rules=None) -> LoadedModel:
     """Load a model from any supported source.
 
     Args:
@@ -56,23 +91,42 @@ def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, 
       cache: bundled models are converted once into the user cache directory and loaded from there afterwards.
       on_device: place the params on the default device; False keeps numpy host arrays (weight exports: reading a
         device array back with np.asarray keeps a host copy of it alive as long as the array).
+      mesh: a `jax.sharding.Mesh` (`sharding.make_mesh`): params are placed on it per `sharding.param_shardings`
+        (`rules`: a `sharding.MeshRules`, default rules otherwise), restored or converted shard by shard, never
+        whole on one device. With several processes every process calls this; process 0 alone converts a
+        bundled model into the cache while the others wait.
     Returns:
       LoadedModel(params, cfg, tokenizer), unpackable as a tuple.
     """
     from refusal_jax.convert import bundled
 
+    from refusal_jax.runs import distributed
+
+    shardings = None
+    if mesh is not None:
+        from refusal_jax.model import sharding
+
+        shardings = lambda cfg: sharding.param_shardings(cfg, mesh, *([rules] if rules else []))  # noqa: E731
     path = Path(str(src)).expanduser()
     if path.is_dir() and checkpoint.is_converted(path):
-        cfg, params, tok = checkpoint.load(path)
+        cfg, params, tok = checkpoint.load(path, shardings=shardings)
     elif bundled.is_known_model(str(src)) and cache:
         converted = bundled.cache_root() / "converted" / f"{bundled.resolve_name(str(src))}-{dtype}"
-        if not checkpoint.is_converted(converted):
+        if distributed.is_main_process() and not checkpoint.is_converted(converted):
             cfg, params, tok = convert_source(str(src), dtype=dtype, progress=progress)
             checkpoint.save(converted, cfg, params, tok, source=str(bundled.model_path(str(src))), overwrite=True)
-        cfg, params, tok = checkpoint.load(converted)
+            del params
+        distributed.barrier("bundled model converted")
+        if checkpoint.is_converted(converted):
+            cfg, params, tok = checkpoint.load(converted, shardings=shardings)
+        else:  # another host without a shared cache directory: convert here, shard by shard
+            cfg, params, tok = convert_source(str(src), dtype=dtype, progress=progress, mesh=mesh, rules=rules)
     else:
-        cfg, params, tok = convert_source(str(src), dtype=dtype, strict_config=strict_config, progress=progress)
+        cfg, params, tok = convert_source(str(src), dtype=dtype, strict_config=strict_config, progress=progress,
+                                          mesh=mesh, rules=rules)
     if tok is None:
         raise CheckpointError(f"{src}: no tokenizer found")
-    return LoadedModel(jax.device_put(params) if on_device else params, cfg, tok)
+    if mesh is None and on_device:
+        params = jax.device_put(params)
+    return LoadedModel(params, cfg, tok)
 

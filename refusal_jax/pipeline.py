@@ -26,6 +26,7 @@ from refusal_jax.method import directions, selection
 from refusal_jax.method.selection import SelectionSettings
 from refusal_jax.prompts import datasets, templates
 from refusal_jax.prompts.chat import ChatPrompts
+from refusal_jax.runs import distributed
 from refusal_jax.runs import rundir as runs
 from refusal_jax.runs import cli
 from refusal_jax.runs.cli import main_wrapper
@@ -48,8 +49,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     cli.add_progress_flag(g)
     g.add_argument("--mesh", default=None,
                    help="shard over devices: e.g. 'data=4,model=2' (prompts on data; heads/MLP width on model) or "
-                        "'auto' (all devices on data). Default: one device. On TPU pods call "
-                        "jax.distributed.initialize() first (see refusal_jax.model.sharding)")
+                        "'auto' (all devices on data). Default: one device; with several processes 'auto'. "
+                        "Parameters are placed shard by shard (see refusal_jax.model.sharding)")
+    distributed.add_args(p)
     d = p.add_argument_group("data (default: the bundled instruction sets)")
     d.add_argument("--harmful", help="harmful instructions file (.json/.jsonl/.csv/.txt)")
     d.add_argument("--harmless", help="harmless instructions file (.json/.jsonl/.csv/.txt)")
@@ -157,22 +159,28 @@ class Run:
 def setup(args, extra_config: dict | None = None) -> Run:
     from refusal_jax.convert.loading import load_model
 
-    progress = not args.no_progress
+    distributed.init_from_args(args)  # several processes join before any device is used
+    progress = not args.no_progress and distributed.is_main_process()
+    if args.mesh is None and distributed.process_count() > 1:
+        args.mesh = "auto"  # a mesh over every process's devices (prompts data-parallel)
     sel = selection_settings(args)
     data, data_source = datasets.sample_sets(data_settings(args))
     for key, values in data.items():
         if not values:
             raise DataError(f"the {key} set is empty")
-    model = load_model(args.model, dtype=args.dtype, progress=progress)
-    chat = ChatPrompts.for_model(model.cfg.family, model.tokenizer, sel.chat_style, sel.eoi_mode)
-    fmt, eoi, refusal_ids = chat.fmt, list(chat.eoi), chat.refusal_ids
-    params, mesh = model.params, None
+    mesh = None
     if args.mesh:
         from refusal_jax.model import sharding
 
         mesh = sharding.make_mesh(args.mesh)
-        params = sharding.shard_params(params, model.cfg, mesh)
-        print(f"sharding over {sharding.describe(mesh)}")
+    # with a mesh every parameter is placed shard by shard: never whole on one device
+    model = load_model(args.model, dtype=args.dtype, progress=progress, mesh=mesh)
+    chat = ChatPrompts.for_model(model.cfg.family, model.tokenizer, sel.chat_style, sel.eoi_mode)
+    fmt, eoi, refusal_ids = chat.fmt, list(chat.eoi), chat.refusal_ids
+    params = model.params
+    if mesh is not None and distributed.is_main_process():
+        print(f"sharding over {sharding.describe(mesh)}"
+              + (f" in {distributed.process_count()} processes" if distributed.process_count() > 1 else ""))
     config = {
         "model": str(args.model), "model_config": model.cfg.to_dict(), "dtype": args.dtype,
         "data": data_source, "data_hashes": {k: runs.texts_hash([str(v) for v in vals]) for k, vals in data.items()},
@@ -194,7 +202,7 @@ def setup(args, extra_config: dict | None = None) -> Run:
 def stage_filter(run: Run) -> dict[str, list[str]]:
     """Keep harmful prompts the model refuses (score > 0) and harmless ones it does not (score < 0)."""
     path = run.out / selection.FILTERED
-    if path.exists():
+    if runs.done(path):
         return runs.read_json(path)["sets"]
     sets = {k: run.data[k] for k in selection.SETS}
     scores = {}
@@ -203,18 +211,20 @@ def stage_filter(run: Run) -> dict[str, list[str]]:
             sets, scores = selection.filter_by_refusal(run.params, run.cfg, sets, run.batches, run.refusal_ids,
                                                        bar.update)
     selection.write_filtered(run.out, sets, scores)
+    distributed.barrier("filtered")  # the others may read what process 0 wrote from here on
     return sets
 
 
 def stage_directions(run: Run, sets) -> np.ndarray:
     path = run.out / selection.MEAN_DIFFS
-    if path.exists():
+    if runs.done(path):
         return np.load(path)
     harmful, harmless = run.batches(sets["harmful_train"]), run.batches(sets["harmless_train"])
     with run.bar(len(harmful) + len(harmless), "mean activations") as bar:
         diffs, mean_harmless = selection.candidate_directions(run.params, run.cfg, harmful, harmless, len(run.eoi),
                                                               bar.update)
     selection.write_candidates(run.out, diffs, mean_harmless)
+    distributed.barrier("mean_diffs")
     return diffs
 
 
@@ -234,7 +244,8 @@ def stage_select(run: Run, sets, diffs: np.ndarray) -> tuple[int, int, np.ndarra
         evaluations, baselines = selection.score_grid(run.params, run.cfg, diffs, harmful_val, harmless_val,
                                                       run.refusal_ids, s, bar.update)
     runs.write_json(run.out / selection.EVALUATIONS, evaluations)
-    selection.plot_scores(evaluations, run.cfg.n_layers, run.out / selection.EVALUATIONS.parent, baselines)
+    if distributed.is_main_process():
+        selection.plot_scores(evaluations, run.cfg.n_layers, run.out / selection.EVALUATIONS.parent, baselines)
     try:
         best, survivors = directions.select(evaluations, run.cfg.n_layers, **s.filters())
     finally:
@@ -243,6 +254,7 @@ def stage_select(run: Run, sets, diffs: np.ndarray) -> tuple[int, int, np.ndarra
     direction = diffs[pos, layer]
     selection.write_selected(run.out, direction, best, survivors, model=run.config["model"],
                              config_hash=runs.config_hash(run.config), data_hashes=run.config["data_hashes"])
+    distributed.barrier("direction")
     return pos, layer, direction
 
 
@@ -290,7 +302,7 @@ def stage_completions(run: Run, layer: int, direction: np.ndarray, settings: Eva
     for dataset, label, iv in jobs:
         path = run.out / "completions" / f"{dataset}_{label}_completions.json"
         written[f"{dataset}_{label}"] = path
-        if path.exists():
+        if runs.done(path):
             continue
         records = run.data["harmful_test" if dataset != "harmless" else "harmless_test"]
         texts = generate_completions(run.params, run.cfg, run.tokenizer, run.prompts([r["instruction"] for r in records]),
@@ -299,6 +311,7 @@ def stage_completions(run: Run, layer: int, direction: np.ndarray, settings: Eva
                                      decode_dtype=settings.decode_dtype)
         runs.write_json(path, [{"category": r.get("category"), "prompt": r["instruction"], "response": t}
                                for r, t in zip(records, texts)])
+        distributed.barrier("completions")
     return written
 
 
@@ -333,7 +346,7 @@ def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files, se
     results = {}
     for label, iv in (("baseline", ivs["baseline"]), ("ablation", ivs["ablation"]), ("actadd", ivs["actadd"](-1.0))):
         path = run.out / "loss_evals" / f"{label}_loss_eval.json"
-        if not path.exists():
+        if not runs.done(path):
             res = {"alpaca_custom_completions": loss.completion_loss(
                 run.params, run.cfg, run.tokenizer, run.fmt, run.eoi, [r["prompt"] for r in harmless],
                 [r["response"] for r in harmless], iv, batch_size=settings.loss_batch_size)}
@@ -342,6 +355,7 @@ def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files, se
                                                            datasets.load_instructions(text_file), iv,
                                                            batch_size=settings.loss_batch_size)
             runs.write_json(path, res)
+            distributed.barrier("loss_eval")
         results[label] = runs.read_json(path)
     return results
 
@@ -374,6 +388,8 @@ def run_extract(run: Run) -> tuple[int, int, np.ndarray]:
     sets = stage_filter(run)
     diffs = stage_directions(run, sets)
     pos, layer, direction = stage_select(run, sets, diffs)
+    if not distributed.is_main_process():  # summaries are printed once
+        return pos, layer, direction
     meta = runs.read_json(run.out / "direction_metadata.json")
     sizes = runs.read_json(run.out / "datasets" / "filtered.json")["sizes"]
     print(f"\nselected direction: pos {pos}, layer {layer} of {run.cfg.n_layers} (norm {meta['direction_norm']:.3f})")
@@ -406,8 +422,10 @@ def main(argv=None):
     pos, layer, direction = run_extract(run)
     ev = EvalSettings.from_args(args)
     files = stage_completions(run, layer, direction, ev)
-    summary = stage_evaluate(run, files, ev)
+    summary = stage_evaluate(run, files, ev) if distributed.is_main_process() else {}  # host-only: process 0
     losses = stage_loss(run, layer, direction, files, ev)
+    if not distributed.is_main_process():
+        return
     print("\nrefusal rate (substring judge):")
     for key, s in summary.items():
         extra = ""

@@ -23,6 +23,7 @@ import numpy as np
 from refusal_jax.evaluation import judge
 from refusal_jax.model.batching import Batch
 from refusal_jax.model.config import ModelConfig
+from refusal_jax.runs.distributed import to_host  # global (multi-process) arrays gathered on every host
 from refusal_jax.errors import RunError
 from refusal_jax.model.transformer import Intervention, _forward
 from refusal_jax.model.params import Params
@@ -45,7 +46,7 @@ def mean_activations(params: Params, cfg: ModelConfig, batches: Sequence[Batch],
     total = np.zeros((n_pos, cfg.n_layers, cfg.d_model), np.float64)
     n = 0.0
     for batch in batches:
-        total += np.asarray(_resid_sums(params, cfg, batch.tokens, batch.mask, batch.weight, n_pos=n_pos), np.float64)
+        total += to_host(_resid_sums(params, cfg, batch.tokens, batch.mask, batch.weight, n_pos=n_pos)).astype(np.float64)
         n += float(batch.weight.sum())
         if progress:
             progress(1)
@@ -133,7 +134,7 @@ def evaluate_additions(params, cfg, batches: Sequence[Batch], vectors: np.ndarra
                 group += [noop] * (chunk - len(idx))
                 score, _ = _resumed_scores(params, cfg, batch.tokens, batch.mask, _stack(group), base, resid[layer],
                                            jnp.asarray(layer, jnp.int32), refusal_ids)
-                totals[idx] += (np.asarray(score, np.float64)[: len(idx)] * batch.weight).sum(1)
+                totals[idx] += (to_host(score).astype(np.float64)[: len(idx)] * batch.weight).sum(1)
                 if progress:
                     progress(len(idx))
     return totals / n_prompts
@@ -180,13 +181,13 @@ def evaluate_interventions(params, cfg, batches: Sequence[Batch], interventions:
     for i, batch in enumerate(batches):
         base = last_logits(params, cfg, batch.tokens, batch.mask) if base_logits is None else base_logits[i]
         real = batch.index >= 0
-        baseline[batch.index[real]] = judge.refusal_score(np.asarray(base, np.float64), refusal_ids)[real]
+        baseline[batch.index[real]] = judge.refusal_score(to_host(base).astype(np.float64), refusal_ids)[real]
         for start in range(0, C, chunk):
             group = list(interventions[start:start + chunk])
             n = len(group)
             group += [noop] * (chunk - n)
             score, kl = _scores(params, cfg, batch.tokens, batch.mask, _stack(group), base, refusal_ids)
-            score, kl = np.asarray(score, np.float64)[:n], np.asarray(kl, np.float64)[:n]
+            score, kl = to_host(score).astype(np.float64)[:n], to_host(kl).astype(np.float64)[:n]
             per_prompt[start:start + n][:, batch.index[real]] = score[:, real]
             kl_sum[start:start + n] += (kl * batch.weight).sum(1)
             if progress:

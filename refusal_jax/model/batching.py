@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from refusal_jax.runs.distributed import to_host
 from refusal_jax.errors import DataError
 
 
@@ -32,7 +33,7 @@ def in_input_order(batches: Sequence[Batch], per_batch):
     for batch in batches:
         out = per_batch(batch)
         is_tuple = isinstance(out, tuple)
-        out = tuple(np.asarray(a) for a in (out if is_tuple else (out,)))  # one host copy per batch
+        out = tuple(to_host(a) for a in (out if is_tuple else (out,)))  # one host copy per batch (all processes)
         for r, idx in enumerate(batch.index):
             if idx >= 0:
                 rows[int(idx)] = tuple(a[r] for a in out)

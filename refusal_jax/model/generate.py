@@ -11,6 +11,7 @@ import numpy as np
 
 from refusal_jax.model.batching import bucketed, encode, pad_id
 from refusal_jax.model.config import ModelConfig
+from refusal_jax.runs.distributed import to_host
 from refusal_jax.model.transformer import Intervention, KVCache, _forward
 from refusal_jax.model.params import Params, unembedding, unstack_layers
 from refusal_jax.model.quant import DECODE_DTYPES, lower_precision
@@ -171,7 +172,7 @@ def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[
             from refusal_jax.model import sharding
 
             tokens, mask = sharding.shard_batch(tokens, mesh), sharding.shard_batch(mask, mesh)
-        gen = np.asarray(greedy_generate(params, cfg, tokens, mask, intervention,
+        gen = to_host(greedy_generate(params, cfg, tokens, mask, intervention,
                                          max_new_tokens=max_new_tokens, stop_ids=stops, pad=pad))
         for row, idx in enumerate(batch.index):
             if idx >= 0:

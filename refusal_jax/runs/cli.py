@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 from refusal_jax.errors import RefusalJaxError
@@ -17,12 +18,24 @@ def main_wrapper(fn):
             return fn(argv)
         except RefusalJaxError as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            _exit(2)
         except KeyboardInterrupt:
             print("\ninterrupted: completed stages are saved; rerun the same command to resume", file=sys.stderr)
-            sys.exit(130)
+            _exit(130)
 
     return run
+
+
+def _exit(code: int):
+    from refusal_jax.runs import distributed
+
+    if distributed.process_count() > 1:
+        # Not through JAX's shutdown barrier, which would hold this process (and the peers waiting on it) for
+        # minutes: the peers see it gone within their heartbeat timeout and exit too.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 # Flags that several commands share, declared once.

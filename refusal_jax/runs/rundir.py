@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from refusal_jax.runs import distributed
 from refusal_jax.errors import RunError
 
 RUN_CONFIG = "run_config.json"
@@ -29,6 +30,8 @@ def _tmp(path: Path) -> Path:
 
 
 def write_text(path: Path, text: str) -> None:
+    if not distributed.is_main_process():  # several processes: only process 0 writes (see `done`)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
     tmp.write_text(text)
@@ -71,6 +74,8 @@ def read_npy(path: Path, what: str) -> np.ndarray:
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
+    if not distributed.is_main_process():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path).with_suffix(".npy")
     np.save(tmp, array)
@@ -98,6 +103,8 @@ def atomic_directory(out_dir: Path):
 
 
 def save_figure(fig, path: Path) -> None:
+    if not distributed.is_main_process():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path).with_suffix(".png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
@@ -126,11 +133,25 @@ def texts_hash(texts) -> str:
 
 
 def open_run(out_dir: Path, config: dict, *, overwrite: bool = False) -> Path:
-    """Create or resume a run directory for `config`.
+    """Create or resume a run directory for `config` (with several processes: process 0 does, the others follow).
 
     Raises:
       RunError: the directory holds a run with a different config and `overwrite` is False.
     """
+    def open_here():
+        try:
+            _open_run(Path(out_dir), config, overwrite)
+        except RunError as e:
+            return str(e)
+
+    error = distributed.main_decides(open_here, "open_run")
+    if error:
+        raise RunError(error)
+    distributed.barrier("open_run")
+    return Path(out_dir)
+
+
+def _open_run(out_dir: Path, config: dict, overwrite: bool) -> Path:
     out_dir = Path(out_dir)
     path = out_dir / RUN_CONFIG
     record = {"config": config, "hash": config_hash(config)}
@@ -154,4 +175,6 @@ def open_run(out_dir: Path, config: dict, *, overwrite: bool = False) -> Path:
 
 
 def done(*paths: Path) -> bool:
-    return all(Path(p).exists() for p in paths)
+    """Whether every artifact exists: the resume decision. With several processes process 0 decides and the others
+    follow, so all skip or run a stage together; call it in every process at the same point."""
+    return distributed.main_decides(lambda: all(Path(p).exists() for p in paths), "done")
