@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from refusal_jax import datasets, directions, judge, runs, templates
+from refusal_jax import datasets, directions, judge, runs, screening, templates
 from refusal_jax.batching import bucketed, encode, pad_id
 from refusal_jax.cli import main_wrapper
 from refusal_jax.errors import DataError, RunError
@@ -70,6 +70,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="restrict the sweep to these post-instruction positions, e.g. --positions=-1 or --positions=-2,-1 (default all)")
     s.add_argument("--layers", type=_int_list, default=None,
                    help="restrict the sweep to these layers, e.g. 10-16 or 8,12 (default all)")
+    s.add_argument("--screen", type=_non_negative_int, default=0, metavar="K",
+                   help="score every candidate to first order from one backward pass per val set, evaluate exactly "
+                        "only the K best (more rounds of K if none survives the filter), and select among those "
+                        "(refusal_jax.screening; README 'Screening'). 0 = the exhaustive sweep (default 0)")
     s.add_argument("--kl-threshold", type=float, default=0.1, help="discard candidates with KL above this (0.1)")
     s.add_argument("--induce-threshold", type=float, default=0.0,
                    help="discard candidates whose actadd refusal score on harmless prompts is below this (0.0)")
@@ -81,6 +85,13 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--chat-style", default=None, choices=sorted(templates.TEMPLATES) + [templates.MODEL_STYLE],
                    help="force a chat template instead of the family's reference template (no system prompt); "
                         "'model' = the model's own chat template, with the system prompt it adds by default")
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _int_list(text: str) -> list[int]:
@@ -192,7 +203,7 @@ def setup(args, extra_config: dict | None = None) -> Run:
         "data": data_source, "data_hashes": {k: runs.texts_hash([str(v) for v in vals]) for k, vals in data.items()},
         "n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test, "seed": args.seed,
         "filter": not args.no_filter, "template": fmt.template, "eoi_tokens": eoi, "refusal_token_ids": refusal_ids,
-        "positions": args.positions, "layers": args.layers, "kl_threshold": args.kl_threshold,
+        "positions": args.positions, "layers": args.layers, "screen": args.screen, "kl_threshold": args.kl_threshold,
         "induce_threshold": args.induce_threshold, "prune_layer_fraction": args.prune_layer_fraction,
         **(extra_config or {}),
     }
@@ -262,25 +273,31 @@ def stage_select(run: Run, sets, diffs: np.ndarray) -> tuple[int, int, np.ndarra
     a = run.args
     grid = directions.candidate_grid(run.cfg, len(run.eoi), a.positions, a.layers)
     harmful_val, harmless_val = run.batches(sets["harmful_val"]), run.batches(sets["harmless_val"])
-    # progress counts candidate x batch evaluations over the three scores
-    steps = len(directions.live_candidates(diffs, grid)) * (len(harmful_val) + 2 * len(harmless_val))
-    bar = run.bar(steps, f"scoring {len(grid)} candidates")
+    filt = dict(kl_threshold=a.kl_threshold, induce_threshold=a.induce_threshold,
+                prune_layer_fraction=a.prune_layer_fraction)
+    # progress counts candidate x batch evaluations over the three scores (the first round of a screen)
+    live = len(directions.live_candidates(diffs, grid))
+    steps = (min(a.screen, live) if a.screen else live) * (len(harmful_val) + 2 * len(harmless_val))
+    bar = run.bar(steps, f"scoring {len(grid)} candidates" + (f" (screened to {a.screen})" if a.screen else ""))
     t0 = time.perf_counter()
-    evaluations, baselines = directions.score_candidates(run.params, run.cfg, diffs, harmful_val, harmless_val,
-                                                         run.refusal_ids, grid, chunk=a.chunk, progress=bar.update)
+    evaluations, baselines = screening.score_candidates_screened(
+        run.params, run.cfg, diffs, harmful_val, harmless_val, run.refusal_ids, grid, screen=a.screen, chunk=a.chunk,
+        progress=bar.update, **filt)
     bar.close()
     sweep_s = time.perf_counter() - t0
     base_harmful, base_harmless = baselines["harmful_refusal_score"], baselines["harmless_refusal_score"]
     runs.write_json(sel / "direction_evaluations.json", evaluations)
-    filt = dict(kl_threshold=a.kl_threshold, induce_threshold=a.induce_threshold,
-                prune_layer_fraction=a.prune_layer_fraction)
-    plot_scores(evaluations, run.cfg.n_layers, sel, base_harmful, base_harmless)
+    exact = screening.evaluated(evaluations)
+    plot_scores(exact, run.cfg.n_layers, sel, base_harmful, base_harmless)
+    screening.plot_first_order(evaluations, sel / "first_order_vs_exact.png")
     try:
-        best, survivors = directions.select(evaluations, run.cfg.n_layers, **filt)
+        best, survivors = directions.select(exact, run.cfg.n_layers, **filt)
     finally:
         runs.write_json(sel / "baseline_scores.json", {"harmful_val_refusal_score": float(base_harmful),
                                                       "harmless_val_refusal_score": float(base_harmless),
-                                                      "sweep_seconds": sweep_s, "n_candidates": len(grid)})
+                                                      "sweep_seconds": sweep_s, "n_candidates": len(grid),
+                                                      "screen": a.screen,
+                                                      "n_evaluated_exactly": baselines["n_evaluated_exactly"]})
     runs.write_json(sel / "direction_evaluations_filtered.json", survivors)
     pos, layer = best["position"], best["layer"]
     direction = diffs[pos, layer]

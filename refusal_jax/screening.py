@@ -256,3 +256,32 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
     ra, rb = ranks(a), ranks(b)
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def plot_first_order(evaluations: Sequence[dict], path) -> None:
+    """Scatter of first-order against exact scores (ablation on harmful val, actadd on harmless val) for the
+    exactly evaluated candidates, with each panel's Spearman correlation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from refusal_jax import runs
+
+    both = [ev for ev in evaluations if ev.get("evaluated", True) and ev.get("direction_norm", 1.0) > 0
+            and "first_order_refusal_score" in ev]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for ax, key, title in ((axes[0], "refusal_score", "ablation, harmful val"),
+                           (axes[1], "steering_score", "actadd, harmless val")):
+        x = [ev[f"first_order_{key}"] for ev in both]
+        y = [ev[key] for ev in both]
+        sc = ax.scatter(x, y, c=[ev["layer"] for ev in both], s=12, cmap="viridis")
+        lo, hi = (min(x + y), max(x + y)) if both else (0.0, 1.0)
+        ax.plot([lo, hi], [lo, hi], color="black", lw=1, ls="--", label="y = x")
+        ax.set_xlabel(f"first-order {key}")
+        ax.set_ylabel(f"exact {key}")
+        ax.set_title(f"{title} (Spearman {spearman(x, y):.3f}, n={len(both)})")
+        ax.legend(fontsize=8)
+    fig.colorbar(sc, ax=axes, label="layer")
+    runs.save_figure(fig, path)
+    plt.close(fig)

@@ -181,3 +181,44 @@ def test_spearman_against_numpy_ranks():
     rb = np.array([2, 1, 3, 4, 5.0])
     assert screening.spearman(a, b) == pytest.approx(np.corrcoef(ra, rb)[0, 1])
     assert screening.spearman(a, a) == pytest.approx(1.0)
+
+
+def test_extract_with_screen(tmp_path, capsys):
+    """`extract --screen 2` on a tiny llama checkpoint: first-order scores next to the exact ones in
+    direction_evaluations.json, exact scores only for the screened candidates, the scatter plot, and the selected
+    candidate is the best evaluated survivor; `--screen -1` exits with status 2 before loading anything."""
+    import json
+
+    pytest.importorskip("torch")
+    from refusal_jax import extract
+    from tests.test_extract_families import HARMFUL, HARMLESS, make_checkpoint
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "harmful.txt").write_text("\n".join(HARMFUL) + "\n")
+    (data / "harmless.txt").write_text("\n".join(HARMLESS) + "\n")
+    ckpt = tmp_path / "hf"
+    ckpt.mkdir()
+    make_checkpoint("llama", ckpt)
+    out = tmp_path / "run"
+    args = ["--model", str(ckpt), "--out", str(out), "--harmful", str(data / "harmful.txt"),
+            "--harmless", str(data / "harmless.txt"), "--n-train", "6", "--n-val", "4", "--batch-size", "4",
+            "--no-filter", "--kl-threshold", "1e9", "--induce-threshold=-1e9", "--prune-layer-fraction", "0",
+            "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        extract.main([*args, "--screen", "-1"])
+    assert e.value.code == 2 and "--screen" in capsys.readouterr().err
+    extract.main([*args, "--screen", "2"])
+    sel = out / "select_direction"
+    evals = json.loads((sel / "direction_evaluations.json").read_text())
+    assert all("first_order_refusal_score" in e and "first_order_steering_score" in e for e in evals)
+    done = [e for e in evals if e["evaluated"]]
+    assert len(done) == 2 and all(e["refusal_score"] is not None for e in done)
+    assert all(e["refusal_score"] is None for e in evals if not e["evaluated"])
+    assert (sel / "first_order_vs_exact.png").is_file()
+    meta = json.loads((out / "direction_metadata.json").read_text())
+    best = min(done, key=lambda e: e["refusal_score"])
+    assert (meta["pos"], meta["layer"]) == (best["position"], best["layer"])
+    # the screen kept the first-order best two (all candidates pass the loose filters)
+    live = sorted((e for e in evals if e["direction_norm"] > 0), key=lambda e: e["first_order_refusal_score"])
+    assert {(e["position"], e["layer"]) for e in live[:2]} == {(e["position"], e["layer"]) for e in done}
