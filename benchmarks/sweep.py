@@ -4,6 +4,13 @@ Same model, same candidate grid, same validation prompts (unfiltered, so both si
 same run. Reports candidates/s, wall time, compile time separately, and how far the two sides' scores agree.
 
     python benchmarks/sweep.py [--n-val 32] [--layers 4-11] [--positions=-1] [--chunk 8]
+
+With --screen K it also runs first-order screening (refusal_jax.screening: the backward passes plus K exact
+evaluations) and compares it with the exhaustive sweep it replaces: Spearman correlation of first-order vs exact
+scores over the grid, the rank of the exhaustive winner under the first-order screen (is it in the top 4 / 8 / 16?)
+and the candidate each side selects by the reference's rule (spec §6.3), the torch loop's included.
+--data-dir samples the reference splits (seed 42 = the reference's sampling; another --sample-seed draws other
+prompts from the same splits) and, with --filter, keeps the val prompts by baseline refusal score as the reference.
 """
 
 from __future__ import annotations
@@ -25,6 +32,11 @@ def main():
     p.add_argument("--layers", default="4-11")
     p.add_argument("--chunk", type=int, default=8)
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--screen", type=int, default=0, help="also time screening with K exact evaluations (default 0: no)")
+    p.add_argument("--data-dir", default=None, help="sample the reference splits from this folder instead of the "
+                                                    "bundled sets")
+    p.add_argument("--sample-seed", type=int, default=42, help="sampling seed with --data-dir (42: the reference's)")
+    p.add_argument("--filter", action="store_true", help="filter val prompts by baseline refusal score (reference)")
     p.add_argument("--profile", action="store_true",
                    help="also time the sweep's three parts and measure this machine's fp32 matmul rate (JAX and "
                         "torch), to see what bounds the sweep")
@@ -37,19 +49,23 @@ def main():
 
     m = refusal_jax.load_model(args.model, progress=False)
     fmt = templates.chat_format_for(m.cfg.family, m.tokenizer)
-    harmful, harmless = datasets.default_sets()
 
     def batches(xs, bs=32):
         ids = encode(m.tokenizer, templates.format_instructions(fmt, xs))
         return list(bucketed(ids, min(bs, len(ids)), pad_id(m.tokenizer)))
 
+    ids = fmt.refusal_token_ids
+    sets = sample_sets(args)
+    if args.filter:
+        for key in ("harmful_val", "harmless_val"):
+            s = directions.baseline_refusal_scores(m.params, m.cfg, batches(sets[key]), ids)
+            sets[key] = [x for x, k in zip(sets[key], s > 0 if key.startswith("harmful") else s < 0) if k]
     n_pos = len(templates.eoi_tokens(fmt, m.tokenizer))
-    train_h, train_b = batches(harmful[: args.n_train]), batches(harmless[: args.n_train])
-    val_h = batches(harmful[args.n_train: args.n_train + args.n_val])
-    val_b = batches(harmless[args.n_train: args.n_train + args.n_val])
+    train_h, train_b = batches(sets["harmful_train"]), batches(sets["harmless_train"])
+    val_h, val_b = batches(sets["harmful_val"]), batches(sets["harmless_val"])
     diffs = directions.mean_diffs(m.params, m.cfg, train_h, train_b, n_pos)
     grid = directions.candidate_grid(m.cfg, n_pos, _int_list(args.positions), _int_list(args.layers))
-    ids = fmt.refusal_token_ids
+    screened = screen_run(m, diffs, val_h, val_b, ids, grid, args) if args.screen else None
 
     t0 = time.perf_counter()
     ours, _ = directions.score_candidates(m.params, m.cfg, diffs, val_h, val_b, ids, grid, chunk=args.chunk)
@@ -58,8 +74,9 @@ def main():
     ours, _ = directions.score_candidates(m.params, m.cfg, diffs, val_h, val_b, ids, grid, chunk=args.chunk)
     steady = time.perf_counter() - t0
     record = {"benchmark": "selection_sweep", "machine": machine(), "model": args.model, "dtype": "float32",
-              "n_candidates": len(grid), "n_val_harmful": args.n_val, "n_val_harmless": args.n_val,
-              "chunk": args.chunk,
+              "n_candidates": len(grid), "n_val_harmful": len(sets["harmful_val"]),
+              "n_val_harmless": len(sets["harmless_val"]), "n_train": args.n_train, "chunk": args.chunk,
+              "data": args.data_dir or "bundled", "sample_seed": args.sample_seed, "filter": args.filter,
               "jax": {"first_run_s": first, "compile_s_approx": first - steady, "steady_s": steady,
                       "candidates_per_s": len(grid) / steady}}
     if not args.skip_torch:
@@ -77,9 +94,94 @@ def main():
         best = lambda evs: min(evs, key=lambda e: e["refusal_score"])  # noqa: E731
         record["same_best_candidate"] = (best(ours)["position"], best(ours)["layer"]) == \
             (best(ref)["position"], best(ref)["layer"])
+        record["torch_selected"] = selected(ref, m.cfg.n_layers)
+    if screened is not None:
+        record["screening"] = compare_screen(screened, ours, m.cfg.n_layers, args.screen)
+        if "torch_reference_loop" in record:
+            record["screening"]["speedup_vs_torch_steady"] = t_ref / screened["steady_s"]
+            record["screening"]["speedup_vs_torch_including_compile"] = t_ref / screened["first_run_s"]
+            record["screening"]["same_selected_as_torch"] = \
+                record["screening"]["screened_selected"] == record["torch_selected"]
+        record["screening"]["speedup_vs_jax_exhaustive_steady"] = steady / screened["steady_s"]
     if args.profile:
         record["profile"] = profile(m, diffs, val_h, val_b, ids, grid, args.chunk)
     emit(record)
+
+
+def sample_sets(args) -> dict:
+    """Train/val instruction lists: the reference splits sampled as the reference does (any seed), or the bundled
+    sets in order."""
+    import random
+
+    from refusal_jax import datasets
+
+    if args.data_dir:
+        rng = random.Random(args.sample_seed)
+        return {name: rng.sample(datasets.reference_split(args.data_dir, name, instructions_only=True), n)
+                for name, n in (("harmful_train", args.n_train), ("harmless_train", args.n_train),
+                                ("harmful_val", args.n_val), ("harmless_val", args.n_val))}
+    harmful, harmless = datasets.default_sets()
+    return {"harmful_train": harmful[: args.n_train], "harmless_train": harmless[: args.n_train],
+            "harmful_val": harmful[args.n_train: args.n_train + args.n_val],
+            "harmless_val": harmless[args.n_train: args.n_train + args.n_val]}
+
+
+def selected(evaluations, n_layers):
+    """(pos, layer) the reference's filter and rule select, or None when nothing survives."""
+    from refusal_jax import directions
+    from refusal_jax.errors import RunError
+
+    try:
+        best, _ = directions.select(evaluations, n_layers)
+    except RunError:
+        return None
+    return [best["position"], best["layer"]]
+
+
+def screen_run(m, diffs, val_h, val_b, ids, grid, args) -> dict:
+    """Screening with K exact evaluations, run twice (the first run includes the compiles), and the first-order
+    pass alone (steady)."""
+    from refusal_jax import screening
+
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        evs, base = screening.score_candidates_screened(m.params, m.cfg, diffs, val_h, val_b, ids, grid,
+                                                        screen=args.screen, chunk=args.chunk)
+        times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    fo = screening.first_order(m.params, m.cfg, val_h, val_b, ids)
+    fo_s = time.perf_counter() - t0
+    return {"evaluations": evs, "first_order": fo, "diffs": diffs, "grid": grid, "first_run_s": times[0],
+            "steady_s": times[1], "first_order_s": fo_s, "n_evaluated_exactly": base["n_evaluated_exactly"]}
+
+
+def compare_screen(screened, exhaustive, n_layers, k) -> dict:
+    """First-order vs exact over the grid (both site sets), and what the screen keeps of the exhaustive selection:
+    the exhaustive winner's place in the screen's order (0 = evaluated first)."""
+    from refusal_jax import screening
+
+    evs = screened["evaluations"]
+    live = [i for i, e in enumerate(exhaustive) if e["direction_norm"] > 0]
+    out = {"K": k, "first_run_s": screened["first_run_s"], "steady_s": screened["steady_s"],
+           "first_order_s": screened["first_order_s"], "n_evaluated_exactly": screened["n_evaluated_exactly"],
+           "candidates_per_s_steady": len(evs) / screened["steady_s"]}
+    winner = selected(exhaustive, n_layers)
+    out["exhaustive_selected"] = winner
+    for sites in screening.SITE_SETS:
+        first = screening.first_order_evaluations(screened["first_order"], screened["diffs"], screened["grid"], sites)
+        res = {f"spearman_{key}": screening.spearman([first[i][f"first_order_{key}"] for i in live],
+                                                     [exhaustive[i][key] for i in live])
+               for key in ("refusal_score", "steering_score")}
+        order = screening.screen_order(first, screened["diffs"], n_layers)
+        rank = next((r for r, i in enumerate(order) if [first[i]["position"], first[i]["layer"]] == winner), None)
+        res["exhaustive_winner_rank_in_screen"] = rank
+        for top in (4, 8, 16):
+            res[f"winner_in_top_{top}"] = rank is not None and rank < top
+        out[f"sites_{sites}"] = res
+    out["screened_selected"] = selected(screening.evaluated(evs), n_layers)
+    out["same_selected_as_exhaustive"] = out["screened_selected"] == winner
+    return out
 
 
 def profile(m, diffs, val_h, val_b, ids, grid, chunk) -> dict:
