@@ -5,7 +5,7 @@ same run. Reports candidates/s, wall time, compile time separately, and how far 
 
     python benchmarks/sweep.py [--n-val 32] [--layers 4-11] [--positions=-1] [--chunk 8]
 
-With --screen K it also runs first-order screening (refusal_jax.screening: the backward passes plus K exact
+With --screen K it also runs first-order screening (refusal_jax.method.screening: the backward passes plus K exact
 evaluations) and compares it with the exhaustive sweep it replaces: Spearman correlation of first-order vs exact
 scores over the grid, the rank of the exhaustive winner under the first-order screen (is it in the top 4 / 8 / 16?)
 and the candidate each side selects by the reference's rule (spec §6.3), the torch loop's included.
@@ -43,8 +43,10 @@ def main():
     args = p.parse_args()
 
     import refusal_jax
-    from refusal_jax import bundled, datasets, directions, templates
-    from refusal_jax.batching import bucketed, encode, pad_id
+    from refusal_jax.convert import bundled
+    from refusal_jax.method import directions
+    from refusal_jax.prompts import datasets, templates
+    from refusal_jax.model.batching import bucketed, encode, pad_id
     from refusal_jax.pipeline import _int_list
 
     m = refusal_jax.load_model(args.model, progress=False)
@@ -113,7 +115,7 @@ def sample_sets(args) -> dict:
     sets in order."""
     import random
 
-    from refusal_jax import datasets
+    from refusal_jax.prompts import datasets
 
     if args.data_dir:
         rng = random.Random(args.sample_seed)
@@ -128,7 +130,7 @@ def sample_sets(args) -> dict:
 
 def selected(evaluations, n_layers):
     """(pos, layer) the reference's filter and rule select, or None when nothing survives."""
-    from refusal_jax import directions
+    from refusal_jax.method import directions
     from refusal_jax.errors import RunError
 
     try:
@@ -141,7 +143,7 @@ def selected(evaluations, n_layers):
 def screen_run(m, diffs, val_h, val_b, ids, grid, args) -> dict:
     """Screening with K exact evaluations, run twice (the first run includes the compiles), and the first-order
     pass alone (steady)."""
-    from refusal_jax import screening
+    from refusal_jax.method import screening
 
     times = []
     for _ in range(2):
@@ -159,7 +161,7 @@ def screen_run(m, diffs, val_h, val_b, ids, grid, args) -> dict:
 def compare_screen(screened, exhaustive, n_layers, k) -> dict:
     """First-order vs exact over the grid (both site sets), and what the screen keeps of the exhaustive selection:
     the exhaustive winner's place in the screen's order (0 = evaluated first)."""
-    from refusal_jax import screening
+    from refusal_jax.method import screening
 
     evs = screened["evaluations"]
     live = [i for i, e in enumerate(exhaustive) if e["direction_norm"] > 0]
@@ -187,8 +189,8 @@ def compare_screen(screened, exhaustive, n_layers, k) -> dict:
 def profile(m, diffs, val_h, val_b, ids, grid, chunk) -> dict:
     """Wall time of each part of the sweep, and the machine's fp32 matmul rate on both sides. (XLA's
     cost_analysis counts a lax.scan body once, not once per layer, so it is no use for FLOP counts here.)"""
-    from refusal_jax import directions
-    from refusal_jax.model import Intervention
+    from refusal_jax.method import directions
+    from refusal_jax.model.transformer import Intervention
 
     ids = tuple(int(i) for i in ids)
     ablations = [Intervention.ablation(m.cfg, diffs[g]) for g in grid]

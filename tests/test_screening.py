@@ -1,4 +1,4 @@
-"""First-order screening (refusal_jax.screening) on tiny random models of every family (tests/test_export.py CONFIGS).
+"""First-order screening (refusal_jax.method.screening) on tiny random models of every family (tests/test_export.py CONFIGS).
 
 - The first-order scores are derivatives of the exact scores: central finite differences of the exact code path
   (`directions.evaluate_interventions`) under ablation of ε·(h·r̂)r̂ at every site (`ablate_layers = ε`) and under
@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from refusal_jax import directions, screening
-from refusal_jax.batching import Batch
-from refusal_jax.model import Intervention, forward
-from refusal_jax.params import init_random
+from refusal_jax.method import directions, screening
+from refusal_jax.model.batching import Batch
+from refusal_jax.model.params import init_random
+from refusal_jax.model.transformer import Intervention, forward
 from tests.hf_tiny import left_padded_batch
 from tests.test_export import CONFIGS
 
@@ -97,8 +97,8 @@ def test_writes_family(family):
     writes = np.zeros((cfg.n_layers, 3, 1, 1, 1), np.float32)
     writes[:, 1:] = 1.0
     writes[0, 0] = 1.0
-    from refusal_jax import judge
-    from refusal_jax.model import _forward
+    from refusal_jax.evaluation import judge
+    from refusal_jax.model.transformer import _forward
 
     @jax.jit
     def score(offsets):

@@ -8,7 +8,7 @@ block has three intervention sites, each the exact tensor that enters or is adde
   mlp_out[l]    what the MLP sub-block adds to the residual (after Gemma-2/3's post-norm)
 
 Interventions are data (`Intervention`, a pytree of arrays), never Python control flow, so a sweep over
-directions, layers or coefficients reuses one compiled program. Axis letters: see `refusal_jax.params`.
+directions, layers or coefficients reuses one compiled program. Axis letters: see `refusal_jax.model.params`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from refusal_jax.config import ModelConfig, RopeConfig
-from refusal_jax.params import LayerParams, Params, unembedding
+from refusal_jax.model.config import ModelConfig, RopeConfig
+from refusal_jax.model.params import LayerParams, Params, unembedding
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "resid_final")
 LOGITS_MODES = ("all", "last", "none")
@@ -408,7 +408,7 @@ forward = jax.jit(_forward, static_argnames=("cfg", "capture", "capture_last", "
 forward.__doc__ = """Run the model.
 
 Args:
-  params: the parameter pytree (`refusal_jax.params.Params`).
+  params: the parameter pytree (`refusal_jax.model.params.Params`).
   cfg: the static ModelConfig.
   tokens: [B, T] int token ids, left-padded.
   attention_mask: [B, T] 1 for real tokens, 0 for padding (default all ones). RoPE positions count real tokens
@@ -422,7 +422,7 @@ Args:
     blocks below are skipped (activation-addition sweeps reuse the unmodified residual below the added layer).
   probe: [L, 3, B, T, D] offsets added to resid_pre, attn_out and mlp_out of every layer, after any ablation;
     zeros leave the output unchanged, and the gradient w.r.t. them is the gradient at the three sites
-    (refusal_jax.screening).
+    (refusal_jax.method.screening).
 Returns:
   Output with the requested fields.
 """

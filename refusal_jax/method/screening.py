@@ -34,11 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refusal_jax import directions, judge
-from refusal_jax.batching import Batch
-from refusal_jax.config import ModelConfig
 from refusal_jax.errors import RunError
-from refusal_jax.model import _forward
+from refusal_jax.evaluation import judge
+from refusal_jax.method import directions
+from refusal_jax.model.batching import Batch
+from refusal_jax.model.config import ModelConfig
+from refusal_jax.model.transformer import _forward
 
 SITE_SETS = ("writes", "all")
 # rows of FirstOrder.ablation_moments
@@ -266,7 +267,7 @@ def plot_first_order(evaluations: Sequence[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from refusal_jax import runs
+    from refusal_jax.runs import rundir as runs
 
     both = [ev for ev in evaluations if ev.get("evaluated", True) and ev.get("direction_norm", 1.0) > 0
             and "first_order_refusal_score" in ev]
