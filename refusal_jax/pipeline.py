@@ -14,20 +14,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import random
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from refusal_jax.errors import DataError
 from refusal_jax.evaluation import judge
-from refusal_jax.method import directions, screening
+from refusal_jax.method import directions, selection
+from refusal_jax.method.selection import SelectionSettings
 from refusal_jax.prompts import datasets, templates
+from refusal_jax.prompts.chat import ChatPrompts
 from refusal_jax.runs import rundir as runs
-from refusal_jax.model.batching import bucketed, encode, pad_id
 from refusal_jax.runs.cli import main_wrapper
-from refusal_jax.errors import DataError, RunError
 
 # --------------------------------------------------------------------------------------------------
 # command-line arguments shared by extract and pipeline
@@ -111,6 +111,20 @@ def _int_list(text: str) -> list[int]:
     return out
 
 
+def selection_settings(args: argparse.Namespace) -> SelectionSettings:
+    """The "selection" flags (and --no-filter) as settings."""
+    return SelectionSettings(positions=args.positions, layers=args.layers, kl_threshold=args.kl_threshold,
+                             induce_threshold=args.induce_threshold, prune_layer_fraction=args.prune_layer_fraction,
+                             filter=not args.no_filter, batch_size=args.batch_size, chunk=args.chunk,
+                             screen=args.screen, chat_style=args.chat_style, eoi_mode=args.eoi_mode)
+
+
+def data_settings(args: argparse.Namespace) -> datasets.DataSettings:
+    """The "data" flags as settings."""
+    return datasets.DataSettings(harmful=args.harmful, harmless=args.harmless, data_dir=args.data_dir,
+                                 n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed)
+
+
 # --------------------------------------------------------------------------------------------------
 # the run context
 
@@ -128,20 +142,18 @@ class Run:
     data: dict[str, list]  # instruction lists / records
     progress: bool
     mesh: Any = None
+    selection: SelectionSettings = SelectionSettings()
+    config: dict = dataclasses.field(default_factory=dict)  # the recorded run config (run_config.json)
+
+    @property
+    def chat(self) -> ChatPrompts:
+        return ChatPrompts(self.tokenizer, self.fmt, tuple(self.eoi), self.refusal_ids)
 
     def prompts(self, instructions: Sequence[str], outputs=None) -> list[str]:
-        return templates.format_instructions(self.fmt, list(instructions), outputs)
+        return self.chat.texts(instructions, outputs)
 
     def batches(self, instructions: Sequence[str], batch_size: int | None = None):
-        ids = encode(self.tokenizer, self.prompts(instructions))
-        eoi = self.eoi
-        for seq, text in zip(ids, instructions):
-            if seq[-len(eoi):] != eoi:
-                raise RunError(f"templated prompt does not end with the post-instruction tokens {eoi}: {text[:60]!r}"
-                               " (try --eoi-mode)")
-        # Small (filtered) sets get a smaller batch rather than filler rows.
-        size = min(batch_size or self.args.batch_size, len(ids))
-        batches = list(bucketed(ids, size, pad_id(self.tokenizer)))
+        batches = self.chat.batches(instructions, batch_size or self.selection.batch_size)
         if self.mesh is not None:
             from refusal_jax.model import sharding
 
@@ -154,46 +166,18 @@ class Run:
         return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
 
 
-def _sample_data(args) -> tuple[dict[str, list], dict]:
-    """Train/val instruction lists and eval/test records, plus a description for the run config."""
-    if args.data_dir and not (args.harmful or args.harmless):
-        sampled = datasets.sample_reference(args.data_dir, args.n_train, args.n_val)
-        rng = sampled.pop("rng")
-        jbb = datasets.reference_split(args.data_dir, "jailbreakbench")[: args.n_test]
-        sampled["harmful_test"] = jbb
-        sampled["harmless_test"] = datasets.sample_reference_test(rng, args.data_dir, args.n_test)
-        return sampled, {"source": "reference_splits", "harmful_eval_name": "jailbreakbench"}
-    bundled_harmful, bundled_harmless = datasets.default_records()
-    out, source = {}, {}
-    for kind, path, bundled in (("harmful", args.harmful, bundled_harmful),
-                                ("harmless", args.harmless, bundled_harmless)):
-        records = datasets.load_records(path) if path else bundled
-        source[kind] = str(path) if path else "bundled"
-        records = list(records)
-        random.Random(args.seed).shuffle(records)
-        need = args.n_train + args.n_val
-        if len(records) < need + 1:
-            raise DataError(f"{source[kind]} {kind} set has {len(records)} prompts; --n-train {args.n_train} + "
-                            f"--n-val {args.n_val} need {need}, plus at least one test prompt")
-        out[f"{kind}_train"] = [r["instruction"] for r in records[: args.n_train]]
-        out[f"{kind}_val"] = [r["instruction"] for r in records[args.n_train:need]]
-        out[f"{kind}_test"] = records[need: need + args.n_test]
-    source["harmful_eval_name"] = "harmful"
-    return out, source
-
-
 def setup(args, extra_config: dict | None = None) -> Run:
     from refusal_jax.convert.loading import load_model
 
     progress = not args.no_progress
-    data, data_source = _sample_data(args)
+    sel = selection_settings(args)
+    data, data_source = datasets.sample_sets(data_settings(args))
     for key, values in data.items():
         if not values:
             raise DataError(f"the {key} set is empty")
     model = load_model(args.model, dtype=args.dtype, progress=progress)
-    fmt = templates.chat_format_for(model.cfg.family, model.tokenizer, style=args.chat_style)
-    eoi = templates.eoi_tokens(fmt, model.tokenizer, args.eoi_mode)
-    refusal_ids = tuple(int(i) for i in fmt.refusal_token_ids)
+    chat = ChatPrompts.for_model(model.cfg.family, model.tokenizer, sel.chat_style, sel.eoi_mode)
+    fmt, eoi, refusal_ids = chat.fmt, list(chat.eoi), chat.refusal_ids
     params, mesh = model.params, None
     if args.mesh:
         from refusal_jax.model import sharding
@@ -212,7 +196,7 @@ def setup(args, extra_config: dict | None = None) -> Run:
     }
     out = Path(args.out) if args.out else Path("runs") / Path(str(args.model)).name.removesuffix(".gguf")
     runs.open_run(out, config, overwrite=args.overwrite)
-    return Run(args, out, params, model.cfg, model.tokenizer, fmt, eoi, refusal_ids, data, progress, mesh)
+    return Run(args, out, params, model.cfg, model.tokenizer, fmt, eoi, refusal_ids, data, progress, mesh, sel, config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,45 +205,28 @@ def setup(args, extra_config: dict | None = None) -> Run:
 
 def stage_filter(run: Run) -> dict[str, list[str]]:
     """Keep harmful prompts the model refuses (score > 0) and harmless ones it does not (score < 0)."""
-    path = run.out / "datasets" / "filtered.json"
+    path = run.out / selection.FILTERED
     if path.exists():
         return runs.read_json(path)["sets"]
-    sets = {k: run.data[k] for k in ("harmful_train", "harmless_train", "harmful_val", "harmless_val")}
+    sets = {k: run.data[k] for k in selection.SETS}
     scores = {}
-    if not run.args.no_filter:
-        bar = run.bar(sum(len(v) for v in sets.values()), "filtering by baseline refusal score")
-        for key, instructions in sets.items():
-            s = directions.baseline_refusal_scores(run.params, run.cfg, run.batches(instructions), run.refusal_ids)
-            scores[key] = s.tolist()
-            keep = s > 0 if key.startswith("harmful") else s < 0
-            sets[key] = [x for x, k in zip(instructions, keep) if k]
-            bar.update(len(instructions))
-        bar.close()
-        empty = [k for k, v in sets.items() if not v]
-        if empty:
-            raise RunError(f"after filtering by the baseline refusal score, {', '.join(empty)} is empty: the model "
-                           "does not refuse those harmful prompts (or refuses all harmless ones). Use more or other "
-                           "prompts, or --no-filter.")
-    runs.write_json(path, {"sets": sets, "baseline_scores": scores,
-                           "sizes": {k: len(v) for k, v in sets.items()}})
+    if run.selection.filter:
+        with run.bar(sum(len(v) for v in sets.values()), "filtering by baseline refusal score") as bar:
+            sets, scores = selection.filter_by_refusal(run.params, run.cfg, sets, run.batches, run.refusal_ids,
+                                                       bar.update)
+    selection.write_filtered(run.out, sets, scores)
     return sets
 
 
 def stage_directions(run: Run, sets) -> np.ndarray:
-    path = run.out / "generate_directions" / "mean_diffs.npy"
+    path = run.out / selection.MEAN_DIFFS
     if path.exists():
         return np.load(path)
     harmful, harmless = run.batches(sets["harmful_train"]), run.batches(sets["harmless_train"])
-    bar = run.bar(len(harmful) + len(harmless), "mean activations")
-    n_pos = len(run.eoi)
-    mean_harmless = directions.mean_activations(run.params, run.cfg, harmless, n_pos, bar.update)
-    diffs = directions.mean_activations(run.params, run.cfg, harmful, n_pos, bar.update) - mean_harmless
-    bar.close()
-    if not np.isfinite(diffs).all():
-        raise RunError("mean activations contain NaN or infinite values (check the model dtype / weights)")
-    # the harmless mean feeds projected / norm-preserving abliteration (orthogonalize --harmless-mean)
-    runs.write_npy(path.with_name("mean_harmless.npy"), mean_harmless)
-    runs.write_npy(path, diffs)
+    with run.bar(len(harmful) + len(harmless), "mean activations") as bar:
+        diffs, mean_harmless = selection.candidate_directions(run.params, run.cfg, harmful, harmless, len(run.eoi),
+                                                              bar.update)
+    selection.write_candidates(run.out, diffs, mean_harmless)
     return diffs
 
 
@@ -268,78 +235,27 @@ def stage_directions(run: Run, sets) -> np.ndarray:
 
 
 def stage_select(run: Run, sets, diffs: np.ndarray) -> tuple[int, int, np.ndarray]:
-    meta_path, dir_path = run.out / "direction_metadata.json", run.out / "direction.npy"
-    sel = run.out / "select_direction"
-    if runs.done(meta_path, dir_path, sel / "direction_evaluations.json"):
+    meta_path, dir_path = run.out / selection.METADATA, run.out / selection.DIRECTION
+    if runs.done(meta_path, dir_path, run.out / selection.EVALUATIONS):
         meta = runs.read_json(meta_path)
         return meta["pos"], meta["layer"], np.load(dir_path)
-    a = run.args
-    grid = directions.candidate_grid(run.cfg, len(run.eoi), a.positions, a.layers)
+    s = run.selection
     harmful_val, harmless_val = run.batches(sets["harmful_val"]), run.batches(sets["harmless_val"])
-    filt = dict(kl_threshold=a.kl_threshold, induce_threshold=a.induce_threshold,
-                prune_layer_fraction=a.prune_layer_fraction)
-    # progress counts candidate x batch evaluations over the three scores (the first round of a screen)
-    live = len(directions.live_candidates(diffs, grid))
-    steps = (min(a.screen, live) if a.screen else live) * (len(harmful_val) + 2 * len(harmless_val))
-    bar = run.bar(steps, f"scoring {len(grid)} candidates" + (f" (screened to {a.screen})" if a.screen else ""))
-    t0 = time.perf_counter()
-    evaluations, baselines = screening.score_candidates_screened(
-        run.params, run.cfg, diffs, harmful_val, harmless_val, run.refusal_ids, grid, screen=a.screen, chunk=a.chunk,
-        progress=bar.update, **filt)
-    bar.close()
-    sweep_s = time.perf_counter() - t0
-    base_harmful, base_harmless = baselines["harmful_refusal_score"], baselines["harmless_refusal_score"]
-    runs.write_json(sel / "direction_evaluations.json", evaluations)
-    exact = screening.evaluated(evaluations)
-    plot_scores(exact, run.cfg.n_layers, sel, base_harmful, base_harmless)
-    screening.plot_first_order(evaluations, sel / "first_order_vs_exact.png")
+    steps = selection.sweep_steps(diffs, run.cfg, s, len(harmful_val), len(harmless_val))
+    with run.bar(steps, "scoring candidates") as bar:
+        evaluations, baselines = selection.score_grid(run.params, run.cfg, diffs, harmful_val, harmless_val,
+                                                      run.refusal_ids, s, bar.update)
+    runs.write_json(run.out / selection.EVALUATIONS, evaluations)
+    selection.plot_scores(evaluations, run.cfg.n_layers, run.out / selection.EVALUATIONS.parent, baselines)
     try:
-        best, survivors = directions.select(exact, run.cfg.n_layers, **filt)
+        best, survivors = directions.select(evaluations, run.cfg.n_layers, **s.filters())
     finally:
-        runs.write_json(sel / "baseline_scores.json", {"harmful_val_refusal_score": float(base_harmful),
-                                                      "harmless_val_refusal_score": float(base_harmless),
-                                                      "sweep_seconds": sweep_s, "n_candidates": len(grid),
-                                                      "screen": a.screen,
-                                                      "n_evaluated_exactly": baselines["n_evaluated_exactly"]})
-    runs.write_json(sel / "direction_evaluations_filtered.json", survivors)
+        runs.write_json(run.out / selection.BASELINES, baselines)
     pos, layer = best["position"], best["layer"]
     direction = diffs[pos, layer]
-    runs.write_npy(dir_path, direction)
-    run_cfg = runs.read_json(run.out / runs.RUN_CONFIG)
-    runs.write_json(meta_path, {
-        "pos": pos, "layer": layer, "model": str(a.model), "config_hash": run_cfg["hash"],
-        "data_hashes": run_cfg["config"]["data_hashes"], "refusal_score": best["refusal_score"],
-        "steering_score": best["steering_score"], "kl_div_score": best["kl_div_score"],
-        "n_survivors": len(survivors), "direction_norm": float(np.linalg.norm(direction)),
-    })
+    selection.write_selected(run.out, direction, best, survivors, model=run.config["model"],
+                             config_hash=runs.config_hash(run.config), data_hashes=run.config["data_hashes"])
     return pos, layer, direction
-
-
-def plot_scores(evaluations, n_layers, out_dir: Path, base_harmful: float, base_harmless: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    positions = sorted({e["position"] for e in evaluations})
-    for key, name, title, base in (
-            ("refusal_score", "ablation_scores.png", "Refusal score on harmful val under directional ablation",
-             base_harmful),
-            ("steering_score", "actadd_scores.png", "Refusal score on harmless val under activation addition",
-             base_harmless),
-            ("kl_div_score", "kl_div_scores.png", "KL divergence on harmless val under directional ablation", 0.0)):
-        fig, ax = plt.subplots(figsize=(9, 5))
-        for pos in positions:
-            pts = sorted((e["layer"], e[key]) for e in evaluations if e["position"] == pos)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=f"pos {pos}")
-        ax.axhline(base, color="black", ls="--", lw=1, label="baseline")
-        ax.set_xlabel("layer (source of the direction)")
-        ax.set_ylabel(key)
-        ax.set_title(title)
-        ax.set_xlim(-0.5, n_layers - 0.5)
-        ax.legend(fontsize=8)
-        runs.save_figure(fig, out_dir / name)
-        plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,11 +272,28 @@ def interventions_for(run: Run, layer: int, direction: np.ndarray):
     }
 
 
-def stage_completions(run: Run, layer: int, direction: np.ndarray) -> dict[str, Path]:
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """Stages 3-5 (the pipeline's "completions and evaluation" flags)."""
+
+    max_new_tokens: int = 512
+    gen_batch_size: int = 8
+    loss_batch_size: int = 2
+    loss_texts: tuple[str, ...] = ()
+    reference_judge: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EvalSettings:
+        return cls(max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
+                   loss_batch_size=args.loss_batch_size, loss_texts=tuple(args.loss_texts or ()),
+                   reference_judge=args.reference_judge)
+
+
+def stage_completions(run: Run, layer: int, direction: np.ndarray, settings: EvalSettings) -> dict[str, Path]:
     from refusal_jax.model.generate import generate_completions
 
     ivs = interventions_for(run, layer, direction)
-    harmful_name = runs.read_json(run.out / runs.RUN_CONFIG)["config"]["data"]["harmful_eval_name"]
+    harmful_name = run.config["data"]["harmful_eval_name"]
     jobs = [(harmful_name, "baseline", None), (harmful_name, "ablation", ivs["ablation"]),
             (harmful_name, "actadd", ivs["actadd"](-1.0)),
             ("harmless", "baseline", None), ("harmless", "actadd", ivs["actadd"](1.0))]
@@ -372,19 +305,19 @@ def stage_completions(run: Run, layer: int, direction: np.ndarray) -> dict[str, 
             continue
         records = run.data["harmful_test" if dataset != "harmless" else "harmless_test"]
         texts = generate_completions(run.params, run.cfg, run.tokenizer, run.prompts([r["instruction"] for r in records]),
-                                     iv, batch_size=run.args.gen_batch_size, max_new_tokens=run.args.max_new_tokens,
+                                     iv, batch_size=settings.gen_batch_size, max_new_tokens=settings.max_new_tokens,
                                      progress=run.progress, desc=f"{dataset} {label}", mesh=run.mesh)
         runs.write_json(path, [{"category": r.get("category"), "prompt": r["instruction"], "response": t}
                                for r, t in zip(records, texts)])
     return written
 
 
-def stage_evaluate(run: Run, completion_files: dict[str, Path]) -> dict[str, dict]:
+def stage_evaluate(run: Run, completion_files: dict[str, Path], settings: EvalSettings) -> dict[str, dict]:
     summary = {}
     for key, path in completion_files.items():
         out = path.with_name(path.name.replace("_completions.json", "_evaluations.json"))
         if not out.exists():
-            ev = judge.substring_evaluation(runs.read_json(path), curly_apostrophes=not run.args.reference_judge)
+            ev = judge.substring_evaluation(runs.read_json(path), curly_apostrophes=not settings.reference_judge)
             runs.write_json(out, ev)
         ev = runs.read_json(out)
         summary[key] = {"refusal_rate": 1.0 - ev["substring_matching_success_rate"], "n": len(ev["completions"])}
@@ -402,7 +335,7 @@ def stage_evaluate(run: Run, completion_files: dict[str, Path]) -> dict[str, dic
     return summary
 
 
-def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files) -> dict[str, dict]:
+def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files, settings: EvalSettings) -> dict[str, dict]:
     from refusal_jax.evaluation import loss
 
     ivs = interventions_for(run, layer, direction)
@@ -413,11 +346,11 @@ def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files) ->
         if not path.exists():
             res = {"alpaca_custom_completions": loss.completion_loss(
                 run.params, run.cfg, run.tokenizer, run.fmt, run.eoi, [r["prompt"] for r in harmless],
-                [r["response"] for r in harmless], iv, batch_size=run.args.loss_batch_size)}
-            for text_file in run.args.loss_texts or []:
+                [r["response"] for r in harmless], iv, batch_size=settings.loss_batch_size)}
+            for text_file in settings.loss_texts:
                 res[Path(text_file).stem] = loss.text_loss(run.params, run.cfg, run.tokenizer,
                                                            datasets.load_instructions(text_file), iv,
-                                                           batch_size=run.args.loss_batch_size)
+                                                           batch_size=settings.loss_batch_size)
             runs.write_json(path, res)
         results[label] = runs.read_json(path)
     return results
@@ -472,9 +405,10 @@ def main(argv=None):
                                     "loss_texts": args.loss_texts})
     t0 = time.perf_counter()
     pos, layer, direction = run_extract(run)
-    files = stage_completions(run, layer, direction)
-    summary = stage_evaluate(run, files)
-    losses = stage_loss(run, layer, direction, files)
+    ev = EvalSettings.from_args(args)
+    files = stage_completions(run, layer, direction, ev)
+    summary = stage_evaluate(run, files, ev)
+    losses = stage_loss(run, layer, direction, files, ev)
     print("\nrefusal rate (substring judge):")
     for key, s in summary.items():
         extra = ""

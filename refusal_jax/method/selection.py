@@ -1,0 +1,238 @@
+"""Direction extraction (the reference's stages 1-2) as library code: filter prompts by the baseline refusal score,
+take difference-in-means candidates, score every candidate, select one; the result and its artifacts.
+
+`refusal_jax.extract_direction` and `python -m refusal_jax.extract` both run these functions, so they give the same
+direction bit for bit. Artifact names follow the reference (spec §11), with .npy/.json for its .pt files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from refusal_jax.errors import ConfigError, RunError
+from refusal_jax.method import directions, screening
+from refusal_jax.runs import rundir
+
+SETS = ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
+
+# Artifact paths inside a run directory.
+FILTERED = Path("datasets") / "filtered.json"
+MEAN_DIFFS = Path("generate_directions") / "mean_diffs.npy"
+MEAN_HARMLESS = Path("generate_directions") / "mean_harmless.npy"
+EVALUATIONS = Path("select_direction") / "direction_evaluations.json"
+SURVIVORS = Path("select_direction") / "direction_evaluations_filtered.json"
+BASELINES = Path("select_direction") / "baseline_scores.json"
+DIRECTION = Path("direction.npy")
+METADATA = Path("direction_metadata.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionSettings:
+    """How candidates are computed, scored and filtered (the extract command's "selection" flags).
+
+    positions / layers: restrict the sweep (None = every post-instruction position / every layer).
+    kl_threshold, induce_threshold, prune_layer_fraction: the reference's filters (`directions.select`).
+    filter: keep only harmful prompts the model refuses and harmless ones it does not, before anything else.
+    batch_size: prompts per forward batch; chunk: candidates evaluated together in one vmapped call.
+    screen: K > 0 scores every candidate to first order and evaluates only the K best exactly
+        (`screening.score_candidates_screened`); 0 = the exhaustive sweep.
+    chat_style: None = the family's reference template, a template name, or "model" (its own chat template).
+    eoi_mode: "template" (tokens that really end every prompt) or "reference" (encode(suffix)).
+    """
+
+    positions: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | None = None
+    kl_threshold: float = 0.1
+    induce_threshold: float = 0.0
+    prune_layer_fraction: float = 0.2
+    filter: bool = True
+    batch_size: int = 32
+    chunk: int = 8
+    screen: int = 0
+    chat_style: str | None = None
+    eoi_mode: str = "template"
+
+    def __post_init__(self):
+        if self.screen < 0:
+            raise ConfigError(f"screen must be >= 0, got {self.screen}")
+        for name in ("positions", "layers"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(int(v) for v in value))
+
+    def filters(self) -> dict[str, float]:
+        return {"kl_threshold": self.kl_threshold, "induce_threshold": self.induce_threshold,
+                "prune_layer_fraction": self.prune_layer_fraction}
+
+
+def filter_by_refusal(params, cfg, sets: Mapping[str, Sequence[str]], batches: Callable, refusal_ids,
+                      progress: Callable[[int], Any] | None = None) -> tuple[dict[str, list[str]], dict]:
+    """Keep harmful prompts the model refuses (score > 0) and harmless ones it does not (score < 0).
+
+    `batches(instructions)` templates and batches a list of instructions. Returns (kept sets, baseline scores per
+    set). Raises RunError when a set ends up empty.
+    """
+    kept, scores = {}, {}
+    for key, instructions in sets.items():
+        s = directions.baseline_refusal_scores(params, cfg, batches(instructions), refusal_ids)
+        scores[key] = s.tolist()
+        keep = s > 0 if key.startswith("harmful") else s < 0
+        kept[key] = [x for x, k in zip(instructions, keep) if k]
+        if progress:
+            progress(len(instructions))
+    empty = [k for k, v in kept.items() if not v]
+    if empty:
+        raise RunError(f"after filtering by the baseline refusal score, {', '.join(empty)} is empty: the model "
+                       "does not refuse those harmful prompts (or refuses all harmless ones). Use more or other "
+                       "prompts, or --no-filter.")
+    return kept, scores
+
+
+def candidate_directions(params, cfg, harmful, harmless, n_pos: int,
+                         progress: Callable[[int], Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Difference-in-means candidates [n_pos, L, D] (float64) and the harmless mean they subtract, from batches."""
+    mean_harmless = directions.mean_activations(params, cfg, harmless, n_pos, progress)
+    diffs = directions.mean_activations(params, cfg, harmful, n_pos, progress) - mean_harmless
+    if not np.isfinite(diffs).all():
+        raise RunError("mean activations contain NaN or infinite values (check the model dtype / weights)")
+    return diffs, mean_harmless
+
+
+def score_grid(params, cfg, diffs: np.ndarray, harmful_val, harmless_val, refusal_ids, settings: SelectionSettings,
+               progress: Callable[[int], Any] | None = None) -> tuple[list[dict], dict]:
+    """Score every (pos, layer) candidate on val batches: (evaluations, baselines incl. sweep seconds and count)."""
+    grid = directions.candidate_grid(cfg, diffs.shape[0], settings.positions, settings.layers)
+    t0 = time.perf_counter()
+    evaluations, baselines = screening.score_candidates_screened(
+        params, cfg, diffs, harmful_val, harmless_val, refusal_ids, grid, screen=settings.screen, chunk=settings.chunk,
+        progress=progress, **settings.filters())
+    return evaluations, {"harmful_val_refusal_score": float(baselines["harmful_refusal_score"]),
+                         "harmless_val_refusal_score": float(baselines["harmless_refusal_score"]),
+                         "sweep_seconds": time.perf_counter() - t0, "n_candidates": len(grid),
+                         "screen": settings.screen, "n_evaluated_exactly": baselines["n_evaluated_exactly"]}
+
+
+def sweep_steps(diffs: np.ndarray, cfg, settings: SelectionSettings, n_harmful_batches: int,
+                n_harmless_batches: int) -> int:
+    """Progress units of `score_grid`: live candidates (the first round of a screen) x batches over its three
+    scores."""
+    grid = directions.candidate_grid(cfg, diffs.shape[0], settings.positions, settings.layers)
+    live = len(directions.live_candidates(diffs, grid))
+    return (min(settings.screen, live) if settings.screen else live) * (n_harmful_batches + 2 * n_harmless_batches)
+
+
+@dataclasses.dataclass
+class Extraction:
+    """A selected refusal direction and everything that chose it.
+
+    direction [D] = mean_diffs[pos, layer] (not normalised; float64); pos is negative (post-instruction token),
+    layer the source layer. evaluations holds every scored candidate, survivors those that passed the filters,
+    baselines the val refusal scores without intervention. prompts are the train/val sets after filtering,
+    baseline_scores their scores before it (empty when not filtered).
+    """
+
+    direction: np.ndarray
+    pos: int
+    layer: int
+    mean_diffs: np.ndarray
+    mean_harmless: np.ndarray
+    evaluations: list[dict]
+    survivors: list[dict]
+    baselines: dict
+    prompts: dict[str, list[str]]
+    baseline_scores: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def best(self) -> dict:
+        return next(e for e in self.evaluations if e["position"] == self.pos and e["layer"] == self.layer)
+
+
+    def save(self, out, n_layers: int | None = None, **metadata) -> Path:
+        """Write the reference's artifacts under `out` (atomically, file by file) and the three score plots when
+        `n_layers` is given; `metadata` goes into direction_metadata.json."""
+        out = Path(out)
+        write_filtered(out, self.prompts, self.baseline_scores)
+        write_candidates(out, self.mean_diffs, self.mean_harmless)
+        rundir.write_json(out / EVALUATIONS, self.evaluations)
+        if n_layers is not None:
+            plot_scores(self.evaluations, n_layers, out / EVALUATIONS.parent, self.baselines)
+        rundir.write_json(out / BASELINES, self.baselines)
+        write_selected(out, self.direction, self.best, self.survivors, **metadata)
+        return out
+
+    @classmethod
+    def load(cls, out) -> Extraction:
+        """Read the artifacts of `save` (or of the extract / pipeline commands) back."""
+        out = Path(out)
+        missing = [str(p) for p in (FILTERED, MEAN_DIFFS, EVALUATIONS, SURVIVORS, DIRECTION, METADATA)
+                   if not (out / p).exists()]
+        if missing:
+            raise RunError(f"{out}: not an extraction (missing {', '.join(missing)})")
+        filtered, meta = rundir.read_json(out / FILTERED), rundir.read_json(out / METADATA)
+        diffs = np.load(out / MEAN_DIFFS)
+        harmless = np.load(out / MEAN_HARMLESS) if (out / MEAN_HARMLESS).exists() else np.zeros_like(diffs)
+        baselines = rundir.read_json(out / BASELINES) if (out / BASELINES).exists() else {}
+        return cls(direction=np.load(out / DIRECTION), pos=meta["pos"], layer=meta["layer"], mean_diffs=diffs,
+                   mean_harmless=harmless, evaluations=rundir.read_json(out / EVALUATIONS),
+                   survivors=rundir.read_json(out / SURVIVORS), baselines=baselines, prompts=filtered["sets"],
+                   baseline_scores=filtered.get("baseline_scores", {}))
+
+
+def write_filtered(out: Path, sets: Mapping[str, list[str]], scores: Mapping[str, list[float]]) -> None:
+    rundir.write_json(out / FILTERED, {"sets": dict(sets), "baseline_scores": dict(scores),
+                                       "sizes": {k: len(v) for k, v in sets.items()}})
+
+
+def write_candidates(out: Path, diffs: np.ndarray, mean_harmless: np.ndarray) -> None:
+    # the harmless mean feeds projected / norm-preserving abliteration (orthogonalize --harmless-mean)
+    rundir.write_npy(out / MEAN_HARMLESS, mean_harmless)
+    rundir.write_npy(out / MEAN_DIFFS, diffs)
+
+
+def write_selected(out: Path, direction: np.ndarray, best: dict, survivors: list[dict], **extra) -> None:
+    """The surviving candidates, direction.npy and direction_metadata.json (pos, layer, the selected candidate's
+    scores, plus `extra`: model, hashes)."""
+    rundir.write_json(out / SURVIVORS, survivors)
+    rundir.write_npy(out / DIRECTION, direction)
+    rundir.write_json(out / METADATA, {
+        "pos": best["position"], "layer": best["layer"], **extra, "refusal_score": best["refusal_score"],
+        "steering_score": best["steering_score"], "kl_div_score": best["kl_div_score"],
+        "n_survivors": len(survivors), "direction_norm": float(np.linalg.norm(direction))})
+
+
+def plot_scores(evaluations, n_layers, out_dir: Path, baselines: Mapping[str, float]) -> None:
+    """The reference's three score-vs-layer plots (one line per position, the baseline dashed) of the exactly
+    evaluated candidates, and first_order_vs_exact.png when the evaluations carry first-order scores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if any("first_order_refusal_score" in e for e in evaluations):
+        screening.plot_first_order(evaluations, out_dir / "first_order_vs_exact.png")
+    evaluations = screening.evaluated(evaluations)
+
+    positions = sorted({e["position"] for e in evaluations})
+    for key, name, title, base in (
+            ("refusal_score", "ablation_scores.png", "Refusal score on harmful val under directional ablation",
+             baselines["harmful_val_refusal_score"]),
+            ("steering_score", "actadd_scores.png", "Refusal score on harmless val under activation addition",
+             baselines["harmless_val_refusal_score"]),
+            ("kl_div_score", "kl_div_scores.png", "KL divergence on harmless val under directional ablation", 0.0)):
+        fig, ax = plt.subplots(figsize=(9, 5))
+        for pos in positions:
+            pts = sorted((e["layer"], e[key]) for e in evaluations if e["position"] == pos)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=f"pos {pos}")
+        ax.axhline(base, color="black", ls="--", lw=1, label="baseline")
+        ax.set_xlabel("layer (source of the direction)")
+        ax.set_ylabel(key)
+        ax.set_title(title)
+        ax.set_xlim(-0.5, n_layers - 0.5)
+        ax.legend(fontsize=8)
+        rundir.save_figure(fig, out_dir / name)
+        plt.close(fig)
