@@ -16,7 +16,10 @@ prompts from the same splits) and, with --filter, keeps the val prompts by basel
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -42,6 +45,7 @@ def main():
                    help="run the torch loop on this many evenly spaced grid candidates only and extrapolate its "
                         "time to the whole grid (its cost per candidate does not depend on the candidate); "
                         "reported as extrapolated (default 0: the whole grid)")
+    p.add_argument("--dump", default=None, help="write every candidate's exact and first-order scores to this JSON")
     p.add_argument("--filter", action="store_true", help="filter val prompts by baseline refusal score (reference)")
     p.add_argument("--profile", action="store_true",
                    help="also time the sweep's three parts and measure this machine's fp32 matmul rate (JAX and "
@@ -88,6 +92,19 @@ def main():
               "data": args.data_dir or "bundled", "sample_seed": args.sample_seed, "filter": args.filter,
               "jax": {"first_run_s": first, "compile_s_approx": first - steady, "steady_s": steady,
                       "candidates_per_s": len(grid) / steady}}
+    if screened is not None:
+        record["screening"] = compare_screen(screened, ours, m.cfg.n_layers, args.screen)
+        record["screening"]["speedup_vs_jax_exhaustive"] = steady / screened["steady_s"]
+        print("partial:", json.dumps(record["screening"], default=str), file=sys.stderr, flush=True)
+        if args.dump:
+            from refusal_jax.method import screening
+
+            first = {sites: screening.first_order_evaluations(screened["first_order"], diffs, grid, sites)
+                     for sites in screening.SITE_SETS}
+            Path(args.dump).write_text(json.dumps([
+                {**ev, **{f"first_order_{k}_{sites}": first[sites][i][f"first_order_{k}"]
+                          for sites in first for k in ("refusal_score", "steering_score")}}
+                for i, ev in enumerate(ours)]))
     if not args.skip_torch:
         import reference_torch
 
@@ -117,15 +134,12 @@ def main():
             record["same_best_candidate"] = (best(ours)["position"], best(ours)["layer"]) == \
                 (best(ref)["position"], best(ref)["layer"])
             record["torch_selected"] = selected(ref, m.cfg.n_layers)
-    if screened is not None:
-        record["screening"] = compare_screen(screened, ours, m.cfg.n_layers, args.screen)
-        if "torch_reference_loop" in record:
-            record["screening"]["speedup_vs_torch_steady"] = t_ref / screened["steady_s"]
-            record["screening"]["speedup_vs_torch_including_compile"] = t_ref / screened["first_run_s"]
-            if "torch_selected" in record:
-                record["screening"]["same_selected_as_torch"] = \
-                    record["screening"]["screened_selected"] == record["torch_selected"]
-        record["screening"]["speedup_vs_jax_exhaustive"] = steady / screened["steady_s"]
+    if screened is not None and "torch_reference_loop" in record:
+        record["screening"]["speedup_vs_torch_steady"] = t_ref / screened["steady_s"]
+        record["screening"]["speedup_vs_torch_including_compile"] = t_ref / screened["first_run_s"]
+        if "torch_selected" in record:
+            record["screening"]["same_selected_as_torch"] = \
+                record["screening"]["screened_selected"] == record["torch_selected"]
     if args.profile:
         record["profile"] = profile(m, diffs, val_h, val_b, ids, grid, args.chunk)
     emit(record)
