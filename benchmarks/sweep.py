@@ -45,6 +45,9 @@ def main():
                    help="run the torch loop on this many evenly spaced grid candidates only and extrapolate its "
                         "time to the whole grid (its cost per candidate does not depend on the candidate); "
                         "reported as extrapolated (default 0: the whole grid)")
+    p.add_argument("--n-val-harmless", type=int, default=None,
+                   help="harmless val prompts when it should differ from --n-val (e.g. more harmful prompts, which the "
+                        "filter thins out)")
     p.add_argument("--dump", default=None, help="write every candidate's exact and first-order scores to this JSON")
     p.add_argument("--filter", action="store_true", help="filter val prompts by baseline refusal score (reference)")
     p.add_argument("--profile", action="store_true",
@@ -156,11 +159,11 @@ def sample_sets(args) -> dict:
         rng = random.Random(args.sample_seed)
         return {name: rng.sample(datasets.reference_split(args.data_dir, name, instructions_only=True), n)
                 for name, n in (("harmful_train", args.n_train), ("harmless_train", args.n_train),
-                                ("harmful_val", args.n_val), ("harmless_val", args.n_val))}
+                                ("harmful_val", args.n_val), ("harmless_val", args.n_val_harmless or args.n_val))}
     harmful, harmless = datasets.default_sets()
     return {"harmful_train": harmful[: args.n_train], "harmless_train": harmless[: args.n_train],
             "harmful_val": harmful[args.n_train: args.n_train + args.n_val],
-            "harmless_val": harmless[args.n_train: args.n_train + args.n_val]}
+            "harmless_val": harmless[args.n_train: args.n_train + (args.n_val_harmless or args.n_val)]}
 
 
 def selected(evaluations, n_layers):
