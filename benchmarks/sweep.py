@@ -102,11 +102,11 @@ def main():
         if args.dump:
             from refusal_jax.method import screening
 
-            first = {sites: screening.first_order_evaluations(screened["first_order"], diffs, grid, sites)
+            fo_by_sites = {sites: screening.first_order_evaluations(screened["first_order"], diffs, grid, sites)
                      for sites in screening.SITE_SETS}
             Path(args.dump).write_text(json.dumps([
-                {**ev, **{f"first_order_{k}_{sites}": first[sites][i][f"first_order_{k}"]
-                          for sites in first for k in ("refusal_score", "steering_score")}}
+                {**ev, **{f"first_order_{k}_{sites}": fo_by_sites[sites][i][f"first_order_{k}"]
+                          for sites in fo_by_sites for k in ("refusal_score", "steering_score")}}
                 for i, ev in enumerate(ours)]))
     if not args.skip_torch:
         import reference_torch
