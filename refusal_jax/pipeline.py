@@ -76,6 +76,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="restrict the sweep to these post-instruction positions, e.g. --positions=-1 or --positions=-2,-1 (default all)")
     s.add_argument("--layers", type=_int_list, default=None,
                    help="restrict the sweep to these layers, e.g. 10-16 or 8,12 (default all)")
+    s.add_argument("--screen", type=_non_negative_int, default=0, metavar="K",
+                   help="score every candidate to first order from one backward pass per val set, evaluate exactly "
+                        "only the K best (more rounds of K if none survives the filter), and select among those "
+                        "(refusal_jax.method.screening; README 'Screening'). 0 = the exhaustive sweep (default 0)")
     s.add_argument("--kl-threshold", type=float, default=0.1, help="discard candidates with KL above this (0.1)")
     s.add_argument("--induce-threshold", type=float, default=0.0,
                    help="discard candidates whose actadd refusal score on harmless prompts is below this (0.0)")
@@ -87,6 +91,13 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--chat-style", default=None, choices=sorted(templates.TEMPLATES) + [templates.MODEL_STYLE],
                    help="force a chat template instead of the family's reference template (no system prompt); "
                         "'model' = the model's own chat template, with the system prompt it adds by default")
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _int_list(text: str) -> list[int]:
@@ -108,7 +119,7 @@ def selection_settings(args: argparse.Namespace) -> SelectionSettings:
     return SelectionSettings(positions=args.positions, layers=args.layers, kl_threshold=args.kl_threshold,
                              induce_threshold=args.induce_threshold, prune_layer_fraction=args.prune_layer_fraction,
                              filter=not args.no_filter, batch_size=args.batch_size, chunk=args.chunk,
-                             chat_style=args.chat_style, eoi_mode=args.eoi_mode)
+                             screen=args.screen, chat_style=args.chat_style, eoi_mode=args.eoi_mode)
 
 
 def data_settings(args: argparse.Namespace) -> datasets.DataSettings:
@@ -186,7 +197,7 @@ def setup(args, extra_config: dict | None = None) -> Run:
         "data": data_source, "data_hashes": {k: runs.texts_hash([str(v) for v in vals]) for k, vals in data.items()},
         "n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test, "seed": args.seed,
         "filter": not args.no_filter, "template": fmt.template, "eoi_tokens": eoi, "refusal_token_ids": refusal_ids,
-        "positions": args.positions, "layers": args.layers, "kl_threshold": args.kl_threshold,
+        "positions": args.positions, "layers": args.layers, "screen": args.screen, "kl_threshold": args.kl_threshold,
         "induce_threshold": args.induce_threshold, "prune_layer_fraction": args.prune_layer_fraction,
         **(extra_config or {}),
     }

@@ -285,8 +285,10 @@ def rejection_reasons(ev: dict, n_layers: int, *, kl_threshold: float = 0.1, ind
 def select(evaluations: list[dict], n_layers: int, **filter_kwargs) -> tuple[dict, list[dict]]:
     """(winner, survivors sorted by ascending refusal_score). Ties keep grid order, like Python's stable sort.
 
+    Entries marked "evaluated": False (not evaluated exactly under `--screen`) take no part.
     Raises RunError listing the best rejected candidates and why, when nothing survives.
     """
+    evaluations = [ev for ev in evaluations if ev.get("evaluated", True)]
     survivors = [ev for ev in evaluations if not rejection_reasons(ev, n_layers, **filter_kwargs)]
     survivors = sorted(survivors, key=lambda ev: ev["refusal_score"])
     if not survivors:

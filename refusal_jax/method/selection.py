@@ -14,8 +14,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from refusal_jax.errors import RunError
-from refusal_jax.method import directions
+from refusal_jax.errors import ConfigError, RunError
+from refusal_jax.method import directions, screening
 from refusal_jax.runs import rundir
 
 SETS = ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
@@ -39,6 +39,8 @@ class SelectionSettings:
     kl_threshold, induce_threshold, prune_layer_fraction: the reference's filters (`directions.select`).
     filter: keep only harmful prompts the model refuses and harmless ones it does not, before anything else.
     batch_size: prompts per forward batch; chunk: candidates evaluated together in one vmapped call.
+    screen: K > 0 scores every candidate to first order and evaluates only the K best exactly
+        (`screening.score_candidates_screened`); 0 = the exhaustive sweep.
     chat_style: None = the family's reference template, a template name, or "model" (its own chat template).
     eoi_mode: "template" (tokens that really end every prompt) or "reference" (encode(suffix)).
     """
@@ -51,10 +53,13 @@ class SelectionSettings:
     filter: bool = True
     batch_size: int = 32
     chunk: int = 8
+    screen: int = 0
     chat_style: str | None = None
     eoi_mode: str = "template"
 
     def __post_init__(self):
+        if self.screen < 0:
+            raise ConfigError(f"screen must be >= 0, got {self.screen}")
         for name in ("positions", "layers"):
             value = getattr(self, name)
             if value is not None:
@@ -103,18 +108,22 @@ def score_grid(params, cfg, diffs: np.ndarray, harmful_val, harmless_val, refusa
     """Score every (pos, layer) candidate on val batches: (evaluations, baselines incl. sweep seconds and count)."""
     grid = directions.candidate_grid(cfg, diffs.shape[0], settings.positions, settings.layers)
     t0 = time.perf_counter()
-    evaluations, baselines = directions.score_candidates(params, cfg, diffs, harmful_val, harmless_val, refusal_ids,
-                                                         grid, chunk=settings.chunk, progress=progress)
+    evaluations, baselines = screening.score_candidates_screened(
+        params, cfg, diffs, harmful_val, harmless_val, refusal_ids, grid, screen=settings.screen, chunk=settings.chunk,
+        progress=progress, **settings.filters())
     return evaluations, {"harmful_val_refusal_score": float(baselines["harmful_refusal_score"]),
                          "harmless_val_refusal_score": float(baselines["harmless_refusal_score"]),
-                         "sweep_seconds": time.perf_counter() - t0, "n_candidates": len(grid)}
+                         "sweep_seconds": time.perf_counter() - t0, "n_candidates": len(grid),
+                         "screen": settings.screen, "n_evaluated_exactly": baselines["n_evaluated_exactly"]}
 
 
 def sweep_steps(diffs: np.ndarray, cfg, settings: SelectionSettings, n_harmful_batches: int,
                 n_harmless_batches: int) -> int:
-    """Progress units of `score_grid`: live candidates x batches over its three scores."""
+    """Progress units of `score_grid`: live candidates (the first round of a screen) x batches over its three
+    scores."""
     grid = directions.candidate_grid(cfg, diffs.shape[0], settings.positions, settings.layers)
-    return len(directions.live_candidates(diffs, grid)) * (n_harmful_batches + 2 * n_harmless_batches)
+    live = len(directions.live_candidates(diffs, grid))
+    return (min(settings.screen, live) if settings.screen else live) * (n_harmful_batches + 2 * n_harmless_batches)
 
 
 @dataclasses.dataclass
@@ -197,11 +206,16 @@ def write_selected(out: Path, direction: np.ndarray, best: dict, survivors: list
 
 
 def plot_scores(evaluations, n_layers, out_dir: Path, baselines: Mapping[str, float]) -> None:
-    """The reference's three score-vs-layer plots (one line per position, the baseline dashed)."""
+    """The reference's three score-vs-layer plots (one line per position, the baseline dashed) of the exactly
+    evaluated candidates, and first_order_vs_exact.png when the evaluations carry first-order scores."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    if any("first_order_refusal_score" in e for e in evaluations):
+        screening.plot_first_order(evaluations, out_dir / "first_order_vs_exact.png")
+    evaluations = screening.evaluated(evaluations)
 
     positions = sorted({e["position"] for e in evaluations})
     for key, name, title, base in (

@@ -258,6 +258,7 @@ def _forward(
     capture_last: int | None = None,
     logits: str = "all",
     resume: tuple[jax.Array, jax.Array] | None = None,
+    probe: jax.Array | None = None,
 ) -> Output:
     if logits not in LOGITS_MODES:
         raise ValueError(f"logits must be one of {LOGITS_MODES}, got {logits!r}")
@@ -321,20 +322,22 @@ def _forward(
     basis = intervention.ablate_basis
 
     def block(x, layer):
-        lp, sliding, ablate_on, add_coeff, k_cache, v_cache, idx = layer
+        lp, sliding, ablate_on, add_coeff, k_cache, v_cache, idx, offsets = layer
         if resume is None:
-            return layer_fn(x, lp, sliding, ablate_on, add_coeff, k_cache, v_cache)
+            return layer_fn(x, lp, sliding, ablate_on, add_coeff, k_cache, v_cache, offsets)
         # Resuming from a saved resid_pre[start_layer]: the layers below it are skipped, not recomputed. The
         # predicate is not batched under vmap over interventions, so this stays a real branch.
         run = functools.partial(layer_fn, lp=lp, sliding=sliding, ablate_on=ablate_on, add_coeff=add_coeff,
-                                k_cache=k_cache, v_cache=v_cache)
+                                k_cache=k_cache, v_cache=v_cache, offsets=offsets)
         shapes = jax.eval_shape(run, x)
         skip = lambda x: (x, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes[1]))  # noqa: E731
         return jax.lax.cond(idx >= start_layer, run, skip, x)
 
-    def layer_fn(x, lp, sliding, ablate_on, add_coeff, k_cache, v_cache):
+    def layer_fn(x, lp, sliding, ablate_on, add_coeff, k_cache, v_cache, offsets):
         x = x + (add_coeff * intervention.add_vector).astype(dtype)
         x = _ablate(x, basis, ablate_on)
+        if offsets is not None:  # [3, B, T, D] probe offsets: the gradient w.r.t. them is the gradient at the sites
+            x = x + offsets[0]
         resid_pre = x
         ok = jnp.where(sliding, key_ok_local, key_ok)
         c, s = jnp.where(sliding, cos_l, cos), jnp.where(sliding, sin_l, sin)
@@ -343,11 +346,15 @@ def _forward(
         if cfg.post_norms:
             attn = _norm(cfg, attn, lp.post_attn_norm)
         attn = _ablate(attn, basis, ablate_on)
+        if offsets is not None:
+            attn = attn + offsets[1]
         x = x + attn
         mlp = _mlp(lp, cfg, _norm(cfg, x, lp.mlp_norm))
         if cfg.post_norms:
             mlp = _norm(cfg, mlp, lp.post_mlp_norm)
         mlp = _ablate(mlp, basis, ablate_on)
+        if offsets is not None:
+            mlp = mlp + offsets[2]
         x = x + mlp
         saved = {
             "resid_pre": sl(resid_pre) if "resid_pre" in capture else None,
@@ -365,6 +372,7 @@ def _forward(
         cache.k if cache is not None else None,
         cache.v if cache is not None else None,
         jnp.arange(cfg.n_layers),
+        probe,
     )
     with jax.named_scope("decoder_blocks"):
         x, (saved, (k_all, v_all)) = (_layer_loop if per_layer else jax.lax.scan)(block, x, xs)
@@ -421,6 +429,9 @@ Args:
   logits: "all" positions, only the "last", or "none" (skips the LM head entirely).
   resume: (resid_pre [B, T, D], layer) to start at block `layer` from a saved input instead of the embedding;
     blocks below are skipped (activation-addition sweeps reuse the unmodified residual below the added layer).
+  probe: [L, 3, B, T, D] offsets added to resid_pre, attn_out and mlp_out of every layer, after any ablation;
+    zeros leave the output unchanged, and the gradient w.r.t. them is the gradient at the three sites
+    (refusal_jax.method.screening).
 Returns:
   Output with the requested fields.
 """
