@@ -8,7 +8,8 @@ from pathlib import Path
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
-_CORPUS = ["def f(x):\n    return x + 1\n", "```python\nimport math\n```\n", "The quick brown fox jumps over the lazy dog.",
+_CORPUS = ["def f(x):\n    return x + 1\n", "```python\nimport math\n```\n",
+           "The quick brown fox jumps over the lazy dog.",
            "Please provide a self-contained Python script that solves the following problem",
            "    for i in range(len(numbers)):\n        if numbers[i] < threshold:\n            return True\n"] * 4
 
