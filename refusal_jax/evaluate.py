@@ -279,6 +279,32 @@ def run_humaneval(spec: ModelSpec, out, *, limit: int | None = None, allow_code_
     return summary
 
 
+def summary_table(run_dirs, limit: int | None = None) -> str:
+    """Markdown table of the HumanEval summaries of several run folders (same --limit), with the pass@1 kept
+    relative to the first row and how many completions are identical to the first row's."""
+    rows = []
+    for d in run_dirs:
+        root = Path(d).expanduser() / "humaneval"
+        path = root / f"summary{'' if limit is None else f'-limit{limit}'}.json"
+        if not path.exists():
+            raise DataError(f"{path} does not exist (run python -m refusal_jax.evaluate --out {d} first, with the "
+                            "same --limit)")
+        rows.append((Path(d).name, runs.read_json(path), runs.read_json(root / "completions.json")))
+    first_name, first, first_comp = rows[0]
+    lines = [f"| run | intervention | pass@1 [95% CI] | passed | kept vs {first_name} | identical completions to "
+             f"{first_name} | tokens | generation s |", "|---|---|---|---|---|---|---|---|"]
+    ids = [p["task_id"] for p in humaneval.load_problems(limit)]
+    for name, s, comp in rows:
+        same = sum(comp[t]["response"] == first_comp[t]["response"] for t in ids)
+        kept = s["pass_at_1"] / first["pass_at_1"] if first["pass_at_1"] else float("nan")
+        # batch_seconds is shared by the problems of one batch: count each batch once
+        secs = sum({comp[t]["batch_seconds"] for t in ids})
+        lines.append(f"| {name} | {s['intervention']} | {s['pass_at_1']:.3f} [{s['low']:.3f}, {s['high']:.3f}] | "
+                     f"{s['n_passed']}/{s['n']} | {kept:.2f} | {same}/{len(ids)} | {s['generated_tokens']} | "
+                     f"{secs:.0f} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------------
 # command line
 
@@ -340,12 +366,18 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--overwrite", action="store_true",
                    help="start over when --out holds a run with another config (old files move to OUT/previous/)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    o.add_argument("--table", nargs="+", default=None, metavar="RUN_DIR",
+                   help="instead of evaluating, print the markdown table of these run folders' HumanEval summaries "
+                        "(with --limit as they were run); the first is the reference row")
     return p
 
 
 @main_wrapper
 def main(argv=None):
     args = parser().parse_args(argv)
+    if args.table:
+        print(summary_table(args.table, args.limit))
+        return
     out = args.out or Path("runs") / "evaluate" / (
         f"{Path(str(args.model)).name.removesuffix('.gguf')}-{args.intervention}")
     t0 = time.perf_counter()

@@ -138,3 +138,5 @@ def test_orthogonalized_export_equals_ablation(tiny_dir, direction_file, tmp_pat
     a, b, c = (json.loads((r / "completions.json").read_text()) for r in (abl, exp, base))
     assert [a[k]["response"] for k in sorted(a)] == [b[k]["response"] for k in sorted(a)]
     assert [a[k]["response"] for k in sorted(a)] != [c[k]["response"] for k in sorted(a)]  # the ablation acts
+    table = evaluate.summary_table([abl.parent, exp.parent, base.parent], limit=2).splitlines()
+    assert len(table) == 5 and table[3].startswith("| exp | none |") and "| 2/2 |" in table[3]  # identical to abl
