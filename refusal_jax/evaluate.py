@@ -182,7 +182,11 @@ def humaneval_completions(loaded: Intervened, problems, *, chat_style: str = "mo
         return results
     prompts = humaneval_prompts(loaded, todo, chat_style)
     lengths = [len(x) for x in encode(loaded.tokenizer, prompts)]
-    order = np.argsort(lengths, kind="stable")  # batches of similar length, as generate_ids would bucket them
+    # Problems in task order, sorted by length within chunks of four batches: an interrupted run has finished the
+    # first problems (what a smaller --limit needs) and batches still hold prompts of similar length.
+    chunk = 4 * batch_size
+    order = [c + int(j) for c in range(0, len(todo), chunk)
+             for j in np.argsort(lengths[c:c + chunk], kind="stable")]
     params = decoding_params(loaded.params)  # laid out once for all batches
     stops = humaneval.fence_stop_ids(loaded.tokenizer)
     bar = None
@@ -193,8 +197,9 @@ def humaneval_completions(loaded: Intervened, problems, *, chat_style: str = "mo
     for start in range(0, len(todo), batch_size):
         idx = order[start:start + batch_size]
         t0 = time.perf_counter()
+        # 64-token buckets: prompts of 150-470 tokens compile a handful of decoding programs, not one per batch
         ids = generate_ids(params, loaded.cfg, loaded.tokenizer, [prompts[i] for i in idx], loaded.intervention,
-                           batch_size=batch_size, max_new_tokens=max_new_tokens, extra_stop_ids=stops)
+                           batch_size=batch_size, max_new_tokens=max_new_tokens, extra_stop_ids=stops, bucket=64)
         seconds = time.perf_counter() - t0
         for i, toks in zip(idx, ids):
             p = todo[i]

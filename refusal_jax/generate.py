@@ -122,16 +122,17 @@ def cut_at_stop(tokens: list[int], stops: Sequence[int]) -> list[int]:
 def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[str],
                  intervention: Intervention | None = None, *, batch_size: int = 8, max_new_tokens: int = 512,
                  progress: bool = False, desc: str = "generating", leave: bool = True,
-                 mesh=None, extra_stop_ids: Sequence[int] = ()) -> list[list[int]]:
+                 mesh=None, extra_stop_ids: Sequence[int] = (), bucket: int = 16) -> list[list[int]]:
     """Greedy completion token ids of templated prompts (up to and including a stop token), in input order.
 
-    `extra_stop_ids` end a sequence as well as the tokenizer's end-of-turn tokens (e.g. a closing code fence).
+    `extra_stop_ids` end a sequence as well as the tokenizer's end-of-turn tokens (e.g. a closing code fence);
+    prompts are left-padded to a multiple of `bucket` tokens (each padded length is one compiled program).
     """
     ids = encode(tokenizer, list(prompts))
     pad = pad_id(tokenizer)
     stops = tuple(sorted(set(stop_token_ids(tokenizer)) | {int(i) for i in extra_stop_ids}))
     out: list[list[int]] = [[] for _ in prompts]
-    batches = list(bucketed(ids, batch_size, pad))
+    batches = list(bucketed(ids, batch_size, pad, bucket))
     params = decoding_params(params)  # once for all batches
     if progress:
         from tqdm.auto import tqdm
