@@ -159,18 +159,19 @@ def _chat_format(loaded: Intervened, chat_style: str):
     return templates.chat_format_for(loaded.cfg.family, loaded.tokenizer, style=chat_style)
 
 
-def humaneval_prompts(loaded: Intervened, problems, chat_style: str = "model") -> list[str]:
-    """Templated prompts: the instruction in the chat template, the assistant turn opened with RESPONSE_PREFIX."""
+def humaneval_prompts(loaded: Intervened, problems, chat_style: str = "model", fmt=None) -> list[str]:
+    """Templated prompts: the instruction in the chat template (`fmt`, else the `chat_style` of the model's
+    family), the assistant turn opened with RESPONSE_PREFIX."""
     from refusal_jax import templates
 
-    fmt = _chat_format(loaded, chat_style)
+    fmt = fmt or _chat_format(loaded, chat_style)
     return templates.format_instructions(fmt, [humaneval.instruction(p) for p in problems],
                                          [humaneval.RESPONSE_PREFIX] * len(problems))
 
 
-def humaneval_completions(loaded: Intervened, problems, *, chat_style: str = "model", max_new_tokens: int = 512,
-                          batch_size: int = 8, progress: bool = True, done: dict | None = None,
-                          save=None) -> dict[str, dict]:
+def humaneval_completions(loaded: Intervened, problems, *, chat_style: str = "model", fmt=None,
+                          max_new_tokens: int = 512, batch_size: int = 8, progress: bool = True,
+                          done: dict | None = None, save=None) -> dict[str, dict]:
     """Greedy responses and extracted completions {task_id: {"response", "completion", "n_tokens"}} for every
     problem not already in `done`; `save(results)` is called after every batch (resume)."""
     from refusal_jax.batching import encode
@@ -180,7 +181,7 @@ def humaneval_completions(loaded: Intervened, problems, *, chat_style: str = "mo
     todo = [p for p in problems if p["task_id"] not in results]
     if not todo:
         return results
-    prompts = humaneval_prompts(loaded, todo, chat_style)
+    prompts = humaneval_prompts(loaded, todo, chat_style, fmt)
     lengths = [len(x) for x in encode(loaded.tokenizer, prompts)]
     # Problems in task order, sorted by length within chunks of four batches: an interrupted run has finished the
     # first problems (what a smaller --limit needs) and batches still hold prompts of similar length.

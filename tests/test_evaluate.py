@@ -140,3 +140,25 @@ def test_orthogonalized_export_equals_ablation(tiny_dir, direction_file, tmp_pat
     assert [a[k]["response"] for k in sorted(a)] != [c[k]["response"] for k in sorted(a)]  # the ablation acts
     table = evaluate.summary_table([abl.parent, exp.parent, base.parent], limit=2).splitlines()
     assert len(table) == 5 and table[3].startswith("| exp | none |") and "| 2/2 |" in table[3]  # identical to abl
+
+
+def test_compare_has_a_humaneval_column(tmp_path):
+    from refusal_jax import compare
+    from tests.test_pipeline_cli import base_args
+    from tests.tiny_chat import save_tiny_chat_model, write_sets
+
+    tiny = (tmp_path, save_tiny_chat_model(tmp_path / "tiny"), *write_sets(tmp_path))
+    out = tmp_path / "run"
+    args = base_args(tiny, out) + ["--k-max", "0", "--edits", "plain", "--max-new-tokens", "4", "--gen-batch-size",
+                                   "4", "--n-boot", "50", "--humaneval", "2"]
+    with pytest.raises(SystemExit):  # refused before anything runs
+        compare.main(args)
+    assert not out.exists()
+    compare.main(args + ["--allow-code-execution"])
+    report = json.loads((out / "compare" / "comparison.json").read_text())
+    for r in report["rows"]:
+        assert r["humaneval"]["n"] == 2 and 0 <= r["humaneval"]["pass_at_1"] <= 1
+    assert "HumanEval pass@1" in (out / "compare" / "comparison.md").read_text()
+    saved = {m: json.loads((out / "compare" / "humaneval" / f"{m}-n2.json").read_text())
+             for m in ("dim", "edit-plain")}
+    assert saved["dim"]["responses"] == saved["edit-plain"]["responses"]
