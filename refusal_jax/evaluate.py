@@ -6,8 +6,8 @@ A model under one intervention (`ModelSpec`):
   ablation              directional ablation of --direction at every layer (inference time)
   addition              activation addition of coeff x direction at resid_pre of --layer
   edit-plain            weight orthogonalization against the direction (`orthogonalize`; equals ablation)
-  edit-projected        projected abliteration (needs the harmless mean)        (`refusal_jax.edits`)
-  edit-norm-preserving  norm-preserving biprojected abliteration                 (`refusal_jax.edits`)
+  edit-projected        projected abliteration (needs the harmless mean)        (`refusal_jax.method.edits`)
+  edit-norm-preserving  norm-preserving biprojected abliteration                 (`refusal_jax.method.edits`)
 
 --direction is a .npy or a run directory of `extract`/`pipeline` (then direction.npy, the selected layer of
 direction_metadata.json and generate_directions/mean_harmless.npy are taken from it unless given).
@@ -31,8 +31,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from refusal_jax import humaneval, runs
-from refusal_jax.cli import main_wrapper
+from refusal_jax import humaneval
+from refusal_jax.runs import rundir as runs
+from refusal_jax.runs.cli import main_wrapper
 from refusal_jax.errors import DataError
 
 INTERVENTIONS = ("none", "ablation", "addition", "edit-plain", "edit-projected", "edit-norm-preserving")
@@ -68,7 +69,7 @@ class ModelSpec:
     def resolved(self) -> "ModelSpec":
         """The spec checked (files exist and are readable) and completed from the direction's run directory,
         before any model is loaded. Raises DataError / ConfigError."""
-        from refusal_jax import edits
+        from refusal_jax.method import edits
         from refusal_jax.orthogonalize import load_direction
 
         if self.intervention not in INTERVENTIONS:
@@ -110,7 +111,7 @@ class ModelSpec:
 
     def config(self) -> dict:
         """What determines the results: the spec with hashes of the files it reads (for run_config.json)."""
-        from refusal_jax import edits
+        from refusal_jax.method import edits
 
         out = dataclasses.asdict(self)
         if self.direction:
@@ -123,9 +124,9 @@ class ModelSpec:
 
     def load(self, progress: bool = True) -> Intervened:
         """Load the model and build the intervention (edited weights for the edit-* interventions)."""
-        from refusal_jax import edits
-        from refusal_jax.loading import load_model
-        from refusal_jax.model import Intervention
+        from refusal_jax.method import edits
+        from refusal_jax.convert.loading import load_model
+        from refusal_jax.model.transformer import Intervention
         from refusal_jax.orthogonalize import load_direction
 
         spec = self.resolved()
@@ -154,7 +155,7 @@ class ModelSpec:
 
 
 def _chat_format(loaded: Intervened, chat_style: str):
-    from refusal_jax import templates
+    from refusal_jax.prompts import templates
 
     return templates.chat_format_for(loaded.cfg.family, loaded.tokenizer, style=chat_style)
 
@@ -162,7 +163,7 @@ def _chat_format(loaded: Intervened, chat_style: str):
 def humaneval_prompts(loaded: Intervened, problems, chat_style: str = "model", fmt=None) -> list[str]:
     """Templated prompts: the instruction in the chat template (`fmt`, else the `chat_style` of the model's
     family), the assistant turn opened with RESPONSE_PREFIX."""
-    from refusal_jax import templates
+    from refusal_jax.prompts import templates
 
     fmt = fmt or _chat_format(loaded, chat_style)
     return templates.format_instructions(fmt, [humaneval.instruction(p) for p in problems],
@@ -174,8 +175,8 @@ def humaneval_completions(loaded: Intervened, problems, *, chat_style: str = "mo
                           done: dict | None = None, save=None) -> dict[str, dict]:
     """Greedy responses and extracted completions {task_id: {"response", "completion", "n_tokens"}} for every
     problem not already in `done`; `save(results)` is called after every batch (resume)."""
-    from refusal_jax.batching import encode
-    from refusal_jax.generate import decoding_params, generate_ids
+    from refusal_jax.model.batching import encode
+    from refusal_jax.model.generate import decoding_params, generate_ids
 
     results = dict(done or {})
     todo = [p for p in problems if p["task_id"] not in results]
@@ -219,7 +220,7 @@ def humaneval_completions(loaded: Intervened, problems, *, chat_style: str = "mo
 
 def pass_at_1(passed, n_boot: int = 1000, seed: int = 0) -> dict:
     """pass@1 of greedy completions (the fraction passed) with a 95% percentile-bootstrap interval over problems."""
-    from refusal_jax import judge
+    from refusal_jax.evaluation import judge
 
     x = np.asarray(passed, np.float64)
     if x.size == 0:
@@ -344,7 +345,7 @@ def spec_from_args(args) -> ModelSpec:
 
 
 def parser() -> argparse.ArgumentParser:
-    from refusal_jax import templates
+    from refusal_jax.prompts import templates
 
     p = argparse.ArgumentParser(prog="python -m refusal_jax.evaluate", description=__doc__.split("\n\n")[0] + (
         ". Interventions: none | ablation | addition | edit-plain | edit-projected | edit-norm-preserving, of "

@@ -19,7 +19,7 @@ max_gen_toks (default 256). The intervention is active in every forward pass.
                          log-softmax only over the continuation positions, in 16-position chunks, so no
                          [batch, length, vocab] array is held
   loglikelihood_rolling  lm-eval's disjoint rolling windows of max_length tokens, each scored as above
-  generate_until         greedy decoding (`refusal_jax.generate`) until EOS, a token whose text contains an `until`
+  generate_until         greedy decoding (`refusal_jax.model.generate`) until EOS, a token whose text contains an `until`
                          string, or max_gen_toks; the text is cut at the first `until` string. Sampling arguments
                          (do_sample, temperature) are ignored: decoding is always greedy.
 
@@ -56,8 +56,8 @@ def _require():
 def _score(params, cfg, tokens, mask, targets, score_mask, intervention, *, n_scored: int):
     """Per row: summed log-probability of `targets` [B, K] (the next tokens of the last K = n_scored input
     positions) where `score_mask`, and whether every scored target is the argmax."""
-    from refusal_jax.model import _forward, _norm
-    from refusal_jax.params import unembedding
+    from refusal_jax.model.transformer import _forward, _norm
+    from refusal_jax.model.params import unembedding
 
     x = _forward(params, cfg, tokens, mask, intervention, capture=("resid_final",), capture_last=n_scored,
                  logits="none").resid_final  # [B, K, D]
@@ -83,7 +83,7 @@ def score_tokens(params, cfg, pad: int, pairs, intervention=None, *, batch_size:
                  max_length: int = 2048, progress=None) -> list[tuple[float, bool]]:
     """(sum log p(continuation | context), continuation is greedy) for each (context ids, continuation ids) pair,
     in input order. Context + continuation is cut to its last max_length + 1 tokens, as lm-eval's HF model does."""
-    from refusal_jax.batching import bucketed
+    from refusal_jax.model.batching import bucketed
 
     inputs, conts = [], []
     for ctx, cont in pairs:
@@ -183,7 +183,7 @@ class RefusalJaxLM(_Base):
                                                   add_generation_prompt=add_generation_prompt)
 
     def _pad(self) -> int:
-        from refusal_jax.batching import pad_id
+        from refusal_jax.model.batching import pad_id
 
         return pad_id(self.tokenizer)
 
@@ -238,8 +238,8 @@ class RefusalJaxLM(_Base):
         return self._stop_cache[until]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from refusal_jax.batching import bucketed
-        from refusal_jax.generate import cut_at_stop, decoding_params, greedy_generate, stop_token_ids
+        from refusal_jax.model.batching import bucketed
+        from refusal_jax.model.generate import cut_at_stop, decoding_params, greedy_generate, stop_token_ids
 
         if self._decoding is None:
             self._decoding = decoding_params(self.params)
