@@ -199,9 +199,9 @@ def humaneval_completions(loaded: Intervened, problems, *, chat_style: str = "mo
     for start in range(0, len(todo), batch_size):
         idx = order[start:start + batch_size]
         t0 = time.perf_counter()
-        # 64-token buckets: prompts of 150-470 tokens compile a handful of decoding programs, not one per batch
+        # 128-token buckets: prompts of 150-470 tokens compile three decoding programs, not one per batch
         ids = generate_ids(params, loaded.cfg, loaded.tokenizer, [prompts[i] for i in idx], loaded.intervention,
-                           batch_size=batch_size, max_new_tokens=max_new_tokens, extra_stop_ids=stops, bucket=64)
+                           batch_size=batch_size, max_new_tokens=max_new_tokens, extra_stop_ids=stops, bucket=128)
         seconds = time.perf_counter() - t0
         for i, toks in zip(idx, ids):
             p = todo[i]
