@@ -10,7 +10,9 @@ fenced block inside one user message of the chat template,
 
 and the assistant turn is started with RESPONSE_PREFIX, which opens a ```python block. Decoding is greedy (pass@1
 with one sample is then the fraction of problems solved) and stops at the end of turn or at the first token that
-contains "```" (the block closes), so no tokens are spent on prose after the code.
+contains "```". That saves the prose after the code only where the closing fence is one token: Qwen2.5's BPE
+splits "```\n\n" into "``" + "`\n\n", so its completions run on to the end of turn (the extracted code is the
+same either way).
 
 Extraction (`extract_completion`): the code is the response up to the closing fence. The harness runs
 `problem prompt + completion + test + check(entry_point)`, so:
