@@ -6,7 +6,7 @@
     >>> sel.save("runs/mine")                                   # the reference's artifacts
     >>> rj.generate(model, ["How do I pick a lock?"], rj.Intervention.ablation(model.cfg, sel.direction))
     >>> edited = rj.orthogonalized(model, sel.direction)          # a LoadedModel with edited weights
-    >>> rj.evaluate(model, instructions, completions)            # refusal rate (substring judge) and CE loss
+    >>> rj.evaluate_completions(model, instructions, completions)  # refusal rate (substring judge) and CE loss
 
 The commands (`python -m refusal_jax.extract` ...) call the same functions, so they give the same results.
 """
@@ -101,9 +101,9 @@ def orthogonalized(model: LoadedModel, direction, *, method: str = "plain", harm
     return LoadedModel(params, untied_config(model.cfg), model.tokenizer)
 
 
-def evaluate(model: LoadedModel | None, instructions: Sequence[str], completions: Sequence[str],
-             intervention=None, *, chat_style: str | None = None, eoi_mode: str = "template",
-             reference_judge: bool = False, batch_size: int = 2) -> dict:
+def evaluate_completions(model: LoadedModel | None, instructions: Sequence[str], completions: Sequence[str],
+                         intervention=None, *, chat_style: str | None = None, eoi_mode: str = "template",
+                         reference_judge: bool = False, batch_size: int = 2) -> dict:
     """Judge and score completions of `instructions`.
 
     Returns {"refusal_rate", "refused": [bool per completion]} from the reference's substring judge, and with a

@@ -116,10 +116,10 @@ class ModelSpec:
         out = dataclasses.asdict(self)
         if self.direction:
             d = Path(self.direction).expanduser()
-            out["direction_sha256"] = runs.file_hash(d / "direction.npy" if d.is_dir() else d)
+            out["direction_sha256"] = runs.sha256_file(d / "direction.npy" if d.is_dir() else d)
         if self.harmless_mean:
             m = Path(self.harmless_mean).expanduser()
-            out["harmless_mean_sha256"] = runs.file_hash(m / edits.HARMLESS_MEAN_FILE if m.is_dir() else m)
+            out["harmless_mean_sha256"] = runs.sha256_file(m / edits.HARMLESS_MEAN_FILE if m.is_dir() else m)
         return out
 
     def load(self, progress: bool = True) -> Intervened:
@@ -220,12 +220,12 @@ def humaneval_completions(loaded: Intervened, problems, *, chat_style: str = "mo
 
 def pass_at_1(passed, n_boot: int = 1000, seed: int = 0) -> dict:
     """pass@1 of greedy completions (the fraction passed) with a 95% percentile-bootstrap interval over problems."""
-    from refusal_jax.evaluation import judge
+    from refusal_jax.evaluation import stats
 
     x = np.asarray(passed, np.float64)
     if x.size == 0:
         raise DataError("no HumanEval results")
-    rate, low, high = judge.bootstrap_ci(x, n_boot=n_boot, seed=seed)
+    rate, low, high = stats.bootstrap_ci(x, n_boot=n_boot, seed=seed)
     return {"pass_at_1": rate, "low": low, "high": high, "n": int(x.size), "n_passed": int(x.sum()),
             "n_boot": n_boot}
 

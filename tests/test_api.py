@@ -82,13 +82,13 @@ def test_api_generate_and_evaluate_equal_the_pipeline(cli_run, extraction):
         records = json.loads((out / "completions" / f"harmless_{label}_completions.json").read_text())
         assert texts == [r["response"] for r in records]
         ev = json.loads((out / "completions" / f"harmless_{label}_evaluations.json").read_text())
-        got = rj.evaluate(None, harmless, texts)
+        got = rj.evaluate_completions(None, harmless, texts)
         assert got["refusal_rate"] == pytest.approx(1.0 - ev["substring_matching_success_rate"])
     baseline = json.loads((out / "completions" / "harmless_baseline_completions.json").read_text())
     prompts, responses = [r["prompt"] for r in baseline], [r["response"] for r in baseline]
     for label, iv in (("baseline", None), ("ablation", rj.Intervention.ablation(model.cfg, extraction.direction))):
         want = json.loads((out / "loss_evals" / f"{label}_loss_eval.json").read_text())["alpaca_custom_completions"]
-        got = rj.evaluate(model, prompts, responses, iv)
+        got = rj.evaluate_completions(model, prompts, responses, iv)
         assert got["ce_loss"] == want["ce_loss"] and got["n_tokens"] == want["n_tokens"]
 
 
