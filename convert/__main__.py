@@ -15,10 +15,11 @@ def parser() -> argparse.ArgumentParser:
                     "(short name, e.g. qwen2.5-coder-0.5b-instruct) into a refusal_jax checkpoint "
                     "(orbax params + versioned config + tokenizer).")
     p.add_argument("src", help="HF model directory, HF hub id (owner/name), .gguf file, or bundled model name")
-    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--out", required=True, help="output directory; its parent must exist (must not exist unless --overwrite)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="parameter dtype of the converted checkpoint (default float32)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is a refusal_jax output (never the source or a folder "
+                        "holding it); the old one is moved aside to OUT.previous-<timestamp>, not deleted")
     p.add_argument("--no-strict-config", action="store_true",
                    help="accept config.json attributes refusal_jax does not know (only if you checked they do not "
                         "change the forward pass)")
@@ -29,14 +30,10 @@ def parser() -> argparse.ArgumentParser:
 @main_wrapper
 def main(argv=None):
     args = parser().parse_args(argv)
-    from refusal_jax import checkpoint
-    from refusal_jax.errors import CheckpointError
+    from refusal_jax import checkpoint, outputs
     from refusal_jax.loading import convert_source
-    from pathlib import Path
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise CheckpointError(f"{out} already exists (pass --overwrite to replace it)")
+    out = outputs.check_target(args.out, overwrite=args.overwrite, sources=[args.src])
     t0 = time.perf_counter()
     cfg, params, tokenizer = convert_source(args.src, dtype=args.dtype, strict_config=not args.no_strict_config,
                                             progress=not args.no_progress)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import struct
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -274,11 +272,13 @@ def save_hf(
     extra_config: Mapping[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
     edit: Callable[[str, int | None, np.ndarray], np.ndarray] | None = None,
+    sources=(),
 ) -> Path:
     """Write `params` as a Hugging Face checkpoint directory.
 
     Args:
-      out_dir: the output directory; refused if it exists unless `overwrite`.
+      out_dir: the output directory; refused if it exists unless `overwrite` (and then only a refusal_jax output,
+        moved aside, see `refusal_jax.outputs`).
       cfg: the config of `params` (for an orthogonalized model: `untied_config(cfg)`).
       params: Params (numpy or jax arrays).
       tokenizer: saved with `save_pretrained` (chat template included) and used for generation_config.json's
@@ -290,15 +290,16 @@ def save_hf(
       extra_config: extra config.json keys (e.g. max_position_embeddings of the source model).
       progress: called with each tensor name after it is written.
       edit: a per-tensor edit applied while streaming (see `engine.to_hf_tensors`).
+      sources: paths `out_dir` must never replace (the source model, ...).
     Returns:
       The resolved output directory.
     """
     if dtype not in _DTYPE_NAMES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose from {', '.join(_DTYPE_NAMES)}")
     np_dtype = np.dtype(_DTYPE_NAMES[dtype])
-    out_dir = Path(out_dir).expanduser().resolve()
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
+    from refusal_jax import outputs
+
+    out_dir = outputs.check_target(out_dir, overwrite=overwrite, sources=sources, create_parents=True)
 
     extra = dict(extra_config or {})
     tok_ids = generation_config(tokenizer)
@@ -310,11 +311,8 @@ def save_hf(
     extra.setdefault("dtype", dtype)
     hf_config = to_hf_config(cfg, extra=extra)
 
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with outputs.atomic_output(out_dir, overwrite=overwrite, sources=sources, kind="hf_export",
+                               create_parents=True) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(tok_ids, indent=2) + "\n")
         if tokenizer is not None:
@@ -338,12 +336,6 @@ def save_hf(
                     total += int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
     return out_dir
 
 

@@ -13,8 +13,6 @@ save never leaves a half-written checkpoint under the final name.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import jax
@@ -59,32 +57,30 @@ def is_converted(path: Path) -> bool:
 
 
 def save(out_dir: str | Path, cfg: ModelConfig, params: Params, tokenizer=None, *, source: str = "",
-         overwrite: bool = False) -> Path:
-    """Save a converted model. Refuses to replace an existing directory unless `overwrite`."""
+         overwrite: bool = False, sources=()) -> Path:
+    """Save a converted model (see `refusal_jax.outputs`: written atomically under a lock; an existing directory is
+    replaced only with `overwrite` and only if refusal_jax wrote it, and then moved aside, never deleted).
+
+    `sources`: paths the output must never replace (the model it was converted from, ...); `source` is recorded in
+    the manifest and protected too.
+    """
     import orbax.checkpoint as ocp
 
-    from refusal_jax import __version__
+    from refusal_jax import __version__, outputs
 
-    out_dir = Path(out_dir).expanduser().resolve()
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     tree = jax.tree.map(np.asarray, _nested(params))
     dtypes = sorted({str(v.dtype) for v in jax.tree.leaves(tree)})
-    with _writer() as ckptr:
-        ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(tree))
-    (tmp / CONFIG_FILE).write_text(cfg.to_json())
-    (tmp / MANIFEST_FILE).write_text(json.dumps(
-        {"source": source, "dtype": dtypes, "refusal_jax_version": __version__, "n_params": cfg.n_params}, indent=2))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+    with outputs.atomic_output(out_dir, overwrite=overwrite, sources=(source, *sources), kind="checkpoint",
+                               create_parents=True) as tmp:
+        with _writer() as ckptr:
+            ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(tree))
+        (tmp / CONFIG_FILE).write_text(cfg.to_json())
+        (tmp / MANIFEST_FILE).write_text(json.dumps(
+            {"source": source, "dtype": dtypes, "refusal_jax_version": __version__, "n_params": cfg.n_params},
+            indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    return Path(out_dir).expanduser().resolve()
 
 
 def load_config(ckpt_dir: str | Path) -> ModelConfig:

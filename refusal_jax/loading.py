@@ -73,10 +73,15 @@ def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, 
     if path.is_dir() and checkpoint.is_converted(path):
         cfg, params, tok = checkpoint.load(path)
     elif bundled.is_known_model(str(src)) and cache:
+        from refusal_jax import outputs
+
         converted = bundled.cache_root() / "converted" / f"{bundled.resolve_name(str(src))}-{dtype}"
+        outputs.clean_stale_partials(converted)  # left by a conversion that was killed
         if not checkpoint.is_converted(converted):
             cfg, params, tok = convert_source(str(src), dtype=dtype, progress=progress)
-            checkpoint.save(converted, cfg, params, tok, source=str(bundled.model_path(str(src))), overwrite=True)
+            if not checkpoint.is_converted(converted):  # another process may have finished it meanwhile
+                checkpoint.save(converted, cfg, params, tok, source=str(bundled.model_path(str(src))),
+                                overwrite=True)
         cfg, params, tok = checkpoint.load(converted)
     else:
         cfg, params, tok = convert_source(str(src), dtype=dtype, strict_config=strict_config, progress=progress)

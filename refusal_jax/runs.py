@@ -105,11 +105,20 @@ def open_run(out_dir: Path, config: dict, *, overwrite: bool = False) -> Path:
     Raises:
       RunError: the directory holds a run with a different config and `overwrite` is False.
     """
+    from refusal_jax import outputs
+
     out_dir = Path(out_dir)
+    outputs.check_run_dir(out_dir, create_parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs.hold_run_lock(out_dir)
     path = out_dir / RUN_CONFIG
+    config = json.loads(json.dumps(config, default=_json_default))  # as stored: tuples become lists, etc.
     record = {"config": config, "hash": config_hash(config)}
     if path.exists():
         old = read_json(path)
+        if not isinstance(old, dict) or not isinstance(old.get("config", {}), dict):
+            raise RunError(f"{path}: not a run config written by refusal_jax (corrupt?); use another --out, or "
+                           "move this directory away")
         if old.get("hash") != record["hash"]:
             if not overwrite:
                 changed = sorted(k for k in set(config) | set(old.get("config", {}))
@@ -118,11 +127,15 @@ def open_run(out_dir: Path, config: dict, *, overwrite: bool = False) -> Path:
                                "Use another --out, or --overwrite to start over (old artifacts are kept under "
                                f"{out_dir}/previous/).")
             stash = out_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+            k = 1
+            while stash.exists():
+                stash, k = stash.with_name(f"{time.strftime('%Y%m%d-%H%M%S')}-{k}"), k + 1
             stash.mkdir(parents=True)
             for entry in list(out_dir.iterdir()):
-                if entry.name != "previous":
+                if entry.name not in ("previous", ".lock", outputs.MARKER):
                     shutil.move(str(entry), stash / entry.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not (out_dir / outputs.MARKER).exists():
+        outputs.write_marker(out_dir, "run")
     write_json(path, record)
     return out_dir
 
