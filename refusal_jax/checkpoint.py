@@ -89,8 +89,10 @@ def load_config(ckpt_dir: str | Path) -> ModelConfig:
         return ModelConfig.from_dict(json.loads(path.read_text()))
     except FileNotFoundError:
         raise CheckpointError(f"{ckpt_dir}: not a converted refusal_jax checkpoint (no {CONFIG_FILE})") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ConfigError(f"{path}: malformed config ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise ConfigError(f"{path}: malformed config ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
 
 
 def load(ckpt_dir: str | Path, *, with_tokenizer: bool = True) -> tuple[ModelConfig, Params, object | None]:
@@ -99,7 +101,13 @@ def load(ckpt_dir: str | Path, *, with_tokenizer: bool = True) -> tuple[ModelCon
 
     ckpt_dir = Path(ckpt_dir).expanduser().resolve()
     cfg = load_config(ckpt_dir)
-    manifest = json.loads((ckpt_dir / MANIFEST_FILE).read_text()) if (ckpt_dir / MANIFEST_FILE).exists() else {}
+    try:
+        manifest = json.loads((ckpt_dir / MANIFEST_FILE).read_text()) if (ckpt_dir / MANIFEST_FILE).exists() else {}
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("dtype", []), list):
+            raise TypeError("not an object with a dtype list")
+        np.dtype((manifest.get("dtype") or ["float32"])[0])
+    except (OSError, ValueError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"{ckpt_dir / MANIFEST_FILE}: malformed manifest ({type(e).__name__}: {e})") from None
     dtype = np.dtype((manifest.get("dtype") or ["float32"])[0]) if len(manifest.get("dtype", [])) <= 1 else None
     shapes = param_shapes(cfg)
     abstract: dict = {"layers": {}}

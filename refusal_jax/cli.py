@@ -3,23 +3,49 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
+import threading
 
 from refusal_jax.errors import RefusalJaxError
 
+INTERRUPTED = "\ninterrupted: completed stages are saved; rerun the same command to resume"
+
 
 def main_wrapper(fn):
-    """Run a CLI main; a RefusalJaxError prints `error: ...` and exits 2, Ctrl-C exits 130."""
+    """Run a CLI main; a RefusalJaxError prints `error: ...` and exits 2, Ctrl-C exits 130.
+
+    After a real SIGINT the process ends with os._exit(130) once the message is flushed: a normal interpreter exit
+    would tear Python down while XLA's threads may still run the computation that was in flight, which crashed
+    with SIGSEGV after the friendly message. Artifacts are written atomically, so nothing is lost by skipping the
+    interpreter's cleanup. (A KeyboardInterrupt raised by code, as in tests, exits normally with status 130.)
+    """
 
     @functools.wraps(fn)
     def run(argv=None):
+        got_signal = []
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            def on_sigint(signum, frame):
+                got_signal.append(signum)
+                raise KeyboardInterrupt
+
+            previous = signal.signal(signal.SIGINT, on_sigint)
         try:
             return fn(argv)
         except RefusalJaxError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
-            print("\ninterrupted: completed stages are saved; rerun the same command to resume", file=sys.stderr)
+            print(INTERRUPTED, file=sys.stderr)
+            if got_signal:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(130)
             sys.exit(130)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
     return run

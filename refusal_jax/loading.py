@@ -28,6 +28,15 @@ def _progress_bar(total: int | None, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="tensor", leave=False)
 
 
+def _magic(path: Path) -> bytes:
+    """The first 4 bytes of a file (only those are read: a model file may be gigabytes)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+
+
 def convert_source(src: str, *, dtype: str = "float32", strict_config: bool = True, progress: bool = True):
     """Convert any non-converted source (GGUF file, HF dir or hub id, bundled short name) -> (cfg, params, tok)."""
     from refusal_jax import bundled
@@ -37,7 +46,7 @@ def convert_source(src: str, *, dtype: str = "float32", strict_config: bool = Tr
     path = Path(src).expanduser()
     if bundled.is_known_model(src):
         path = bundled.model_path(src)
-    if path.suffix == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
+    if path.suffix == ".gguf" or (path.is_file() and _magic(path) == b"GGUF"):
         from refusal_jax.convert import gguf
 
         with _progress_bar(None, f"converting {path.name}", progress) as bar:
