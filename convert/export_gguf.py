@@ -412,9 +412,10 @@ def _main(argv=None):
 
     args = parser().parse_args(argv)
     t0 = time.perf_counter()
-    from refusal_jax import outputs
+    from refusal_jax import checks, outputs
 
     sources = [args.model, args.tokenizer_gguf, args.direction, args.harmless_mean]
+    checks.edit_args(args)
     out = outputs.check_target(args.out, overwrite=args.overwrite, sources=sources, directory=False)
     model_path = Path(args.model).expanduser()
     is_gguf = model_path.suffix == ".gguf" and model_path.is_file()

@@ -321,6 +321,9 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.k_max < 0 or args.n_boot < 1 or args.max_new_tokens < 1 or (args.n_eval is not None and args.n_eval < 2):
         raise DataError("--k-max must be >= 0, --n-boot and --max-new-tokens >= 1, --n-eval >= 2")
+    from refusal_jax import checks
+
+    checks.compare_args(args)
     run = pipeline.setup(args)  # the extraction's own config: compare shares (and resumes) an extract run
     t0 = time.perf_counter()
     pos, layer, dim = pipeline.run_extract(run)

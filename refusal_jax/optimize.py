@@ -584,6 +584,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.out:
         p.error("--out is required")
+    from refusal_jax import checks
+
+    checks.optimize_args(args)
     load_direction(args.direction, None)
     layer = args.layer if args.layer is not None else _layer_from_metadata(args.direction)
     if layer is None:

@@ -250,13 +250,14 @@ def _source_hf_config(src: str) -> dict:
 def main(argv=None):
     import time
 
-    from refusal_jax import checkpoint, edits, outputs
+    from refusal_jax import checkpoint, checks, edits, outputs
     from refusal_jax.convert import export_hf
     from refusal_jax.errors import CheckpointError
     from refusal_jax.loading import load_model
 
     args = parser().parse_args(argv)
     sources = [args.model, args.direction, args.harmless_mean]
+    checks.edit_args(args)
     out = outputs.check_target(args.out, overwrite=args.overwrite, sources=sources)
     ckpt = (outputs.check_target(args.checkpoint, overwrite=args.overwrite, sources=sources, flag="--checkpoint")
             if args.checkpoint else None)

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from refusal_jax import datasets, directions, judge, runs, templates
+from refusal_jax import checks, datasets, directions, judge, runs, templates
 from refusal_jax.batching import bucketed, encode, pad_id
 from refusal_jax.cli import main_wrapper
 from refusal_jax.errors import DataError, RunError
@@ -62,6 +62,12 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                                                          "(the reference splits always use 42)")
     d.add_argument("--no-filter", action="store_true",
                    help="do not filter train/val prompts by the baseline refusal score (reference: filter)")
+    d.add_argument("--max-prompt-tokens", type=int, default=checks.DEFAULT_MAX_PROMPT_TOKENS,
+                   help="refuse a templated prompt longer than this many tokens, naming it (default "
+                        f"{checks.DEFAULT_MAX_PROMPT_TOKENS}); one overlong prompt would make every batch of its "
+                        "bucket that long")
+    d.add_argument("--truncate-prompts", action="store_true",
+                   help="cut overlong instructions to fit --max-prompt-tokens (with a warning) instead of refusing")
     s = p.add_argument_group("selection")
     s.add_argument("--batch-size", type=int, default=32, help="prompts per forward batch (reference: 32)")
     s.add_argument("--chunk", type=int, default=8,
@@ -150,6 +156,9 @@ def _sample_data(args) -> tuple[dict[str, list], dict]:
         sampled["harmless_test"] = datasets.sample_reference_test(rng, args.data_dir, args.n_test)
         return sampled, {"source": "reference_splits", "harmful_eval_name": "jailbreakbench"}
     bundled_harmful, bundled_harmless = datasets.default_records()
+    if bool(args.harmful) != bool(args.harmless):
+        given, other = ("--harmful", "harmless") if args.harmful else ("--harmless", "harmful")
+        print(f"note: {given} given alone: the {other} prompts are the bundled {other} set")
     out, source = {}, {}
     for kind, path, bundled in (("harmful", args.harmful, bundled_harmful),
                                 ("harmless", args.harmless, bundled_harmless)):
@@ -172,6 +181,7 @@ def setup(args, extra_config: dict | None = None) -> Run:
     from refusal_jax.loading import load_model
 
     progress = not args.no_progress
+    checks.common_args(args)
     data, data_source = _sample_data(args)
     for key, values in data.items():
         if not values:
@@ -179,6 +189,7 @@ def setup(args, extra_config: dict | None = None) -> Run:
     model = load_model(args.model, dtype=args.dtype, progress=progress)
     fmt = templates.chat_format_for(model.cfg.family, model.tokenizer, style=args.chat_style)
     eoi = templates.eoi_tokens(fmt, model.tokenizer, args.eoi_mode)
+    data = checks.prompt_lengths(data, model.tokenizer, fmt, args.max_prompt_tokens, truncate=args.truncate_prompts)
     refusal_ids = tuple(int(i) for i in fmt.refusal_token_ids)
     params, mesh = model.params, None
     if args.mesh:
@@ -448,6 +459,7 @@ def pipeline_parser() -> argparse.ArgumentParser:
 @main_wrapper
 def main(argv=None):
     args = pipeline_parser().parse_args(argv)
+    checks.pipeline_args(args)
     run = setup(args, extra_config={"max_new_tokens": args.max_new_tokens, "reference_judge": args.reference_judge,
                                     "loss_texts": args.loss_texts})
     t0 = time.perf_counter()
