@@ -35,7 +35,8 @@ def main_wrapper(fn):
         try:
             return fn(argv)
         except RefusalJaxError as e:
-            print(f"error: {e}", file=sys.stderr)
+            message = " ".join(line.strip() for line in str(e).splitlines())  # one line, whatever the cause said
+            print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
             print(INTERRUPTED, file=sys.stderr)

@@ -220,7 +220,12 @@ def stage_filter(run: Run) -> dict[str, list[str]]:
     """Keep harmful prompts the model refuses (score > 0) and harmless ones it does not (score < 0)."""
     path = run.out / "datasets" / "filtered.json"
     if path.exists():
-        return runs.read_json(path)["sets"]
+        sets = runs.read_json(path, keys=("sets",))["sets"]
+        with runs.reading(path):
+            if not all(isinstance(sets[k], list) and all(isinstance(x, str) for x in sets[k])
+                       for k in ("harmful_train", "harmless_train", "harmful_val", "harmless_val")):
+                raise TypeError("sets must be lists of strings")
+        return sets
     sets = {k: run.data[k] for k in ("harmful_train", "harmless_train", "harmful_val", "harmless_val")}
     scores = {}
     if not run.args.no_filter:
@@ -245,7 +250,7 @@ def stage_filter(run: Run) -> dict[str, list[str]]:
 def stage_directions(run: Run, sets) -> np.ndarray:
     path = run.out / "generate_directions" / "mean_diffs.npy"
     if path.exists():
-        return np.load(path)
+        return runs.read_artifact_npy(path)
     harmful, harmless = run.batches(sets["harmful_train"]), run.batches(sets["harmless_train"])
     bar = run.bar(len(harmful) + len(harmless), "mean activations")
     n_pos = len(run.eoi)
@@ -268,8 +273,8 @@ def stage_select(run: Run, sets, diffs: np.ndarray) -> tuple[int, int, np.ndarra
     meta_path, dir_path = run.out / "direction_metadata.json", run.out / "direction.npy"
     sel = run.out / "select_direction"
     if runs.done(meta_path, dir_path, sel / "direction_evaluations.json"):
-        meta = runs.read_json(meta_path)
-        return meta["pos"], meta["layer"], np.load(dir_path)
+        meta = runs.read_json(meta_path, keys=("pos", "layer"))
+        return int(meta["pos"]), int(meta["layer"]), runs.read_artifact_npy(dir_path)
     a = run.args
     grid = directions.candidate_grid(run.cfg, len(run.eoi), a.positions, a.layers)
     harmful_val, harmless_val = run.batches(sets["harmful_val"]), run.batches(sets["harmless_val"])
@@ -375,10 +380,13 @@ def stage_evaluate(run: Run, completion_files: dict[str, Path]) -> dict[str, dic
     for key, path in completion_files.items():
         out = path.with_name(path.name.replace("_completions.json", "_evaluations.json"))
         if not out.exists():
-            ev = judge.substring_evaluation(runs.read_json(path), curly_apostrophes=not run.args.reference_judge)
+            with runs.reading(path):
+                ev = judge.substring_evaluation(runs.read_json(path), curly_apostrophes=not run.args.reference_judge)
             runs.write_json(out, ev)
-        ev = runs.read_json(out)
-        summary[key] = {"refusal_rate": 1.0 - ev["substring_matching_success_rate"], "n": len(ev["completions"])}
+        ev = runs.read_json(out, keys=("substring_matching_success_rate", "completions"))
+        with runs.reading(out):
+            flags = [bool(c["is_jailbreak_substring_matching"]) for c in ev["completions"]]
+            summary[key] = {"refusal_rate": 1.0 - float(ev["substring_matching_success_rate"]), "n": len(flags)}
     # Bypass where it can be seen: of the harmful prompts the baseline refuses, how many are still refused.
     refused_at = {key: [not c["is_jailbreak_substring_matching"] for c in runs.read_json(
         path.with_name(path.name.replace("_completions.json", "_evaluations.json")))["completions"]]
@@ -398,6 +406,8 @@ def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files) ->
 
     ivs = interventions_for(run, layer, direction)
     harmless = runs.read_json(completion_files["harmless_baseline"])
+    with runs.reading(completion_files["harmless_baseline"]):
+        harmless = [{"prompt": str(r["prompt"]), "response": str(r["response"])} for r in harmless]
     results = {}
     for label, iv in (("baseline", ivs["baseline"]), ("ablation", ivs["ablation"]), ("actadd", ivs["actadd"](-1.0))):
         path = run.out / "loss_evals" / f"{label}_loss_eval.json"
@@ -410,7 +420,7 @@ def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files) ->
                                                            datasets.load_instructions(text_file), iv,
                                                            batch_size=run.args.loss_batch_size)
             runs.write_json(path, res)
-        results[label] = runs.read_json(path)
+        results[label] = runs.read_json(path, keys=("alpaca_custom_completions",))
     return results
 
 
@@ -435,8 +445,9 @@ def run_extract(run: Run) -> tuple[int, int, np.ndarray]:
     sets = stage_filter(run)
     diffs = stage_directions(run, sets)
     pos, layer, direction = stage_select(run, sets, diffs)
-    meta = runs.read_json(run.out / "direction_metadata.json")
-    sizes = runs.read_json(run.out / "datasets" / "filtered.json")["sizes"]
+    meta = runs.read_json(run.out / "direction_metadata.json",
+                          keys=("direction_norm", "refusal_score", "steering_score", "kl_div_score", "n_survivors"))
+    sizes = runs.read_json(run.out / "datasets" / "filtered.json", keys=("sizes",))["sizes"]
     print(f"\nselected direction: pos {pos}, layer {layer} of {run.cfg.n_layers} (norm {meta['direction_norm']:.3f})")
     print(f"  refusal score under ablation {meta['refusal_score']:.3f}, induce score {meta['steering_score']:.3f}, "
           f"KL {meta['kl_div_score']:.4f}; {meta['n_survivors']} candidates survived the filter")

@@ -8,6 +8,7 @@ deleted, so nothing a user produced is lost.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -50,11 +51,37 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, keys: tuple[str, ...] = ()) -> Any:
+    """A JSON artifact; `keys` must be present (an object). Corrupt or truncated files are a RunError."""
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise RunError(f"{path}: malformed JSON ({e})") from None
+        obj = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise RunError(f"{path}: malformed JSON ({type(e).__name__}: {e}); {_RECOMPUTE}") from None
+    except OSError as e:
+        raise RunError(f"{path}: cannot read ({e.strerror})") from None
+    if keys and (not isinstance(obj, dict) or any(k not in obj for k in keys)):
+        raise RunError(f"{path}: corrupt artifact (expected an object with {', '.join(keys)}); {_RECOMPUTE}")
+    return obj
+
+
+_RECOMPUTE = "delete it (and the artifacts computed after it) and rerun to recompute it"
+
+
+def read_artifact_npy(path: Path) -> np.ndarray:
+    """A .npy artifact of a run; corrupt or truncated files are a RunError."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise RunError(f"{path}: corrupt or truncated artifact ({type(e).__name__}: {e}); {_RECOMPUTE}") from None
+
+
+@contextlib.contextmanager
+def reading(path: Path):
+    """Turn a malformed artifact's KeyError / TypeError / ... into a RunError naming the file."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise RunError(f"{path}: corrupt artifact ({type(e).__name__}: {e}); {_RECOMPUTE}") from None
 
 
 def read_npy(path: Path, what: str) -> np.ndarray:
