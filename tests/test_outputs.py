@@ -195,3 +195,22 @@ def test_run_dir_must_be_new_empty_or_a_run(tmp_path):
 
     with pytest.raises(RunError, match=r"changed: b\)"):
         runs.open_run(run, {"a": (1, 2), "b": 3})
+
+
+def test_two_runs_on_one_out_the_second_is_refused(tmp_path):
+    from refusal_jax import runs
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from refusal_jax import runs\n"
+        f"runs.open_run({str(run)!r}, {{'a': 1}}); print('open', flush=True); time.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(OutputError, match=rf"in use by another refusal_jax run \(pid {holder.pid}\)"):
+            runs.open_run(run, {"a": 1})
+    finally:
+        holder.kill()
+        holder.wait()
+    runs.open_run(run, {"a": 1})  # the killed run's lock is taken over
+    outputs.release_run_lock(run)
