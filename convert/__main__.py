@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from refusal_jax.cli import main_wrapper
+from refusal_jax.runs.cli import main_wrapper
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,8 +30,9 @@ def parser() -> argparse.ArgumentParser:
 @main_wrapper
 def main(argv=None):
     args = parser().parse_args(argv)
-    from refusal_jax import checkpoint, outputs
-    from refusal_jax.loading import convert_source
+    from refusal_jax.convert import checkpoint
+    from refusal_jax.convert.loading import convert_source
+    from refusal_jax.runs import outputs
 
     out = outputs.check_target(args.out, overwrite=args.overwrite, sources=[args.src])
     t0 = time.perf_counter()

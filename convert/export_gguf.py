@@ -41,11 +41,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from refusal_jax.config import ModelConfig
+from refusal_jax.model.config import ModelConfig
 from refusal_jax.convert import engine
 from refusal_jax.convert.gguf import _GLOBAL_NAMES, _layer_names, permute_qk
 from refusal_jax.errors import CheckpointError, ConfigError
-from refusal_jax.params import Params
+from refusal_jax.model.params import Params
 
 # family -> GGUF general.architecture
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
@@ -269,7 +269,7 @@ def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_s
 
     Args:
       path: the output .gguf file; refused if it exists unless `overwrite` (and then only a file refusal_jax
-        wrote, moved aside, see `refusal_jax.outputs`).
+        wrote, moved aside, see `refusal_jax.runs.outputs`).
       cfg: the config of `params` (for an orthogonalized model: `orthogonalize.untied_config(cfg)`).
       tokenizer_source: a GGUF file (path or `read_gguf` result) whose tokenizer and general.* metadata are
         copied, and whose tensor types "source" follows.
@@ -290,7 +290,7 @@ def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_s
         raise CheckpointError(f"unknown tensor type {tensor_type!r}; choose from {', '.join(TENSOR_TYPES)}")
     if tensor_type == "source" and tokenizer_source is None:
         raise CheckpointError("tensor_type='source' needs the source GGUF file (tokenizer_source)")
-    from refusal_jax import outputs
+    from refusal_jax.runs import outputs
 
     path = outputs.check_target(path, overwrite=overwrite, sources=sources, directory=False, create_parents=True)
     _check_expressible(cfg)
@@ -396,7 +396,7 @@ def parser():
 
 
 def main(argv=None):
-    from refusal_jax.cli import main_wrapper
+    from refusal_jax.runs.cli import main_wrapper
 
     return main_wrapper(_main)(argv)
 
@@ -406,13 +406,13 @@ def _main(argv=None):
 
     import jax
 
-    from refusal_jax import edits
-    from refusal_jax.loading import load_model
+    from refusal_jax.method import edits
+    from refusal_jax.convert.loading import load_model
     from refusal_jax.orthogonalize import load_direction, untied_config
 
     args = parser().parse_args(argv)
     t0 = time.perf_counter()
-    from refusal_jax import checks, outputs
+    from refusal_jax.runs import checks, outputs
 
     sources = [args.model, args.tokenizer_gguf, args.direction, args.harmless_mean]
     checks.edit_args(args)

@@ -18,11 +18,11 @@ from typing import Any, Callable, Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
-from refusal_jax.config import ARCHITECTURES, ModelConfig, RopeConfig, from_hf_config
+from refusal_jax.model.config import ARCHITECTURES, ModelConfig, RopeConfig, from_hf_config
 from refusal_jax.convert import engine
 from refusal_jax.convert.safetensors_io import raw_bytes
 from refusal_jax.errors import CheckpointError, ConfigError
-from refusal_jax.params import Params
+from refusal_jax.model.params import Params
 
 # family -> (HF architecture, model_type)
 HF_NAMES = {
@@ -196,7 +196,7 @@ def generation_config(tokenizer) -> dict[str, Any]:
     """generation_config.json: BOS, pad, and as EOS the tokenizer's EOS plus the end-of-turn tokens of the
     supported chat formats that this tokenizer has as added/special tokens (an ordinary vocabulary entry
     spelled "</s>", as in Qwen's BPE vocabulary, is not an end of turn)."""
-    from refusal_jax.generate import END_OF_TURN
+    from refusal_jax.model.generate import END_OF_TURN
 
     out: dict[str, Any] = {}
     if tokenizer is None:
@@ -278,7 +278,7 @@ def save_hf(
 
     Args:
       out_dir: the output directory; refused if it exists unless `overwrite` (and then only a refusal_jax output,
-        moved aside, see `refusal_jax.outputs`).
+        moved aside, see `refusal_jax.runs.outputs`).
       cfg: the config of `params` (for an orthogonalized model: `untied_config(cfg)`).
       params: Params (numpy or jax arrays).
       tokenizer: saved with `save_pretrained` (chat template included) and used for generation_config.json's
@@ -297,7 +297,7 @@ def save_hf(
     if dtype not in _DTYPE_NAMES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose from {', '.join(_DTYPE_NAMES)}")
     np_dtype = np.dtype(_DTYPE_NAMES[dtype])
-    from refusal_jax import outputs
+    from refusal_jax.runs import outputs
 
     out_dir = outputs.check_target(out_dir, overwrite=overwrite, sources=sources, create_parents=True)
 

@@ -21,9 +21,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from refusal_jax import checks, datasets, directions, judge, runs, templates
-from refusal_jax.batching import bucketed, encode, pad_id
-from refusal_jax.cli import main_wrapper
+from refusal_jax.evaluation import judge
+from refusal_jax.method import directions
+from refusal_jax.prompts import datasets, templates
+from refusal_jax.runs import checks
+from refusal_jax.runs import rundir as runs
+from refusal_jax.model.batching import bucketed, encode, pad_id
+from refusal_jax.runs.cli import main_wrapper
 from refusal_jax.errors import DataError, RunError
 
 # --------------------------------------------------------------------------------------------------
@@ -45,7 +49,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mesh", default=None,
                    help="shard over devices: e.g. 'data=4,model=2' (prompts on data; heads/MLP width on model) or "
                         "'auto' (all devices on data). Default: one device. On TPU pods call "
-                        "jax.distributed.initialize() first (see refusal_jax.sharding)")
+                        "jax.distributed.initialize() first (see refusal_jax.model.sharding)")
     d = p.add_argument_group("data (default: the bundled instruction sets)")
     d.add_argument("--harmful", help="harmful instructions file (.json/.jsonl/.csv/.txt)")
     d.add_argument("--harmless", help="harmless instructions file (.json/.jsonl/.csv/.txt)")
@@ -135,7 +139,7 @@ class Run:
         size = min(batch_size or self.args.batch_size, len(ids))
         batches = list(bucketed(ids, size, pad_id(self.tokenizer)))
         if self.mesh is not None:
-            from refusal_jax import sharding
+            from refusal_jax.model import sharding
 
             batches = sharding.shard_batches(batches, self.mesh)
         return batches
@@ -178,7 +182,7 @@ def _sample_data(args) -> tuple[dict[str, list], dict]:
 
 
 def setup(args, extra_config: dict | None = None) -> Run:
-    from refusal_jax.loading import load_model
+    from refusal_jax.convert.loading import load_model
 
     progress = not args.no_progress
     checks.common_args(args)
@@ -193,7 +197,7 @@ def setup(args, extra_config: dict | None = None) -> Run:
     refusal_ids = tuple(int(i) for i in fmt.refusal_token_ids)
     params, mesh = model.params, None
     if args.mesh:
-        from refusal_jax import sharding
+        from refusal_jax.model import sharding
 
         mesh = sharding.make_mesh(args.mesh)
         params = sharding.shard_params(params, model.cfg, mesh)
@@ -343,7 +347,7 @@ def plot_scores(evaluations, n_layers, out_dir: Path, base_harmful: float, base_
 
 
 def interventions_for(run: Run, layer: int, direction: np.ndarray):
-    from refusal_jax.model import Intervention
+    from refusal_jax.model.transformer import Intervention
 
     return {
         "baseline": None,
@@ -353,7 +357,7 @@ def interventions_for(run: Run, layer: int, direction: np.ndarray):
 
 
 def stage_completions(run: Run, layer: int, direction: np.ndarray) -> dict[str, Path]:
-    from refusal_jax.generate import generate_completions
+    from refusal_jax.model.generate import generate_completions
 
     ivs = interventions_for(run, layer, direction)
     harmful_name = runs.read_json(run.out / runs.RUN_CONFIG)["config"]["data"]["harmful_eval_name"]
@@ -402,7 +406,7 @@ def stage_evaluate(run: Run, completion_files: dict[str, Path]) -> dict[str, dic
 
 
 def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files) -> dict[str, dict]:
-    from refusal_jax import loss
+    from refusal_jax.evaluation import loss
 
     ivs = interventions_for(run, layer, direction)
     harmless = runs.read_json(completion_files["harmless_baseline"])

@@ -9,7 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from refusal_jax import compare, extract, optimize, orthogonalize, outputs, pipeline
+from refusal_jax import compare, extract, optimize, orthogonalize, pipeline
+from refusal_jax.runs import outputs
 from refusal_jax.convert import export_gguf
 from refusal_jax.convert.__main__ import main as convert_main
 
@@ -26,7 +27,7 @@ def snapshot(root):
 @pytest.fixture(scope="module")
 def W(tmp_path_factory):
     """The user's world: a tiny model in three formats, instruction files, a direction, a finished run, bad files."""
-    from refusal_jax import checkpoint
+    from refusal_jax.convert import checkpoint
     from refusal_jax.convert import export_hf
     from tests.tiny_chat import save_tiny_chat_model, write_sets
 

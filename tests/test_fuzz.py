@@ -14,8 +14,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from refusal_jax import datasets  # noqa: E402
-from refusal_jax.config import from_hf_config  # noqa: E402
+from refusal_jax.prompts import datasets  # noqa: E402
+from refusal_jax.model.config import from_hf_config  # noqa: E402
 from refusal_jax.convert import safetensors_io  # noqa: E402
 from refusal_jax.errors import RefusalJaxError  # noqa: E402
 
@@ -131,9 +131,9 @@ def test_safetensors_random_header(tmp_path, header, tail):
 
 @pytest.fixture(scope="module")
 def gguf_bytes(tmp_path_factory):
-    from refusal_jax.config import tiny_config
+    from refusal_jax.model.config import tiny_config
     from refusal_jax.convert import export_gguf
-    from refusal_jax.params import init_random
+    from refusal_jax.model.params import init_random
 
     cfg = tiny_config("llama", n_layers=1)
     path = tmp_path_factory.mktemp("g") / "m.gguf"

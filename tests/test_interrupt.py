@@ -14,8 +14,10 @@ import time
 import numpy as np
 import pytest
 
-from refusal_jax import checkpoint, outputs, pipeline
-from refusal_jax.params import to_flat
+from refusal_jax import pipeline
+from refusal_jax.convert import checkpoint
+from refusal_jax.runs import outputs
+from refusal_jax.model.params import to_flat
 from tests.test_pipeline_cli import LOOSE
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -70,9 +72,9 @@ def reference_run(tiny, tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage,module,name,done", [
-    ("stage 1", "refusal_jax.directions", "mean_activations", []),
-    ("sweep", "refusal_jax.directions", "score_candidates", ["generate_directions/mean_diffs.npy"]),
-    ("generation", "refusal_jax.generate", "generate_completions", ["direction.npy", "direction_metadata.json"]),
+    ("stage 1", "refusal_jax.method.directions", "mean_activations", []),
+    ("sweep", "refusal_jax.method.directions", "score_candidates", ["generate_directions/mean_diffs.npy"]),
+    ("generation", "refusal_jax.model.generate", "generate_completions", ["direction.npy", "direction_metadata.json"]),
 ])
 def test_sigint_exits_130_and_resumes(tiny, reference_run, tmp_path, stage, module, name, done):
     out = tmp_path / "run"
@@ -113,7 +115,7 @@ def test_kill_9_then_rerun_leaves_nothing_partial(tiny, hf_model, tmp_path, what
     if what == "convert":
         out = tmp_path / "ckpt"
         command, argv = "refusal_jax.convert.__main__", [hf_model, "--out", out, "--no-progress"]
-        module, name = "refusal_jax.checkpoint", "_writer"  # pauses inside the partial checkpoint directory
+        module, name = "refusal_jax.convert.checkpoint", "_writer"  # pauses inside the partial checkpoint directory
     elif what == "orthogonalize":
         out = tmp_path / "hf"
         command, argv = "refusal_jax.orthogonalize", ["--model", model, "--direction", tmp_path / "d.npy", "--out",

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from refusal_jax import checkpoint, outputs
+from refusal_jax.convert import checkpoint
+from refusal_jax.runs import outputs
 from refusal_jax.convert.__main__ import main as convert_main
 from refusal_jax.errors import OutputError
 
@@ -22,8 +23,8 @@ def tree_hashes(root):
 @pytest.fixture(scope="module")
 def hf_src(tmp_path_factory):
     """A user's Hugging Face model directory (no refusal_jax marker) with their notes next to the weights."""
-    from refusal_jax import params as P
-    from refusal_jax.config import tiny_config
+    from refusal_jax.model import params as P
+    from refusal_jax.model.config import tiny_config
     from refusal_jax.convert import export_hf
     from tests.tiny_chat import chat_tokenizer
 
@@ -114,8 +115,8 @@ def test_bad_out_paths(hf_src, tmp_path, capsys, case):
 def test_gguf_overwrite_replaces_only_refusal_jax_files(tmp_path):
     import numpy as np
 
-    from refusal_jax import params as P
-    from refusal_jax.config import tiny_config
+    from refusal_jax.model import params as P
+    from refusal_jax.model.config import tiny_config
     from refusal_jax.convert import export_gguf
 
     cfg = tiny_config("llama", n_layers=1)
@@ -142,14 +143,14 @@ def test_second_writer_gets_a_clear_error_and_a_dead_lock_is_taken_over(tmp_path
     out = tmp_path / "x"
     with outputs.lock(out):
         child = subprocess.run([sys.executable, "-c", (
-            "from refusal_jax import outputs\n"
+            "from refusal_jax.runs import outputs\n"
             f"with outputs.lock(__import__('pathlib').Path({str(out)!r})): pass\n")],
             capture_output=True, text=True)
         assert child.returncode != 0 and "being written by another refusal_jax process" in child.stderr
         assert f"pid {os.getpid()}" in child.stderr
     # a lock file left by a killed process (kill -9: the kernel drops its flock) is taken over
     proc = subprocess.Popen([sys.executable, "-c", (
-        "import time; from pathlib import Path; from refusal_jax import outputs\n"
+        "import time; from pathlib import Path; from refusal_jax.runs import outputs\n"
         f"with outputs.lock(Path({str(out)!r})):\n    print('locked', flush=True); time.sleep(60)\n")],
         stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
@@ -180,7 +181,7 @@ def test_stale_partials_of_dead_processes_are_removed(tmp_path):
 
 
 def test_run_dir_must_be_new_empty_or_a_run(tmp_path):
-    from refusal_jax import runs
+    from refusal_jax.runs import rundir as runs
 
     user = tmp_path / "docs"
     user.mkdir()
@@ -198,11 +199,11 @@ def test_run_dir_must_be_new_empty_or_a_run(tmp_path):
 
 
 def test_two_runs_on_one_out_the_second_is_refused(tmp_path):
-    from refusal_jax import runs
+    from refusal_jax.runs import rundir as runs
 
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from refusal_jax import runs\n"
+        "import time; from refusal_jax.runs import rundir as runs\n"
         f"runs.open_run({str(run)!r}, {{'a': 1}}); print('open', flush=True); time.sleep(60)\n")],
         stdout=subprocess.PIPE, text=True)
     try:

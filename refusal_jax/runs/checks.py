@@ -48,7 +48,7 @@ def model_config(src: str):
     Raises:
       RefusalJaxError: a missing or malformed model (the same error the load would give, only sooner).
     """
-    from refusal_jax import bundled, checkpoint
+    from refusal_jax.convert import bundled, checkpoint
 
     path = Path(str(src)).expanduser()
     if path.is_dir() and checkpoint.is_converted(path):
@@ -59,13 +59,13 @@ def model_config(src: str):
                 return checkpoint.load_config(converted)
         return None
     if path.is_file():
-        from refusal_jax.config import from_hf_config
+        from refusal_jax.model.config import from_hf_config
         from refusal_jax.convert.gguf import read_gguf
 
         src_gguf = read_gguf(path, strict=False)
         return from_hf_config(src_gguf.hf_config, strict=False)
     if path.is_dir():
-        from refusal_jax.config import from_hf_config
+        from refusal_jax.model.config import from_hf_config
         from refusal_jax.convert.hf import read_hf_config
 
         return from_hf_config(read_hf_config(path), strict=False)
@@ -80,7 +80,7 @@ def common_args(args) -> None:
     Raises:
       RefusalJaxError: naming the flag.
     """
-    from refusal_jax import outputs
+    from refusal_jax.runs import outputs
 
     positive_int(args, "n_train", "n_val", "n_test", "batch_size", "chunk", "max_prompt_tokens")
     finite(args, "kl_threshold", "induce_threshold", "prune_layer_fraction")
@@ -126,7 +126,7 @@ def prompt_lengths(data: dict, tokenizer, fmt, max_tokens: int, *, truncate: boo
     """
     import sys
 
-    from refusal_jax import templates
+    from refusal_jax.prompts import templates
 
     out = {}
     for key, values in data.items():

@@ -132,7 +132,7 @@ def open_run(out_dir: Path, config: dict, *, overwrite: bool = False) -> Path:
     Raises:
       RunError: the directory holds a run with a different config and `overwrite` is False.
     """
-    from refusal_jax import outputs
+    from refusal_jax.runs import outputs
 
     out_dir = Path(out_dir)
     outputs.check_run_dir(out_dir, create_parents=True)

@@ -8,10 +8,10 @@ from typing import NamedTuple
 
 import jax
 
-from refusal_jax import checkpoint
-from refusal_jax.config import ModelConfig
+from refusal_jax.convert import checkpoint
+from refusal_jax.model.config import ModelConfig
 from refusal_jax.errors import CheckpointError
-from refusal_jax.params import Params
+from refusal_jax.model.params import Params
 
 
 class LoadedModel(NamedTuple):
@@ -39,7 +39,7 @@ def _magic(path: Path) -> bytes:
 
 def convert_source(src: str, *, dtype: str = "float32", strict_config: bool = True, progress: bool = True):
     """Convert any non-converted source (GGUF file, HF dir or hub id, bundled short name) -> (cfg, params, tok)."""
-    from refusal_jax import bundled
+    from refusal_jax.convert import bundled
     from refusal_jax.convert import engine
 
     np_dtype = engine.numpy_dtype(dtype)
@@ -66,7 +66,7 @@ def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, 
     Args:
       src: a converted refusal_jax checkpoint directory, a `.gguf` file, a Hugging Face model directory, a hub id
         ("owner/name"), or the short name of a bundled model ("qwen2.5-coder-0.5b-instruct", see
-        `refusal_jax.bundled.known_models()`).
+        `refusal_jax.convert.bundled.known_models()`).
       dtype: parameter dtype: "float32", "bfloat16" or "float16".
       strict_config: refuse config attributes refusal_jax does not implement.
       progress: show a progress bar while converting.
@@ -76,13 +76,13 @@ def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, 
     Returns:
       LoadedModel(params, cfg, tokenizer), unpackable as a tuple.
     """
-    from refusal_jax import bundled
+    from refusal_jax.convert import bundled
 
     path = Path(str(src)).expanduser()
     if path.is_dir() and checkpoint.is_converted(path):
         cfg, params, tok = checkpoint.load(path)
     elif bundled.is_known_model(str(src)) and cache:
-        from refusal_jax import outputs
+        from refusal_jax.runs import outputs
 
         converted = bundled.cache_root() / "converted" / f"{bundled.resolve_name(str(src))}-{dtype}"
         outputs.clean_stale_partials(converted)  # left by a conversion that was killed

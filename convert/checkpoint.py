@@ -18,9 +18,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from refusal_jax.config import ModelConfig
+from refusal_jax.model.config import ModelConfig
 from refusal_jax.errors import CheckpointError, ConfigError
-from refusal_jax.params import Params, from_flat, param_shapes, to_flat
+from refusal_jax.model.params import Params, from_flat, param_shapes, to_flat
 
 CONFIG_FILE = "refusal_jax_config.json"
 MANIFEST_FILE = "manifest.json"
@@ -58,7 +58,7 @@ def is_converted(path: Path) -> bool:
 
 def save(out_dir: str | Path, cfg: ModelConfig, params: Params, tokenizer=None, *, source: str = "",
          overwrite: bool = False, sources=()) -> Path:
-    """Save a converted model (see `refusal_jax.outputs`: written atomically under a lock; an existing directory is
+    """Save a converted model (see `refusal_jax.runs.outputs`: written atomically under a lock; an existing directory is
     replaced only with `overwrite` and only if refusal_jax wrote it, and then moved aside, never deleted).
 
     `sources`: paths the output must never replace (the model it was converted from, ...); `source` is recorded in
@@ -66,7 +66,8 @@ def save(out_dir: str | Path, cfg: ModelConfig, params: Params, tokenizer=None, 
     """
     import orbax.checkpoint as ocp
 
-    from refusal_jax import __version__, outputs
+    from refusal_jax import __version__
+    from refusal_jax.runs import outputs
 
     tree = jax.tree.map(np.asarray, _nested(params))
     dtypes = sorted({str(v.dtype) for v in jax.tree.leaves(tree)})
