@@ -617,7 +617,8 @@ def main(argv=None):
         retain=make_examples(encode(run.tokenizer, run.prompts(sets["harmless_train"])), None, pad))
     fixed = None
     if args.independent_of:
-        fixed = np.atleast_2d(np.load(args.independent_of, allow_pickle=False)).astype(np.float32)
+        fixed = runs.read_npy(Path(args.independent_of).expanduser(), "--independent-of")
+        fixed = np.atleast_2d(fixed).astype(np.float32)
         if fixed.shape[-1] != run.cfg.d_model:
             raise DataError(f"--independent-of has shape {fixed.shape}; needs [m, {run.cfg.d_model}]")
     result = train(run.params, run.cfg, data, dim, layer=layer, steps=args.steps, lr=args.lr,

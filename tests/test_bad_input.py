@@ -145,7 +145,7 @@ CASES = [
                                                             "--layer", "1", "--targets", "/missing/t.json"),
      "/missing/t.json"),
     ("ortho-direction", "orthogonalize", lambda W, t: ["--model", str(W["ckpt"]), "--direction", "/missing/d.npy",
-                                                       "--out", str(t / "o")], "/missing/d.npy"),
+                                                       "--out", str(t / "o")], "/missing/d.npy does not exist"),
     ("ortho-mean", "orthogonalize", lambda W, t: ["--model", str(W["ckpt"]), "--direction", str(W["direction"]),
                                                   "--method", "projected", "--harmless-mean", "/missing/m.npy",
                                                   "--out", str(t / "o")], "/missing/m.npy"),

@@ -181,9 +181,9 @@ def compare_args(args) -> None:
 
 def edit_args(args) -> None:
     """Inputs of the weight-editing exports (orthogonalize, export_gguf): every path exists before the model loads."""
+    # (--direction is checked right after by orthogonalize.load_direction, also before the model loads)
     for flag, path in (("--harmless-mean", getattr(args, "harmless_mean", None)),
-                       ("--tokenizer-gguf", getattr(args, "tokenizer_gguf", None)),
-                       ("--direction", getattr(args, "direction", None))):
+                       ("--tokenizer-gguf", getattr(args, "tokenizer_gguf", None))):
         if path and not Path(path).expanduser().exists():
             raise DataError(f"{flag} {path}: no such file or directory")
     if getattr(args, "tokenizer_gguf", None):
