@@ -191,6 +191,7 @@ def setup(args, extra_config: dict | None = None) -> Run:
         if not values:
             raise DataError(f"the {key} set is empty")
     model = load_model(args.model, dtype=args.dtype, progress=progress)
+    checks.model_args(args, model.cfg)
     fmt = templates.chat_format_for(model.cfg.family, model.tokenizer, style=args.chat_style)
     eoi = templates.eoi_tokens(fmt, model.tokenizer, args.eoi_mode)
     data = checks.prompt_lengths(data, model.tokenizer, fmt, args.max_prompt_tokens, truncate=args.truncate_prompts)

@@ -279,3 +279,15 @@ def test_lone_harmful_is_announced_and_truncation_warns(W, tmp_path, capsys):
     assert "warning: harmful_" in err and "cut from" in err
     sets = json.loads((tmp_path / "r2" / "datasets" / "filtered.json").read_text())["sets"]
     assert all(len(x.split()) < 64 for v in sets.values() for x in v)
+
+
+def test_chat_template_rendering_is_bounded_in_time(W, tmp_path, monkeypatch, capsys):
+    from refusal_jax.prompts import templates
+
+    monkeypatch.setattr(templates, "TEMPLATE_SECONDS", 0.5)
+    slow = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    model = ckpt_variant(W, tmp_path, template=slow)
+    with pytest.raises(SystemExit) as e:
+        extract.main(run_args(W, tmp_path / "r", "--chat-style", "model", model=model))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "chat template took more than 0.5 s" in err and "Traceback" not in err, err

@@ -188,7 +188,7 @@ def _render_bounded(tokenizer: Any) -> str:
     try:
         text = render()
     except _TemplateTimeout:
-        raise ConfigError(f"the model's chat template took more than {TEMPLATE_SECONDS:.0f} s to render one user "
+        raise ConfigError(f"the model's chat template took more than {TEMPLATE_SECONDS:g} s to render one user "
                           "turn; refusing it (pass --chat-style to use a built-in template)") from None
     except Exception as e:  # jinja2 TemplateError / SecurityError, raise_exception(), anything a template does
         raise ConfigError(f"the model's chat template failed: {type(e).__name__}: {str(e)[:200]} (pass --chat-style "

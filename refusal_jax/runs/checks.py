@@ -102,7 +102,14 @@ def common_args(args) -> None:
     if args.out:
         outputs.check_run_dir(args.out)
     cfg = model_config(args.model)
-    if cfg is not None and args.layers is not None:
+    if cfg is not None:
+        model_args(args, cfg)
+
+
+def model_args(args, cfg) -> None:
+    """Flags checked against the model's config (before the model loads when its config can be read alone, else
+    right after the load, before stage 1)."""
+    if args.layers is not None:
         bad = [layer for layer in args.layers if not 0 <= layer < cfg.n_layers]
         if bad:
             raise DataError(f"--layers: layer {bad[0]} out of range: the model has layers 0..{cfg.n_layers - 1}")
