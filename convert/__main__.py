@@ -16,7 +16,8 @@ def parser() -> argparse.ArgumentParser:
                     "(short name, e.g. qwen2.5-coder-0.5b-instruct) into a refusal_jax checkpoint "
                     "(orbax params + versioned config + tokenizer).")
     p.add_argument("src", help="HF model directory, HF hub id (owner/name), .gguf file, or bundled model name")
-    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--out", required=True,
+                   help="output directory; its parent must exist (must not exist unless --overwrite)")
     cli.add_dtype_flag(p, "parameter dtype of the converted checkpoint (default float32)")
     cli.add_overwrite_flag(p)
     cli.add_strict_config_flag(p)
@@ -28,13 +29,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = parser().parse_args(argv)
     from refusal_jax.convert import checkpoint
-    from refusal_jax.errors import CheckpointError
     from refusal_jax.convert.loading import convert_source
-    from pathlib import Path
+    from refusal_jax.runs import outputs
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise CheckpointError(f"{out} already exists (pass --overwrite to replace it)")
+    out = outputs.check_target(args.out, overwrite=args.overwrite, sources=[args.src])
     t0 = time.perf_counter()
     cfg, params, tokenizer = convert_source(args.src, dtype=args.dtype, strict_config=not args.no_strict_config,
                                             progress=not args.no_progress)

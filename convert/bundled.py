@@ -306,6 +306,9 @@ def _model_path(spec: ModelSpec, cache: Path, progress: bool) -> Path:
     stamp = _stamp_path(spec, cache)
     if spec.parts:
         target = cache / spec.filename
+        from refusal_jax.runs.outputs import clean_stale_partials
+
+        clean_stale_partials(target)  # assemblies of processes that were killed
         if target.exists():
             return verify_file(target, spec.sha256, stamp=stamp, progress=progress, what=f"cached {spec.name} file")
         return _assemble(spec, target, stamp, progress)

@@ -20,7 +20,6 @@ import numpy as np
 
 from refusal_jax.model.config import ModelConfig
 from refusal_jax.errors import CheckpointError, ConfigError
-from refusal_jax.runs.rundir import atomic_directory
 from refusal_jax.model.params import Params, from_flat, param_shapes, to_flat
 
 CONFIG_FILE = "refusal_jax_config.json"
@@ -65,18 +64,22 @@ def is_converted(path: Path) -> bool:
 
 
 def save(out_dir: str | Path, cfg: ModelConfig, params: Params, tokenizer=None, *, source: str = "",
-         overwrite: bool = False) -> Path:
-    """Save a converted model. Refuses to replace an existing directory unless `overwrite`."""
+         overwrite: bool = False, sources=()) -> Path:
+    """Save a converted model (see `refusal_jax.runs.outputs`: written atomically under a lock; an existing directory is
+    replaced only with `overwrite` and only if refusal_jax wrote it, and then moved aside, never deleted).
+
+    `sources`: paths the output must never replace (the model it was converted from, ...); `source` is recorded in
+    the manifest and protected too.
+    """
     import orbax.checkpoint as ocp
 
     from refusal_jax import __version__
+    from refusal_jax.runs import outputs
 
-    out_dir = Path(out_dir).expanduser().resolve()
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
     tree = jax.tree.map(np.asarray, _nested(params))
     dtypes = sorted({str(v.dtype) for v in jax.tree.leaves(tree)})
-    with atomic_directory(out_dir) as tmp:
+    with outputs.atomic_output(out_dir, overwrite=overwrite, sources=(source, *sources), kind="checkpoint",
+                               create_parents=True) as tmp:
         with _writer() as ckptr:
             ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(tree))
         (tmp / CONFIG_FILE).write_text(cfg.to_json())
@@ -85,7 +88,7 @@ def save(out_dir: str | Path, cfg: ModelConfig, params: Params, tokenizer=None, 
             indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    return out_dir
+    return Path(out_dir).expanduser().resolve()
 
 
 def load_config(ckpt_dir: str | Path) -> ModelConfig:
@@ -94,8 +97,10 @@ def load_config(ckpt_dir: str | Path) -> ModelConfig:
         return ModelConfig.from_dict(json.loads(path.read_text()))
     except FileNotFoundError:
         raise CheckpointError(f"{ckpt_dir}: not a converted refusal_jax checkpoint (no {CONFIG_FILE})") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ConfigError(f"{path}: malformed config ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise ConfigError(f"{path}: malformed config ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
 
 
 def load(ckpt_dir: str | Path, *, with_tokenizer: bool = True, shardings: Params | None = None,
@@ -111,7 +116,13 @@ def load(ckpt_dir: str | Path, *, with_tokenizer: bool = True, shardings: Params
 
     ckpt_dir = Path(ckpt_dir).expanduser().resolve()
     cfg = load_config(ckpt_dir)
-    manifest = json.loads((ckpt_dir / MANIFEST_FILE).read_text()) if (ckpt_dir / MANIFEST_FILE).exists() else {}
+    try:
+        manifest = json.loads((ckpt_dir / MANIFEST_FILE).read_text()) if (ckpt_dir / MANIFEST_FILE).exists() else {}
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("dtype", []), list):
+            raise TypeError("not an object with a dtype list")
+        np.dtype((manifest.get("dtype") or ["float32"])[0])
+    except (OSError, ValueError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"{ckpt_dir / MANIFEST_FILE}: malformed manifest ({type(e).__name__}: {e})") from None
     dtype = np.dtype((manifest.get("dtype") or ["float32"])[0]) if len(manifest.get("dtype", [])) <= 1 else None
     shapes = param_shapes(cfg)
     if callable(shardings):

@@ -87,6 +87,23 @@ def _all_finite(a: np.ndarray, chunk: int = 1 << 22) -> bool:
     return all(np.isfinite(a[i:i + step]).all() for i in range(0, a.shape[0], step))
 
 
+def check_sizes(cfg: ModelConfig, source_numel: int, source: str) -> None:
+    """Refuse a config that describes far more parameters than the checkpoint holds, before anything is allocated
+    (a config.json with huge sizes would otherwise ask for terabytes first and compare shapes after). A near miss
+    passes here and gets the precise missing / mis-shaped tensor message from `fill_params`."""
+    need = 0
+    for shape in param_shapes(cfg).values():
+        n = 1
+        for d in shape:
+            n *= int(d)
+        need += n
+    if need > 2 * source_numel + (1 << 20):
+        raise CheckpointError(
+            f"{source}: the config describes {need:,} parameters (n_layers={cfg.n_layers}, d_model={cfg.d_model}, "
+            f"d_ff={cfg.d_ff}, vocab={cfg.vocab_size}) but the checkpoint's tensors hold {source_numel:,}: the "
+            "config does not match the weights")
+
+
 def fill_params(
     cfg: ModelConfig,
     tensors: Iterable[tuple[str, np.ndarray]],

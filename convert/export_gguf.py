@@ -35,7 +35,6 @@ into place at the end, so peak memory is the model plus one tensor and no half-w
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -265,11 +264,12 @@ def gguf_tensors(cfg: ModelConfig, params: Params):
 
 def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_source=None, tensor_type: str = "f32",
               context_length: int | None = None, name: str | None = None, overwrite: bool = False,
-              progress: Callable[[str], None] | None = None) -> dict:
+              progress: Callable[[str], None] | None = None, sources=()) -> dict:
     """Write `params` as a GGUF file (see the module docstring).
 
     Args:
-      path: the output .gguf file; refused if it exists unless `overwrite`.
+      path: the output .gguf file; refused if it exists unless `overwrite` (and then only a file refusal_jax
+        wrote, moved aside, see `refusal_jax.runs.outputs`).
       cfg: the config of `params` (for an orthogonalized model: `orthogonalization.untied_config(cfg)`).
       tokenizer_source: a GGUF file (path or `read_gguf` result) whose tokenizer and general.* metadata are
         copied, and whose tensor types "source" follows.
@@ -278,6 +278,7 @@ def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_s
         computation: llama.cpp's default context size).
       name: general.name (default: the source's).
       progress: called with each GGUF tensor name after it is written.
+      sources: paths the output must never replace (the source model, ...).
     Returns:
       {"path", "tensor_types": {GGUF name: type name}, "counts": {type name: n}, "copied_keys": [...]}.
     Raises:
@@ -289,9 +290,9 @@ def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_s
         raise CheckpointError(f"unknown tensor type {tensor_type!r}; choose from {', '.join(TENSOR_TYPES)}")
     if tensor_type == "source" and tokenizer_source is None:
         raise CheckpointError("tensor_type='source' needs the source GGUF file (tokenizer_source)")
-    path = Path(path).expanduser().resolve()
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
+    from refusal_jax.runs import outputs
+
+    path = outputs.check_target(path, overwrite=overwrite, sources=sources, directory=False, create_parents=True)
     _check_expressible(cfg)
     arch = _arch(cfg)
 
@@ -323,11 +324,10 @@ def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_s
                                       cfg.head_dim, rope.theta)
         extra.append(("rope_freqs.weight", factors))
 
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
     types = {}
     copied: list[str] = []
-    try:
+    with outputs.atomic_output(path, overwrite=overwrite, sources=sources, directory=False,
+                               create_parents=True) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
         if tokenizer_source is not None:
             own = _OWN_GENERAL | ({"general.name"} if name is not None else set())
@@ -335,6 +335,7 @@ def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_s
                                     lambda k: k.startswith("tokenizer.") or (k.startswith("general.") and k not in own))
         if name is not None:
             w.add_name(name)
+        w.add_string(outputs.MARKER_KEY, "refusal_jax")  # lets a later --overwrite know this file is ours
         _write_arch_metadata(w, cfg, context_length)
         all_types = [q for _, _, q in plan]
         ftype = _file_type(all_types)
@@ -362,10 +363,6 @@ def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_s
             if progress:
                 progress(gname)
         w.close()
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
     return {"path": path, "tensor_types": types, "counts": dict(Counter(types.values())), "copied_keys": copied}
 
 
@@ -392,7 +389,8 @@ def parser():
     p.add_argument("--tokenizer-gguf", default=None, metavar="FILE.gguf",
                    help="copy tokenizer metadata from this GGUF file (default: --model when it is a .gguf)")
     p.add_argument("--name", default=None, help="general.name (default: none)")
-    cli.add_overwrite_flag(p)
+    cli.add_overwrite_flag(p, "replace --out if it is a GGUF file refusal_jax wrote; the old file is moved aside to "
+                              "OUT.previous-<timestamp>, not deleted")
     cli.add_progress_flag(p)
     return p
 
@@ -414,9 +412,11 @@ def _main(argv=None):
 
     args = parser().parse_args(argv)
     t0 = time.perf_counter()
-    out = Path(args.out).expanduser()
-    if out.exists() and not args.overwrite:
-        raise CheckpointError(f"--out {out} already exists (pass --overwrite to replace it)")
+    from refusal_jax.runs import checks, outputs
+
+    sources = [args.model, args.tokenizer_gguf, args.direction, args.harmless_mean]
+    checks.edit_args(args)
+    out = outputs.check_target(args.out, overwrite=args.overwrite, sources=sources, directory=False)
     model_path = Path(args.model).expanduser()
     is_gguf = model_path.suffix == ".gguf" and model_path.is_file()
     tok_src = args.tokenizer_gguf or (str(model_path) if is_gguf else None)
@@ -437,7 +437,7 @@ def _main(argv=None):
     with progress_bar(len(engine.hf_tensor_plan(cfg)), f"writing {out.name}", not args.no_progress,
                       unit="tensor") as bar:
         res = save_gguf(out, cfg, params, tokenizer_source=tok_src, tensor_type=tensor_type, name=args.name,
-                        overwrite=args.overwrite, progress=lambda _: bar.update())
+                        overwrite=args.overwrite, sources=sources, progress=lambda _: bar.update())
     size = res["path"].stat().st_size
     print(f"wrote {res['path']} ({size / 2**20:.1f} MiB, {GGUF_ARCH[cfg.family]}) in {time.perf_counter() - t0:.1f} s")
     print(f"  tensor types: {', '.join(f'{k} x{v}' for k, v in sorted(res['counts'].items()))}")

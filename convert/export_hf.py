@@ -22,7 +22,6 @@ from refusal_jax.model.config import ARCHITECTURES, ModelConfig, RopeConfig, fro
 from refusal_jax.convert import engine
 from refusal_jax.convert.safetensors_io import raw_bytes
 from refusal_jax.errors import CheckpointError, ConfigError
-from refusal_jax.runs.rundir import atomic_directory
 from refusal_jax.model import families
 from refusal_jax.model.params import Params
 
@@ -266,11 +265,13 @@ def save_hf(
     extra_config: Mapping[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
     edit: Callable[[str, int | None, np.ndarray], np.ndarray] | None = None,
+    sources=(),
 ) -> Path:
     """Write `params` as a Hugging Face checkpoint directory.
 
     Args:
-      out_dir: the output directory; refused if it exists unless `overwrite`.
+      out_dir: the output directory; refused if it exists unless `overwrite` (and then only a refusal_jax output,
+        moved aside, see `refusal_jax.runs.outputs`).
       cfg: the config of `params` (for an orthogonalized model: `untied_config(cfg)`).
       params: Params (numpy or jax arrays).
       tokenizer: saved with `save_pretrained` (chat template included) and used for generation_config.json's
@@ -282,15 +283,16 @@ def save_hf(
       extra_config: extra config.json keys (e.g. max_position_embeddings of the source model).
       progress: called with each tensor name after it is written.
       edit: a per-tensor edit applied while streaming (see `engine.to_hf_tensors`).
+      sources: paths `out_dir` must never replace (the source model, ...).
     Returns:
       The resolved output directory.
     """
     if dtype not in _DTYPE_NAMES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose from {', '.join(_DTYPE_NAMES)}")
     np_dtype = np.dtype(_DTYPE_NAMES[dtype])
-    out_dir = Path(out_dir).expanduser().resolve()
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
+    from refusal_jax.runs import outputs
+
+    out_dir = outputs.check_target(out_dir, overwrite=overwrite, sources=sources, create_parents=True)
 
     extra = dict(extra_config or {})
     tok_ids = generation_config(tokenizer)
@@ -302,7 +304,8 @@ def save_hf(
     extra.setdefault("dtype", dtype)
     hf_config = to_hf_config(cfg, extra=extra)
 
-    with atomic_directory(out_dir) as tmp:
+    with outputs.atomic_output(out_dir, overwrite=overwrite, sources=sources, kind="hf_export",
+                               create_parents=True) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(tok_ids, indent=2) + "\n")
         if tokenizer is not None:

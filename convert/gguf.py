@@ -642,6 +642,9 @@ def load_gguf(path: str | Path, dtype=np.float32, progress: bool | Callable[[str
 
         bar = tqdm(total=len(src), desc=f"dequantizing {src.path.name}", unit="tensor", leave=False)
         callback = lambda name: bar.update(1)  # noqa: E731
+    from refusal_jax.convert.engine import check_sizes
+
+    check_sizes(cfg, sum(int(t.n_elements) for t in src._reader.tensors), str(src.path))
     try:
         params = fill_params(cfg, src.tensors(), dtype=dtype, norm_offset_folded=src.norm_offset_folded,
                              progress=callback, source=str(src.path))

@@ -38,9 +38,16 @@ def read_hf_config(model_dir: Path) -> dict:
     if not path.exists():
         raise ConfigError(f"{model_dir}: no config.json")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: malformed JSON ({e})") from None
+        if path.stat().st_size > 16 * 2**20:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes is not a config.json")
+        hf = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"{path}: malformed JSON ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    return hf
 
 
 def load_hf(
@@ -62,11 +69,14 @@ def load_hf(
     """
     model_dir = resolve_hf_dir(src)
     cfg = from_hf_config(read_hf_config(model_dir), strict=strict_config)
+    if with_tokenizer:
+        check_tokenizer_files(model_dir)
     if cfg.family == "qwen":  # Qwen-1: remote-code checkpoint, read without its code (convert/qwen1.py)
         from refusal_jax.convert import qwen1
 
         params = qwen1.fill_params(cfg, model_dir, dtype=dtype, progress=progress)
         return cfg, params, (qwen1.load_tokenizer(model_dir) if with_tokenizer else None)
+    engine.check_sizes(cfg, safetensors_io.numel(safetensors_io.model_files(model_dir)), str(model_dir))
     params = engine.fill_params(cfg, safetensors_io.iter_model(model_dir), dtype=dtype, progress=progress,
                                 source=str(model_dir))
     tokenizer = load_tokenizer(model_dir) if with_tokenizer else None
@@ -87,6 +97,18 @@ def sharded_source(model_dir: Path, *, strict: bool = True):
                 duplicates.append(name)
             loaders[name] = (lambda a=array: a)
     return ShardedSource(str(model_dir), cfg, loaders, lambda: load_tokenizer(model_dir), duplicates=tuple(duplicates))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tokenizer.tiktoken",
+                   "qwen.tiktoken")
+
+
+def check_tokenizer_files(model_dir: Path) -> None:
+    """Refuse an HF directory without tokenizer files up front (AutoTokenizer would otherwise build a useless
+    one-token tokenizer from whatever it finds, and the run fail much later)."""
+    if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"{model_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy the model's "
+                              "tokenizer into this directory")
 
 
 def load_tokenizer(model_dir: Path):

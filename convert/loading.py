@@ -25,8 +25,11 @@ def _is_gguf(path: Path) -> bool:
         return True
     if not path.is_file():
         return False
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"  # only the magic: a model file may be gigabytes
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
 
 
 def convert_source(src: str, *, dtype: str = "float32", strict_config: bool = True, progress: bool = True,
@@ -111,11 +114,17 @@ def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, 
     if path.is_dir() and checkpoint.is_converted(path):
         cfg, params, tok = checkpoint.load(path, shardings=shardings)
     elif bundled.is_known_model(str(src)) and cache:
+        from refusal_jax.runs import outputs
+
         converted = bundled.cache_root() / "converted" / f"{bundled.resolve_name(str(src))}-{dtype}"
-        if distributed.is_main_process() and not checkpoint.is_converted(converted):
-            cfg, params, tok = convert_source(str(src), dtype=dtype, progress=progress)
-            checkpoint.save(converted, cfg, params, tok, source=str(bundled.model_path(str(src))), overwrite=True)
-            del params
+        if distributed.is_main_process():
+            outputs.clean_stale_partials(converted)  # left by a conversion that was killed
+            if not checkpoint.is_converted(converted):
+                cfg, params, tok = convert_source(str(src), dtype=dtype, progress=progress)
+                if not checkpoint.is_converted(converted):  # another process may have finished it meanwhile
+                    checkpoint.save(converted, cfg, params, tok, source=str(bundled.model_path(str(src))),
+                                    overwrite=True)
+                del params
         distributed.barrier("bundled model converted")
         if checkpoint.is_converted(converted):
             cfg, params, tok = checkpoint.load(converted, shardings=shardings)

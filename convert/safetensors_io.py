@@ -37,20 +37,55 @@ def read_header(path: Path) -> tuple[dict, int]:
             raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} bytes, file has {size})")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({type(e).__name__}: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
     header.pop("__metadata__", None)
     data_start = 8 + n
     for name, info in header.items():
-        begin, end = info.get("data_offsets", (0, -1))
-        if info.get("dtype") not in _DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-        if data_start + end > size:
-            raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {data_start + end}, file has {size}")
-        expected = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(_DTYPES[info["dtype"]]).itemsize
-        if end - begin != expected:
-            raise CheckpointError(f"{path}: tensor {name} has {end - begin} bytes for shape {info['shape']}")
+        _check_entry(path, name, info, size - data_start)
     return header, data_start
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_entry(path: Path, name: str, info, data_size: int) -> None:
+    """One header entry: {dtype, shape: [ints >= 0], data_offsets: [begin <= end <= data size]}, consistent."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: tensor {name}: header entry is not an object")
+    if info.get("dtype") not in _DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**40 for d in shape) or len(shape) > 8:
+        raise CheckpointError(f"{path}: tensor {name} has a malformed shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{path}: tensor {name} has malformed data_offsets {offsets!r}")
+    begin, end = offsets
+    if end > data_size:
+        raise CheckpointError(f"{path}: truncated: tensor {name} ends at data byte {end}, the file holds {data_size}")
+    expected = 1
+    for d in shape:
+        expected *= d
+    expected *= np.dtype(_DTYPES[info["dtype"]]).itemsize
+    if end - begin != expected:
+        raise CheckpointError(f"{path}: tensor {name} has {end - begin} bytes for shape {shape}")
+
+
+def numel(paths) -> int:
+    """Number of elements the safetensors files declare (headers only), to check a config against them."""
+    total = 0
+    for path in paths:
+        header, _ = read_header(path)
+        for info in header.values():
+            n = 1
+            for d in info["shape"]:
+                n *= d
+            total += n
+    return total
 
 
 def iter_file(path: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -73,9 +108,16 @@ def model_files(model_dir: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: malformed shard index ({e})") from None
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index}: malformed shard index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: malformed shard index (weight_map must map tensor names to file names)")
         files = sorted(set(weight_map.values()))
+        root = model_dir.resolve()
+        for f in files:  # shards live in the model directory: no absolute paths, no ../, no symlinks out of it
+            if Path(f).is_absolute() or root not in (root / f).resolve().parents:
+                raise CheckpointError(f"{index}: shard {f!r} is outside the model directory {model_dir}; refusing "
+                                      "to read it")
         missing = [f for f in files if not (model_dir / f).exists()]
         if missing:
             raise CheckpointError(f"{model_dir}: shard(s) listed in the index are missing: {', '.join(missing)}")

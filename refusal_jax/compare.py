@@ -134,7 +134,7 @@ def build_methods(run, args, sets, pos: int, layer: int, dim: np.ndarray) -> tup
         if not path.exists():
             runs.write_npy(path, subspace.per_prompt_activations(run.params, cfg, run.batches(sets[f"{kind}_train"]),
                                                                  pos, layer))
-        acts[kind] = np.load(path)
+        acts[kind] = runs.read_artifact_npy(path)
     harmful, harmless = acts["harmful"], acts["harmless"]
     stab = stats.direction_stability(harmful, harmless, n_boot=args.n_boot)
     facts["dim_stability"] = {k: stab[k] for k in ("mean", "low", "high", "n_harmful", "n_harmless")}
@@ -358,6 +358,9 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.k_max < 0 or args.n_boot < 1 or args.max_new_tokens < 1 or (args.n_eval is not None and args.n_eval < 2):
         raise DataError("--k-max must be >= 0, --n-boot and --max-new-tokens >= 1, --n-eval >= 2")
+    from refusal_jax.runs import checks
+
+    checks.compare_args(args)
     if args.humaneval:
         from refusal_jax import humaneval
 
@@ -389,7 +392,7 @@ def main(argv=None):
             results[m.name]["humaneval_passed"] = humaneval_passed(run, args, m, stem or m.name)
         if m.name == "baseline":
             harmless_baseline = [r["response"] for r in runs.read_json(root / "completions" / "baseline_harmless.json")]
-            base_logits = np.load(root / "baseline_harmless_logits.npy")
+            base_logits = runs.read_artifact_npy(root / "baseline_harmless_logits.npy")
     base = results["baseline"]
     rows = [summarise(results[m.name], base, dim, m.direction, args.n_boot) for m in methods]
     agreement = stats.judge_agreement(

@@ -27,3 +27,9 @@ class DataError(RefusalJaxError):
 
 class RunError(RefusalJaxError):
     """A run that cannot proceed (changed config on resume, NaN scores, no surviving candidate, ...)."""
+
+
+class OutputError(CheckpointError):
+    """An output path that cannot be written safely (exists, not ours to replace, protected, locked, unwritable).
+
+    A CheckpointError subclass, as "already exists" was one before output safety had its own module."""

@@ -585,6 +585,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.out:
         p.error("--out is required")
+    from refusal_jax.runs import checks
+
+    checks.optimize_args(args)
     load_direction(args.direction, None)
     layer = args.layer if args.layer is not None else _layer_from_metadata(args.direction)
     if layer is None:
@@ -613,7 +616,8 @@ def main(argv=None):
         retain=make_examples(encode(run.tokenizer, run.prompts(sets["harmless_train"])), None, pad))
     fixed = None
     if args.independent_of:
-        fixed = np.atleast_2d(np.load(args.independent_of, allow_pickle=False)).astype(np.float32)
+        fixed = runs.read_npy(Path(args.independent_of).expanduser(), "--independent-of")
+        fixed = np.atleast_2d(fixed).astype(np.float32)
         if fixed.shape[-1] != run.cfg.d_model:
             raise DataError(f"--independent-of has shape {fixed.shape}; needs [m, {run.cfg.d_model}]")
     result = train(run.params, run.cfg, data, dim, layer=layer, steps=args.steps, lr=args.lr,

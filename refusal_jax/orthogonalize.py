@@ -36,7 +36,9 @@ def parser():
                         "refusal_jax.load_model)")
     p.add_argument("--shard-size", type=float, default=2.0, metavar="GB",
                    help="split model.safetensors into shards of at most this many GiB (default 2)")
-    cli.add_overwrite_flag(p, "replace --out (and --checkpoint) if they exist")
+    cli.add_overwrite_flag(p, "replace --out (and --checkpoint) if they exist and are refusal_jax outputs (never "
+                               "the source or a folder holding it); old ones are moved aside to "
+                               "OUT.previous-<timestamp>")
     cli.add_strict_config_flag(p)
     cli.add_progress_flag(p)
     cli.add_edit_flags(p)
@@ -61,20 +63,22 @@ def _source_hf_config(src: str) -> dict:
 @main_wrapper
 def main(argv=None):
     import time
-    from pathlib import Path
 
     from refusal_jax.convert import checkpoint
     from refusal_jax.method import edits
+    from refusal_jax.runs import checks, outputs
     from refusal_jax.convert import export_hf
     from refusal_jax.errors import CheckpointError
     from refusal_jax.convert.loading import load_model
 
     args = parser().parse_args(argv)
-    out = Path(args.out).expanduser()
-    ckpt = Path(args.checkpoint).expanduser() if args.checkpoint else None
-    for path, flag in ((out, "--out"), (ckpt, "--checkpoint")):
-        if path is not None and path.exists() and not args.overwrite:
-            raise CheckpointError(f"{flag} {path} already exists (pass --overwrite to replace it)")
+    sources = [args.model, args.direction, args.harmless_mean]
+    checks.edit_args(args)
+    out = outputs.check_target(args.out, overwrite=args.overwrite, sources=sources)
+    ckpt = (outputs.check_target(args.checkpoint, overwrite=args.overwrite, sources=sources, flag="--checkpoint")
+            if args.checkpoint else None)
+    if ckpt is not None and ckpt == out:
+        raise CheckpointError("--checkpoint and --out must be different directories")
     if args.shard_size <= 0:
         raise CheckpointError(f"--shard-size must be positive, got {args.shard_size}")
     t0 = time.perf_counter()
@@ -106,7 +110,7 @@ def main(argv=None):
     n_tensors = len(engine.hf_tensor_plan(ocfg))
     with progress_bar(n_tensors, f"writing {out.name}", not args.no_progress, unit="tensor") as bar:
         path = export_hf.save_hf(out, ocfg, params, tokenizer, dtype=args.dtype,
-                                 shard_size=int(args.shard_size * 2**30), overwrite=args.overwrite,
+                                 shard_size=int(args.shard_size * 2**30), overwrite=args.overwrite, sources=sources,
                                  extra_config=_source_hf_config(args.model), edit=edit_and_measure,
                                  progress=lambda _: bar.update())
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -127,7 +131,7 @@ def main(argv=None):
         edited = edit_weights(params, cfg, basis, preserve_norm=preserve_norm)
         del params
         cpath = checkpoint.save(ckpt, ocfg, edited, tokenizer, source=f"{args.model} orthogonalized against "
-                                f"{args.direction}", overwrite=args.overwrite)
+                                f"{args.direction}", overwrite=args.overwrite, sources=sources)
         print(f"  refusal_jax checkpoint: {cpath} (load with refusal_jax.load_model({str(cpath)!r}))")
     print(f"  load it with: transformers.AutoModelForCausalLM.from_pretrained({str(path)!r})")
 

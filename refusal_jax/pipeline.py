@@ -27,6 +27,7 @@ from refusal_jax.method.selection import SelectionSettings
 from refusal_jax.prompts import datasets, templates
 from refusal_jax.prompts.chat import ChatPrompts
 from refusal_jax.runs import distributed
+from refusal_jax.runs import checks
 from refusal_jax.runs import rundir as runs
 from refusal_jax.runs import cli
 from refusal_jax.runs.cli import main_wrapper
@@ -68,6 +69,12 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                                                          "(the reference splits always use 42)")
     d.add_argument("--no-filter", action="store_true",
                    help="do not filter train/val prompts by the baseline refusal score (reference: filter)")
+    d.add_argument("--max-prompt-tokens", type=int, default=checks.DEFAULT_MAX_PROMPT_TOKENS,
+                   help="refuse a templated prompt longer than this many tokens, naming it (default "
+                        f"{checks.DEFAULT_MAX_PROMPT_TOKENS}); one overlong prompt would make every batch of its "
+                        "bucket that long")
+    d.add_argument("--truncate-prompts", action="store_true",
+                   help="cut overlong instructions to fit --max-prompt-tokens (with a warning) instead of refusing")
     s = p.add_argument_group("selection")
     s.add_argument("--batch-size", type=int, default=32, help="prompts per forward batch (reference: 32)")
     s.add_argument("--chunk", type=int, default=8,
@@ -170,11 +177,15 @@ class Run:
 def setup(args, extra_config: dict | None = None) -> Run:
     from refusal_jax.convert.loading import load_model
 
+    checks.common_args(args)  # every flag and path, before anything is loaded
     distributed.init_from_args(args)  # several processes join before any device is used
     progress = not args.no_progress and distributed.is_main_process()
     if args.mesh is None and distributed.process_count() > 1:
         args.mesh = "auto"  # a mesh over every process's devices (prompts data-parallel)
     sel = selection_settings(args)
+    if bool(args.harmful) != bool(args.harmless):
+        given, other = ("--harmful", "harmless") if args.harmful else ("--harmless", "harmful")
+        print(f"note: {given} given alone: the {other} prompts are the bundled {other} set")
     data, data_source = datasets.sample_sets(data_settings(args))
     for key, values in data.items():
         if not values:
@@ -186,8 +197,10 @@ def setup(args, extra_config: dict | None = None) -> Run:
         mesh = sharding.make_mesh(args.mesh)
     # with a mesh every parameter is placed shard by shard: never whole on one device
     model = load_model(args.model, dtype=args.dtype, progress=progress, mesh=mesh)
+    checks.model_args(args, model.cfg)
     chat = ChatPrompts.for_model(model.cfg.family, model.tokenizer, sel.chat_style, sel.eoi_mode)
     fmt, eoi, refusal_ids = chat.fmt, list(chat.eoi), chat.refusal_ids
+    data = checks.prompt_lengths(data, model.tokenizer, fmt, args.max_prompt_tokens, truncate=args.truncate_prompts)
     params = model.params
     if mesh is not None and distributed.is_main_process():
         print(f"sharding over {sharding.describe(mesh)}"
@@ -214,7 +227,12 @@ def stage_filter(run: Run) -> dict[str, list[str]]:
     """Keep harmful prompts the model refuses (score > 0) and harmless ones it does not (score < 0)."""
     path = run.out / selection.FILTERED
     if runs.done(path):
-        return runs.read_json(path)["sets"]
+        sets = runs.read_json(path, keys=("sets",))["sets"]
+        with runs.reading(path):
+            if not all(isinstance(sets[k], list) and all(isinstance(x, str) for x in sets[k])
+                       for k in selection.SETS):
+                raise TypeError("sets must be lists of strings")
+        return sets
     sets = {k: run.data[k] for k in selection.SETS}
     scores = {}
     if run.selection.filter:
@@ -229,7 +247,7 @@ def stage_filter(run: Run) -> dict[str, list[str]]:
 def stage_directions(run: Run, sets) -> np.ndarray:
     path = run.out / selection.MEAN_DIFFS
     if runs.done(path):
-        return np.load(path)
+        return runs.read_artifact_npy(path)
     harmful, harmless = run.batches(sets["harmful_train"]), run.batches(sets["harmless_train"])
     with run.bar(len(harmful) + len(harmless), "mean activations") as bar:
         diffs, mean_harmless = selection.candidate_directions(run.params, run.cfg, harmful, harmless, len(run.eoi),
@@ -246,8 +264,8 @@ def stage_directions(run: Run, sets) -> np.ndarray:
 def stage_select(run: Run, sets, diffs: np.ndarray) -> tuple[int, int, np.ndarray]:
     meta_path, dir_path = run.out / selection.METADATA, run.out / selection.DIRECTION
     if runs.done(meta_path, dir_path, run.out / selection.EVALUATIONS):
-        meta = runs.read_json(meta_path)
-        return meta["pos"], meta["layer"], np.load(dir_path)
+        meta = runs.read_json(meta_path, keys=("pos", "layer"))
+        return int(meta["pos"]), int(meta["layer"]), runs.read_artifact_npy(dir_path)
     s = run.selection
     harmful_val, harmless_val = run.batches(sets["harmful_val"]), run.batches(sets["harmless_val"])
     steps = selection.sweep_steps(diffs, run.cfg, s, len(harmful_val), len(harmless_val))
@@ -331,10 +349,13 @@ def stage_evaluate(run: Run, completion_files: dict[str, Path], settings: EvalSe
     for key, path in completion_files.items():
         out = path.with_name(path.name.replace("_completions.json", "_evaluations.json"))
         if not out.exists():
-            ev = judge.substring_evaluation(runs.read_json(path), curly_apostrophes=not settings.reference_judge)
+            with runs.reading(path):
+                ev = judge.substring_evaluation(runs.read_json(path), curly_apostrophes=not settings.reference_judge)
             runs.write_json(out, ev)
-        ev = runs.read_json(out)
-        summary[key] = {"refusal_rate": 1.0 - ev["substring_matching_success_rate"], "n": len(ev["completions"])}
+        ev = runs.read_json(out, keys=("substring_matching_success_rate", "completions"))
+        with runs.reading(out):
+            flags = [bool(c["is_jailbreak_substring_matching"]) for c in ev["completions"]]
+            summary[key] = {"refusal_rate": 1.0 - float(ev["substring_matching_success_rate"]), "n": len(flags)}
     # Bypass where it can be seen: of the harmful prompts the baseline refuses, how many are still refused.
     refused_at = {key: [not c["is_jailbreak_substring_matching"] for c in runs.read_json(
         path.with_name(path.name.replace("_completions.json", "_evaluations.json")))["completions"]]
@@ -354,6 +375,8 @@ def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files, se
 
     ivs = interventions_for(run, layer, direction)
     harmless = runs.read_json(completion_files["harmless_baseline"])
+    with runs.reading(completion_files["harmless_baseline"]):
+        harmless = [{"prompt": str(r["prompt"]), "response": str(r["response"])} for r in harmless]
     results = {}
     for label, iv in (("baseline", ivs["baseline"]), ("ablation", ivs["ablation"]), ("actadd", ivs["actadd"](-1.0))):
         path = run.out / "loss_evals" / f"{label}_loss_eval.json"
@@ -367,7 +390,7 @@ def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files, se
                                                            batch_size=settings.loss_batch_size)
             runs.write_json(path, res)
             distributed.barrier("loss_eval")
-        results[label] = runs.read_json(path)
+        results[label] = runs.read_json(path, keys=("alpaca_custom_completions",))
     return results
 
 
@@ -401,8 +424,9 @@ def run_extract(run: Run) -> tuple[int, int, np.ndarray]:
     pos, layer, direction = stage_select(run, sets, diffs)
     if not distributed.is_main_process():  # summaries are printed once
         return pos, layer, direction
-    meta = runs.read_json(run.out / "direction_metadata.json")
-    sizes = runs.read_json(run.out / "datasets" / "filtered.json")["sizes"]
+    meta = runs.read_json(run.out / "direction_metadata.json",
+                          keys=("direction_norm", "refusal_score", "steering_score", "kl_div_score", "n_survivors"))
+    sizes = runs.read_json(run.out / "datasets" / "filtered.json", keys=("sizes",))["sizes"]
     print(f"\nselected direction: pos {pos}, layer {layer} of {run.cfg.n_layers} (norm {meta['direction_norm']:.3f})")
     print(f"  refusal score under ablation {meta['refusal_score']:.3f}, induce score {meta['steering_score']:.3f}, "
           f"KL {meta['kl_div_score']:.4f}; {meta['n_survivors']} candidates survived the filter")
@@ -425,6 +449,7 @@ def pipeline_parser() -> argparse.ArgumentParser:
 @main_wrapper
 def main(argv=None):
     args = pipeline_parser().parse_args(argv)
+    checks.pipeline_args(args)
     run = setup(args, extra_config={"max_new_tokens": args.max_new_tokens, "reference_judge": args.reference_judge,
                                     "loss_texts": args.loss_texts,
                                     # recorded only when not the default, so earlier runs still resume

@@ -181,7 +181,8 @@ def test_save_hf_bfloat16_and_atomic_overwrite(tmp_path):
     with pytest.raises(CheckpointError, match="already exists"):
         export_hf.save_hf(out, cfg, params)
     export_hf.save_hf(out, cfg, params, overwrite=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no partial directories left behind
+    names = sorted(p.name for p in tmp_path.iterdir())  # no partial directories or lock files left behind
+    assert names[0] == "m" and len(names) == 2 and names[1].startswith("m.previous-")  # the old one moved aside
 
 
 # --------------------------------------------------------------------------------------------------

@@ -111,12 +111,14 @@ class ModelConfig:
                 f"converted checkpoint has config format_version={version!r}, this refusal_jax reads "
                 f"version {CONFIG_FORMAT_VERSION}: convert the model again"
             )
-        d["rope"] = RopeConfig(**d["rope"])
-        d["rope_local"] = RopeConfig(**d["rope_local"]) if d.get("rope_local") else None
-        d["sliding_layers"] = tuple(d["sliding_layers"])
         try:
-            return cls(**d)
-        except TypeError as e:
+            d["rope"] = RopeConfig(**d["rope"])
+            d["rope_local"] = RopeConfig(**d["rope_local"]) if d.get("rope_local") else None
+            d["sliding_layers"] = tuple(d["sliding_layers"])
+            return check_config(cls(**d))
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
             raise ConfigError(f"malformed refusal_jax config: {e}") from None
 
     def to_json(self) -> str:
@@ -227,8 +229,48 @@ def from_hf_config(hf: Mapping[str, Any], *, strict: bool = True) -> ModelConfig
       strict: refuse keys this function does not know. Set False only to experiment with a config whose extra
         keys you have checked do not change the forward pass.
     Raises:
-      ConfigError: unknown architecture, or an attribute refusal_jax does not implement (named in the message).
+      ConfigError: unknown architecture, an attribute refusal_jax does not implement (named in the message), or a
+        malformed value (wrong type, null, zero or negative size).
     """
+    if not isinstance(hf, Mapping):
+        raise ConfigError(f"malformed config: expected a JSON object, got {type(hf).__name__}")
+    try:
+        return check_config(_from_hf_config(hf, strict=strict))
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, OverflowError,
+            RecursionError) as e:
+        raise ConfigError(f"malformed config value ({type(e).__name__}: {e})") from None
+
+
+def check_config(cfg: "ModelConfig") -> "ModelConfig":
+    """Sizes positive, heads consistent, norms and RoPE bases finite and positive; returns cfg.
+
+    Raises:
+      ConfigError: naming the attribute.
+    """
+    import math
+
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"malformed config value {name}={v!r}: must be a positive integer")
+    if cfg.n_heads % cfg.n_kv_heads:
+        raise ConfigError(f"malformed config: n_heads={cfg.n_heads} is not a multiple of n_kv_heads={cfg.n_kv_heads}")
+    if not (isinstance(cfg.rms_norm_eps, float) and math.isfinite(cfg.rms_norm_eps) and cfg.rms_norm_eps > 0):
+        raise ConfigError(f"malformed config value rms_norm_eps={cfg.rms_norm_eps!r}: must be a positive number")
+    for rope in (cfg.rope, cfg.rope_local):
+        if rope is not None and not (math.isfinite(rope.theta) and rope.theta > 0 and math.isfinite(rope.factor)
+                                     and rope.factor > 0):
+            raise ConfigError(f"malformed config value rope theta={rope.theta!r} / factor={rope.factor!r}")
+    if len(cfg.sliding_layers) != cfg.n_layers:
+        raise ConfigError(f"malformed config: {len(cfg.sliding_layers)} sliding_layers for {cfg.n_layers} layers")
+    if cfg.sliding_window is not None and cfg.sliding_window < 1:
+        raise ConfigError(f"malformed config value sliding_window={cfg.sliding_window!r}")
+    return cfg
+
+
+def _from_hf_config(hf: Mapping[str, Any], *, strict: bool) -> ModelConfig:
     hf = dict(hf)
     if "text_config" in hf and "hidden_size" not in hf:
         raise ConfigError(

@@ -29,6 +29,7 @@ from refusal_jax.errors import DataError
 # sets `prompt`).
 INSTRUCTION_KEYS = ("instruction", "goal", "prompt")
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".txt")
+MAX_DATA_BYTES = 256 * 2**20  # an instruction file larger than this is refused before it is read
 
 # name -> path inside a refusal_direction-style data folder.
 REFERENCE_FILES = {
@@ -82,9 +83,15 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     if ext not in SUPPORTED_EXTENSIONS:
         raise DataError(f"{path}: unknown extension {ext!r}; expected one of {', '.join(SUPPORTED_EXTENSIONS)}")
     try:
+        size = path.stat().st_size
+        if size > MAX_DATA_BYTES:
+            raise DataError(f"{path}: {size / 2**20:.0f} MiB is larger than the {MAX_DATA_BYTES // 2**20} MiB "
+                            "refusal_jax reads from an instruction file")
         text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM written by spreadsheet tools
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from e
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     if not text.strip():
         raise DataError(f"{path}: file is empty")
 
@@ -92,7 +99,9 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+            raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of strings or objects, got {type(data).__name__}")
         records = [_entry_to_record(entry, path, f"entry {i}") for i, entry in enumerate(data)]
@@ -104,7 +113,9 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}: malformed JSON at line {lineno}, column {e.colno}: {e.msg}") from e
+                raise DataError(f"{path}: malformed JSON at line {lineno}, column {e.colno}: {e.msg}") from None
+            except RecursionError:
+                raise DataError(f"{path}: line {lineno}: JSON nested too deeply") from None
             records.append(_entry_to_record(entry, path, f"line {lineno}"))
     elif ext == ".csv":
         records = _csv_records(text, path)
@@ -153,11 +164,22 @@ def _check_text(value: Any, path: Path, where: str) -> str:
         raise DataError(f"{path}: {where}: instruction must be a string, got {type(value).__name__}")
     if not value.strip():
         raise DataError(f"{path}: {where}: instruction is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{path}: {where}: instruction is not valid Unicode (a lone surrogate escape?)") from None
     return value
 
 
 def _csv_records(text: str, path: Path) -> list[dict[str, Any]]:
     reader = csv.DictReader(io.StringIO(text))
+    try:
+        return _csv_rows(reader, path)
+    except csv.Error as e:
+        raise DataError(f"{path}: malformed CSV near line {reader.line_num}: {e}") from None
+
+
+def _csv_rows(reader: csv.DictReader, path: Path) -> list[dict[str, Any]]:
     header = reader.fieldnames or []
     key = next((k for k in INSTRUCTION_KEYS if k in header), None)
     if key is None:

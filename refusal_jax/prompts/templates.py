@@ -149,14 +149,56 @@ def model_template(tokenizer: Any) -> str:
     """
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ConfigError("--chat-style model needs a tokenizer with a chat template")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": _PLACEHOLDER}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = _render_bounded(tokenizer)
     if text.count(_PLACEHOLDER) != 1:
         raise ConfigError("the model's chat template does not place the user message exactly once")
     bos = getattr(tokenizer, "bos_token", None)
     if bos and text.startswith(bos) and getattr(tokenizer, "add_bos_token", False):
         text = text[len(bos):]  # the tokenizer adds BOS itself; never twice (the reference's old Llama-3 bug)
     return text.replace(_PLACEHOLDER, INSTRUCTION_FIELD)  # prompts are built by concatenation, braces are safe
+
+
+TEMPLATE_SECONDS = 10.0  # a chat template that renders one user turn for longer than this is refused
+TEMPLATE_MAX_CHARS = 1 << 20
+
+
+class _TemplateTimeout(Exception):
+    pass
+
+
+def _render_bounded(tokenizer: Any) -> str:
+    """Render the model's chat template for one user turn, bounded in time (SIGALRM, main thread only) and size;
+    any failure of the template (syntax error, raise_exception, sandbox violation) is a ConfigError."""
+    import signal
+    import threading
+
+    def render():
+        return tokenizer.apply_chat_template([{"role": "user", "content": _PLACEHOLDER}], tokenize=False,
+                                             add_generation_prompt=True)
+
+    timed = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+    previous = None
+    if timed:
+        def on_alarm(signum, frame):
+            raise _TemplateTimeout
+
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
+    try:
+        text = render()
+    except _TemplateTimeout:
+        raise ConfigError(f"the model's chat template took more than {TEMPLATE_SECONDS:g} s to render one user "
+                          "turn; refusing it (pass --chat-style to use a built-in template)") from None
+    except Exception as e:  # jinja2 TemplateError / SecurityError, raise_exception(), anything a template does
+        raise ConfigError(f"the model's chat template failed: {type(e).__name__}: {str(e)[:200]} (pass --chat-style "
+                          "to use a built-in template)") from None
+    finally:
+        if timed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    if not isinstance(text, str) or len(text) > TEMPLATE_MAX_CHARS:
+        raise ConfigError("the model's chat template rendered no text or more than 1 MiB for one user turn")
+    return text
 
 
 def _llama_style(tokenizer: Any) -> str:

@@ -54,11 +54,37 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, keys: tuple[str, ...] = ()) -> Any:
+    """A JSON artifact; `keys` must be present (an object). Corrupt or truncated files are a RunError."""
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise RunError(f"{path}: malformed JSON ({e})") from None
+        obj = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise RunError(f"{path}: malformed JSON ({type(e).__name__}: {e}); {_RECOMPUTE}") from None
+    except OSError as e:
+        raise RunError(f"{path}: cannot read ({e.strerror})") from None
+    if keys and (not isinstance(obj, dict) or any(k not in obj for k in keys)):
+        raise RunError(f"{path}: corrupt artifact (expected an object with {', '.join(keys)}); {_RECOMPUTE}")
+    return obj
+
+
+_RECOMPUTE = "delete it (and the artifacts computed after it) and rerun to recompute it"
+
+
+def read_artifact_npy(path: Path) -> np.ndarray:
+    """A .npy artifact of a run; corrupt or truncated files are a RunError."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise RunError(f"{path}: corrupt or truncated artifact ({type(e).__name__}: {e}); {_RECOMPUTE}") from None
+
+
+@contextlib.contextmanager
+def reading(path: Path):
+    """Turn a malformed artifact's KeyError / TypeError / ... into a RunError naming the file."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise RunError(f"{path}: corrupt artifact ({type(e).__name__}: {e}); {_RECOMPUTE}") from None
 
 
 def read_npy(path: Path, what: str) -> np.ndarray:
@@ -80,26 +106,6 @@ def write_npy(path: Path, array: np.ndarray) -> None:
     tmp = _tmp(path).with_suffix(".npy")
     np.save(tmp, array)
     os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: Path):
-    """Yield a fresh sibling temporary directory to write into; on success it replaces `out_dir` (removed first if
-    it exists: the caller has checked it may be), on any error it is deleted, so nobody sees a half-written
-    directory."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
 
 
 def save_figure(fig, path: Path) -> None:
@@ -152,11 +158,20 @@ def open_run(out_dir: Path, config: dict, *, overwrite: bool = False) -> Path:
 
 
 def _open_run(out_dir: Path, config: dict, overwrite: bool) -> Path:
+    from refusal_jax.runs import outputs
+
     out_dir = Path(out_dir)
+    outputs.check_run_dir(out_dir, create_parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs.hold_run_lock(out_dir)
     path = out_dir / RUN_CONFIG
+    config = json.loads(json.dumps(config, default=_json_default))  # as stored: tuples become lists, etc.
     record = {"config": config, "hash": config_hash(config)}
     if path.exists():
         old = read_json(path)
+        if not isinstance(old, dict) or not isinstance(old.get("config", {}), dict):
+            raise RunError(f"{path}: not a run config written by refusal_jax (corrupt?); use another --out, or "
+                           "move this directory away")
         if old.get("hash") != record["hash"]:
             if not overwrite:
                 changed = sorted(k for k in set(config) | set(old.get("config", {}))
@@ -165,11 +180,15 @@ def _open_run(out_dir: Path, config: dict, overwrite: bool) -> Path:
                                "Use another --out, or --overwrite to start over (old artifacts are kept under "
                                f"{out_dir}/previous/).")
             stash = out_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+            k = 1
+            while stash.exists():
+                stash, k = stash.with_name(f"{time.strftime('%Y%m%d-%H%M%S')}-{k}"), k + 1
             stash.mkdir(parents=True)
             for entry in list(out_dir.iterdir()):
-                if entry.name != "previous":
+                if entry.name not in ("previous", ".lock", outputs.MARKER):
                     shutil.move(str(entry), stash / entry.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not (out_dir / outputs.MARKER).exists():
+        outputs.write_marker(out_dir, "run")
     write_json(path, record)
     return out_dir
 
