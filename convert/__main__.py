@@ -15,7 +15,7 @@ def parser() -> argparse.ArgumentParser:
                     "(short name, e.g. qwen2.5-coder-0.5b-instruct) into a refusal_jax checkpoint "
                     "(orbax params + versioned config + tokenizer).")
     p.add_argument("src", help="HF model directory, HF hub id (owner/name), .gguf file, or bundled model name")
-    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--out", required=True, help="output directory; must not exist unless --overwrite (required)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="parameter dtype of the converted checkpoint (default float32)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

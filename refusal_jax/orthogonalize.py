@@ -197,20 +197,20 @@ def parser():
                     "ablation. Gemma-2/3 are refused: their post-norms make the edit inexact.")
     p.add_argument("--model", required=True,
                    help="the model to edit: converted refusal_jax checkpoint dir, .gguf file, HF model dir, HF hub id "
-                        "(owner/name), or bundled model name")
+                        "(owner/name), or bundled model name (required)")
     p.add_argument("--direction", required=True,
                    help="the refusal direction: a .npy file holding [d_model] (any norm; it is normalised) or an "
                         "orthonormal basis [R, d_model], e.g. RUN/direction.npy from python -m refusal_jax.pipeline "
-                        "(a run directory holding direction.npy is accepted too)")
+                        "(a run directory holding direction.npy is accepted too; required)")
     p.add_argument("--out", required=True,
                    help="output Hugging Face model directory (config.json, generation_config.json, "
-                        "model.safetensors or shards + index, tokenizer files); must not exist unless --overwrite")
+                        "model.safetensors or shards + index, tokenizer files); must not exist unless --overwrite (required)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype the model is loaded in and the edited weights are saved in (default float32; the "
                         "projection itself is computed in float32)")
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="also save the edited model as a converted refusal_jax checkpoint in DIR (loads fast with "
-                        "refusal_jax.load_model)")
+                        "refusal_jax.load_model; default: none)")
     p.add_argument("--shard-size", type=float, default=2.0, metavar="GB",
                    help="split model.safetensors into shards of at most this many GiB (default 2)")
     p.add_argument("--overwrite", action="store_true", help="replace --out (and --checkpoint) if they exist")
@@ -226,7 +226,8 @@ def parser():
     p.add_argument("--harmless-mean", default=None, metavar="PATH.npy",
                    help="harmless mean activation for --method projected / norm-preserving: [d_model], [n_layers, "
                         "d_model] (per-layer biprojection) or [n_pos, n_layers, d_model] (position from "
-                        "direction_metadata.json), or a run directory holding generate_directions/mean_harmless.npy")
+                        "direction_metadata.json), or a run directory holding generate_directions/mean_harmless.npy (default: "
+                        "none; required by projected)")
     return p
 
 

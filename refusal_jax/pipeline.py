@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from refusal_jax import datasets, directions, judge, runs, templates
+from refusal_jax import datasets, directions, judge, plots, presets, runs, templates
 from refusal_jax.batching import bucketed, encode, pad_id
 from refusal_jax.cli import main_wrapper
 from refusal_jax.errors import DataError, RunError
@@ -30,57 +30,100 @@ from refusal_jax.errors import DataError, RunError
 # command-line arguments shared by extract and pipeline
 
 
-def add_common_args(p: argparse.ArgumentParser) -> None:
+def add_common_args(p: argparse.ArgumentParser, *, selection: bool = True, n_test: bool = True) -> None:
+    """The flags of every command that runs on a model with harmful / harmless prompts. `selection=False` leaves
+    out the sweep and filter flags (--batch-size, --chunk, --positions, --layers, thresholds; the command then
+    defines its own --batch-size); `n_test=False` leaves out --n-test (commands that generate no completions).
+    Left-out flags keep their defaults."""
+
     g = p.add_argument_group("model and output")
     g.add_argument("--model", default="qwen2.5-coder-0.5b-instruct",
                    help="converted checkpoint dir, .gguf file, HF model dir, HF hub id, or bundled model name "
                         "(default: the bundled qwen2.5-coder-0.5b-instruct)")
-    g.add_argument("--out", default=None, help="run directory (default: runs/<model name>)")
+    g.add_argument("--out", default=None,
+                   help="run directory (default: runs/<model>-<hash of the settings>, so the same command resumes "
+                        "and different settings never collide)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="parameter/activation dtype (statistics are always accumulated in float32/float64)")
+                   help="parameter and activation dtype; statistics are always accumulated in float32/float64 "
+                        "(default: float32)")
     g.add_argument("--overwrite", action="store_true",
-                   help="start over when --out holds a run with a different config (old artifacts are moved to "
+                   help="start over when --out holds a run with different settings (old artifacts are moved to "
                         "<out>/previous/)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--mesh", default=None,
-                   help="shard over devices: e.g. 'data=4,model=2' (prompts on data; heads/MLP width on model) or "
-                        "'auto' (all devices on data). Default: one device. On TPU pods call "
-                        "jax.distributed.initialize() first (see refusal_jax.sharding)")
+                   help="shard over devices: e.g. 'data=4,model=2' (prompts on data; heads and MLP width on "
+                        "model) or 'auto' (all devices on data); on TPU pods call jax.distributed.initialize() "
+                        "first, see refusal_jax.sharding (default: one device)")
+    g.add_argument("--preset", default=presets.DEFAULT_PRESET, choices=sorted(presets.PRESETS),
+                   help="sizes and thresholds for every flag marked 'preset' that is not given: 'cpu' = a run of a "
+                        "few minutes on a CPU (see README); 'reference' = the reference pipeline's sizes and "
+                        "thresholds exactly (default: cpu)")
     d = p.add_argument_group("data (default: the bundled instruction sets)")
-    d.add_argument("--harmful", help="harmful instructions file (.json/.jsonl/.csv/.txt)")
-    d.add_argument("--harmless", help="harmless instructions file (.json/.jsonl/.csv/.txt)")
+    d.add_argument("--harmful", help="harmful instructions file, .json/.jsonl/.csv/.txt (default: bundled)")
+    d.add_argument("--harmless", help="harmless instructions file, .json/.jsonl/.csv/.txt (default: bundled)")
     d.add_argument("--data-dir", help="folder laid out like the reference's dataset/ (splits/, processed/): "
-                                      "samples exactly as the reference (random.seed(42)); used when neither "
-                                      "--harmful nor --harmless is given")
-    d.add_argument("--n-train", type=int, default=128, help="harmful and harmless train prompts before filtering "
-                                                             "(default 128)")
-    d.add_argument("--n-val", type=int, default=32, help="harmful and harmless val prompts before filtering (default 32)")
-    d.add_argument("--n-test", type=int, default=100,
-                   help="harmful eval / harmless test prompts for completions (default 100; capped by what the "
-                        "bundled sets leave after train and val)")
-    d.add_argument("--seed", type=int, default=42, help="sampling seed for instruction files and bundled sets "
-                                                         "(the reference splits always use 42)")
+                                      "samples exactly as the reference, random.seed(42); used when neither "
+                                      "--harmful nor --harmless is given (default: none)")
+    d.add_argument("--n-train", type=int, default=None,
+                   help="harmful and harmless train prompts before filtering " + presets.describe("n_train"))
+    d.add_argument("--n-val", type=int, default=None,
+                   help="harmful and harmless val prompts before filtering " + presets.describe("n_val"))
+    if selection:
+        d.add_argument("--min-val-refused", type=int, default=None,
+                       help="draw more harmful val prompts (from the prompts left after train, val and test) until "
+                            "at least this many are refused at baseline; 0 = never "
+                            + presets.describe("min_val_refused"))
+    if n_test:
+        d.add_argument("--n-test", type=int, default=100,
+                       help="harmful eval / harmless test prompts for completions, capped by what the bundled sets "
+                            "leave after train and val (default: 100)")
+    d.add_argument("--seed", type=int, default=42, help="sampling seed for instruction files and bundled sets; "
+                                                         "the reference splits always use 42 (default: 42)")
     d.add_argument("--no-filter", action="store_true",
-                   help="do not filter train/val prompts by the baseline refusal score (reference: filter)")
-    s = p.add_argument_group("selection")
-    s.add_argument("--batch-size", type=int, default=32, help="prompts per forward batch (reference: 32)")
-    s.add_argument("--chunk", type=int, default=8,
-                   help="candidate directions evaluated together in one vmapped call (default 8)")
-    s.add_argument("--positions", type=_int_list, default=None,
-                   help="restrict the sweep to these post-instruction positions, e.g. --positions=-1 or --positions=-2,-1 (default all)")
-    s.add_argument("--layers", type=_int_list, default=None,
-                   help="restrict the sweep to these layers, e.g. 10-16 or 8,12 (default all)")
-    s.add_argument("--kl-threshold", type=float, default=0.1, help="discard candidates with KL above this (0.1)")
-    s.add_argument("--induce-threshold", type=float, default=0.0,
-                   help="discard candidates whose actadd refusal score on harmless prompts is below this (0.0)")
-    s.add_argument("--prune-layer-fraction", type=float, default=0.2,
-                   help="discard candidates in the last fraction of layers (0.2)")
-    s.add_argument("--eoi-mode", default="template", choices=templates.EOI_MODES,
+                   help="do not filter train/val prompts by the baseline refusal score (the reference filters)")
+    d.add_argument("--eoi-mode", default="template", choices=templates.EOI_MODES,
                    help="post-instruction tokens: 'template' = the tokens that really end every prompt; "
-                        "'reference' = the reference's encode(suffix) (differs for Llama-2, see README)")
-    s.add_argument("--chat-style", default=None, choices=sorted(templates.TEMPLATES) + [templates.MODEL_STYLE],
-                   help="force a chat template instead of the family's reference template (no system prompt); "
-                        "'model' = the model's own chat template, with the system prompt it adds by default")
+                        "'reference' = the reference's encode(suffix), which differs for Llama-2, see README "
+                        "(default: template)")
+    d.add_argument("--chat-style", default=None, choices=sorted(templates.TEMPLATES) + [templates.MODEL_STYLE],
+                   help="chat template: a named one, or 'model' = the model's own chat template with the system "
+                        "prompt it adds by default; 'family's' = the family's reference template, no system prompt "
+                        + presets.describe("chat_style"))
+    if not selection:
+        p.set_defaults(chunk=8, positions=None, layers=None, kl_threshold=None, induce_threshold=None,
+                       induce_relative=None, prune_layer_fraction=None, min_val_refused=None)
+        if not n_test:
+            p.set_defaults(n_test=100)
+        return
+    if not n_test:
+        p.set_defaults(n_test=100)
+    s = p.add_argument_group("selection")
+    s.add_argument("--batch-size", type=int, default=32,
+                   help="prompts per forward batch (default: 32, as the reference)")
+    s.add_argument("--chunk", type=int, default=8,
+                   help="candidate directions evaluated together in one vmapped call (default: 8)")
+    s.add_argument("--positions", type=_int_list, default=None,
+                   help="sweep only these post-instruction positions, e.g. --positions=-1 or --positions=-2,-1 "
+                        + presets.describe("positions"))
+    s.add_argument("--layers", type=_layer_list, default=None,
+                   help="sweep only these layers, e.g. 10-16 or 8,12, or 'middle' = from a quarter of the depth up "
+                        "to the pruned layers " + presets.describe("layers"))
+    s.add_argument("--kl-threshold", type=float, default=None,
+                   help="discard candidates whose ablation changes the harmless val next-token distribution by a "
+                        "KL above this " + presets.describe("kl_threshold"))
+    s.add_argument("--induce-threshold", type=float, default=None,
+                   help="discard candidates whose induce score (refusal score on harmless val under activation "
+                        "addition) is below this; replaces --induce-relative " + presets.describe("induce_threshold"))
+    s.add_argument("--induce-relative", type=float, default=None, metavar="F",
+                   help="induce threshold relative to the measured baselines: harmless baseline + F x (harmful "
+                        "baseline - harmless baseline) " + presets.describe("induce_relative"))
+    s.add_argument("--prune-layer-fraction", type=float, default=None,
+                   help="discard candidates in this last fraction of the layers "
+                        + presets.describe("prune_layer_fraction"))
+
+
+def _layer_list(text: str):
+    return "middle" if text.strip() == "middle" else _int_list(text)
 
 
 def _int_list(text: str) -> list[int]:
@@ -134,10 +177,10 @@ class Run:
             batches = sharding.shard_batches(batches, self.mesh)
         return batches
 
-    def bar(self, total, desc):
+    def bar(self, total, desc, unit="it"):
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
+        return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress, leave=False)
 
 
 def _sample_data(args) -> tuple[dict[str, list], dict]:
@@ -148,6 +191,12 @@ def _sample_data(args) -> tuple[dict[str, list], dict]:
         jbb = datasets.reference_split(args.data_dir, "jailbreakbench")[: args.n_test]
         sampled["harmful_test"] = jbb
         sampled["harmless_test"] = datasets.sample_reference_test(rng, args.data_dir, args.n_test)
+        # spare harmful val prompts (for --min-val-refused): the rest of the reference's harmful val split
+        taken = set(sampled["harmful_val"])
+        spare = [x for x in datasets.reference_split(args.data_dir, "harmful_val", instructions_only=True)
+                 if x not in taken]
+        random.Random(args.seed).shuffle(spare)
+        sampled["harmful_val_pool"] = spare
         return sampled, {"source": "reference_splits", "harmful_eval_name": "jailbreakbench"}
     bundled_harmful, bundled_harmless = datasets.default_records()
     out, source = {}, {}
@@ -164,20 +213,46 @@ def _sample_data(args) -> tuple[dict[str, list], dict]:
         out[f"{kind}_train"] = [r["instruction"] for r in records[: args.n_train]]
         out[f"{kind}_val"] = [r["instruction"] for r in records[args.n_train:need]]
         out[f"{kind}_test"] = records[need: need + args.n_test]
+        if kind == "harmful":  # spare val prompts: those after the test set, then test prompts from its end
+            out["harmful_val_pool"] = [r["instruction"] for r in records[need + args.n_test:]] + [
+                r["instruction"] for r in reversed(out["harmful_test"])]
     source["harmful_eval_name"] = "harmful"
     return out, source
+
+
+def settings(args, data_source: dict, data: dict) -> dict:
+    """Everything that determines a run's results and is known before the model is loaded."""
+    return {
+        "model": str(args.model), "dtype": args.dtype, "preset": args.preset,
+        "data": data_source, "data_hashes": {k: runs.texts_hash([str(v) for v in vals]) for k, vals in data.items()},
+        "n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test, "seed": args.seed,
+        "filter": not args.no_filter, "min_val_refused": args.min_val_refused, "chat_style": args.chat_style,
+        "eoi_mode": args.eoi_mode, "positions": args.positions, "layers": args.layers,
+        "kl_threshold": args.kl_threshold, "induce_threshold": args.induce_threshold,
+        "induce_relative": args.induce_relative, "prune_layer_fraction": args.prune_layer_fraction,
+    }
+
+
+def default_out(args, config: dict) -> Path:
+    """runs/<model name>-<8 hex digits of the settings>: the same command finds its run again, other settings
+    get another folder."""
+    return Path("runs") / f"{Path(str(args.model)).name.removesuffix('.gguf')}-{runs.config_hash(config)[:8]}"
 
 
 def setup(args, extra_config: dict | None = None) -> Run:
     from refusal_jax.loading import load_model
 
+    presets.apply(args)
     progress = not args.no_progress
     data, data_source = _sample_data(args)
     for key, values in data.items():
-        if not values:
+        if not values and key != "harmful_val_pool":
             raise DataError(f"the {key} set is empty")
+    known = {**settings(args, data_source, data), **(extra_config or {})}
+    out = Path(args.out) if args.out else default_out(args, known)
+    runs.check_settings(out, known, overwrite=args.overwrite)  # before the model load: fail fast
     model = load_model(args.model, dtype=args.dtype, progress=progress)
-    fmt = templates.chat_format_for(model.cfg.family, model.tokenizer, style=args.chat_style)
+    fmt = templates.chat_format_for(model.cfg.family, model.tokenizer, style=presets.chat_style(args, model.tokenizer))
     eoi = templates.eoi_tokens(fmt, model.tokenizer, args.eoi_mode)
     refusal_ids = tuple(int(i) for i in fmt.refusal_token_ids)
     params, mesh = model.params, None
@@ -187,16 +262,8 @@ def setup(args, extra_config: dict | None = None) -> Run:
         mesh = sharding.make_mesh(args.mesh)
         params = sharding.shard_params(params, model.cfg, mesh)
         print(f"sharding over {sharding.describe(mesh)}")
-    config = {
-        "model": str(args.model), "model_config": model.cfg.to_dict(), "dtype": args.dtype,
-        "data": data_source, "data_hashes": {k: runs.texts_hash([str(v) for v in vals]) for k, vals in data.items()},
-        "n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test, "seed": args.seed,
-        "filter": not args.no_filter, "template": fmt.template, "eoi_tokens": eoi, "refusal_token_ids": refusal_ids,
-        "positions": args.positions, "layers": args.layers, "kl_threshold": args.kl_threshold,
-        "induce_threshold": args.induce_threshold, "prune_layer_fraction": args.prune_layer_fraction,
-        **(extra_config or {}),
-    }
-    out = Path(args.out) if args.out else Path("runs") / Path(str(args.model)).name.removesuffix(".gguf")
+    config = {**known, "model_config": model.cfg.to_dict(), "template": fmt.template, "eoi_tokens": eoi,
+              "refusal_token_ids": refusal_ids}
     runs.open_run(out, config, overwrite=args.overwrite)
     return Run(args, out, params, model.cfg, model.tokenizer, fmt, eoi, refusal_ids, data, progress, mesh)
 
@@ -206,29 +273,52 @@ def setup(args, extra_config: dict | None = None) -> Run:
 
 
 def stage_filter(run: Run) -> dict[str, list[str]]:
-    """Keep harmful prompts the model refuses (score > 0) and harmless ones it does not (score < 0)."""
+    """Keep harmful prompts the model refuses (score > 0) and harmless ones it does not (score < 0).
+
+    With --min-val-refused N, harmful val prompts are drawn from the spare pool (`harmful_val_pool`), n_val at a
+    time, until N are refused or the pool runs out; drawn test prompts leave the test set."""
     path = run.out / "datasets" / "filtered.json"
     if path.exists():
-        return runs.read_json(path)["sets"]
+        record = runs.read_json(path)
+        _drop_drawn_from_test(run, record.get("drawn_val", []))
+        return record["sets"]
     sets = {k: run.data[k] for k in ("harmful_train", "harmless_train", "harmful_val", "harmless_val")}
-    scores = {}
+    scores, drawn = {}, []
+    want = run.args.min_val_refused or 0
     if not run.args.no_filter:
-        bar = run.bar(sum(len(v) for v in sets.values()), "filtering by baseline refusal score")
-        for key, instructions in sets.items():
+        bar = run.bar(sum(len(v) for v in sets.values()), "filter: baseline refusal score", unit="prompt")
+
+        def keep(key, instructions):
             s = directions.baseline_refusal_scores(run.params, run.cfg, run.batches(instructions), run.refusal_ids)
-            scores[key] = s.tolist()
-            keep = s > 0 if key.startswith("harmful") else s < 0
-            sets[key] = [x for x, k in zip(instructions, keep) if k]
+            scores.setdefault(key, []).extend(s.tolist())
             bar.update(len(instructions))
+            return [x for x, k in zip(instructions, s > 0 if key.startswith("harmful") else s < 0) if k]
+
+        for key, instructions in list(sets.items()):
+            sets[key] = keep(key, instructions)
+        pool = list(run.data.get("harmful_val_pool", []))
+        while len(sets["harmful_val"]) < want and pool:
+            more, pool = pool[: run.args.n_val], pool[run.args.n_val:]
+            bar.total += len(more)
+            drawn += more
+            sets["harmful_val"] += keep("harmful_val", more)
         bar.close()
         empty = [k for k, v in sets.items() if not v]
         if empty:
             raise RunError(f"after filtering by the baseline refusal score, {', '.join(empty)} is empty: the model "
                            "does not refuse those harmful prompts (or refuses all harmless ones). Use more or other "
-                           "prompts, or --no-filter.")
-    runs.write_json(path, {"sets": sets, "baseline_scores": scores,
-                           "sizes": {k: len(v) for k, v in sets.items()}})
+                           "prompts, another --chat-style, or --no-filter.")
+    _drop_drawn_from_test(run, drawn)
+    runs.write_json(path, {"sets": sets, "baseline_scores": scores, "drawn_val": drawn,
+                           "sizes": {k: len(v) for k, v in sets.items()},
+                           "harmful_val_scored": len(run.data["harmful_val"]) + len(drawn)})
     return sets
+
+
+def _drop_drawn_from_test(run: Run, drawn: list[str]) -> None:
+    if drawn:
+        gone = set(drawn)
+        run.data["harmful_test"] = [r for r in run.data["harmful_test"] if r["instruction"] not in gone]
 
 
 def stage_directions(run: Run, sets) -> np.ndarray:
@@ -236,7 +326,7 @@ def stage_directions(run: Run, sets) -> np.ndarray:
     if path.exists():
         return np.load(path)
     harmful, harmless = run.batches(sets["harmful_train"]), run.batches(sets["harmless_train"])
-    bar = run.bar(len(harmful) + len(harmless), "mean activations")
+    bar = run.bar(len(harmful) + len(harmless), "mean activations, harmful + harmless train", unit="batch")
     n_pos = len(run.eoi)
     mean_harmless = directions.mean_activations(run.params, run.cfg, harmless, n_pos, bar.update)
     diffs = directions.mean_activations(run.params, run.cfg, harmful, n_pos, bar.update) - mean_harmless
@@ -260,11 +350,14 @@ def stage_select(run: Run, sets, diffs: np.ndarray) -> tuple[int, int, np.ndarra
         meta = runs.read_json(meta_path)
         return meta["pos"], meta["layer"], np.load(dir_path)
     a = run.args
-    grid = directions.candidate_grid(run.cfg, len(run.eoi), a.positions, a.layers)
+    layers = presets.middle_layers(run.cfg.n_layers, a.prune_layer_fraction) if a.layers == "middle" else a.layers
+    grid = directions.candidate_grid(run.cfg, len(run.eoi), a.positions, layers)
     harmful_val, harmless_val = run.batches(sets["harmful_val"]), run.batches(sets["harmless_val"])
     # progress counts candidate x batch evaluations over the three scores
-    steps = len(directions.live_candidates(diffs, grid)) * (len(harmful_val) + 2 * len(harmless_val))
-    bar = run.bar(steps, f"scoring {len(grid)} candidates")
+    n_live = len(directions.live_candidates(diffs, grid))
+    # progress counts candidate x batch evaluations over the three scores
+    bar = run.bar(n_live * (len(harmful_val) + 2 * len(harmless_val)),
+                  f"selection: {n_live} candidates x 3 scores", unit="candidate-batch")
     t0 = time.perf_counter()
     evaluations, baselines = directions.score_candidates(run.params, run.cfg, diffs, harmful_val, harmless_val,
                                                          run.refusal_ids, grid, chunk=a.chunk, progress=bar.update)
@@ -272,17 +365,20 @@ def stage_select(run: Run, sets, diffs: np.ndarray) -> tuple[int, int, np.ndarra
     sweep_s = time.perf_counter() - t0
     base_harmful, base_harmless = baselines["harmful_refusal_score"], baselines["harmless_refusal_score"]
     runs.write_json(sel / "direction_evaluations.json", evaluations)
-    filt = dict(kl_threshold=a.kl_threshold, induce_threshold=a.induce_threshold,
+    filt = dict(kl_threshold=a.kl_threshold, induce_threshold=presets.induce_threshold(a, base_harmful, base_harmless),
                 prune_layer_fraction=a.prune_layer_fraction)
-    plot_scores(evaluations, run.cfg.n_layers, sel, base_harmful, base_harmless)
+    runs.write_json(sel / "baseline_scores.json", {"harmful_val_refusal_score": float(base_harmful),
+                                                  "harmless_val_refusal_score": float(base_harmless),
+                                                  "sweep_seconds": sweep_s, "n_candidates": len(grid), **filt})
+    base = {"harmful": base_harmful, "harmless": base_harmless}
     try:
         best, survivors = directions.select(evaluations, run.cfg.n_layers, **filt)
-    finally:
-        runs.write_json(sel / "baseline_scores.json", {"harmful_val_refusal_score": float(base_harmful),
-                                                      "harmless_val_refusal_score": float(base_harmless),
-                                                      "sweep_seconds": sweep_s, "n_candidates": len(grid)})
-    runs.write_json(sel / "direction_evaluations_filtered.json", survivors)
+    except RunError:
+        plots.plot_selection(evaluations, run.cfg.n_layers, sel, base, filt, None)
+        raise
     pos, layer = best["position"], best["layer"]
+    plots.plot_selection(evaluations, run.cfg.n_layers, sel, base, filt, (pos, layer))
+    runs.write_json(sel / "direction_evaluations_filtered.json", survivors)
     direction = diffs[pos, layer]
     runs.write_npy(dir_path, direction)
     run_cfg = runs.read_json(run.out / runs.RUN_CONFIG)
@@ -291,35 +387,11 @@ def stage_select(run: Run, sets, diffs: np.ndarray) -> tuple[int, int, np.ndarra
         "data_hashes": run_cfg["config"]["data_hashes"], "refusal_score": best["refusal_score"],
         "steering_score": best["steering_score"], "kl_div_score": best["kl_div_score"],
         "n_survivors": len(survivors), "direction_norm": float(np.linalg.norm(direction)),
+        "baseline_refusal_score": float(base_harmful), "baseline_steering_score": float(base_harmless),
+        "induce_threshold": filt["induce_threshold"], "kl_threshold": filt["kl_threshold"],
+        "n_harmful_val": len(sets["harmful_val"]), "n_harmless_val": len(sets["harmless_val"]),
     })
     return pos, layer, direction
-
-
-def plot_scores(evaluations, n_layers, out_dir: Path, base_harmful: float, base_harmless: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    positions = sorted({e["position"] for e in evaluations})
-    for key, name, title, base in (
-            ("refusal_score", "ablation_scores.png", "Refusal score on harmful val under directional ablation",
-             base_harmful),
-            ("steering_score", "actadd_scores.png", "Refusal score on harmless val under activation addition",
-             base_harmless),
-            ("kl_div_score", "kl_div_scores.png", "KL divergence on harmless val under directional ablation", 0.0)):
-        fig, ax = plt.subplots(figsize=(9, 5))
-        for pos in positions:
-            pts = sorted((e["layer"], e[key]) for e in evaluations if e["position"] == pos)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=f"pos {pos}")
-        ax.axhline(base, color="black", ls="--", lw=1, label="baseline")
-        ax.set_xlabel("layer (source of the direction)")
-        ax.set_ylabel(key)
-        ax.set_title(title)
-        ax.set_xlim(-0.5, n_layers - 0.5)
-        ax.legend(fontsize=8)
-        runs.save_figure(fig, out_dir / name)
-        plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -409,14 +481,21 @@ def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files) ->
 
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("completions and evaluation")
-    g.add_argument("--max-new-tokens", type=int, default=512, help="greedy tokens per completion (reference: 512)")
-    g.add_argument("--gen-batch-size", type=int, default=8, help="prompts per generation batch (reference: 8)")
-    g.add_argument("--loss-batch-size", type=int, default=2, help="sequences per loss batch (reference: 2)")
+    g.add_argument("--max-new-tokens", type=int, default=512,
+                   help="greedy tokens per completion (default: 512, as the reference)")
+    g.add_argument("--gen-batch-size", type=int, default=8,
+                   help="prompts per generation batch (default: 8, as the reference)")
+    g.add_argument("--loss-batch-size", type=int, default=2,
+                   help="sequences per CE-loss batch (default: 2, as the reference)")
     g.add_argument("--loss-texts", nargs="*", default=None,
                    help="text files (one document per line, or .json/.jsonl/.csv) whose CE loss is reported, e.g. "
-                        "a local Pile sample; truncated to 256 tokens as the reference")
+                        "a local Pile sample, truncated to 256 tokens as the reference (default: none)")
     g.add_argument("--reference-judge", action="store_true",
                    help="substring judge exactly as the reference (ASCII apostrophes only)")
+
+
+# Fewer harmful val prompts than this after the filter: the selection is noise-prone, and the summary says so.
+FEW_VAL_PROMPTS = 8
 
 
 def run_extract(run: Run) -> tuple[int, int, np.ndarray]:
@@ -424,15 +503,49 @@ def run_extract(run: Run) -> tuple[int, int, np.ndarray]:
     sets = stage_filter(run)
     diffs = stage_directions(run, sets)
     pos, layer, direction = stage_select(run, sets, diffs)
-    meta = runs.read_json(run.out / "direction_metadata.json")
-    sizes = runs.read_json(run.out / "datasets" / "filtered.json")["sizes"]
-    print(f"\nselected direction: pos {pos}, layer {layer} of {run.cfg.n_layers} (norm {meta['direction_norm']:.3f})")
-    print(f"  refusal score under ablation {meta['refusal_score']:.3f}, induce score {meta['steering_score']:.3f}, "
-          f"KL {meta['kl_div_score']:.4f}; {meta['n_survivors']} candidates survived the filter")
-    print(f"  prompts after filtering: {sizes}")
-    print(f"  wrote {run.out}/direction.npy, direction_metadata.json, generate_directions/mean_diffs.npy, "
-          f"select_direction/ ({time.perf_counter() - t0:.1f} s)")
+    print_extract_summary(run, time.perf_counter() - t0)
     return pos, layer, direction
+
+
+def print_extract_summary(run: Run, seconds: float) -> None:
+    """Baseline -> intervened scores of the selected direction, the prompts they rest on, every file written."""
+    meta = runs.read_json(run.out / "direction_metadata.json")
+    filtered = runs.read_json(run.out / "datasets" / "filtered.json")
+    sizes, drawn = filtered["sizes"], len(filtered.get("drawn_val", []))
+    sel = run.out / "select_direction"
+    evaluations = runs.read_json(sel / "direction_evaluations.json")
+    base = runs.read_json(sel / "baseline_scores.json")
+    b_refusal = meta.get("baseline_refusal_score", base["harmful_val_refusal_score"])
+    b_induce = meta.get("baseline_steering_score", base["harmless_val_refusal_score"])
+    print(f"\nselected direction: position {meta['pos']}, layer {meta['layer']} of {run.cfg.n_layers} "
+          f"(norm {meta['direction_norm']:.3f}); {meta['n_survivors']} of {len(evaluations)} candidates passed the "
+          "filters")
+    print(f"  refusal score under ablation (harmful val, {sizes['harmful_val']} prompts): "
+          f"{b_refusal:+.3f} -> {meta['refusal_score']:+.3f}")
+    print(f"  induce score (harmless val, {sizes['harmless_val']} prompts): {b_induce:+.3f} -> "
+          f"{meta['steering_score']:+.3f} (threshold {base.get('induce_threshold', float('nan')):+.3f})")
+    print(f"  KL divergence under ablation (harmless val): {meta['kl_div_score']:.4f} "
+          f"(threshold {base.get('kl_threshold', float('nan')):g})")
+    scored = {k: len(run.data[k]) for k in sizes}
+    scored["harmful_val"] = filtered.get("harmful_val_scored", scored["harmful_val"])
+    kept = ", ".join(f"{k.replace('_', ' ')} {sizes[k]} of {scored[k]}" for k in sizes)
+    print(f"  prompts kept by the baseline filter: {kept}" if not run.args.no_filter else
+          f"  prompts (no baseline filter): {kept}"
+          + (f" ({drawn} more harmful val prompts drawn to reach --min-val-refused {run.args.min_val_refused})"
+             if drawn else ""))
+    if sizes["harmful_val"] < FEW_VAL_PROMPTS:
+        print(f"  warning: the selection rests on {sizes['harmful_val']} harmful val prompts after the filter, so "
+              "its scores are noisy: use more prompts, --min-val-refused, or a chat template under which the model "
+              "refuses more often (--chat-style model)")
+    files = ["direction.npy", "direction_metadata.json", "datasets/filtered.json",
+             "generate_directions/mean_diffs.npy", "generate_directions/mean_harmless.npy",
+             "select_direction/direction_evaluations.json", "select_direction/direction_evaluations_filtered.json",
+             "select_direction/baseline_scores.json",
+             *(f"select_direction/{name}" for name in (*plots.FILES.values(), plots.SUMMARY_FILE))]
+    print(f"  wrote in {run.out}/ ({seconds:.1f} s):")
+    for f in files:
+        if (run.out / f).exists():
+            print(f"    {f}")
 
 
 def pipeline_parser() -> argparse.ArgumentParser:
