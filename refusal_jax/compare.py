@@ -321,7 +321,8 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.k_max < 0 or args.n_boot < 1 or args.max_new_tokens < 1 or (args.n_eval is not None and args.n_eval < 2):
         raise DataError("--k-max must be >= 0, --n-boot and --max-new-tokens >= 1, --n-eval >= 2")
-    run = pipeline.setup(args)  # the extraction's own config: compare shares (and resumes) an extract run
+    # the extraction's own settings: compare shares (and resumes) an extract run; its test prompts are its own
+    run = pipeline.setup(args, test_sets=False)
     t0 = time.perf_counter()
     pos, layer, dim = pipeline.run_extract(run)
     sets = pipeline.stage_filter(run)
@@ -333,7 +334,9 @@ def main(argv=None):
     # --optimized, --k-max and --edits only add or remove rows; these settings change every row
     _check_compare_config(root, {
         "run_config_hash": runs.read_json(run.out / runs.RUN_CONFIG)["hash"], "n_eval": args.n_eval,
-        "max_new_tokens": args.max_new_tokens, "reference_judge": args.reference_judge}, args.overwrite)
+        "max_new_tokens": args.max_new_tokens, "reference_judge": args.reference_judge, "n_test": args.n_test,
+        "test_hashes": {k: runs.texts_hash([str(v) for v in run.data[k]]) for k in ("harmful_test", "harmless_test")},
+    }, args.overwrite)
     methods, facts = build_methods(run, args, sets, pos, layer, dim)
     n_eval = args.n_eval or len(run.data["harmful_test"])
     records = {"harmful": run.data["harmful_test"][:n_eval], "harmless": run.data["harmless_test"][:n_eval]}

@@ -21,7 +21,7 @@ def parser() -> argparse.ArgumentParser:
 
 @main_wrapper
 def main(argv=None):
-    run_extract(setup(parser().parse_args(argv)))
+    run_extract(setup(parser().parse_args(argv), test_sets=False))
 
 
 if __name__ == "__main__":

@@ -605,7 +605,7 @@ def main(argv=None):
                           "batch_size": args.batch_size, "weights": weights, "add_scale": args.add_scale,
                           "target_tokens": args.target_tokens, "targets": args.targets, "train_seed": args.train_seed,
                           "independent_of": args.independent_of}}
-    run = pipeline.setup(args, extra_config=extra)  # --steps is left out: rerun with more steps to continue
+    run = pipeline.setup(args, extra_config=extra, test_sets=False)  # --steps is left out: rerun with more steps to continue
     t0 = time.perf_counter()
     dim = load_direction(args.direction, run.cfg.d_model)
     if dim.ndim != 1:

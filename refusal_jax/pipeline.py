@@ -213,19 +213,22 @@ def _sample_data(args) -> tuple[dict[str, list], dict]:
         out[f"{kind}_train"] = [r["instruction"] for r in records[: args.n_train]]
         out[f"{kind}_val"] = [r["instruction"] for r in records[args.n_train:need]]
         out[f"{kind}_test"] = records[need: need + args.n_test]
-        if kind == "harmful":  # spare val prompts: those after the test set, then test prompts from its end
-            out["harmful_val_pool"] = [r["instruction"] for r in records[need + args.n_test:]] + [
-                r["instruction"] for r in reversed(out["harmful_test"])]
+        if kind == "harmful":  # spare val prompts, from the end of the list (independent of --n-test)
+            out["harmful_val_pool"] = [r["instruction"] for r in reversed(records[need:])]
     source["harmful_eval_name"] = "harmful"
     return out, source
 
 
-def settings(args, data_source: dict, data: dict) -> dict:
-    """Everything that determines a run's results and is known before the model is loaded."""
+def settings(args, data_source: dict, data: dict, test_sets: bool = True) -> dict:
+    """Everything that determines a run's results and is known before the model is loaded. Without `test_sets`
+    (commands that use no test prompts, or keep their own record of them) --n-test and the test sets are left
+    out, so such runs share a folder whatever --n-test is."""
+    hashed = {k: v for k, v in data.items() if test_sets or not k.endswith("_test")}
     return {
         "model": str(args.model), "dtype": args.dtype, "preset": args.preset,
-        "data": data_source, "data_hashes": {k: runs.texts_hash([str(v) for v in vals]) for k, vals in data.items()},
-        "n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test, "seed": args.seed,
+        "data": data_source, "data_hashes": {k: runs.texts_hash([str(v) for v in vals]) for k, vals in hashed.items()},
+        "n_train": args.n_train, "n_val": args.n_val, **({"n_test": args.n_test} if test_sets else {}),
+        "seed": args.seed,
         "filter": not args.no_filter, "min_val_refused": args.min_val_refused, "chat_style": args.chat_style,
         "eoi_mode": args.eoi_mode, "positions": args.positions, "layers": args.layers,
         "kl_threshold": args.kl_threshold, "induce_threshold": args.induce_threshold,
@@ -239,7 +242,7 @@ def default_out(args, config: dict) -> Path:
     return Path("runs") / f"{Path(str(args.model)).name.removesuffix('.gguf')}-{runs.config_hash(config)[:8]}"
 
 
-def setup(args, extra_config: dict | None = None) -> Run:
+def setup(args, extra_config: dict | None = None, test_sets: bool = True) -> Run:
     from refusal_jax.loading import load_model
 
     presets.apply(args)
@@ -248,7 +251,7 @@ def setup(args, extra_config: dict | None = None) -> Run:
     for key, values in data.items():
         if not values and key != "harmful_val_pool":
             raise DataError(f"the {key} set is empty")
-    known = {**settings(args, data_source, data), **(extra_config or {})}
+    known = {**settings(args, data_source, data, test_sets), **(extra_config or {})}
     out = Path(args.out) if args.out else default_out(args, known)
     runs.check_settings(out, known, overwrite=args.overwrite)  # before the model load: fail fast
     model = load_model(args.model, dtype=args.dtype, progress=progress)
@@ -580,7 +583,9 @@ def main(argv=None):
         print(f"  {label:9s} {r['ce_loss']:.4f} ({r['n_tokens']} tokens)")
     runs.write_json(run.out / "summary.json", {"refusal_rates": summary, "loss": losses, "pos": pos, "layer": layer,
                                                "seconds": time.perf_counter() - t0})
-    print(f"wrote {run.out}/summary.json")
+    print(f"  wrote in {run.out}/: summary.json, "
+          + ", ".join(str(f.relative_to(run.out)) for d in ("completions", "loss_evals")
+                      for f in sorted((run.out / d).glob("*.json"))))
 
 
 if __name__ == "__main__":
