@@ -61,7 +61,7 @@ def hf_reference_model(gguf_path: Path):
 
 def chat_prompts(n: int, tokenizer, family: str):
     """`n` templated prompts from the bundled sets (half harmful, half harmless)."""
-    from refusal_jax import datasets, templates
+    from refusal_jax.prompts import datasets, templates
 
     harmful, harmless = datasets.default_sets()
     fmt = templates.chat_format_for(family, tokenizer)

@@ -30,9 +30,9 @@ def main():
     import jax
 
     import refusal_jax
-    from refusal_jax import bundled
-    from refusal_jax.batching import bucketed, encode, pad_id
-    from refusal_jax.model import forward
+    from refusal_jax.convert import bundled
+    from refusal_jax.model.batching import bucketed, encode, pad_id
+    from refusal_jax.model.transformer import forward
 
     model = refusal_jax.load_model(args.model, progress=False)
     prompts, _ = chat_prompts(args.n_prompts, model.tokenizer, model.cfg.family)

@@ -28,9 +28,10 @@ def main():
     import jax
 
     import refusal_jax
-    from refusal_jax import Intervention, bundled
-    from refusal_jax.batching import bucketed, encode, pad_id
-    from refusal_jax.generate import cut_at_stop, decoding_params, greedy_generate, stop_token_ids
+    from refusal_jax import Intervention
+    from refusal_jax.convert import bundled
+    from refusal_jax.model.batching import bucketed, encode, pad_id
+    from refusal_jax.model.generate import cut_at_stop, decoding_params, greedy_generate, stop_token_ids
 
     m = refusal_jax.load_model(args.model, progress=False)
     prompts, _ = chat_prompts(args.n_prompts, m.tokenizer, m.cfg.family)
@@ -83,8 +84,8 @@ def profile(m, iv, batch: int, capacity: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from refusal_jax.generate import CPU_DECODE_OPTIONS, decoding_params
-    from refusal_jax.model import KVCache, _forward
+    from refusal_jax.model.generate import CPU_DECODE_OPTIONS, decoding_params
+    from refusal_jax.model.transformer import KVCache, _forward
 
     out, decoding = {}, decoding_params(m.params, True)
     for name, params, options in (("layer_scan", m.params, None), ("per_layer", decoding, CPU_DECODE_OPTIONS)):
@@ -120,7 +121,7 @@ def matvec_bandwidth(rows: int, d: int, f: int, n: int = 48) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from refusal_jax.generate import CPU_DECODE_OPTIONS
+    from refusal_jax.model.generate import CPU_DECODE_OPTIONS
 
     rng = np.random.default_rng(0)
     ws = [rng.random((d, f), np.float32) for _ in range(n)]

@@ -110,9 +110,9 @@ def main():
     import numpy as np
 
     import refusal_jax
-    from refusal_jax import bundled
+    from refusal_jax.convert import bundled
     from refusal_jax.convert import export_hf
-    from refusal_jax.params import param_shapes
+    from refusal_jax.model.params import param_shapes
 
     gguf = bundled.model_path(args.model)
     model = refusal_jax.load_model(args.model, progress=False)

@@ -27,9 +27,12 @@ def main():
     args = p.parse_args()
 
     import refusal_jax
-    from refusal_jax import Intervention, bundled, datasets, directions, templates
-    from refusal_jax.batching import bucketed, encode, pad_id
-    from refusal_jax.generate import decoding_params, greedy_generate, stop_token_ids
+    from refusal_jax import Intervention
+    from refusal_jax.convert import bundled
+    from refusal_jax.method import directions
+    from refusal_jax.prompts import datasets, templates
+    from refusal_jax.model.batching import bucketed, encode, pad_id
+    from refusal_jax.model.generate import decoding_params, greedy_generate, stop_token_ids
     from refusal_jax.pipeline import _int_list
 
     import reference_torch

@@ -31,8 +31,10 @@ def main():
     args = p.parse_args()
 
     import refusal_jax
-    from refusal_jax import bundled, datasets, directions, templates
-    from refusal_jax.batching import bucketed, encode, pad_id
+    from refusal_jax.convert import bundled
+    from refusal_jax.method import directions
+    from refusal_jax.prompts import datasets, templates
+    from refusal_jax.model.batching import bucketed, encode, pad_id
     from refusal_jax.pipeline import _int_list
 
     m = refusal_jax.load_model(args.model, progress=False)
@@ -85,8 +87,8 @@ def main():
 def profile(m, diffs, val_h, val_b, ids, grid, chunk) -> dict:
     """Wall time of each part of the sweep, and the machine's fp32 matmul rate on both sides. (XLA's
     cost_analysis counts a lax.scan body once, not once per layer, so it is no use for FLOP counts here.)"""
-    from refusal_jax import directions
-    from refusal_jax.model import Intervention
+    from refusal_jax.method import directions
+    from refusal_jax.model.transformer import Intervention
 
     ids = tuple(int(i) for i in ids)
     ablations = [Intervention.ablation(m.cfg, diffs[g]) for g in grid]

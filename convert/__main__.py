@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from refusal_jax.cli import main_wrapper
+from refusal_jax.runs.cli import main_wrapper
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,9 +29,9 @@ def parser() -> argparse.ArgumentParser:
 @main_wrapper
 def main(argv=None):
     args = parser().parse_args(argv)
-    from refusal_jax import checkpoint
+    from refusal_jax.convert import checkpoint
     from refusal_jax.errors import CheckpointError
-    from refusal_jax.loading import convert_source
+    from refusal_jax.convert.loading import convert_source
     from pathlib import Path
 
     out = Path(args.out)

@@ -17,9 +17,9 @@ from typing import Callable, Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
-from refusal_jax.config import ModelConfig
+from refusal_jax.model.config import ModelConfig
 from refusal_jax.errors import CheckpointError
-from refusal_jax.params import Params, from_flat, param_shapes
+from refusal_jax.model.params import Params, from_flat, param_shapes
 
 # Source tensors that carry no parameters of ours (buffers saved by old transformers versions).
 _IGNORED = (re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),)
@@ -242,7 +242,7 @@ def to_hf_tensors(
     Raises:
       CheckpointError: params whose shapes do not match `cfg`, or an lm_head on a tied config.
     """
-    from refusal_jax.params import to_flat
+    from refusal_jax.model.params import to_flat
 
     flat = to_flat(params)
     if cfg.tie_embeddings and "lm_head" in flat:

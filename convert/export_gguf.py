@@ -48,11 +48,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from refusal_jax.config import ModelConfig
+from refusal_jax.model.config import ModelConfig
 from refusal_jax.convert import engine
 from refusal_jax.convert.gguf import _GLOBAL_NAMES, _layer_names, permute_qk
 from refusal_jax.errors import CheckpointError, ConfigError
-from refusal_jax.params import Params
+from refusal_jax.model.params import Params
 
 # family -> GGUF general.architecture
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
@@ -455,7 +455,7 @@ def parser():
 
 
 def main(argv=None):
-    from refusal_jax.cli import main_wrapper
+    from refusal_jax.runs.cli import main_wrapper
 
     return main_wrapper(_main)(argv)
 
@@ -465,8 +465,8 @@ def _main(argv=None):
 
     import jax
 
-    from refusal_jax import edits
-    from refusal_jax.loading import load_model
+    from refusal_jax.method import edits
+    from refusal_jax.convert.loading import load_model
     from refusal_jax.orthogonalize import load_direction, untied_config
 
     args = parser().parse_args(argv)
@@ -474,7 +474,7 @@ def _main(argv=None):
     out = Path(args.out).expanduser()
     if out.exists() and not args.overwrite:
         raise CheckpointError(f"--out {out} already exists (pass --overwrite to replace it)")
-    from refusal_jax import bundled
+    from refusal_jax.convert import bundled
 
     model_path = Path(args.model).expanduser()
     if bundled.is_known_model(args.model) and not model_path.exists():

@@ -20,11 +20,11 @@ from typing import Any, Callable, Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
-from refusal_jax.config import ARCHITECTURES, ModelConfig, RopeConfig, from_hf_config
+from refusal_jax.model.config import ARCHITECTURES, ModelConfig, RopeConfig, from_hf_config
 from refusal_jax.convert import engine
 from refusal_jax.convert.safetensors_io import raw_bytes
 from refusal_jax.errors import CheckpointError, ConfigError
-from refusal_jax.params import Params
+from refusal_jax.model.params import Params
 
 # family -> (HF architecture, model_type)
 HF_NAMES = {
@@ -198,7 +198,7 @@ def generation_config(tokenizer) -> dict[str, Any]:
     """generation_config.json: BOS, pad, and as EOS the tokenizer's EOS plus the end-of-turn tokens of the
     supported chat formats that this tokenizer has as added/special tokens (an ordinary vocabulary entry
     spelled "</s>", as in Qwen's BPE vocabulary, is not an end of turn)."""
-    from refusal_jax.generate import END_OF_TURN
+    from refusal_jax.model.generate import END_OF_TURN
 
     out: dict[str, Any] = {}
     if tokenizer is None:

@@ -128,7 +128,7 @@ class GGUFSource:
     Attributes:
       path: the file.
       architecture: GGUF `general.architecture` (e.g. "qwen2").
-      hf_config: a Hugging Face config.json-style dict for `refusal_jax.config.from_hf_config`.
+      hf_config: a Hugging Face config.json-style dict for `refusal_jax.model.config.from_hf_config`.
       norm_offset_folded: True when norm weights are stored as 1 + w (Gemma families); pass to `fill_params`.
       permuted_qk: True when q/k rows were permuted by llama.cpp (and are unpermuted by `tensors()`).
       chat_template: the `tokenizer.chat_template` metadata, or None.
@@ -610,7 +610,7 @@ def load_gguf(path: str | Path, dtype=np.float32, progress: bool | Callable[[str
     Returns:
       (cfg, params, tokenizer); the tokenizer's `chat_template` is the file's `tokenizer.chat_template`.
     """
-    from refusal_jax.config import from_hf_config
+    from refusal_jax.model.config import from_hf_config
     from refusal_jax.convert.engine import fill_params
 
     src = read_gguf(path, strict=strict)

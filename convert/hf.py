@@ -8,10 +8,10 @@ from typing import Callable
 
 import numpy as np
 
-from refusal_jax.config import ModelConfig, from_hf_config
+from refusal_jax.model.config import ModelConfig, from_hf_config
 from refusal_jax.convert import engine, safetensors_io
 from refusal_jax.errors import CheckpointError, ConfigError
-from refusal_jax.params import Params
+from refusal_jax.model.params import Params
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 
@@ -56,7 +56,7 @@ def load_hf(
     Args:
       src: local directory (config.json + model.safetensors or a sharded index) or a hub id.
       dtype: numpy dtype of the converted params.
-      strict_config: refuse unknown config attributes (see `refusal_jax.config.from_hf_config`).
+      strict_config: refuse unknown config attributes (see `refusal_jax.model.config.from_hf_config`).
       progress: called once per placed tensor.
       with_tokenizer: also load the tokenizer (transformers AutoTokenizer; no torch needed).
     """

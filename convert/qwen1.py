@@ -4,7 +4,7 @@ Qwen-1 checkpoints ship their own modeling/tokenizer code (`trust_remote_code`).
 Qwen2 block with multi-head attention: RMSNorm, RoPE over the whole head (non-interleaved halves), q/k/v with bias,
 no o_proj bias, SwiGLU MLP, untied head. This module maps both halves onto what refusal_jax already implements:
 
-* `qwen2_style_config`: Qwen-1 `config.json` -> the HF-Qwen2-style dict `refusal_jax.config.from_hf_config` reads
+* `qwen2_style_config`: Qwen-1 `config.json` -> the HF-Qwen2-style dict `refusal_jax.model.config.from_hf_config` reads
   (family "qwen": Qwen2 numerics, the reference's Qwen ChatML template and "I"/"As" refusal tokens).
   `from_hf_config` calls it itself for a Qwen-1 config, so callers never need to.
 * `qwen2_style_tensors`: Qwen-1 tensor names/layouts -> HF-Qwen2 names, fed into the strict `engine.fill_params`.
@@ -94,7 +94,7 @@ def qwen2_style_config(hf: Mapping[str, Any], *, strict: bool = True) -> dict[st
     Raises:
       ConfigError: an option refusal_jax does not implement, named in the message.
     """
-    from refusal_jax.config import _IGNORED_KEYS
+    from refusal_jax.model.config import _IGNORED_KEYS
 
     hf = dict(hf)
     old = [k for k in _OLD_FORMAT if k in hf]

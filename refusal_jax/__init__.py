@@ -2,12 +2,12 @@
 
 __version__ = "0.1.0"
 
-from refusal_jax.config import ModelConfig, from_hf_config  # noqa: E402
+from refusal_jax.model.config import ModelConfig, from_hf_config  # noqa: E402
 from refusal_jax.errors import (  # noqa: E402
     CheckpointError, ChecksumError, ConfigError, DataError, RefusalJaxError, RunError)
-from refusal_jax.loading import LoadedModel, load_model  # noqa: E402
-from refusal_jax.model import Intervention, KVCache, Output, forward  # noqa: E402
-from refusal_jax.params import LayerParams, Params  # noqa: E402
+from refusal_jax.convert.loading import LoadedModel, load_model  # noqa: E402
+from refusal_jax.model.transformer import Intervention, KVCache, Output, forward  # noqa: E402
+from refusal_jax.model.params import LayerParams, Params  # noqa: E402
 
 __all__ = [
     "CheckpointError", "ChecksumError", "ConfigError", "DataError", "Intervention", "KVCache", "LayerParams",

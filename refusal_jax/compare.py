@@ -47,8 +47,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from refusal_jax import judge, runs, stats
-from refusal_jax.cli import main_wrapper
+from refusal_jax.evaluation import judge, stats
+from refusal_jax.runs import rundir as runs
+from refusal_jax.runs.cli import main_wrapper
 from refusal_jax.errors import DataError, RunError
 
 EDIT_METHODS = ("plain", "projected", "norm-preserving")
@@ -102,8 +103,8 @@ def parser() -> argparse.ArgumentParser:
 
 def build_methods(run, args, sets, pos: int, layer: int, dim: np.ndarray) -> tuple[list[Method], dict]:
     """The methods to compare, and the subspace facts (explained variance, stability of the DIM direction)."""
-    from refusal_jax import edits, subspace
-    from refusal_jax.model import Intervention
+    from refusal_jax.method import edits, subspace
+    from refusal_jax.model.transformer import Intervention
     from refusal_jax.orthogonalize import load_direction
 
     cfg = run.cfg
@@ -159,15 +160,15 @@ def build_methods(run, args, sets, pos: int, layer: int, dim: np.ndarray) -> tup
 
 def _last_logits(params, cfg, batches, intervention) -> np.ndarray:
     """float32 [n, V] last-position logits of every real prompt, in input order."""
-    from refusal_jax.batching import in_input_order
-    from refusal_jax.directions import last_logits
+    from refusal_jax.model.batching import in_input_order
+    from refusal_jax.method.directions import last_logits
 
     return in_input_order(batches, lambda b: np.asarray(last_logits(params, cfg, b.tokens, b.mask, intervention),
                                                         np.float32))
 
 
 def _completions(run, args, path: Path, params, records, intervention, desc: str) -> list[str]:
-    from refusal_jax.generate import generate_completions
+    from refusal_jax.model.generate import generate_completions
 
     if path.exists():
         return [r["response"] for r in runs.read_json(path)]
@@ -188,7 +189,7 @@ def evaluate_method(run, args, method: Method, records: dict[str, list], base_lo
     token, the next-token logits the KL compares with the baseline's (`loss.completion_nll(prompt_logits=True)`).
     For the baseline it also gives the logit refusal scores of the judge-agreement check.
     """
-    from refusal_jax import loss
+    from refusal_jax.evaluation import loss
 
     stem = stem or method.name
     root = run.out / "compare"

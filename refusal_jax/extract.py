@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from refusal_jax.cli import main_wrapper
+from refusal_jax.runs.cli import main_wrapper
 from refusal_jax.pipeline import add_common_args, run_extract, setup
 
 

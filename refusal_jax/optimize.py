@@ -53,10 +53,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from refusal_jax import judge, runs
-from refusal_jax.cli import main_wrapper
+from refusal_jax.evaluation import judge
+from refusal_jax.runs import rundir as runs
+from refusal_jax.runs.cli import main_wrapper
 from refusal_jax.errors import DataError, RunError
-from refusal_jax.model import Intervention, _forward
+from refusal_jax.model.transformer import Intervention, _forward
 
 LOSS_TERMS = ("ablation", "addition", "retain", "independence")
 DEFAULT_WEIGHTS = {"ablation": 1.0, "addition": 0.2, "retain": 1.0, "independence": 0.0}
@@ -153,7 +154,7 @@ def make_examples(prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequ
 
 def examples_from_texts(tokenizer, prompts: Sequence[str], targets: Sequence[str] | None, **kw) -> Examples:
     """Examples from already-templated prompt strings and target strings (targets encoded without specials)."""
-    from refusal_jax.batching import encode, pad_id
+    from refusal_jax.model.batching import encode, pad_id
 
     p_ids = encode(tokenizer, list(prompts))
     t_ids = None
@@ -165,7 +166,7 @@ def examples_from_texts(tokenizer, prompts: Sequence[str], targets: Sequence[str
 def generate_targets(params, cfg, tokenizer, prompts: Sequence[str], intervention, *, max_new_tokens: int = 30,
                      batch_size: int = 16, progress: bool = False, desc: str = "targets") -> list[list[int]]:
     """Greedy completion token ids (up to and including a stop token) of templated prompts, in input order."""
-    from refusal_jax.generate import generate_ids
+    from refusal_jax.model.generate import generate_ids
 
     return generate_ids(params, cfg, tokenizer, prompts, intervention, batch_size=min(batch_size, len(prompts)),
                         max_new_tokens=max_new_tokens, progress=progress, desc=desc, leave=False)
@@ -209,7 +210,7 @@ def rdo_loss(v: jax.Array, params, cfg, data: RDOData, hp: RDOHyper) -> tuple[ja
         m = ex.loss_mask.astype(kl.dtype)
         terms["retain"] = jnp.sum(kl * m) / jnp.maximum(jnp.sum(m), 1.0)
     if hp.fixed is not None:
-        from refusal_jax.subspace import independence_penalty
+        from refusal_jax.method.subspace import independence_penalty
 
         terms["independence"] = independence_penalty(r[None], hp.fixed).astype(dtype)
     w = hp.weights.astype(dtype)
@@ -543,7 +544,7 @@ def _layer_from_metadata(direction_path: str) -> int | None:
 
 def _targets(run, args, sets, dim, layer) -> dict:
     """{"ablation": {"instructions", "prompt_ids", "target_ids", "texts"}, "addition": {...}}: cached in OUT."""
-    from refusal_jax.batching import encode
+    from refusal_jax.model.batching import encode
 
     path = run.out / "targets.json"
     if path.exists():
@@ -585,8 +586,9 @@ def _targets(run, args, sets, dim, layer) -> dict:
 
 @main_wrapper
 def main(argv=None):
-    from refusal_jax import directions, pipeline
-    from refusal_jax.batching import encode, pad_id
+    from refusal_jax import pipeline
+    from refusal_jax.method import directions
+    from refusal_jax.model.batching import encode, pad_id
     from refusal_jax.orthogonalize import load_direction
 
     p = parser()

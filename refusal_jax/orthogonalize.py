@@ -18,11 +18,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from refusal_jax.cli import main_wrapper
-from refusal_jax.config import ModelConfig
-from refusal_jax import runs
+from refusal_jax.runs.cli import main_wrapper
+from refusal_jax.model.config import ModelConfig
+from refusal_jax.runs import rundir as runs
 from refusal_jax.errors import ConfigError, DataError
-from refusal_jax.params import Params
+from refusal_jax.model.params import Params
 
 
 def _unit_basis(direction) -> np.ndarray:
@@ -222,7 +222,7 @@ def parser():
                    help="plain (default): project r̂ out of every residual-writing row (the paper's edit); projected: "
                         "remove only the part of r orthogonal to the harmless mean; norm-preserving: project out "
                         "(biprojected r' with --harmless-mean, else r̂) and rescale every edited row to its original "
-                        "norm. See refusal_jax.edits")
+                        "norm. See refusal_jax.method.edits")
     p.add_argument("--harmless-mean", default=None, metavar="PATH.npy",
                    help="harmless mean activation for --method projected / norm-preserving: [d_model], [n_layers, "
                         "d_model] (per-layer biprojection) or [n_pos, n_layers, d_model] (position from "
@@ -251,10 +251,11 @@ def main(argv=None):
     import time
     from pathlib import Path
 
-    from refusal_jax import checkpoint, edits
+    from refusal_jax.convert import checkpoint
+    from refusal_jax.method import edits
     from refusal_jax.convert import export_hf
     from refusal_jax.errors import CheckpointError
-    from refusal_jax.loading import load_model
+    from refusal_jax.convert.loading import load_model
 
     args = parser().parse_args(argv)
     out = Path(args.out).expanduser()

@@ -21,9 +21,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from refusal_jax import datasets, directions, judge, plots, presets, runs, templates
-from refusal_jax.batching import bucketed, encode, pad_id
-from refusal_jax.cli import main_wrapper
+from refusal_jax.evaluation import judge
+from refusal_jax.method import directions
+from refusal_jax.method import plots
+from refusal_jax.prompts import datasets, templates
+from refusal_jax.runs import presets
+from refusal_jax.runs import rundir as runs
+from refusal_jax.model.batching import bucketed, encode, pad_id
+from refusal_jax.runs.cli import main_wrapper
 from refusal_jax.errors import DataError, RunError
 
 # --------------------------------------------------------------------------------------------------
@@ -53,7 +58,7 @@ def add_common_args(p: argparse.ArgumentParser, *, selection: bool = True, n_tes
     g.add_argument("--mesh", default=None,
                    help="shard over devices: e.g. 'data=4,model=2' (prompts on data; heads and MLP width on "
                         "model) or 'auto' (all devices on data); on TPU pods call jax.distributed.initialize() "
-                        "first, see refusal_jax.sharding (default: one device)")
+                        "first, see refusal_jax.model.sharding (default: one device)")
     g.add_argument("--preset", default=presets.DEFAULT_PRESET, choices=sorted(presets.PRESETS),
                    help="sizes and thresholds for every flag marked 'preset' that is not given: 'cpu' = a run of a "
                         "few minutes on a CPU (see README); 'reference' = the reference pipeline's sizes and "
@@ -172,7 +177,7 @@ class Run:
         size = min(batch_size or self.args.batch_size, len(ids))
         batches = list(bucketed(ids, size, pad_id(self.tokenizer)))
         if self.mesh is not None:
-            from refusal_jax import sharding
+            from refusal_jax.model import sharding
 
             batches = sharding.shard_batches(batches, self.mesh)
         return batches
@@ -243,7 +248,7 @@ def default_out(args, config: dict) -> Path:
 
 
 def setup(args, extra_config: dict | None = None, test_sets: bool = True) -> Run:
-    from refusal_jax.loading import load_model
+    from refusal_jax.convert.loading import load_model
 
     presets.apply(args)
     progress = not args.no_progress
@@ -260,7 +265,7 @@ def setup(args, extra_config: dict | None = None, test_sets: bool = True) -> Run
     refusal_ids = tuple(int(i) for i in fmt.refusal_token_ids)
     params, mesh = model.params, None
     if args.mesh:
-        from refusal_jax import sharding
+        from refusal_jax.model import sharding
 
         mesh = sharding.make_mesh(args.mesh)
         params = sharding.shard_params(params, model.cfg, mesh)
@@ -402,7 +407,7 @@ def stage_select(run: Run, sets, diffs: np.ndarray) -> tuple[int, int, np.ndarra
 
 
 def interventions_for(run: Run, layer: int, direction: np.ndarray):
-    from refusal_jax.model import Intervention
+    from refusal_jax.model.transformer import Intervention
 
     return {
         "baseline": None,
@@ -412,7 +417,7 @@ def interventions_for(run: Run, layer: int, direction: np.ndarray):
 
 
 def stage_completions(run: Run, layer: int, direction: np.ndarray) -> dict[str, Path]:
-    from refusal_jax.generate import generate_completions
+    from refusal_jax.model.generate import generate_completions
 
     ivs = interventions_for(run, layer, direction)
     harmful_name = runs.read_json(run.out / runs.RUN_CONFIG)["config"]["data"]["harmful_eval_name"]
@@ -458,7 +463,7 @@ def stage_evaluate(run: Run, completion_files: dict[str, Path]) -> dict[str, dic
 
 
 def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files) -> dict[str, dict]:
-    from refusal_jax import loss
+    from refusal_jax.evaluation import loss
 
     ivs = interventions_for(run, layer, direction)
     harmless = runs.read_json(completion_files["harmless_baseline"])

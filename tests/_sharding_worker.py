@@ -20,12 +20,13 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from refusal_jax import Intervention, directions, forward  # noqa: E402
-from refusal_jax import sharding as shd  # noqa: E402
-from refusal_jax.batching import bucketed  # noqa: E402
-from refusal_jax.config import tiny_config  # noqa: E402
-from refusal_jax.generate import decode_program, decoding_params, greedy_generate  # noqa: E402
-from refusal_jax.params import init_random  # noqa: E402
+from refusal_jax import Intervention, forward  # noqa: E402
+from refusal_jax.method import directions
+from refusal_jax.model import sharding as shd  # noqa: E402
+from refusal_jax.model.batching import bucketed  # noqa: E402
+from refusal_jax.model.config import tiny_config  # noqa: E402
+from refusal_jax.model.generate import decode_program, decoding_params, greedy_generate  # noqa: E402
+from refusal_jax.model.params import init_random  # noqa: E402
 
 B = C = 8  # prompts per batch and candidates per chunk: multiples of every data-axis size used
 N_POS, NEW, REFUSAL_IDS = 3, 6, (3, 4)

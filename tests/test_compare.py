@@ -5,8 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from refusal_jax import compare, judge, loss, stats, templates
-from refusal_jax.checkpoint import load
+from refusal_jax import compare
+from refusal_jax.evaluation import judge, loss, stats
+from refusal_jax.prompts import templates
+from refusal_jax.convert.checkpoint import load
 from tests.test_pipeline_cli import base_args, tiny  # noqa: F401  (module-scoped fixture)
 
 COMPARE = ["--k-max", "2", "--max-new-tokens", "4", "--gen-batch-size", "4", "--loss-batch-size", "3",
@@ -56,8 +58,8 @@ def test_weight_orthogonalization_matches_ablation_in_the_comparison(compared):
 
 
 def test_kl_and_refusal_of_a_method_match_an_independent_computation(compared):
-    from refusal_jax.directions import last_logits
-    from refusal_jax.model import Intervention
+    from refusal_jax.method.directions import last_logits
+    from refusal_jax.model.transformer import Intervention
 
     out, _ = compared
     run_cfg = json.loads((out / "run_config.json").read_text())["config"]

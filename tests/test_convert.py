@@ -8,12 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from refusal_jax import checkpoint
-from refusal_jax.config import from_hf_config, tiny_config
+from refusal_jax.convert import checkpoint
+from refusal_jax.model.config import from_hf_config, tiny_config
 from refusal_jax.convert import engine, safetensors_io
 from refusal_jax.convert.hf import load_hf
 from refusal_jax.errors import CheckpointError, ConfigError
-from refusal_jax.params import init_random, to_flat
+from refusal_jax.model.params import init_random, to_flat
 
 LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=64, hidden_size=32,
              intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -7,11 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from refusal_jax import Intervention, directions, forward, judge
-from refusal_jax.batching import bucketed
-from refusal_jax.config import tiny_config
+from refusal_jax import Intervention, forward
+from refusal_jax.evaluation import judge
+from refusal_jax.method import directions
+from refusal_jax.model.batching import bucketed
+from refusal_jax.model.config import tiny_config
 from refusal_jax.errors import RunError
-from refusal_jax.params import init_random
+from refusal_jax.model.params import init_random
 
 
 def random_prompts(vocab, n, seed, eoi=(5, 6, 7)):
@@ -41,7 +43,7 @@ def test_mean_activations_match_numpy_float64(model):
 def test_bfloat16_weights_keep_float64_statistics(model):
     """bf16 parameters and activations, float64 means: the statistic equals numpy's float64 mean of the bf16
     model's own activations (no bf16 accumulation error) and stays within bf16 rounding of the fp32 model."""
-    from refusal_jax.params import cast
+    from refusal_jax.model.params import cast
 
     cfg, params = model
     bf16 = cast(params, jax.numpy.bfloat16)

@@ -1,4 +1,4 @@
-"""Capability-preserving weight edits (refusal_jax.edits) against their definitions.
+"""Capability-preserving weight edits (refusal_jax.method.edits) against their definitions.
 
 * projected direction: r'·μ = 0 (one mean, and per layer), r' = r when r ⟂ μ;
 * projected abliteration: every residual-writing row has zero component along r', and the edited model equals
@@ -15,11 +15,12 @@ import json
 import numpy as np
 import pytest
 
-from refusal_jax import Intervention, edits, forward
-from refusal_jax.config import tiny_config
+from refusal_jax import Intervention, forward
+from refusal_jax.method import edits
+from refusal_jax.model.config import tiny_config
 from refusal_jax.errors import ConfigError, DataError
 from refusal_jax.orthogonalize import orthogonalize, untied_config
-from refusal_jax.params import init_random, to_flat
+from refusal_jax.model.params import init_random, to_flat
 from tests.hf_tiny import left_padded_batch
 
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from refusal_jax import Intervention, forward
-from refusal_jax.config import ModelConfig, RopeConfig, from_hf_config, tiny_config
+from refusal_jax.model.config import ModelConfig, RopeConfig, from_hf_config, tiny_config
 from refusal_jax.convert import engine, export_hf, safetensors_io
 from refusal_jax.convert.hf import load_hf
 from refusal_jax.errors import CheckpointError, ConfigError
-from refusal_jax.params import init_random, to_flat
+from refusal_jax.model.params import init_random, to_flat
 from tests.hf_tiny import hf_forward, left_padded_batch, make_hf_model
 
 TOL = 1e-4
@@ -262,7 +262,7 @@ def test_cli_export_equals_ablation(hf_src, tmp_path):
     assert gen["eos_token_id"] == tok.convert_tokens_to_ids("<|im_end|>")
 
     # the refusal_jax checkpoint holds the same edited model
-    from refusal_jax import checkpoint
+    from refusal_jax.convert import checkpoint
 
     ccfg, cparams, _ = checkpoint.load(ckpt)
     assert ccfg.tie_embeddings is False and cparams.lm_head is not None

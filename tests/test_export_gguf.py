@@ -24,13 +24,13 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from refusal_jax import forward  # noqa: E402
-from refusal_jax.config import ModelConfig, RopeConfig, tiny_config  # noqa: E402
+from refusal_jax.model.config import ModelConfig, RopeConfig, tiny_config  # noqa: E402
 from refusal_jax.convert import export_gguf, export_hf  # noqa: E402
 from refusal_jax.convert.gguf import load_gguf, permute_qk, read_gguf  # noqa: E402
 from refusal_jax.convert.hf import load_hf  # noqa: E402
 from refusal_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from refusal_jax.orthogonalize import orthogonalize, untied_config  # noqa: E402
-from refusal_jax.params import init_random, to_flat  # noqa: E402
+from refusal_jax.model.params import init_random, to_flat  # noqa: E402
 from tests.hf_tiny import left_padded_batch  # noqa: E402
 
 LLAMA3 = RopeConfig(theta=5e5, rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -330,7 +330,7 @@ def test_type_changes_and_k_quant_fallback(source_gguf, tmp_path):
 
 
 def test_large_gguf_conversion_is_cached_and_reused(source_gguf, tmp_path, monkeypatch):
-    from refusal_jax import loading
+    from refusal_jax.convert import loading
 
     monkeypatch.setenv("REFUSAL_JAX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(loading, "GGUF_CACHE_MIN_BYTES", 0)  # the tiny file counts as large

@@ -23,10 +23,12 @@ import pytest
 
 pytest.importorskip("torch")
 
-from refusal_jax import Intervention, directions, extract, forward, templates  # noqa: E402
+from refusal_jax import Intervention, extract, forward  # noqa: E402
+from refusal_jax.method import directions
+from refusal_jax.prompts import templates
 from refusal_jax.convert import qwen1, safetensors_io  # noqa: E402
 from refusal_jax.convert.hf import load_hf  # noqa: E402
-from refusal_jax.config import tiny_config  # noqa: E402
+from refusal_jax.model.config import tiny_config  # noqa: E402
 from refusal_jax.errors import ConfigError  # noqa: E402
 from refusal_jax.orthogonalize import orthogonalize, untied_config  # noqa: E402
 from tests.hf_tiny import left_padded_batch, make_hf_model  # noqa: E402
@@ -248,7 +250,7 @@ def check_orthogonalization(cfg, params, r):
 @pytest.mark.parametrize("family", SLOW)
 def test_orthogonalization_equals_ablation_tiny(family):
     """The families whose end-to-end run is marked slow, on tiny configs with their flags (tests/test_export.py)."""
-    from refusal_jax.params import init_random
+    from refusal_jax.model.params import init_random
     from tests.test_export import CONFIGS
 
     cfg = CONFIGS.get(family) or tiny_config(family, architecture="QWenLMHeadModel")

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from refusal_jax import Intervention, KVCache, forward
-from refusal_jax.config import tiny_config
-from refusal_jax.generate import cut_at_stop, greedy_generate
-from refusal_jax.params import init_random, unstack_layers
+from refusal_jax.model.config import tiny_config
+from refusal_jax.model.generate import cut_at_stop, greedy_generate
+from refusal_jax.model.params import init_random, unstack_layers
 from tests.hf_tiny import left_padded_batch
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from refusal_jax import judge
+from refusal_jax.evaluation import judge
 from refusal_jax.errors import ConfigError, DataError
 
 # float32 (jax, stable log-space) vs float64 (numpy, reference formula). Scores are bounded by

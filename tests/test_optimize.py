@@ -21,9 +21,9 @@ import optax
 import pytest
 
 from refusal_jax import optimize
-from refusal_jax.config import tiny_config
+from refusal_jax.model.config import tiny_config
 from refusal_jax.errors import RunError
-from refusal_jax.params import init_random
+from refusal_jax.model.params import init_random
 
 
 

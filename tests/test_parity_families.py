@@ -12,8 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from refusal_jax import Intervention, KVCache, forward  # noqa: E402
-from refusal_jax.config import RopeConfig, from_hf_config  # noqa: E402
-from refusal_jax.model import rms_norm  # noqa: E402
+from refusal_jax.model.config import RopeConfig, from_hf_config  # noqa: E402
+from refusal_jax.model.transformer import rms_norm  # noqa: E402
 from tests.hf_tiny import MORE_FAMILIES, hf_forward, left_padded_batch, save_and_convert  # noqa: E402
 
 TOL = 1e-4  # max abs difference, float32 both sides

@@ -58,7 +58,7 @@ def test_pipeline_runs_all_stages_and_resumes(tiny, tmp_path, capsys):
 def test_interrupted_stage_resumes(tiny, tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = base_args(tiny, out, n_test=True) + ["--max-new-tokens", "3", "--gen-batch-size", "2"]
-    import refusal_jax.generate as gen
+    import refusal_jax.model.generate as gen
 
     real = gen.generate_completions
     calls = {"n": 0}

@@ -1,11 +1,12 @@
-"""The selection figures show what was chosen and why (refusal_jax.plots), read back from the matplotlib figure
+"""The selection figures show what was chosen and why (refusal_jax.method.plots), read back from the matplotlib figure
 before it is saved: the selected candidate is a star at its (layer, score), the baseline and every threshold are
 drawn at their values, rejected candidates are grey and labelled with their reasons, axes are in words."""
 
 import numpy as np
 import pytest
 
-from refusal_jax import directions, plots, runs
+from refusal_jax.method import directions, plots
+from refusal_jax.runs import rundir as runs
 
 N_LAYERS = 10
 FILT = {"kl_threshold": 0.1, "induce_threshold": -1.0, "prune_layer_fraction": 0.2}

@@ -19,7 +19,9 @@ import json
 import numpy as np
 import pytest
 
-from refusal_jax import directions, extract, pipeline, presets
+from refusal_jax import extract, pipeline
+from refusal_jax.method import directions
+from refusal_jax.runs import presets
 from tests.test_pipeline_cli import tiny  # noqa: F401  (module-scoped fixture)
 
 

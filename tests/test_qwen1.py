@@ -11,8 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 regex = pytest.importorskip("regex")
 
-from refusal_jax import forward, templates  # noqa: E402
-from refusal_jax.config import from_hf_config  # noqa: E402
+from refusal_jax import forward  # noqa: E402
+from refusal_jax.prompts import templates
+from refusal_jax.model.config import from_hf_config  # noqa: E402
 from refusal_jax.convert import engine, qwen1, safetensors_io  # noqa: E402
 from refusal_jax.convert.hf import load_hf  # noqa: E402
 from refusal_jax.errors import CheckpointError, ConfigError  # noqa: E402

@@ -70,7 +70,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.mark.parametrize("code,line", PYTHON, ids=[f"README.md:{line}" for _, line in PYTHON])
 def test_python_block_runs(code, line, tiny_model, tmp_path):
-    from refusal_jax.checkpoint import load_config
+    from refusal_jax.convert.checkpoint import load_config
 
     code = code.replace(f'"{BUNDLED}"', repr(str(tiny_model)))
     d_model = load_config(tiny_model).d_model

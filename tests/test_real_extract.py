@@ -37,7 +37,7 @@ def test_gemma3_270m_extraction_runs(tmp_path):
 
 
 def test_smollm2_extraction_runs(tmp_path):
-    from refusal_jax import bundled
+    from refusal_jax.convert import bundled
 
     if not bundled.is_known_model("smollm2-135m-instruct") or \
             not bundled.known_models()[bundled.resolve_name("smollm2-135m-instruct")].available:

@@ -22,7 +22,7 @@ def models():
     from transformers import AutoModelForCausalLM
 
     import refusal_jax
-    from refusal_jax import bundled
+    from refusal_jax.convert import bundled
 
     path = bundled.model_path(bundled.DEFAULT_MODEL)
     ours = refusal_jax.load_model(bundled.DEFAULT_MODEL, progress=False)
@@ -33,9 +33,9 @@ def models():
 def test_greedy_tokens_match_transformers_generate(models):
     import torch
 
-    from refusal_jax import templates
-    from refusal_jax.generate import cut_at_stop, greedy_generate, stop_token_ids
-    from refusal_jax.batching import bucketed, encode, pad_id
+    from refusal_jax.prompts import templates
+    from refusal_jax.model.generate import cut_at_stop, greedy_generate, stop_token_ids
+    from refusal_jax.model.batching import bucketed, encode, pad_id
 
     ours, hf = models
     tok = ours.tokenizer

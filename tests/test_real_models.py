@@ -76,7 +76,7 @@ def _hf_last_logits(model, tokens, mask):
 def _our_last_logits(cfg, params, tokens, mask):
     import jax
 
-    from refusal_jax.model import forward
+    from refusal_jax.model.transformer import forward
 
     params = jax.device_put(params)
     out = forward(params, cfg, jax.numpy.asarray(tokens), jax.numpy.asarray(mask), logits="last")
@@ -151,7 +151,7 @@ def _check_parity(name, cfg, run: Run, bound):
 
 @pytest.fixture(scope="module")
 def qwen_path():
-    from refusal_jax.bundled import ModelNotInstalledError, default_model_path
+    from refusal_jax.convert.bundled import ModelNotInstalledError, default_model_path
 
     try:
         return default_model_path(progress=False)
@@ -221,7 +221,7 @@ def test_qwen_logits_match_transformers(qwen_ours, qwen_run):
 
 @pytest.fixture(scope="module")
 def smol_path():
-    from refusal_jax.bundled import ModelNotInstalledError, model_path
+    from refusal_jax.convert.bundled import ModelNotInstalledError, model_path
 
     try:
         return model_path("smollm2-135m-instruct", progress=False)

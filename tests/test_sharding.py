@@ -1,4 +1,4 @@
-"""Sharded = single-device, on 8 simulated CPU devices; plus the rule / mesh-spec checks of refusal_jax.sharding.
+"""Sharded = single-device, on 8 simulated CPU devices; plus the rule / mesh-spec checks of refusal_jax.model.sharding.
 
 The 8-device computations run in a subprocess (tests/_sharding_worker.py), because XLA_FLAGS must set the host
 device count before jax initialises, and this pytest process already runs jax on one device. Tolerance: every
@@ -19,10 +19,10 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
 
-from refusal_jax import sharding as shd
-from refusal_jax.config import tiny_config
+from refusal_jax.model import sharding as shd
+from refusal_jax.model.config import tiny_config
 from refusal_jax.errors import ConfigError
-from refusal_jax.params import from_flat, param_shapes
+from refusal_jax.model.params import from_flat, param_shapes
 
 TOL = 1e-5
 MESHES = ["data=4,model=2", "data=8,model=1", "data=2,model=4"]
@@ -149,7 +149,7 @@ def test_shard_params_and_cache_on_one_device():
     np.testing.assert_array_equal(np.asarray(placed.layers.q), np.asarray(params.layers.q))
     with pytest.raises(ConfigError, match="lm_head"):
         shd.shard_params(params, tiny_config("qwen2", tie_embeddings=False), mesh)
-    from refusal_jax.model import KVCache
+    from refusal_jax.model.transformer import KVCache
     cache = shd.shard_cache(KVCache.init(cfg, 2, 8), cfg, mesh)
     assert cache.k.sharding.mesh == mesh and cache.k.shape == (2, 2, 8, 2, 8)  # [L, B, S, K, H]
     per_layer = shd.shard_cache(KVCache.init(cfg, 2, 8, per_layer=True), cfg, mesh)

@@ -1,4 +1,4 @@
-"""Refusal subspaces (refusal_jax.subspace) and the statistics of refusal_jax.stats.
+"""Refusal subspaces (refusal_jax.method.subspace) and the statistics of refusal_jax.evaluation.stats.
 
 subspace:
 * PCA bases are orthonormal, equal numpy's eigenvectors of XᵀX (up to the documented sign), and their first
@@ -23,11 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from refusal_jax import Intervention, directions, forward, judge, stats, subspace
-from refusal_jax.batching import bucketed
-from refusal_jax.config import tiny_config
+from refusal_jax import Intervention, forward
+from refusal_jax.evaluation import judge, stats
+from refusal_jax.method import directions, subspace
+from refusal_jax.model.batching import bucketed
+from refusal_jax.model.config import tiny_config
 from refusal_jax.errors import DataError
-from refusal_jax.params import init_random
+from refusal_jax.model.params import init_random
 from tests.hf_tiny import left_padded_batch
 
 
@@ -221,7 +223,7 @@ def test_independence_penalty():
 
 
 # --------------------------------------------------------------------------------------------------
-# refusal_jax.stats (kept here: statistics of directions and refusal rates)
+# refusal_jax.evaluation.stats (kept here: statistics of directions and refusal rates)
 
 
 def test_refusal_rate_ci_is_the_bootstrap_of_the_judgements():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from refusal_jax.errors import ConfigError, DataError
-from refusal_jax.templates import (
+from refusal_jax.prompts.templates import (
     TEMPLATES, ChatFormat, _common_suffix, chat_format_for, check_eoi_alignment, eoi_tokens, format_instructions,
     refusal_token_ids, tokenize)
 
@@ -113,7 +113,7 @@ def _sha256(path):
 
 def _qwen_gguf(tmp_path_factory):
     try:  # written in parallel by someone else; use it when it is there
-        from refusal_jax.bundled import default_model_path
+        from refusal_jax.convert.bundled import default_model_path
 
         path = Path(default_model_path(progress=False))
         if path.is_file():

@@ -32,7 +32,7 @@ def test_wheel_layout(wheel):
 
 
 def test_installed_wheel_imports_and_converts(wheel, tmp_path):
-    from refusal_jax.config import from_hf_config
+    from refusal_jax.model.config import from_hf_config
     from refusal_jax.convert import safetensors_io
 
     target = tmp_path / "site"

@@ -31,9 +31,9 @@ def chat_tokenizer():
 
 
 def save_tiny_chat_model(path: Path, family: str = "qwen2", seed: int = 0) -> Path:
-    from refusal_jax import checkpoint
-    from refusal_jax.config import tiny_config
-    from refusal_jax.params import init_random
+    from refusal_jax.convert import checkpoint
+    from refusal_jax.model.config import tiny_config
+    from refusal_jax.model.params import init_random
 
     tok = chat_tokenizer()
     cfg = tiny_config(family, vocab_size=len(tok), n_layers=3)

@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refusal_jax.batching import bucketed, encode, pad_id
-from refusal_jax.config import ModelConfig
-from refusal_jax.model import Intervention, KVCache, _forward
-from refusal_jax.params import Params, unembedding, unstack_layers
+from refusal_jax.model.batching import bucketed, encode, pad_id
+from refusal_jax.model.config import ModelConfig
+from refusal_jax.model.transformer import Intervention, KVCache, _forward
+from refusal_jax.model.params import Params, unembedding, unstack_layers
 
 # End-of-turn tokens of the supported chat formats; generation stops at these and at the tokenizer's EOS.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|end_of_text|>")
@@ -136,7 +136,7 @@ def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[
     for batch in batches:
         tokens, mask = batch.tokens, batch.mask
         if mesh is not None:  # prompts split over the data axis; the KV cache follows inside jit
-            from refusal_jax import sharding
+            from refusal_jax.model import sharding
 
             tokens, mask = sharding.shard_batch(tokens, mesh), sharding.shard_batch(mask, mesh)
         gen = np.asarray(greedy_generate(params, cfg, tokens, mask, intervention,

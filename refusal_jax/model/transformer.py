@@ -8,7 +8,7 @@ block has three intervention sites, each the exact tensor that enters or is adde
   mlp_out[l]    what the MLP sub-block adds to the residual (after Gemma-2/3's post-norm)
 
 Interventions are data (`Intervention`, a pytree of arrays), never Python control flow, so a sweep over
-directions, layers or coefficients reuses one compiled program. Axis letters: see `refusal_jax.params`.
+directions, layers or coefficients reuses one compiled program. Axis letters: see `refusal_jax.model.params`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from refusal_jax.config import ModelConfig, RopeConfig
-from refusal_jax.params import LayerParams, Params, unembedding
+from refusal_jax.model.config import ModelConfig, RopeConfig
+from refusal_jax.model.params import LayerParams, Params, unembedding
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "resid_final")
 LOGITS_MODES = ("all", "last", "none")
@@ -400,7 +400,7 @@ forward = jax.jit(_forward, static_argnames=("cfg", "capture", "capture_last", "
 forward.__doc__ = """Run the model.
 
 Args:
-  params: the parameter pytree (`refusal_jax.params.Params`).
+  params: the parameter pytree (`refusal_jax.model.params.Params`).
   cfg: the static ModelConfig.
   tokens: [B, T] int token ids, left-padded.
   attention_mask: [B, T] 1 for real tokens, 0 for padding (default all ones). RoPE positions count real tokens

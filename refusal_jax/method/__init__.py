@@ -1,0 +1,1 @@
+"""The method: difference-in-means directions and their selection, subspaces, weight edits."""

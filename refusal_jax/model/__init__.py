@@ -1,0 +1,1 @@
+"""The transformer: configuration, parameters, the scanned forward with interventions, generation, batching, sharding."""

@@ -1,0 +1,1 @@
+"""Prompts: instruction datasets and chat templates."""
