@@ -2,15 +2,19 @@
 
 __version__ = "0.1.0"
 
-from refusal_jax.model.config import ModelConfig, from_hf_config  # noqa: E402
+from refusal_jax.api import evaluate, extract_direction, generate, orthogonalized  # noqa: E402
+from refusal_jax.convert.loading import LoadedModel, load_model  # noqa: E402
 from refusal_jax.errors import (  # noqa: E402
     CheckpointError, ChecksumError, ConfigError, DataError, RefusalJaxError, RunError)
-from refusal_jax.convert.loading import LoadedModel, load_model  # noqa: E402
-from refusal_jax.model.transformer import Intervention, KVCache, Output, forward  # noqa: E402
+from refusal_jax.method.selection import Extraction, SelectionSettings  # noqa: E402
+from refusal_jax.model.config import ModelConfig, from_hf_config  # noqa: E402
 from refusal_jax.model.params import LayerParams, Params  # noqa: E402
+from refusal_jax.model.transformer import Intervention, KVCache, Output, forward  # noqa: E402
+from refusal_jax.prompts.datasets import DataSettings, sample_sets  # noqa: E402
 
 __all__ = [
-    "CheckpointError", "ChecksumError", "ConfigError", "DataError", "Intervention", "KVCache", "LayerParams",
-    "LoadedModel", "ModelConfig", "Output", "Params", "RefusalJaxError", "RunError", "forward", "from_hf_config",
-    "load_model",
+    "CheckpointError", "ChecksumError", "ConfigError", "DataError", "DataSettings", "Extraction", "Intervention",
+    "KVCache", "LayerParams", "LoadedModel", "ModelConfig", "Output", "Params", "RefusalJaxError", "RunError",
+    "SelectionSettings", "evaluate", "extract_direction", "forward", "from_hf_config", "generate", "load_model",
+    "orthogonalized", "sample_sets",
 ]

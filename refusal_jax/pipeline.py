@@ -14,22 +14,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import random
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from refusal_jax.errors import DataError, RunError
 from refusal_jax.evaluation import judge
-from refusal_jax.method import directions
-from refusal_jax.method import plots
+from refusal_jax.method import directions, plots, selection
+from refusal_jax.method.selection import SelectionSettings
 from refusal_jax.prompts import datasets, templates
+from refusal_jax.prompts.chat import ChatPrompts
 from refusal_jax.runs import presets
 from refusal_jax.runs import rundir as runs
-from refusal_jax.model.batching import bucketed, encode, pad_id
 from refusal_jax.runs.cli import main_wrapper
-from refusal_jax.errors import DataError, RunError
 
 # --------------------------------------------------------------------------------------------------
 # command-line arguments shared by extract and pipeline
@@ -145,6 +144,21 @@ def _int_list(text: str) -> list[int]:
     return out
 
 
+def selection_settings(args: argparse.Namespace) -> SelectionSettings:
+    """The "selection" flags (and --no-filter) as settings."""
+    return SelectionSettings(positions=args.positions, layers=args.layers, kl_threshold=args.kl_threshold,
+                             induce_threshold=args.induce_threshold, induce_relative=args.induce_relative,
+                             prune_layer_fraction=args.prune_layer_fraction, filter=not args.no_filter,
+                             min_val_refused=args.min_val_refused or 0, batch_size=args.batch_size,
+                             chunk=args.chunk, chat_style=args.chat_style, eoi_mode=args.eoi_mode)
+
+
+def data_settings(args: argparse.Namespace) -> datasets.DataSettings:
+    """The "data" flags as settings."""
+    return datasets.DataSettings(harmful=args.harmful, harmless=args.harmless, data_dir=args.data_dir,
+                                 n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed)
+
+
 # --------------------------------------------------------------------------------------------------
 # the run context
 
@@ -162,20 +176,18 @@ class Run:
     data: dict[str, list]  # instruction lists / records
     progress: bool
     mesh: Any = None
+    selection: SelectionSettings = SelectionSettings()
+    config: dict = dataclasses.field(default_factory=dict)  # the recorded run config (run_config.json)
+
+    @property
+    def chat(self) -> ChatPrompts:
+        return ChatPrompts(self.tokenizer, self.fmt, tuple(self.eoi), self.refusal_ids)
 
     def prompts(self, instructions: Sequence[str], outputs=None) -> list[str]:
-        return templates.format_instructions(self.fmt, list(instructions), outputs)
+        return self.chat.texts(instructions, outputs)
 
     def batches(self, instructions: Sequence[str], batch_size: int | None = None):
-        ids = encode(self.tokenizer, self.prompts(instructions))
-        eoi = self.eoi
-        for seq, text in zip(ids, instructions):
-            if seq[-len(eoi):] != eoi:
-                raise RunError(f"templated prompt does not end with the post-instruction tokens {eoi}: {text[:60]!r}"
-                               " (try --eoi-mode)")
-        # Small (filtered) sets get a smaller batch rather than filler rows.
-        size = min(batch_size or self.args.batch_size, len(ids))
-        batches = list(bucketed(ids, size, pad_id(self.tokenizer)))
+        batches = self.chat.batches(instructions, batch_size or self.selection.batch_size)
         if self.mesh is not None:
             from refusal_jax.model import sharding
 
@@ -186,42 +198,6 @@ class Run:
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress, leave=False)
-
-
-def _sample_data(args) -> tuple[dict[str, list], dict]:
-    """Train/val instruction lists and eval/test records, plus a description for the run config."""
-    if args.data_dir and not (args.harmful or args.harmless):
-        sampled = datasets.sample_reference(args.data_dir, args.n_train, args.n_val)
-        rng = sampled.pop("rng")
-        jbb = datasets.reference_split(args.data_dir, "jailbreakbench")[: args.n_test]
-        sampled["harmful_test"] = jbb
-        sampled["harmless_test"] = datasets.sample_reference_test(rng, args.data_dir, args.n_test)
-        # spare harmful val prompts (for --min-val-refused): the rest of the reference's harmful val split
-        taken = set(sampled["harmful_val"])
-        spare = [x for x in datasets.reference_split(args.data_dir, "harmful_val", instructions_only=True)
-                 if x not in taken]
-        random.Random(args.seed).shuffle(spare)
-        sampled["harmful_val_pool"] = spare
-        return sampled, {"source": "reference_splits", "harmful_eval_name": "jailbreakbench"}
-    bundled_harmful, bundled_harmless = datasets.default_records()
-    out, source = {}, {}
-    for kind, path, bundled in (("harmful", args.harmful, bundled_harmful),
-                                ("harmless", args.harmless, bundled_harmless)):
-        records = datasets.load_records(path) if path else bundled
-        source[kind] = str(path) if path else "bundled"
-        records = list(records)
-        random.Random(args.seed).shuffle(records)
-        need = args.n_train + args.n_val
-        if len(records) < need + 1:
-            raise DataError(f"{source[kind]} {kind} set has {len(records)} prompts; --n-train {args.n_train} + "
-                            f"--n-val {args.n_val} need {need}, plus at least one test prompt")
-        out[f"{kind}_train"] = [r["instruction"] for r in records[: args.n_train]]
-        out[f"{kind}_val"] = [r["instruction"] for r in records[args.n_train:need]]
-        out[f"{kind}_test"] = records[need: need + args.n_test]
-        if kind == "harmful":  # spare val prompts, from the end of the list (independent of --n-test)
-            out["harmful_val_pool"] = [r["instruction"] for r in reversed(records[need:])]
-    source["harmful_eval_name"] = "harmful"
-    return out, source
 
 
 def settings(args, data_source: dict, data: dict, test_sets: bool = True) -> dict:
@@ -252,7 +228,8 @@ def setup(args, extra_config: dict | None = None, test_sets: bool = True) -> Run
 
     presets.apply(args)
     progress = not args.no_progress
-    data, data_source = _sample_data(args)
+    sel = selection_settings(args)
+    data, data_source = datasets.sample_sets(data_settings(args))
     for key, values in data.items():
         if not values and key != "harmful_val_pool":
             raise DataError(f"the {key} set is empty")
@@ -260,9 +237,9 @@ def setup(args, extra_config: dict | None = None, test_sets: bool = True) -> Run
     out = Path(args.out) if args.out else default_out(args, known)
     runs.check_settings(out, known, overwrite=args.overwrite)  # before the model load: fail fast
     model = load_model(args.model, dtype=args.dtype, progress=progress)
-    fmt = templates.chat_format_for(model.cfg.family, model.tokenizer, style=presets.chat_style(args, model.tokenizer))
-    eoi = templates.eoi_tokens(fmt, model.tokenizer, args.eoi_mode)
-    refusal_ids = tuple(int(i) for i in fmt.refusal_token_ids)
+    sel = dataclasses.replace(sel, chat_style=presets.chat_style(args, model.tokenizer))
+    chat = ChatPrompts.for_model(model.cfg.family, model.tokenizer, sel.chat_style, sel.eoi_mode)
+    fmt, eoi, refusal_ids = chat.fmt, list(chat.eoi), chat.refusal_ids
     params, mesh = model.params, None
     if args.mesh:
         from refusal_jax.model import sharding
@@ -273,7 +250,7 @@ def setup(args, extra_config: dict | None = None, test_sets: bool = True) -> Run
     config = {**known, "model_config": model.cfg.to_dict(), "template": fmt.template, "eoi_tokens": eoi,
               "refusal_token_ids": refusal_ids}
     runs.open_run(out, config, overwrite=args.overwrite)
-    return Run(args, out, params, model.cfg, model.tokenizer, fmt, eoi, refusal_ids, data, progress, mesh)
+    return Run(args, out, params, model.cfg, model.tokenizer, fmt, eoi, refusal_ids, data, progress, mesh, sel, config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,41 +262,39 @@ def stage_filter(run: Run) -> dict[str, list[str]]:
 
     With --min-val-refused N, harmful val prompts are drawn from the spare pool (`harmful_val_pool`), n_val at a
     time, until N are refused or the pool runs out; drawn test prompts leave the test set."""
-    path = run.out / "datasets" / "filtered.json"
+    path = run.out / selection.FILTERED
     if path.exists():
         record = runs.read_json(path)
         _drop_drawn_from_test(run, record.get("drawn_val", []))
         return record["sets"]
-    sets = {k: run.data[k] for k in ("harmful_train", "harmless_train", "harmful_val", "harmless_val")}
+    sets = {k: run.data[k] for k in selection.SETS}
     scores, drawn = {}, []
-    want = run.args.min_val_refused or 0
-    if not run.args.no_filter:
-        bar = run.bar(sum(len(v) for v in sets.values()), "filter: baseline refusal score", unit="prompt")
+    if run.selection.filter:
+        with run.bar(sum(len(v) for v in sets.values()), "filter: baseline refusal score", unit="prompt") as bar:
 
-        def keep(key, instructions):
-            s = directions.baseline_refusal_scores(run.params, run.cfg, run.batches(instructions), run.refusal_ids)
-            scores.setdefault(key, []).extend(s.tolist())
-            bar.update(len(instructions))
-            return [x for x, k in zip(instructions, s > 0 if key.startswith("harmful") else s < 0) if k]
+            def keep(key, instructions):
+                s = directions.baseline_refusal_scores(run.params, run.cfg, run.batches(instructions),
+                                                       run.refusal_ids)
+                scores.setdefault(key, []).extend(s.tolist())
+                bar.update(len(instructions))
+                return [x for x, k in zip(instructions, s > 0 if key.startswith("harmful") else s < 0) if k]
 
-        for key, instructions in list(sets.items()):
-            sets[key] = keep(key, instructions)
-        pool = list(run.data.get("harmful_val_pool", []))
-        while len(sets["harmful_val"]) < want and pool:
-            more, pool = pool[: run.args.n_val], pool[run.args.n_val:]
-            bar.total += len(more)
-            drawn += more
-            sets["harmful_val"] += keep("harmful_val", more)
-        bar.close()
+            for key, instructions in list(sets.items()):
+                sets[key] = keep(key, instructions)
+            pool = list(run.data.get("harmful_val_pool", []))
+            while len(sets["harmful_val"]) < run.selection.min_val_refused and pool:
+                more, pool = pool[: run.args.n_val], pool[run.args.n_val:]
+                bar.total += len(more)
+                drawn += more
+                sets["harmful_val"] += keep("harmful_val", more)
         empty = [k for k, v in sets.items() if not v]
         if empty:
             raise RunError(f"after filtering by the baseline refusal score, {', '.join(empty)} is empty: the model "
                            "does not refuse those harmful prompts (or refuses all harmless ones). Use more or other "
                            "prompts, another --chat-style, or --no-filter.")
     _drop_drawn_from_test(run, drawn)
-    runs.write_json(path, {"sets": sets, "baseline_scores": scores, "drawn_val": drawn,
-                           "sizes": {k: len(v) for k, v in sets.items()},
-                           "harmful_val_scored": len(run.data["harmful_val"]) + len(drawn)})
+    selection.write_filtered(run.out, sets, scores, drawn_val=drawn,
+                             harmful_val_scored=len(run.data["harmful_val"]) + len(drawn))
     return sets
 
 
@@ -330,20 +305,14 @@ def _drop_drawn_from_test(run: Run, drawn: list[str]) -> None:
 
 
 def stage_directions(run: Run, sets) -> np.ndarray:
-    path = run.out / "generate_directions" / "mean_diffs.npy"
+    path = run.out / selection.MEAN_DIFFS
     if path.exists():
         return np.load(path)
     harmful, harmless = run.batches(sets["harmful_train"]), run.batches(sets["harmless_train"])
-    bar = run.bar(len(harmful) + len(harmless), "mean activations, harmful + harmless train", unit="batch")
-    n_pos = len(run.eoi)
-    mean_harmless = directions.mean_activations(run.params, run.cfg, harmless, n_pos, bar.update)
-    diffs = directions.mean_activations(run.params, run.cfg, harmful, n_pos, bar.update) - mean_harmless
-    bar.close()
-    if not np.isfinite(diffs).all():
-        raise RunError("mean activations contain NaN or infinite values (check the model dtype / weights)")
-    # the harmless mean feeds projected / norm-preserving abliteration (orthogonalize --harmless-mean)
-    runs.write_npy(path.with_name("mean_harmless.npy"), mean_harmless)
-    runs.write_npy(path, diffs)
+    with run.bar(len(harmful) + len(harmless), "mean activations, harmful + harmless train", unit="batch") as bar:
+        diffs, mean_harmless = selection.candidate_directions(run.params, run.cfg, harmful, harmless, len(run.eoi),
+                                                              bar.update)
+    selection.write_candidates(run.out, diffs, mean_harmless)
     return diffs
 
 
@@ -352,53 +321,35 @@ def stage_directions(run: Run, sets) -> np.ndarray:
 
 
 def stage_select(run: Run, sets, diffs: np.ndarray) -> tuple[int, int, np.ndarray]:
-    meta_path, dir_path = run.out / "direction_metadata.json", run.out / "direction.npy"
-    sel = run.out / "select_direction"
-    if runs.done(meta_path, dir_path, sel / "direction_evaluations.json"):
+    meta_path, dir_path = run.out / selection.METADATA, run.out / selection.DIRECTION
+    if runs.done(meta_path, dir_path, run.out / selection.EVALUATIONS):
         meta = runs.read_json(meta_path)
         return meta["pos"], meta["layer"], np.load(dir_path)
-    a = run.args
-    layers = presets.middle_layers(run.cfg.n_layers, a.prune_layer_fraction) if a.layers == "middle" else a.layers
-    grid = directions.candidate_grid(run.cfg, len(run.eoi), a.positions, layers)
+    s = run.selection
     harmful_val, harmless_val = run.batches(sets["harmful_val"]), run.batches(sets["harmless_val"])
-    # progress counts candidate x batch evaluations over the three scores
-    n_live = len(directions.live_candidates(diffs, grid))
-    # progress counts candidate x batch evaluations over the three scores
-    bar = run.bar(n_live * (len(harmful_val) + 2 * len(harmless_val)),
-                  f"selection: {n_live} candidates x 3 scores", unit="candidate-batch")
-    t0 = time.perf_counter()
-    evaluations, baselines = directions.score_candidates(run.params, run.cfg, diffs, harmful_val, harmless_val,
-                                                         run.refusal_ids, grid, chunk=a.chunk, progress=bar.update)
-    bar.close()
-    sweep_s = time.perf_counter() - t0
-    base_harmful, base_harmless = baselines["harmful_refusal_score"], baselines["harmless_refusal_score"]
-    runs.write_json(sel / "direction_evaluations.json", evaluations)
-    filt = dict(kl_threshold=a.kl_threshold, induce_threshold=presets.induce_threshold(a, base_harmful, base_harmless),
-                prune_layer_fraction=a.prune_layer_fraction)
-    runs.write_json(sel / "baseline_scores.json", {"harmful_val_refusal_score": float(base_harmful),
-                                                  "harmless_val_refusal_score": float(base_harmless),
-                                                  "sweep_seconds": sweep_s, "n_candidates": len(grid), **filt})
-    base = {"harmful": base_harmful, "harmless": base_harmless}
+    steps = selection.sweep_steps(diffs, run.cfg, s, len(harmful_val), len(harmless_val))
+    n_live = steps // max(len(harmful_val) + 2 * len(harmless_val), 1)
+    with run.bar(steps, f"selection: {n_live} candidates x 3 scores", unit="candidate-batch") as bar:
+        evaluations, baselines = selection.score_grid(run.params, run.cfg, diffs, harmful_val, harmless_val,
+                                                      run.refusal_ids, s, bar.update)
+    runs.write_json(run.out / selection.EVALUATIONS, evaluations)
+    filt = s.filters(baselines)
+    runs.write_json(run.out / selection.BASELINES, {**baselines, **filt})
     try:
         best, survivors = directions.select(evaluations, run.cfg.n_layers, **filt)
     except RunError:
-        plots.plot_selection(evaluations, run.cfg.n_layers, sel, base, filt, None)
+        selection.plot_scores(evaluations, run.cfg.n_layers, run.out / selection.EVALUATIONS.parent, baselines, filt)
         raise
     pos, layer = best["position"], best["layer"]
-    plots.plot_selection(evaluations, run.cfg.n_layers, sel, base, filt, (pos, layer))
-    runs.write_json(sel / "direction_evaluations_filtered.json", survivors)
+    selection.plot_scores(evaluations, run.cfg.n_layers, run.out / selection.EVALUATIONS.parent, baselines, filt,
+                          (pos, layer))
     direction = diffs[pos, layer]
-    runs.write_npy(dir_path, direction)
-    run_cfg = runs.read_json(run.out / runs.RUN_CONFIG)
-    runs.write_json(meta_path, {
-        "pos": pos, "layer": layer, "model": str(a.model), "config_hash": run_cfg["hash"],
-        "data_hashes": run_cfg["config"]["data_hashes"], "refusal_score": best["refusal_score"],
-        "steering_score": best["steering_score"], "kl_div_score": best["kl_div_score"],
-        "n_survivors": len(survivors), "direction_norm": float(np.linalg.norm(direction)),
-        "baseline_refusal_score": float(base_harmful), "baseline_steering_score": float(base_harmless),
-        "induce_threshold": filt["induce_threshold"], "kl_threshold": filt["kl_threshold"],
-        "n_harmful_val": len(sets["harmful_val"]), "n_harmless_val": len(sets["harmless_val"]),
-    })
+    selection.write_selected(run.out, direction, best, survivors, model=run.config["model"],
+                             config_hash=runs.config_hash(run.config), data_hashes=run.config["data_hashes"],
+                             baseline_refusal_score=baselines["harmful_val_refusal_score"],
+                             baseline_steering_score=baselines["harmless_val_refusal_score"],
+                             induce_threshold=filt["induce_threshold"], kl_threshold=filt["kl_threshold"],
+                             n_harmful_val=len(sets["harmful_val"]), n_harmless_val=len(sets["harmless_val"]))
     return pos, layer, direction
 
 
@@ -416,11 +367,28 @@ def interventions_for(run: Run, layer: int, direction: np.ndarray):
     }
 
 
-def stage_completions(run: Run, layer: int, direction: np.ndarray) -> dict[str, Path]:
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """Stages 3-5 (the pipeline's "completions and evaluation" flags)."""
+
+    max_new_tokens: int = 512
+    gen_batch_size: int = 8
+    loss_batch_size: int = 2
+    loss_texts: tuple[str, ...] = ()
+    reference_judge: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EvalSettings:
+        return cls(max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
+                   loss_batch_size=args.loss_batch_size, loss_texts=tuple(args.loss_texts or ()),
+                   reference_judge=args.reference_judge)
+
+
+def stage_completions(run: Run, layer: int, direction: np.ndarray, settings: EvalSettings) -> dict[str, Path]:
     from refusal_jax.model.generate import generate_completions
 
     ivs = interventions_for(run, layer, direction)
-    harmful_name = runs.read_json(run.out / runs.RUN_CONFIG)["config"]["data"]["harmful_eval_name"]
+    harmful_name = run.config["data"]["harmful_eval_name"]
     jobs = [(harmful_name, "baseline", None), (harmful_name, "ablation", ivs["ablation"]),
             (harmful_name, "actadd", ivs["actadd"](-1.0)),
             ("harmless", "baseline", None), ("harmless", "actadd", ivs["actadd"](1.0))]
@@ -432,19 +400,19 @@ def stage_completions(run: Run, layer: int, direction: np.ndarray) -> dict[str, 
             continue
         records = run.data["harmful_test" if dataset != "harmless" else "harmless_test"]
         texts = generate_completions(run.params, run.cfg, run.tokenizer, run.prompts([r["instruction"] for r in records]),
-                                     iv, batch_size=run.args.gen_batch_size, max_new_tokens=run.args.max_new_tokens,
+                                     iv, batch_size=settings.gen_batch_size, max_new_tokens=settings.max_new_tokens,
                                      progress=run.progress, desc=f"{dataset} {label}", mesh=run.mesh)
         runs.write_json(path, [{"category": r.get("category"), "prompt": r["instruction"], "response": t}
                                for r, t in zip(records, texts)])
     return written
 
 
-def stage_evaluate(run: Run, completion_files: dict[str, Path]) -> dict[str, dict]:
+def stage_evaluate(run: Run, completion_files: dict[str, Path], settings: EvalSettings) -> dict[str, dict]:
     summary = {}
     for key, path in completion_files.items():
         out = path.with_name(path.name.replace("_completions.json", "_evaluations.json"))
         if not out.exists():
-            ev = judge.substring_evaluation(runs.read_json(path), curly_apostrophes=not run.args.reference_judge)
+            ev = judge.substring_evaluation(runs.read_json(path), curly_apostrophes=not settings.reference_judge)
             runs.write_json(out, ev)
         ev = runs.read_json(out)
         summary[key] = {"refusal_rate": 1.0 - ev["substring_matching_success_rate"], "n": len(ev["completions"])}
@@ -462,7 +430,7 @@ def stage_evaluate(run: Run, completion_files: dict[str, Path]) -> dict[str, dic
     return summary
 
 
-def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files) -> dict[str, dict]:
+def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files, settings: EvalSettings) -> dict[str, dict]:
     from refusal_jax.evaluation import loss
 
     ivs = interventions_for(run, layer, direction)
@@ -473,11 +441,11 @@ def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files) ->
         if not path.exists():
             res = {"alpaca_custom_completions": loss.completion_loss(
                 run.params, run.cfg, run.tokenizer, run.fmt, run.eoi, [r["prompt"] for r in harmless],
-                [r["response"] for r in harmless], iv, batch_size=run.args.loss_batch_size)}
-            for text_file in run.args.loss_texts or []:
+                [r["response"] for r in harmless], iv, batch_size=settings.loss_batch_size)}
+            for text_file in settings.loss_texts:
                 res[Path(text_file).stem] = loss.text_loss(run.params, run.cfg, run.tokenizer,
                                                            datasets.load_instructions(text_file), iv,
-                                                           batch_size=run.args.loss_batch_size)
+                                                           batch_size=settings.loss_batch_size)
             runs.write_json(path, res)
         results[label] = runs.read_json(path)
     return results
@@ -537,10 +505,11 @@ def print_extract_summary(run: Run, seconds: float) -> None:
     scored = {k: len(run.data[k]) for k in sizes}
     scored["harmful_val"] = filtered.get("harmful_val_scored", scored["harmful_val"])
     kept = ", ".join(f"{k.replace('_', ' ')} {sizes[k]} of {scored[k]}" for k in sizes)
-    print(f"  prompts kept by the baseline filter: {kept}" if not run.args.no_filter else
-          f"  prompts (no baseline filter): {kept}"
-          + (f" ({drawn} more harmful val prompts drawn to reach --min-val-refused {run.args.min_val_refused})"
-             if drawn else ""))
+    line = (f"  prompts (no baseline filter): {kept}" if run.args.no_filter else
+            f"  prompts kept by the baseline filter: {kept}")
+    if drawn:
+        line += f" ({drawn} more harmful val prompts drawn to reach --min-val-refused {run.args.min_val_refused})"
+    print(line)
     if sizes["harmful_val"] < FEW_VAL_PROMPTS:
         print(f"  warning: the selection rests on {sizes['harmful_val']} harmful val prompts after the filter, so "
               "its scores are noisy: use more prompts, --min-val-refused, or a chat template under which the model "
@@ -573,9 +542,10 @@ def main(argv=None):
                                     "loss_texts": args.loss_texts})
     t0 = time.perf_counter()
     pos, layer, direction = run_extract(run)
-    files = stage_completions(run, layer, direction)
-    summary = stage_evaluate(run, files)
-    losses = stage_loss(run, layer, direction, files)
+    ev = EvalSettings.from_args(args)
+    files = stage_completions(run, layer, direction, ev)
+    summary = stage_evaluate(run, files, ev)
+    losses = stage_loss(run, layer, direction, files, ev)
     print("\nrefusal rate (substring judge):")
     for key, s in summary.items():
         extra = ""

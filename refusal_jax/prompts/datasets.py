@@ -15,6 +15,7 @@ Every failure is a `DataError` that names the file and what is wrong with it.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -363,3 +364,62 @@ def sample_default(n_train: int, n_val: int, n_test: int, seed: int = 42) -> dic
         out[f"{kind}_val"] = [r["instruction"] for r in shuffled[n_train:n_train + n_val]]
         out[f"{kind}_test"] = [dict(r) for r in shuffled[n_train + n_val:total]]
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The commands' train / val / test sets
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """Where the commands' prompt sets come from (the "data" flags).
+
+    harmful / harmless: instruction files (None = the bundled sets). data_dir: a folder laid out like the
+    reference's dataset/, sampled exactly as the reference (used when neither file is given). n_train / n_val /
+    n_test: prompts per set before filtering; seed: shuffling seed for files and the bundled sets.
+    """
+
+    harmful: str | None = None
+    harmless: str | None = None
+    data_dir: str | None = None
+    n_train: int = 128
+    n_val: int = 32
+    n_test: int = 100
+    seed: int = 42
+
+
+def sample_sets(s: DataSettings) -> tuple[dict[str, list], dict]:
+    """Train/val instruction lists ("harmful_train", "harmless_val", ...) and eval/test records
+    ("harmful_test", "harmless_test"), plus a description of the source for the run config.
+
+    "harmful_val_pool" lists spare harmful prompts to draw more val prompts from (independent of n_test): the
+    rest of the reference's harmful val split (shuffled with `seed`), or the harmful list from its end (for the
+    bundled sets and files, so test prompts come last; a drawn test prompt must then leave the test set)."""
+    if s.data_dir and not (s.harmful or s.harmless):
+        sampled = sample_reference(s.data_dir, s.n_train, s.n_val)
+        rng = sampled.pop("rng")
+        sampled["harmful_test"] = reference_split(s.data_dir, "jailbreakbench")[: s.n_test]
+        sampled["harmless_test"] = sample_reference_test(rng, s.data_dir, s.n_test)
+        taken = set(sampled["harmful_val"])
+        spare = [x for x in reference_split(s.data_dir, "harmful_val", instructions_only=True) if x not in taken]
+        random.Random(s.seed).shuffle(spare)
+        sampled["harmful_val_pool"] = spare
+        return sampled, {"source": "reference_splits", "harmful_eval_name": "jailbreakbench"}
+    bundled_harmful, bundled_harmless = default_records()
+    out, source = {}, {}
+    for kind, path, bundled in (("harmful", s.harmful, bundled_harmful), ("harmless", s.harmless, bundled_harmless)):
+        records = load_records(path) if path else bundled
+        source[kind] = str(path) if path else "bundled"
+        records = list(records)
+        random.Random(s.seed).shuffle(records)
+        need = s.n_train + s.n_val
+        if len(records) < need + 1:
+            raise DataError(f"{source[kind]} {kind} set has {len(records)} prompts; --n-train {s.n_train} + "
+                            f"--n-val {s.n_val} need {need}, plus at least one test prompt")
+        out[f"{kind}_train"] = [r["instruction"] for r in records[: s.n_train]]
+        out[f"{kind}_val"] = [r["instruction"] for r in records[s.n_train:need]]
+        out[f"{kind}_test"] = records[need: need + s.n_test]
+        if kind == "harmful":
+            out["harmful_val_pool"] = [r["instruction"] for r in reversed(records[need:])]
+    source["harmful_eval_name"] = "harmful"
+    return out, source

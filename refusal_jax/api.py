@@ -1,0 +1,130 @@
+"""The Python API: plain inputs (a loaded model, lists of instructions, arrays), frozen settings, plain outputs.
+
+    >>> import refusal_jax as rj
+    >>> model = rj.load_model("qwen2.5-coder-0.5b-instruct")
+    >>> sel = rj.extract_direction(model, harmful, harmless, harmful_val, harmless_val, layers=range(8, 20))
+    >>> sel.save("runs/mine")                                   # the reference's artifacts
+    >>> rj.generate(model, ["How do I pick a lock?"], rj.Intervention.ablation(model.cfg, sel.direction))
+    >>> edited = rj.orthogonalized(model, sel.direction)          # a LoadedModel with edited weights
+    >>> rj.evaluate(model, instructions, completions)            # refusal rate (substring judge) and CE loss
+
+The commands (`python -m refusal_jax.extract` ...) call the same functions, so they give the same results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from refusal_jax.convert.loading import LoadedModel
+from refusal_jax.errors import DataError
+from refusal_jax.method.selection import Extraction, SelectionSettings
+from refusal_jax.prompts import templates
+from refusal_jax.prompts.chat import ChatPrompts
+
+
+def _settings(settings: SelectionSettings | None, overrides: dict) -> SelectionSettings:
+    settings = settings or SelectionSettings()
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(SelectionSettings)}
+    if unknown:
+        raise TypeError(f"unknown selection settings: {', '.join(sorted(unknown))}")
+    return dataclasses.replace(settings, **overrides)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+
+def extract_direction(model: LoadedModel, harmful: Sequence[str], harmless: Sequence[str],
+                      harmful_val: Sequence[str], harmless_val: Sequence[str], *,
+                      settings: SelectionSettings | None = None, progress: bool = True,
+                      **overrides) -> Extraction:
+    """Find the refusal direction as the reference does (stages 1-2).
+
+    Difference-in-means candidates of `harmful` vs `harmless` (train) at every post-instruction position and
+    layer, each scored on the val sets by ablation (harmful), activation addition and KL (harmless); the filters
+    of `settings` pick one. Keyword `overrides` replace single settings: `layers=range(8, 20)`,
+    `kl_threshold=0.2`, `filter=False`, `chat_style="model"`.
+    """
+    from refusal_jax.method import directions, selection
+
+    s = _settings(settings, overrides)
+    chat = ChatPrompts.for_model(model.cfg.family, model.tokenizer, s.chat_style, s.eoi_mode)
+    sets = {"harmful_train": list(harmful), "harmless_train": list(harmless),
+            "harmful_val": list(harmful_val), "harmless_val": list(harmless_val)}
+    for key, values in sets.items():
+        if not values:
+            raise DataError(f"the {key} set is empty")
+    params, cfg = model.params, model.cfg
+    directions.candidate_grid(cfg, len(chat.eoi), s.positions, s.layers)  # bad positions/layers fail here
+    batches = lambda xs: chat.batches(xs, s.batch_size)  # noqa: E731
+    scores: dict = {}
+    if s.filter:
+        with _bar(sum(map(len, sets.values())), "filtering by baseline refusal score", progress) as bar:
+            sets, scores = selection.filter_by_refusal(params, cfg, sets, batches, chat.refusal_ids, bar.update)
+    harmful_b, harmless_b = batches(sets["harmful_train"]), batches(sets["harmless_train"])
+    with _bar(len(harmful_b) + len(harmless_b), "mean activations", progress) as bar:
+        diffs, mean_harmless = selection.candidate_directions(params, cfg, harmful_b, harmless_b, len(chat.eoi),
+                                                              bar.update)
+    harmful_v, harmless_v = batches(sets["harmful_val"]), batches(sets["harmless_val"])
+    with _bar(selection.sweep_steps(diffs, cfg, s, len(harmful_v), len(harmless_v)), "scoring candidates",
+              progress) as bar:
+        evaluations, baselines = selection.score_grid(params, cfg, diffs, harmful_v, harmless_v, chat.refusal_ids,
+                                                      s, bar.update)
+    filters = s.filters(baselines)  # the thresholds used go with the baselines into baseline_scores.json
+    baselines = {**baselines, **filters}
+    best, survivors = directions.select(evaluations, cfg.n_layers, **filters)
+    pos, layer = best["position"], best["layer"]
+    return Extraction(direction=diffs[pos, layer], pos=pos, layer=layer, mean_diffs=diffs,
+                      mean_harmless=mean_harmless, evaluations=evaluations, survivors=survivors,
+                      baselines=baselines, prompts=sets, baseline_scores=scores)
+
+
+def generate(model: LoadedModel, instructions: Sequence[str], intervention=None, *, max_new_tokens: int = 512,
+             chat_style: str | None = None, batch_size: int = 8, progress: bool = False) -> list[str]:
+    """Greedy completions of `instructions`, templated with the commands' default chat style (the family's
+    reference template; `chat_style` as the --chat-style flag), optionally under an `Intervention`."""
+    from refusal_jax.model.generate import generate_completions
+
+    fmt = templates.chat_format_for(model.cfg.family, model.tokenizer, style=chat_style)
+    return generate_completions(model.params, model.cfg, model.tokenizer,
+                                templates.format_instructions(fmt, list(instructions)), intervention,
+                                batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+
+
+def orthogonalized(model: LoadedModel, direction, *, method: str = "plain", harmless_mean=None) -> LoadedModel:
+    """The model with `direction` (a [D] vector of any norm, or an orthonormal [R, D] basis) projected out of
+    every residual-writing matrix; `method` "projected" / "norm-preserving" as `python -m
+    refusal_jax.orthogonalize --method`. The config is untied (the LM head keeps the original embedding)."""
+    from refusal_jax.method import edits
+    from refusal_jax.orthogonalize import untied_config
+
+    direction = np.asarray(direction)
+    params = edits.edit(model.params, model.cfg, direction, method, harmless_mean)
+    return LoadedModel(params, untied_config(model.cfg), model.tokenizer)
+
+
+def evaluate(model: LoadedModel | None, instructions: Sequence[str], completions: Sequence[str],
+             intervention=None, *, chat_style: str | None = None, eoi_mode: str = "template",
+             reference_judge: bool = False, batch_size: int = 2) -> dict:
+    """Judge and score completions of `instructions`.
+
+    Returns {"refusal_rate", "refused": [bool per completion]} from the reference's substring judge, and with a
+    model also {"ce_loss", "perplexity", "n_tokens"}: the cross-entropy of the completion tokens given the
+    templated instructions, under `intervention`.
+    """
+    from refusal_jax.evaluation import judge, loss
+
+    if len(instructions) != len(completions):
+        raise DataError(f"{len(instructions)} instructions but {len(completions)} completions")
+    refused = [judge.is_refusal(c, curly_apostrophes=not reference_judge) for c in completions]
+    out: dict = {"refusal_rate": float(np.mean(refused)) if refused else float("nan"), "refused": refused}
+    if model is not None:
+        chat = ChatPrompts.for_model(model.cfg.family, model.tokenizer, chat_style, eoi_mode)
+        out.update(loss.completion_loss(model.params, model.cfg, model.tokenizer, chat.fmt, list(chat.eoi),
+                                        instructions, completions, intervention, batch_size=batch_size))
+    return out

@@ -1,0 +1,115 @@
+"""The Python API on a tiny model gives what the commands give: the same direction bit for bit, the same
+completions, judge results and losses; Extraction.save/load round-trips the reference's artifacts."""
+
+import json
+
+import numpy as np
+import pytest
+
+import refusal_jax as rj
+from refusal_jax import pipeline
+from tests.tiny_chat import save_tiny_chat_model, write_sets
+
+SELECT = dict(filter=False, batch_size=4, chunk=4, kl_threshold=1e9, induce_threshold=-1e9, prune_layer_fraction=0)
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    model_dir = save_tiny_chat_model(root / "model")
+    harmful, harmless = write_sets(root)
+    out = root / "run"
+    pipeline.main(["--model", str(model_dir), "--harmful", str(harmful), "--harmless", str(harmless),
+                   "--n-train", "6", "--n-val", "3", "--n-test", "3", "--batch-size", "4", "--chunk", "4",
+                   "--no-filter", "--no-progress", "--out", str(out), "--kl-threshold", "1e9",
+                   "--induce-threshold=-1e9", "--prune-layer-fraction", "0", "--max-new-tokens", "4",
+                   "--gen-batch-size", "2"])
+    data, _ = rj.sample_sets(rj.DataSettings(harmful=str(harmful), harmless=str(harmless), n_train=6, n_val=3,
+                                             n_test=3))
+    return rj.load_model(str(model_dir), progress=False), data, out
+
+
+@pytest.fixture(scope="module")
+def extraction(cli_run):
+    model, data, _ = cli_run
+    return rj.extract_direction(model, data["harmful_train"], data["harmless_train"], data["harmful_val"],
+                                data["harmless_val"], progress=False, **SELECT)
+
+
+def test_api_direction_equals_the_commands_bit_for_bit(cli_run, extraction):
+    _, _, out = cli_run
+    meta = json.loads((out / "direction_metadata.json").read_text())
+    assert (extraction.pos, extraction.layer) == (meta["pos"], meta["layer"])
+    cli_direction = np.load(out / "direction.npy")
+    assert extraction.direction.dtype == cli_direction.dtype
+    np.testing.assert_array_equal(extraction.direction, cli_direction)
+    np.testing.assert_array_equal(extraction.mean_diffs, np.load(out / "generate_directions" / "mean_diffs.npy"))
+    np.testing.assert_array_equal(extraction.mean_harmless,
+                                  np.load(out / "generate_directions" / "mean_harmless.npy"))
+    assert extraction.evaluations == json.loads((out / "select_direction" / "direction_evaluations.json").read_text())
+    assert extraction.prompts == json.loads((out / "datasets" / "filtered.json").read_text())["sets"]
+
+
+def test_extraction_save_load_round_trip(cli_run, extraction, tmp_path):
+    _, _, out = cli_run
+    extraction.save(tmp_path, n_layers=3, model="tiny")
+    for name in ("direction.npy", "generate_directions/mean_diffs.npy", "generate_directions/mean_harmless.npy"):
+        np.testing.assert_array_equal(np.load(tmp_path / name), np.load(out / name))
+    for name in ("select_direction/direction_evaluations.json", "select_direction/direction_evaluations_filtered.json",
+                 "datasets/filtered.json"):
+        assert json.loads((tmp_path / name).read_text()) == json.loads((out / name).read_text())
+    for name in ("ablation_scores.png", "actadd_scores.png", "kl_div_scores.png"):
+        assert (tmp_path / "select_direction" / name).stat().st_size > 0
+    mine, theirs = (json.loads((d / "direction_metadata.json").read_text()) for d in (tmp_path, out))
+    assert {k: v for k, v in theirs.items() if k not in ("model", "config_hash", "data_hashes")} == \
+        {k: v for k, v in mine.items() if k != "model"}
+    for loaded in (rj.Extraction.load(tmp_path), rj.Extraction.load(out)):
+        np.testing.assert_array_equal(loaded.direction, extraction.direction)
+        assert (loaded.pos, loaded.layer) == (extraction.pos, extraction.layer)
+        assert loaded.evaluations == extraction.evaluations and loaded.survivors == extraction.survivors
+        assert loaded.prompts == extraction.prompts
+    with pytest.raises(rj.RunError, match="not an extraction"):
+        rj.Extraction.load(tmp_path / "nothing")
+
+
+def test_api_generate_and_evaluate_equal_the_pipeline(cli_run, extraction):
+    model, data, out = cli_run
+    harmless = [r["instruction"] for r in data["harmless_test"]]
+    cases = (("baseline", None), ("actadd", rj.Intervention.addition(model.cfg, extraction.direction,
+                                                                      extraction.layer, 1.0)))
+    for label, iv in cases:
+        texts = rj.generate(model, harmless, iv, max_new_tokens=4, batch_size=2)
+        records = json.loads((out / "completions" / f"harmless_{label}_completions.json").read_text())
+        assert texts == [r["response"] for r in records]
+        ev = json.loads((out / "completions" / f"harmless_{label}_evaluations.json").read_text())
+        got = rj.evaluate(None, harmless, texts)
+        assert got["refusal_rate"] == pytest.approx(1.0 - ev["substring_matching_success_rate"])
+    baseline = json.loads((out / "completions" / "harmless_baseline_completions.json").read_text())
+    prompts, responses = [r["prompt"] for r in baseline], [r["response"] for r in baseline]
+    for label, iv in (("baseline", None), ("ablation", rj.Intervention.ablation(model.cfg, extraction.direction))):
+        want = json.loads((out / "loss_evals" / f"{label}_loss_eval.json").read_text())["alpaca_custom_completions"]
+        got = rj.evaluate(model, prompts, responses, iv)
+        assert got["ce_loss"] == want["ce_loss"] and got["n_tokens"] == want["n_tokens"]
+
+
+def test_api_orthogonalized_equals_ablation(cli_run, extraction):
+    model, data, _ = cli_run
+    edited = rj.orthogonalized(model, extraction.direction)
+    assert not edited.cfg.tie_embeddings
+    tokens = np.array([[3, 5, 7, 9, 11, 13]], np.int32)
+    mask = np.ones_like(tokens)
+    ablated = rj.forward(model.params, model.cfg, tokens, mask, rj.Intervention.ablation(model.cfg,
+                                                                                          extraction.direction)).logits
+    np.testing.assert_allclose(np.asarray(rj.forward(edited.params, edited.cfg, tokens, mask).logits),
+                               np.asarray(ablated), atol=2e-4, rtol=1e-4)
+
+
+def test_api_bad_settings_fail_before_any_forward(cli_run):
+    model, data, _ = cli_run
+    args = (model, data["harmful_train"], data["harmless_train"], data["harmful_val"], data["harmless_val"])
+    with pytest.raises(TypeError, match="kl_treshold"):
+        rj.extract_direction(*args, kl_treshold=0.2)
+    with pytest.raises(rj.RunError, match="layer 7 out of range"):
+        rj.extract_direction(*args, layers=[7], progress=False)
+    with pytest.raises(rj.DataError, match="harmful_val set is empty"):
+        rj.extract_direction(model, data["harmful_train"], data["harmless_train"], [], data["harmless_val"])
