@@ -293,8 +293,8 @@ def stage_filter(run: Run) -> dict[str, list[str]]:
                            "does not refuse those harmful prompts (or refuses all harmless ones). Use more or other "
                            "prompts, another --chat-style, or --no-filter.")
     _drop_drawn_from_test(run, drawn)
-    selection.write_filtered(run.out, sets, scores, drawn_val=drawn,
-                             harmful_val_scored=len(run.data["harmful_val"]) + len(drawn))
+    extra = {"drawn_val": drawn, "harmful_val_scored": len(run.data["harmful_val"]) + len(drawn)} if drawn else {}
+    selection.write_filtered(run.out, sets, scores, **extra)
     return sets
 
 
@@ -344,12 +344,9 @@ def stage_select(run: Run, sets, diffs: np.ndarray) -> tuple[int, int, np.ndarra
     selection.plot_scores(evaluations, run.cfg.n_layers, run.out / selection.EVALUATIONS.parent, baselines, filt,
                           (pos, layer))
     direction = diffs[pos, layer]
-    selection.write_selected(run.out, direction, best, survivors, model=run.config["model"],
-                             config_hash=runs.config_hash(run.config), data_hashes=run.config["data_hashes"],
-                             baseline_refusal_score=baselines["harmful_val_refusal_score"],
-                             baseline_steering_score=baselines["harmless_val_refusal_score"],
-                             induce_threshold=filt["induce_threshold"], kl_threshold=filt["kl_threshold"],
-                             n_harmful_val=len(sets["harmful_val"]), n_harmless_val=len(sets["harmless_val"]))
+    selection.write_selected(run.out, direction, best, survivors, baselines={**baselines, **filt}, sets=sets,
+                             model=run.config["model"], config_hash=runs.config_hash(run.config),
+                             data_hashes=run.config["data_hashes"])
     return pos, layer, direction
 
 

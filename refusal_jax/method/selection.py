@@ -180,7 +180,8 @@ class Extraction:
             plot_scores(self.evaluations, n_layers, out / EVALUATIONS.parent, self.baselines, filters,
                         (self.pos, self.layer))
         rundir.write_json(out / BASELINES, self.baselines)
-        write_selected(out, self.direction, self.best, self.survivors, **metadata)
+        write_selected(out, self.direction, self.best, self.survivors, baselines=self.baselines, sets=self.prompts,
+                       **metadata)
         return out
 
     @classmethod
@@ -212,15 +213,26 @@ def write_candidates(out: Path, diffs: np.ndarray, mean_harmless: np.ndarray) ->
     rundir.write_npy(out / MEAN_DIFFS, diffs)
 
 
-def write_selected(out: Path, direction: np.ndarray, best: dict, survivors: list[dict], **extra) -> None:
+def write_selected(out: Path, direction: np.ndarray, best: dict, survivors: list[dict], *,
+                   baselines: Mapping[str, float] | None = None, sets: Mapping[str, list] | None = None,
+                   **extra) -> None:
     """The surviving candidates, direction.npy and direction_metadata.json (pos, layer, the selected candidate's
-    scores, plus `extra`: model, hashes)."""
+    scores, plus `extra`: model, hashes). With `baselines` (as `score_grid` returns them, plus the thresholds
+    used) and the val `sets`, the metadata also holds the scores without intervention, the thresholds and the
+    number of val prompts, so baseline -> intervened can be read from one file."""
     rundir.write_json(out / SURVIVORS, survivors)
     rundir.write_npy(out / DIRECTION, direction)
+    more = {}
+    if baselines is not None:
+        more = {"baseline_refusal_score": baselines["harmful_val_refusal_score"],
+                "baseline_steering_score": baselines["harmless_val_refusal_score"],
+                **{k: baselines[k] for k in ("induce_threshold", "kl_threshold") if k in baselines}}
+    if sets is not None:
+        more.update(n_harmful_val=len(sets["harmful_val"]), n_harmless_val=len(sets["harmless_val"]))
     rundir.write_json(out / METADATA, {
         "pos": best["position"], "layer": best["layer"], **extra, "refusal_score": best["refusal_score"],
         "steering_score": best["steering_score"], "kl_div_score": best["kl_div_score"],
-        "n_survivors": len(survivors), "direction_norm": float(np.linalg.norm(direction))})
+        "n_survivors": len(survivors), "direction_norm": float(np.linalg.norm(direction)), **more})
 
 
 def plot_scores(evaluations, n_layers, out_dir: Path, baselines: Mapping[str, float],
