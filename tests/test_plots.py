@@ -80,7 +80,8 @@ def test_summary_greys_rejected_candidates_with_their_reasons(figures):
     texts = [t.get_text() for t in left.texts]
     assert len(texts) == len(rejected)
     for e, text in zip(rejected, texts):
-        want = ", ".join(dict.fromkeys(plots.short_reason(r) for r in directions.rejection_reasons(e, N_LAYERS, **FILT)))
+        reasons = directions.rejection_reasons(e, N_LAYERS, **FILT)
+        want = ", ".join(dict.fromkeys(plots.short_reason(r) for r in reasons))
         assert text == want
     assert "zero" in texts[0]  # layer 0: a zero candidate
     # trade-off panel: KL on x, the KL threshold as a vertical line, the selected star at (KL, score)
