@@ -17,7 +17,7 @@ def parser() -> argparse.ArgumentParser:
                     "(orbax params + versioned config + tokenizer).")
     p.add_argument("src", help="HF model directory, HF hub id (owner/name), .gguf file, or bundled model name")
     p.add_argument("--out", required=True,
-                   help="output directory; its parent must exist (must not exist unless --overwrite)")
+                   help="output directory; its parent must exist (must not exist unless --overwrite; required)")
     cli.add_dtype_flag(p, "parameter dtype of the converted checkpoint (default float32)")
     cli.add_overwrite_flag(p)
     cli.add_strict_config_flag(p)

@@ -27,7 +27,13 @@ What is written is exactly what `refusal_jax.convert.gguf` reads back (and what 
   the type it had in `tokenizer_source` when gguf-py can encode that type (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
   Q5_0, Q5_1), otherwise (K-quants, IQ types, or a row length the block size does not divide) Q8_0, else F16;
   a tensor the source does not have (the untied output.weight of an orthogonalized tied model) is F16.
-  Quantized re-encoding is lossy: an edited Q4_K model comes back as Q8_0, about twice its size.
+  Quantized re-encoding is lossy, and gguf-py cannot encode K-quants: an edited Q4_K_M model comes back mostly
+  Q8_0, larger than its source. `save_gguf` returns every such change (`type_changes`) and the command prints
+  them with both file sizes.
+* Provenance: `metadata` adds keys of its own; the command records an edit as `refusal_jax.version`,
+  `refusal_jax.edit.method`, `refusal_jax.edit.direction_sha256` (sha256 of the direction as float32
+  little-endian bytes, shape [D] or [k, D]) and `refusal_jax.edit.direction_source`, and appends
+  " (refusal direction orthogonalized)" to the source's general.name unless --name is given.
 
 The file is written tensor by tensor (header first, from the plan), into a temporary sibling that is renamed
 into place at the end, so peak memory is the model plus one tensor and no half-written file keeps the name.
@@ -263,8 +269,8 @@ def gguf_tensors(cfg: ModelConfig, params: Params):
 
 
 def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_source=None, tensor_type: str = "f32",
-              context_length: int | None = None, name: str | None = None, overwrite: bool = False,
-              progress: Callable[[str], None] | None = None, sources=()) -> dict:
+              context_length: int | None = None, name: str | None = None, metadata: dict | None = None,
+              overwrite: bool = False, progress: Callable[[str], None] | None = None, sources=()) -> dict:
     """Write `params` as a GGUF file (see the module docstring).
 
     Args:
@@ -277,10 +283,13 @@ def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_s
       context_length: `{arch}.context_length`; default the source file's, else 4096 (it does not change the
         computation: llama.cpp's default context size).
       name: general.name (default: the source's).
+      metadata: extra key -> value (str, int, float or bool) written after the copied keys, e.g. provenance.
       progress: called with each GGUF tensor name after it is written.
       sources: paths the output must never replace (the source model, ...).
     Returns:
-      {"path", "tensor_types": {GGUF name: type name}, "counts": {type name: n}, "copied_keys": [...]}.
+      {"path", "tensor_types": {GGUF name: type name}, "counts": {type name: n}, "copied_keys": [...],
+       "type_changes": {"SRC -> OUT": n} for tensors written in another type than the source's (empty
+       without a source)}.
     Raises:
       ConfigError: a config a GGUF file cannot express; CheckpointError: bad arguments or shapes.
     """
@@ -336,6 +345,8 @@ def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_s
         if name is not None:
             w.add_name(name)
         w.add_string(outputs.MARKER_KEY, "refusal_jax")  # lets a later --overwrite know this file is ours
+        for key, value in (metadata or {}).items():
+            _add_value(w, key, value)
         _write_arch_metadata(w, cfg, context_length)
         all_types = [q for _, _, q in plan]
         ftype = _file_type(all_types)
@@ -363,7 +374,39 @@ def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_s
             if progress:
                 progress(gname)
         w.close()
-    return {"path": path, "tensor_types": types, "counts": dict(Counter(types.values())), "copied_keys": copied}
+    changes = Counter(f"{source_types[hf].name} -> {q.name}" for hf, _, q in plan
+                      if hf in source_types and source_types[hf] != q)
+    return {"path": path, "tensor_types": types, "counts": dict(Counter(types.values())), "copied_keys": copied,
+            "type_changes": dict(changes)}
+
+
+def _add_value(w, key: str, value) -> None:
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_int64(key, value)
+    elif isinstance(value, float):
+        w.add_float64(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    else:
+        raise CheckpointError(f"GGUF metadata {key!r}: unsupported value type {type(value).__name__}")
+
+
+def direction_sha256(direction: np.ndarray) -> str:
+    """sha256 of a direction as float32 little-endian bytes (the value `refusal_jax.edit.direction_sha256`)."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(direction, dtype="<f4").tobytes()).hexdigest()
+
+
+def edit_metadata(direction: np.ndarray, method: str, source: str) -> dict:
+    """The provenance keys of an orthogonalized export."""
+    from refusal_jax import __version__
+
+    return {"refusal_jax.version": __version__, "refusal_jax.edit.method": method,
+            "refusal_jax.edit.direction_sha256": direction_sha256(direction),
+            "refusal_jax.edit.direction_source": str(source)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,17 +423,33 @@ def parser():
         "with --method plain / projected / norm-preserving, see python -m refusal_jax.orthogonalize). From a GGUF "
         "source the tokenizer metadata is copied and --type source keeps each tensor's type where gguf can "
         "encode it (else Q8_0)."))
-    p.add_argument("--model", required=True, help=f"the model: {cli.MODEL_SOURCES}")
-    p.add_argument("--out", required=True, help="the output .gguf file")
+    p.add_argument("--model", required=True,
+                   help="the model: .gguf file, bundled model name, converted checkpoint, HF model dir or hub id "
+                        "(required); a large .gguf is converted once and reused from the cache")
+    p.add_argument("--out", required=True, help="the output .gguf file (required)")
     p.add_argument("--type", default=None, choices=TENSOR_TYPES,
-                   help="tensor type (default: source for a GGUF model, else f16)")
-    p.add_argument("--direction", default=None, help="orthogonalize against this direction first (.npy or run dir)")
-    cli.add_edit_flags(p)
+                   help="tensor type: f32, f16, bf16, q8_0, or source = each tensor's type in the source GGUF "
+                        "where gguf can write it, else Q8_0 (default: source for a GGUF or bundled model, else f16)")
+    p.add_argument("--direction", default=None,
+                   help="orthogonalize the weights against this direction first: a .npy file or a run directory "
+                        "holding direction.npy (default: none, export unedited)")
+    p.add_argument("--method", default="plain", choices=("plain", "projected", "norm-preserving"),
+                   help="weight edit with --direction: plain = project the direction out of every matrix that "
+                        "writes to the residual stream (equals inference-time ablation); projected = remove only "
+                        "its part orthogonal to the harmless mean; norm-preserving = projected, each edited row "
+                        "rescaled to its original norm (default: plain). See python -m refusal_jax.orthogonalize")
+    p.add_argument("--harmless-mean", default=None, metavar="PATH.npy",
+                   help="harmless mean for --method projected (required) / norm-preserving (optional: without it "
+                        "the rows are only rescaled): a .npy file, e.g. RUN/generate_directions/mean_harmless.npy, "
+                        "or a run directory (default: none)")
     p.add_argument("--tokenizer-gguf", default=None, metavar="FILE.gguf",
-                   help="copy tokenizer metadata from this GGUF file (default: --model when it is a .gguf)")
-    p.add_argument("--name", default=None, help="general.name (default: none)")
+                   help="copy tokenizer metadata from this GGUF file (default: --model when it is a .gguf or a "
+                        "bundled model)")
+    p.add_argument("--name", default=None,
+                   help="general.name (default: the source's, with ' (refusal direction orthogonalized)' "
+                        "appended when --direction is given)")
     cli.add_overwrite_flag(p, "replace --out if it is a GGUF file refusal_jax wrote; the old file is moved aside to "
-                              "OUT.previous-<timestamp>, not deleted")
+                              "OUT.previous-<timestamp>, not deleted (default: refuse)")
     cli.add_progress_flag(p)
     return p
 
@@ -417,16 +476,30 @@ def _main(argv=None):
     sources = [args.model, args.tokenizer_gguf, args.direction, args.harmless_mean]
     checks.edit_args(args)
     out = outputs.check_target(args.out, overwrite=args.overwrite, sources=sources, directory=False)
+    from refusal_jax.convert import bundled
+
     model_path = Path(args.model).expanduser()
+    if bundled.is_known_model(args.model) and not model_path.exists():
+        model_path = bundled.model_path(args.model, progress=not args.no_progress)
     is_gguf = model_path.suffix == ".gguf" and model_path.is_file()
     tok_src = args.tokenizer_gguf or (str(model_path) if is_gguf else None)
     tensor_type = args.type or ("source" if tok_src else "f16")
     if args.direction:
         load_direction(args.direction, None)
-    params, cfg, _ = load_model(args.model, progress=not args.no_progress)
-    notes = []
+    if args.method == "projected" and args.direction and not args.harmless_mean:
+        from refusal_jax.errors import DataError
+
+        raise DataError("--method projected needs --harmless-mean (e.g. RUN/generate_directions/mean_harmless.npy)")
+    params, cfg, _ = load_model(str(model_path) if is_gguf else args.model, progress=not args.no_progress)
+    notes, metadata, name = [], {}, args.name
     if args.direction:
         direction = load_direction(args.direction, cfg.d_model)
+        metadata = edit_metadata(direction, args.method, args.direction)
+        if name is None:
+            from refusal_jax.convert.gguf import read_gguf
+
+            base = read_gguf(tok_src, strict=False).metadata.get("general.name") if tok_src else None
+            name = f"{base or model_path.stem} (refusal direction orthogonalized)"
         mean = edits.load_harmless_mean(args.harmless_mean, cfg, args.direction) if args.harmless_mean else None
         params = edits.edit(params, cfg, direction, args.method, mean)
         cfg = untied_config(cfg)
@@ -436,11 +509,19 @@ def _main(argv=None):
 
     with progress_bar(len(engine.hf_tensor_plan(cfg)), f"writing {out.name}", not args.no_progress,
                       unit="tensor") as bar:
-        res = save_gguf(out, cfg, params, tokenizer_source=tok_src, tensor_type=tensor_type, name=args.name,
+        res = save_gguf(out, cfg, params, tokenizer_source=tok_src, tensor_type=tensor_type, name=name, metadata=metadata,
                         overwrite=args.overwrite, sources=sources, progress=lambda _: bar.update())
     size = res["path"].stat().st_size
     print(f"wrote {res['path']} ({size / 2**20:.1f} MiB, {GGUF_ARCH[cfg.family]}) in {time.perf_counter() - t0:.1f} s")
     print(f"  tensor types: {', '.join(f'{k} x{v}' for k, v in sorted(res['counts'].items()))}")
+    if res["type_changes"]:
+        src_size = Path(tok_src).stat().st_size
+        why = " (gguf cannot write them)" if tensor_type == "source" else f" (--type {tensor_type})"
+        print(f"  types changed from the source{why}: "
+              f"{', '.join(f'{k} x{v}' for k, v in sorted(res['type_changes'].items()))}; "
+              f"{src_size / 2**20:.1f} MiB -> {size / 2**20:.1f} MiB ({size / src_size:.2f}x)")
+    if metadata:
+        print(f"  general.name {name!r}; metadata: " + ", ".join(f"{k} = {v}" for k, v in metadata.items()))
     for note in notes:
         print(f"  {note}")
     if tok_src:

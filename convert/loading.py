@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -80,6 +83,32 @@ def _convert_sharded(source, np_dtype, progress, mesh, rules):
     return source.cfg, params, source.load_tokenizer()
 
 
+# GGUF files smaller than this convert in about a second: not worth a copy in the cache.
+GGUF_CACHE_MIN_BYTES = 16 << 20
+
+
+def _file_identity(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def gguf_cache_dir(path: Path, dtype: str) -> Path | None:
+    """Where the conversion of the GGUF file `path` is cached: the bundled model's own cache entry when `path` is
+    a bundled model's assembled file, else `<cache>/converted/<stem>-<hash of path, size, mtime>-<dtype>` (a
+    changed file gets a new entry). None for files under GGUF_CACHE_MIN_BYTES."""
+    from refusal_jax.convert import bundled
+
+    path = Path(path).expanduser().resolve()
+    root = bundled.cache_root()
+    for name, spec in bundled.MODELS.items():
+        if spec.parts and path == (root / spec.filename).resolve():
+            return root / "converted" / f"{name}-{dtype}"
+    if path.stat().st_size < GGUF_CACHE_MIN_BYTES:
+        return None
+    key = hashlib.sha256(json.dumps(_file_identity(path), sort_keys=True).encode()).hexdigest()[:12]
+    return root / "converted" / f"{path.stem}-{key}-{dtype}"
+
+
 def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, progress: bool = True,
                cache: bool = True, on_device: bool = True, mesh=None, rules=None) -> LoadedModel:
     """Load a model from any supported source.
@@ -91,7 +120,8 @@ def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, 
       dtype: parameter dtype: "float32", "bfloat16" or "float16".
       strict_config: refuse config attributes refusal_jax does not implement.
       progress: show a progress bar while converting.
-      cache: bundled models are converted once into the user cache directory and loaded from there afterwards.
+      cache: bundled models and large `.gguf` files are converted once into the user cache directory
+        (`gguf_cache_dir`) and loaded from there afterwards.
       on_device: place the params on the default device; False keeps numpy host arrays (weight exports: reading a
         device array back with np.asarray keeps a host copy of it alive as long as the array).
       mesh: a `jax.sharding.Mesh` (`sharding.make_mesh`): params are placed on it per `sharding.param_shardings`
@@ -111,6 +141,7 @@ def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, 
 
         shardings = lambda cfg: sharding.param_shardings(cfg, mesh, *([rules] if rules else []))  # noqa: E731
     path = Path(str(src)).expanduser()
+    converted = gguf_cache_dir(path, dtype) if cache and path.suffix == ".gguf" and path.is_file() else None
     if path.is_dir() and checkpoint.is_converted(path):
         cfg, params, tok = checkpoint.load(path, shardings=shardings)
     elif bundled.is_known_model(str(src)) and cache:
@@ -130,6 +161,11 @@ def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, 
             cfg, params, tok = checkpoint.load(converted, shardings=shardings)
         else:  # another host without a shared cache directory: convert here, shard by shard
             cfg, params, tok = convert_source(str(src), dtype=dtype, progress=progress, mesh=mesh, rules=rules)
+    elif converted is not None:  # a large .gguf file: converted once, reused while the file is unchanged
+        if not checkpoint.is_converted(converted):
+            cfg, params, tok = convert_source(str(path), dtype=dtype, strict_config=strict_config, progress=progress)
+            checkpoint.save(converted, cfg, params, tok, source=json.dumps(_file_identity(path)), overwrite=True)
+        cfg, params, tok = checkpoint.load(converted, shardings=shardings)
     else:
         cfg, params, tok = convert_source(str(src), dtype=dtype, strict_config=strict_config, progress=progress,
                                           mesh=mesh, rules=rules)

@@ -70,7 +70,9 @@ def extract_direction(model: LoadedModel, harmful: Sequence[str], harmless: Sequ
               progress) as bar:
         evaluations, baselines = selection.score_grid(params, cfg, diffs, harmful_v, harmless_v, chat.refusal_ids,
                                                       s, bar.update)
-    best, survivors = directions.select(evaluations, cfg.n_layers, **s.filters())
+    filters = s.filters(baselines)  # the thresholds used go with the baselines into baseline_scores.json
+    baselines = {**baselines, **filters}
+    best, survivors = directions.select(evaluations, cfg.n_layers, **filters)
     pos, layer = best["position"], best["layer"]
     return Extraction(direction=diffs[pos, layer], pos=pos, layer=layer, mean_diffs=diffs,
                       mean_harmless=mean_harmless, evaluations=evaluations, survivors=survivors,

@@ -70,30 +70,30 @@ class Method:
 def parser() -> argparse.ArgumentParser:
     from refusal_jax.pipeline import add_common_args
 
-    p = argparse.ArgumentParser(prog="python -m refusal_jax.compare", description=__doc__.split("\n\n")[0] + (
-        ". Runs or resumes the extraction in --out (same flags as python -m refusal_jax.extract), then evaluates "
-        "baseline, the DIM direction, an optimized direction (--optimized), subspace ablation k=1..--k-max and the "
-        "weight edits on the held-out harmful and harmless prompts: refusal rates (substring judge), KL and CE "
+    p = argparse.ArgumentParser(prog="python -m refusal_jax.compare", description=(
+        "Difference-in-means vs optimized direction vs subspaces vs weight edits. Runs or resumes the extraction in --out (same flags as python -m refusal_jax.extract), then evaluates "
+        "baseline, the DIM direction, an optimized direction (--optimized), subspace ablation for k = 1 to --k-max and "
+        "the weight edits on the held-out harmful and harmless prompts: refusal rates (substring judge), KL and CE "
         "loss, each with a bootstrap confidence interval. Writes OUT/compare/comparison.{json,md,png}."))
     add_common_args(p)
     g = p.add_argument_group("comparison")
     g.add_argument("--optimized", default=None, metavar="PATH",
-                   help="direction.npy (or its directory) written by python -m refusal_jax.optimize; without it "
-                        "the table has no rdo row")
+                   help="direction.npy (or its directory) written by python -m refusal_jax.optimize (default: "
+                        "none, the table has no rdo row)")
     g.add_argument("--k-max", type=int, default=4,
-                   help="subspace ablation for k = 1..K principal directions (default 4; 0: none)")
+                   help="subspace ablation for k = 1 to K principal directions; 0 = none (default: 4)")
     g.add_argument("--edits", default=",".join(EDIT_METHODS),
-                   help=f"comma-separated weight edits to compare ({', '.join(EDIT_METHODS)}; '' for none)")
+                   help=f"comma-separated weight edits to compare, '' for none (default: {','.join(EDIT_METHODS)})")
     g.add_argument("--n-eval", type=int, default=None,
                    help="evaluate on the first N harmful eval / harmless test prompts of the run (default: all "
-                        "--n-test)")
+                        "--n-test of them)")
     g.add_argument("--max-new-tokens", type=int, default=64,
-                   help="greedy tokens per completion (default 64; the reference uses 512, but refusals show in "
-                        "the first tokens)")
-    g.add_argument("--gen-batch-size", type=int, default=32, help="prompts per generation batch (default 32)")
-    g.add_argument("--loss-batch-size", type=int, default=8, help="sequences per CE-loss batch (default 8)")
+                   help="greedy tokens per completion; the reference uses 512, but refusals show in the first "
+                        "tokens (default: 64)")
+    g.add_argument("--gen-batch-size", type=int, default=32, help="prompts per generation batch (default: 32)")
+    g.add_argument("--loss-batch-size", type=int, default=8, help="sequences per CE-loss batch (default: 8)")
     g.add_argument("--n-boot", type=int, default=1000,
-                   help="bootstrap resamples for the confidence intervals (default 1000)")
+                   help="bootstrap resamples for the confidence intervals (default: 1000)")
     g.add_argument("--reference-judge", action="store_true",
                    help="substring judge exactly as the reference (ASCII apostrophes only)")
     g.add_argument("--humaneval", type=int, default=0, metavar="N",
@@ -367,7 +367,8 @@ def main(argv=None):
         if not args.allow_code_execution:
             raise DataError(f"--humaneval: {humaneval.EXECUTION_REFUSED}")
         humaneval.load_problems(args.humaneval)  # the package is installed and N >= 1, before the model loads
-    run = pipeline.setup(args)  # the extraction's own config: compare shares (and resumes) an extract run
+    # the extraction's own settings: compare shares (and resumes) an extract run; its test prompts are its own
+    run = pipeline.setup(args, test_sets=False)
     t0 = time.perf_counter()
     pos, layer, dim = pipeline.run_extract(run)
     sets = pipeline.stage_filter(run)
@@ -379,7 +380,9 @@ def main(argv=None):
     # --optimized, --k-max and --edits only add or remove rows; these settings change every row
     _check_compare_config(root, {
         "run_config_hash": runs.read_json(run.out / runs.RUN_CONFIG)["hash"], "n_eval": args.n_eval,
-        "max_new_tokens": args.max_new_tokens, "reference_judge": args.reference_judge}, args.overwrite)
+        "max_new_tokens": args.max_new_tokens, "reference_judge": args.reference_judge, "n_test": args.n_test,
+        "test_hashes": {k: runs.texts_hash([str(v) for v in run.data[k]]) for k in ("harmful_test", "harmless_test")},
+    }, args.overwrite)
     methods, facts = build_methods(run, args, sets, pos, layer, dim)
     n_eval = args.n_eval or len(run.data["harmful_test"])
     records = {"harmful": run.data["harmful_test"][:n_eval], "harmless": run.data["harmless_test"][:n_eval]}

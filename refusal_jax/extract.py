@@ -13,14 +13,15 @@ def parser() -> argparse.ArgumentParser:
         "Compute difference-in-means candidate directions at every post-instruction position and layer, score "
         "each by ablation (harmful val), activation addition (harmless val) and KL (harmless val), and select "
         "one as the reference does. Writes mean_diffs.npy, direction.npy, direction_metadata.json, "
-        "direction_evaluations(.json/_filtered.json) and score plots; rerunning resumes."))
-    add_common_args(p)
+        "direction_evaluations(.json/_filtered.json) and plots of the selection; rerunning resumes. With no flags: "
+        "the bundled model, the 'cpu' preset (a few minutes on a CPU)."))
+    add_common_args(p, n_test=False)
     return p
 
 
 @main_wrapper
 def main(argv=None):
-    run_extract(setup(parser().parse_args(argv)))
+    run_extract(setup(parser().parse_args(argv), test_sets=False))
 
 
 if __name__ == "__main__":

@@ -494,33 +494,42 @@ def parser() -> argparse.ArgumentParser:
         "completions under the starting direction's ablation / actadd. Checkpoints every --checkpoint-every "
         "steps; rerunning the same command resumes. Writes OUT/direction.npy (r̂ times the starting direction's "
         "norm), optimize_metadata.json, loss_curves.png, targets.json."))
-    add_common_args(p)
-    p.set_defaults(batch_size=8)
+    add_common_args(p, selection=False, n_test=False)
     g = p.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=int, default=8,
+                   help="examples of each loss per Adam step, and prompts per forward batch (default: 8)")
     g.add_argument("--direction", required=True,
                    help="the starting difference-in-means direction: .npy [d_model], or a run directory holding "
-                        "direction.npy (e.g. RUN/direction.npy from python -m refusal_jax.extract)")
+                        "direction.npy, e.g. RUN/direction.npy from python -m refusal_jax.extract (required)")
     g.add_argument("--layer", type=int, default=None,
                    help="activation-addition layer (default: 'layer' of direction_metadata.json next to "
                         "--direction)")
-    g.add_argument("--steps", type=int, default=200, help="optimizer steps in total (default 200)")
-    g.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 1e-2)")
-    g.add_argument("--ablation-weight", type=float, default=DEFAULT_WEIGHTS["ablation"])
-    g.add_argument("--addition-weight", type=float, default=DEFAULT_WEIGHTS["addition"])
-    g.add_argument("--retain-weight", type=float, default=DEFAULT_WEIGHTS["retain"])
+    g.add_argument("--steps", type=int, default=200, help="optimizer steps in total (default: 200)")
+    g.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default: 0.01)")
+    g.add_argument("--ablation-weight", type=float, default=DEFAULT_WEIGHTS["ablation"],
+                   help="weight of the ablation loss: CE of the compliant targets on harmful prompts with the "
+                        f"direction ablated (default: {DEFAULT_WEIGHTS['ablation']})")
+    g.add_argument("--addition-weight", type=float, default=DEFAULT_WEIGHTS["addition"],
+                   help="weight of the addition loss: CE of the refusal targets on harmless prompts with the "
+                        f"direction added at --layer (default: {DEFAULT_WEIGHTS['addition']})")
+    g.add_argument("--retain-weight", type=float, default=DEFAULT_WEIGHTS["retain"],
+                   help="weight of the retain loss: KL of the harmless next-token distributions with the direction "
+                        f"ablated against without (default: {DEFAULT_WEIGHTS['retain']})")
     g.add_argument("--independent-of", default=None, metavar="PATH.npy",
-                   help="directions [m, d_model] (or [d_model]) the new one should be independent of")
+                   help="directions [m, d_model] (or [d_model]) the new one should be independent of "
+                        "(default: none)")
     g.add_argument("--independence-weight", type=float, default=0.0,
-                   help="weight of sum |cos(r, b_j)|^2 against --independent-of (default 0)")
+                   help="weight of sum |cos(r, b_j)|^2 against --independent-of (default: 0)")
     g.add_argument("--add-scale", type=float, default=None,
                    help="norm of the added vector in the addition loss (default: the starting direction's norm)")
-    g.add_argument("--target-tokens", type=int, default=30, help="tokens per generated target (default 30)")
+    g.add_argument("--target-tokens", type=int, default=30, help="tokens per generated target (default: 30)")
     g.add_argument("--targets", default=None, metavar="FILE.json",
                    help="use these targets instead of generating them: {\"ablation\": [{\"instruction\", "
-                        "\"target\"}, ...], \"addition\": [...]}")
-    g.add_argument("--gen-batch-size", type=int, default=16, help="prompts per target-generation batch")
-    g.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
-    g.add_argument("--train-seed", type=int, default=0, help="seed of the per-step batch sampling (default 0)")
+                        "\"target\"}, ...], \"addition\": [...]} (default: generate them)")
+    g.add_argument("--gen-batch-size", type=int, default=16,
+                   help="prompts per target-generation batch (default: 16)")
+    g.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default: 50)")
+    g.add_argument("--train-seed", type=int, default=0, help="seed of the per-step batch sampling (default: 0)")
     return p
 
 
@@ -600,7 +609,7 @@ def main(argv=None):
                           "batch_size": args.batch_size, "weights": weights, "add_scale": args.add_scale,
                           "target_tokens": args.target_tokens, "targets": args.targets, "train_seed": args.train_seed,
                           "independent_of": args.independent_of}}
-    run = pipeline.setup(args, extra_config=extra)  # --steps is left out: rerun with more steps to continue
+    run = pipeline.setup(args, extra_config=extra, test_sets=False)  # --steps is left out: rerun with more steps to continue
     t0 = time.perf_counter()
     dim = load_direction(args.direction, run.cfg.d_model)
     if dim.ndim != 1:

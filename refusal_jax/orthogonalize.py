@@ -21,19 +21,19 @@ def parser():
                     "transformers.AutoModelForCausalLM.from_pretrained(OUT). Tied embeddings are untied (the LM "
                     "head keeps the original matrix), so the edited model equals inference-time directional "
                     "ablation. Gemma-2/3 are refused: their post-norms make the edit inexact.")
-    p.add_argument("--model", required=True, help=f"the model to edit: {cli.MODEL_SOURCES}")
+    p.add_argument("--model", required=True, help=f"the model to edit: {cli.MODEL_SOURCES} (required)")
     p.add_argument("--direction", required=True,
                    help="the refusal direction: a .npy file holding [d_model] (any norm; it is normalised) or an "
                         "orthonormal basis [R, d_model], e.g. RUN/direction.npy from python -m refusal_jax.pipeline "
-                        "(a run directory holding direction.npy is accepted too)")
+                        "(a run directory holding direction.npy is accepted too; required)")
     p.add_argument("--out", required=True,
                    help="output Hugging Face model directory (config.json, generation_config.json, "
-                        "model.safetensors or shards + index, tokenizer files); must not exist unless --overwrite")
+                        "model.safetensors or shards + index, tokenizer files); must not exist unless --overwrite (required)")
     cli.add_dtype_flag(p, "dtype the model is loaded in and the edited weights are saved in (default float32; the "
                           "projection itself is computed in float32)")
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="also save the edited model as a converted refusal_jax checkpoint in DIR (loads fast with "
-                        "refusal_jax.load_model)")
+                        "refusal_jax.load_model; default: none)")
     p.add_argument("--shard-size", type=float, default=2.0, metavar="GB",
                    help="split model.safetensors into shards of at most this many GiB (default 2)")
     cli.add_overwrite_flag(p, "replace --out (and --checkpoint) if they exist and are refusal_jax outputs (never "

@@ -20,14 +20,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from refusal_jax.errors import DataError
+from refusal_jax.errors import DataError, RunError
 from refusal_jax.evaluation import judge
-from refusal_jax.method import directions, selection
+from refusal_jax.method import directions, plots, selection
 from refusal_jax.method.selection import SelectionSettings
 from refusal_jax.prompts import datasets, templates
 from refusal_jax.prompts.chat import ChatPrompts
 from refusal_jax.runs import distributed
 from refusal_jax.runs import checks
+from refusal_jax.runs import presets
 from refusal_jax.runs import rundir as runs
 from refusal_jax.runs import cli
 from refusal_jax.runs.cli import main_wrapper
@@ -37,67 +38,111 @@ from refusal_jax.runs.progress import progress_bar
 # command-line arguments shared by extract and pipeline
 
 
-def add_common_args(p: argparse.ArgumentParser) -> None:
+def add_common_args(p: argparse.ArgumentParser, *, selection: bool = True, n_test: bool = True) -> None:
+    """The flags of every command that runs on a model with harmful / harmless prompts. `selection=False` leaves
+    out the sweep and filter flags (--batch-size, --chunk, --positions, --layers, thresholds; the command then
+    defines its own --batch-size); `n_test=False` leaves out --n-test (commands that generate no completions).
+    Left-out flags keep their defaults."""
+
     g = p.add_argument_group("model and output")
     g.add_argument("--model", default="qwen2.5-coder-0.5b-instruct",
                    help="converted checkpoint dir, .gguf file, HF model dir, HF hub id, or bundled model name "
                         "(default: the bundled qwen2.5-coder-0.5b-instruct)")
-    g.add_argument("--out", default=None, help="run directory (default: runs/<model name>)")
-    cli.add_dtype_flag(g, "parameter/activation dtype (statistics are always accumulated in float32/float64)")
+    g.add_argument("--out", default=None,
+                   help="run directory (default: runs/<model>-<hash of the settings>, so the same command resumes "
+                        "and different settings never collide)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="parameter and activation dtype; statistics are always accumulated in float32/float64 "
+                        "(default: float32)")
     g.add_argument("--overwrite", action="store_true",
-                   help="start over when --out holds a run with a different config (old artifacts are moved to "
+                   help="start over when --out holds a run with different settings (old artifacts are moved to "
                         "<out>/previous/)")
     cli.add_progress_flag(g)
     g.add_argument("--mesh", default=None,
-                   help="shard over devices: e.g. 'data=4,model=2' (prompts on data; heads/MLP width on model) or "
-                        "'auto' (all devices on data). Default: one device; with several processes 'auto'. "
-                        "Parameters are placed shard by shard (see refusal_jax.model.sharding)")
+                   help="shard over devices: e.g. 'data=4,model=2' (prompts on data; heads and MLP width on "
+                        "model) or 'auto' (all devices on data); parameters are placed shard by shard, see "
+                        "refusal_jax.model.sharding (default: one device; with several processes: auto)")
     distributed.add_args(p)
+    g.add_argument("--preset", default=presets.DEFAULT_PRESET, choices=sorted(presets.PRESETS),
+                   help="sizes and thresholds for every flag marked 'preset' that is not given: 'cpu' = a run of a "
+                        "few minutes on a CPU (see README); 'reference' = the reference pipeline's sizes and "
+                        "thresholds exactly (default: cpu)")
     d = p.add_argument_group("data (default: the bundled instruction sets)")
-    d.add_argument("--harmful", help="harmful instructions file (.json/.jsonl/.csv/.txt)")
-    d.add_argument("--harmless", help="harmless instructions file (.json/.jsonl/.csv/.txt)")
+    d.add_argument("--harmful", help="harmful instructions file, .json/.jsonl/.csv/.txt (default: bundled)")
+    d.add_argument("--harmless", help="harmless instructions file, .json/.jsonl/.csv/.txt (default: bundled)")
     d.add_argument("--data-dir", help="folder laid out like the reference's dataset/ (splits/, processed/): "
-                                      "samples exactly as the reference (random.seed(42)); used when neither "
-                                      "--harmful nor --harmless is given")
-    d.add_argument("--n-train", type=int, default=128, help="harmful and harmless train prompts before filtering "
-                                                             "(default 128)")
-    d.add_argument("--n-val", type=int, default=32, help="harmful and harmless val prompts before filtering (default 32)")
-    d.add_argument("--n-test", type=int, default=100,
-                   help="harmful eval / harmless test prompts for completions (default 100; capped by what the "
-                        "bundled sets leave after train and val)")
-    d.add_argument("--seed", type=int, default=42, help="sampling seed for instruction files and bundled sets "
-                                                         "(the reference splits always use 42)")
+                                      "samples exactly as the reference, random.seed(42); used when neither "
+                                      "--harmful nor --harmless is given (default: none)")
+    d.add_argument("--n-train", type=int, default=None,
+                   help="harmful and harmless train prompts before filtering " + presets.describe("n_train"))
+    d.add_argument("--n-val", type=int, default=None,
+                   help="harmful and harmless val prompts before filtering " + presets.describe("n_val"))
+    if selection:
+        d.add_argument("--min-val-refused", type=int, default=None,
+                       help="draw more harmful val prompts (from the prompts left after train, val and test) until "
+                            "at least this many are refused at baseline; 0 = never "
+                            + presets.describe("min_val_refused"))
+    if n_test:
+        d.add_argument("--n-test", type=int, default=100,
+                       help="harmful eval / harmless test prompts for completions, capped by what the bundled sets "
+                            "leave after train and val (default: 100)")
+    d.add_argument("--seed", type=int, default=42, help="sampling seed for instruction files and bundled sets; "
+                                                         "the reference splits always use 42 (default: 42)")
     d.add_argument("--no-filter", action="store_true",
-                   help="do not filter train/val prompts by the baseline refusal score (reference: filter)")
+                   help="do not filter train/val prompts by the baseline refusal score (the reference filters)")
     d.add_argument("--max-prompt-tokens", type=int, default=checks.DEFAULT_MAX_PROMPT_TOKENS,
                    help="refuse a templated prompt longer than this many tokens, naming it (default "
                         f"{checks.DEFAULT_MAX_PROMPT_TOKENS}); one overlong prompt would make every batch of its "
                         "bucket that long")
     d.add_argument("--truncate-prompts", action="store_true",
                    help="cut overlong instructions to fit --max-prompt-tokens (with a warning) instead of refusing")
+    d.add_argument("--eoi-mode", default="template", choices=templates.EOI_MODES,
+                   help="post-instruction tokens: 'template' = the tokens that really end every prompt; "
+                        "'reference' = the reference's encode(suffix), which differs for Llama-2, see README "
+                        "(default: template)")
+    d.add_argument("--chat-style", default=None, choices=sorted(templates.TEMPLATES) + [templates.MODEL_STYLE],
+                   help="chat template: a named one, or 'model' = the model's own chat template with the system "
+                        "prompt it adds by default; 'family's' = the family's reference template, no system prompt "
+                        + presets.describe("chat_style"))
+    if not selection:
+        p.set_defaults(chunk=8, screen=0, positions=None, layers=None, kl_threshold=None, induce_threshold=None,
+                       induce_relative=None, prune_layer_fraction=None, min_val_refused=None)
+        if not n_test:
+            p.set_defaults(n_test=100)
+        return
+    if not n_test:
+        p.set_defaults(n_test=100)
     s = p.add_argument_group("selection")
-    s.add_argument("--batch-size", type=int, default=32, help="prompts per forward batch (reference: 32)")
+    s.add_argument("--batch-size", type=int, default=32,
+                   help="prompts per forward batch (default: 32, as the reference)")
     s.add_argument("--chunk", type=int, default=8,
-                   help="candidate directions evaluated together in one vmapped call (default 8)")
-    s.add_argument("--positions", type=_int_list, default=None,
-                   help="restrict the sweep to these post-instruction positions, e.g. --positions=-1 or --positions=-2,-1 (default all)")
-    s.add_argument("--layers", type=_int_list, default=None,
-                   help="restrict the sweep to these layers, e.g. 10-16 or 8,12 (default all)")
+                   help="candidate directions evaluated together in one vmapped call (default: 8)")
     s.add_argument("--screen", type=_non_negative_int, default=0, metavar="K",
                    help="score every candidate to first order from one backward pass per val set, evaluate exactly "
                         "only the K best (more rounds of K if none survives the filter), and select among those "
-                        "(refusal_jax.method.screening; README 'Screening'). 0 = the exhaustive sweep (default 0)")
-    s.add_argument("--kl-threshold", type=float, default=0.1, help="discard candidates with KL above this (0.1)")
-    s.add_argument("--induce-threshold", type=float, default=0.0,
-                   help="discard candidates whose actadd refusal score on harmless prompts is below this (0.0)")
-    s.add_argument("--prune-layer-fraction", type=float, default=0.2,
-                   help="discard candidates in the last fraction of layers (0.2)")
-    s.add_argument("--eoi-mode", default="template", choices=templates.EOI_MODES,
-                   help="post-instruction tokens: 'template' = the tokens that really end every prompt; "
-                        "'reference' = the reference's encode(suffix) (differs for Llama-2, see README)")
-    s.add_argument("--chat-style", default=None, choices=sorted(templates.TEMPLATES) + [templates.MODEL_STYLE],
-                   help="force a chat template instead of the family's reference template (no system prompt); "
-                        "'model' = the model's own chat template, with the system prompt it adds by default")
+                        "(refusal_jax.method.screening; README 'Screening'); 0 = the exhaustive sweep (default: 0)")
+    s.add_argument("--positions", type=_int_list, default=None,
+                   help="sweep only these post-instruction positions, e.g. --positions=-1 or --positions=-2,-1 "
+                        + presets.describe("positions"))
+    s.add_argument("--layers", type=_layer_list, default=None,
+                   help="sweep only these layers, e.g. 10-16 or 8,12, or 'middle' = from a quarter of the depth up "
+                        "to the pruned layers " + presets.describe("layers"))
+    s.add_argument("--kl-threshold", type=float, default=None,
+                   help="discard candidates whose ablation changes the harmless val next-token distribution by a "
+                        "KL above this " + presets.describe("kl_threshold"))
+    s.add_argument("--induce-threshold", type=float, default=None,
+                   help="discard candidates whose induce score (refusal score on harmless val under activation "
+                        "addition) is below this; replaces --induce-relative " + presets.describe("induce_threshold"))
+    s.add_argument("--induce-relative", type=float, default=None, metavar="F",
+                   help="induce threshold relative to the measured baselines: harmless baseline + F x (harmful "
+                        "baseline - harmless baseline) " + presets.describe("induce_relative"))
+    s.add_argument("--prune-layer-fraction", type=float, default=None,
+                   help="discard candidates in this last fraction of the layers "
+                        + presets.describe("prune_layer_fraction"))
+
+
+def _layer_list(text: str):
+    return "middle" if text.strip() == "middle" else _int_list(text)
 
 
 def _non_negative_int(text: str) -> int:
@@ -124,9 +169,10 @@ def _int_list(text: str) -> list[int]:
 def selection_settings(args: argparse.Namespace) -> SelectionSettings:
     """The "selection" flags (and --no-filter) as settings."""
     return SelectionSettings(positions=args.positions, layers=args.layers, kl_threshold=args.kl_threshold,
-                             induce_threshold=args.induce_threshold, prune_layer_fraction=args.prune_layer_fraction,
-                             filter=not args.no_filter, batch_size=args.batch_size, chunk=args.chunk,
-                             screen=args.screen, chat_style=args.chat_style, eoi_mode=args.eoi_mode)
+                             induce_threshold=args.induce_threshold, induce_relative=args.induce_relative,
+                             prune_layer_fraction=args.prune_layer_fraction, filter=not args.no_filter,
+                             min_val_refused=args.min_val_refused or 0, batch_size=args.batch_size,
+                             chunk=args.chunk, screen=args.screen, chat_style=args.chat_style, eoi_mode=args.eoi_mode)
 
 
 def data_settings(args: argparse.Namespace) -> datasets.DataSettings:
@@ -170,13 +216,38 @@ class Run:
             batches = sharding.shard_batches(batches, self.mesh)
         return batches
 
-    def bar(self, total, desc):
-        return progress_bar(total, desc, self.progress)
+    def bar(self, total, desc, unit="it"):
+        return progress_bar(total, desc, self.progress, unit=unit)
 
 
-def setup(args, extra_config: dict | None = None) -> Run:
+def settings(args, data_source: dict, data: dict, test_sets: bool = True) -> dict:
+    """Everything that determines a run's results and is known before the model is loaded. Without `test_sets`
+    (commands that use no test prompts, or keep their own record of them) --n-test and the test sets are left
+    out, so such runs share a folder whatever --n-test is."""
+    hashed = {k: v for k, v in data.items() if test_sets or not k.endswith("_test")}
+    return {
+        "model": str(args.model), "dtype": args.dtype, "preset": args.preset,
+        "data": data_source, "data_hashes": {k: runs.texts_hash([str(v) for v in vals]) for k, vals in hashed.items()},
+        "n_train": args.n_train, "n_val": args.n_val, **({"n_test": args.n_test} if test_sets else {}),
+        "seed": args.seed,
+        "filter": not args.no_filter, "min_val_refused": args.min_val_refused, "chat_style": args.chat_style,
+        "eoi_mode": args.eoi_mode, "positions": args.positions, "layers": args.layers,
+        "kl_threshold": args.kl_threshold, "induce_threshold": args.induce_threshold,
+        "induce_relative": args.induce_relative, "prune_layer_fraction": args.prune_layer_fraction,
+        **({"screen": args.screen} if args.screen else {}),
+    }
+
+
+def default_out(args, config: dict) -> Path:
+    """runs/<model name>-<8 hex digits of the settings>: the same command finds its run again, other settings
+    get another folder."""
+    return Path("runs") / f"{Path(str(args.model)).name.removesuffix('.gguf')}-{runs.config_hash(config)[:8]}"
+
+
+def setup(args, extra_config: dict | None = None, test_sets: bool = True) -> Run:
     from refusal_jax.convert.loading import load_model
 
+    presets.apply(args)
     checks.common_args(args)  # every flag and path, before anything is loaded
     distributed.init_from_args(args)  # several processes join before any device is used
     progress = not args.no_progress and distributed.is_main_process()
@@ -188,8 +259,11 @@ def setup(args, extra_config: dict | None = None) -> Run:
         print(f"note: {given} given alone: the {other} prompts are the bundled {other} set")
     data, data_source = datasets.sample_sets(data_settings(args))
     for key, values in data.items():
-        if not values:
+        if not values and key != "harmful_val_pool":
             raise DataError(f"the {key} set is empty")
+    known = {**settings(args, data_source, data, test_sets), **(extra_config or {})}
+    out = Path(args.out) if args.out else default_out(args, known)
+    runs.check_settings(out, known, overwrite=args.overwrite)  # before the model load: fail fast
     mesh = None
     if args.mesh:
         from refusal_jax.model import sharding
@@ -198,6 +272,7 @@ def setup(args, extra_config: dict | None = None) -> Run:
     # with a mesh every parameter is placed shard by shard: never whole on one device
     model = load_model(args.model, dtype=args.dtype, progress=progress, mesh=mesh)
     checks.model_args(args, model.cfg)
+    sel = dataclasses.replace(sel, chat_style=presets.chat_style(args, model.tokenizer))
     chat = ChatPrompts.for_model(model.cfg.family, model.tokenizer, sel.chat_style, sel.eoi_mode)
     fmt, eoi, refusal_ids = chat.fmt, list(chat.eoi), chat.refusal_ids
     data = checks.prompt_lengths(data, model.tokenizer, fmt, args.max_prompt_tokens, truncate=args.truncate_prompts)
@@ -205,16 +280,8 @@ def setup(args, extra_config: dict | None = None) -> Run:
     if mesh is not None and distributed.is_main_process():
         print(f"sharding over {sharding.describe(mesh)}"
               + (f" in {distributed.process_count()} processes" if distributed.process_count() > 1 else ""))
-    config = {
-        "model": str(args.model), "model_config": model.cfg.to_dict(), "dtype": args.dtype,
-        "data": data_source, "data_hashes": {k: runs.texts_hash([str(v) for v in vals]) for k, vals in data.items()},
-        "n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test, "seed": args.seed,
-        "filter": not args.no_filter, "template": fmt.template, "eoi_tokens": eoi, "refusal_token_ids": refusal_ids,
-        "positions": args.positions, "layers": args.layers, "screen": args.screen, "kl_threshold": args.kl_threshold,
-        "induce_threshold": args.induce_threshold, "prune_layer_fraction": args.prune_layer_fraction,
-        **(extra_config or {}),
-    }
-    out = Path(args.out) if args.out else Path("runs") / Path(str(args.model)).name.removesuffix(".gguf")
+    config = {**known, "model_config": model.cfg.to_dict(), "template": fmt.template, "eoi_tokens": eoi,
+              "refusal_token_ids": refusal_ids}
     runs.open_run(out, config, overwrite=args.overwrite)
     return Run(args, out, params, model.cfg, model.tokenizer, fmt, eoi, refusal_ids, data, progress, mesh, sel, config)
 
@@ -224,24 +291,56 @@ def setup(args, extra_config: dict | None = None) -> Run:
 
 
 def stage_filter(run: Run) -> dict[str, list[str]]:
-    """Keep harmful prompts the model refuses (score > 0) and harmless ones it does not (score < 0)."""
+    """Keep harmful prompts the model refuses (score > 0) and harmless ones it does not (score < 0).
+
+    With --min-val-refused N, harmful val prompts are drawn from the spare pool (`harmful_val_pool`), n_val at a
+    time, until N are refused or the pool runs out; drawn test prompts leave the test set."""
     path = run.out / selection.FILTERED
     if runs.done(path):
-        sets = runs.read_json(path, keys=("sets",))["sets"]
+        record = runs.read_json(path, keys=("sets",))
+        sets = record["sets"]
         with runs.reading(path):
             if not all(isinstance(sets[k], list) and all(isinstance(x, str) for x in sets[k])
                        for k in selection.SETS):
                 raise TypeError("sets must be lists of strings")
+        _drop_drawn_from_test(run, record.get("drawn_val", []))
         return sets
     sets = {k: run.data[k] for k in selection.SETS}
-    scores = {}
+    scores, drawn = {}, []
     if run.selection.filter:
-        with run.bar(sum(len(v) for v in sets.values()), "filtering by baseline refusal score") as bar:
-            sets, scores = selection.filter_by_refusal(run.params, run.cfg, sets, run.batches, run.refusal_ids,
-                                                       bar.update)
-    selection.write_filtered(run.out, sets, scores)
+        with run.bar(sum(len(v) for v in sets.values()), "filter: baseline refusal score", unit="prompt") as bar:
+
+            def keep(key, instructions):
+                s = directions.baseline_refusal_scores(run.params, run.cfg, run.batches(instructions),
+                                                       run.refusal_ids)
+                scores.setdefault(key, []).extend(s.tolist())
+                bar.update(len(instructions))
+                return [x for x, k in zip(instructions, s > 0 if key.startswith("harmful") else s < 0) if k]
+
+            for key, instructions in list(sets.items()):
+                sets[key] = keep(key, instructions)
+            pool = list(run.data.get("harmful_val_pool", []))
+            while len(sets["harmful_val"]) < run.selection.min_val_refused and pool:
+                more, pool = pool[: run.args.n_val], pool[run.args.n_val:]
+                bar.total += len(more)
+                drawn += more
+                sets["harmful_val"] += keep("harmful_val", more)
+        empty = [k for k, v in sets.items() if not v]
+        if empty:
+            raise RunError(f"after filtering by the baseline refusal score, {', '.join(empty)} is empty: the model "
+                           "does not refuse those harmful prompts (or refuses all harmless ones). Use more or other "
+                           "prompts, another --chat-style, or --no-filter.")
+    _drop_drawn_from_test(run, drawn)
+    extra = {"drawn_val": drawn, "harmful_val_scored": len(run.data["harmful_val"]) + len(drawn)} if drawn else {}
+    selection.write_filtered(run.out, sets, scores, **extra)
     distributed.barrier("filtered")  # the others may read what process 0 wrote from here on
     return sets
+
+
+def _drop_drawn_from_test(run: Run, drawn: list[str]) -> None:
+    if drawn:
+        gone = set(drawn)
+        run.data["harmful_test"] = [r for r in run.data["harmful_test"] if r["instruction"] not in gone]
 
 
 def stage_directions(run: Run, sets) -> np.ndarray:
@@ -249,7 +348,7 @@ def stage_directions(run: Run, sets) -> np.ndarray:
     if runs.done(path):
         return runs.read_artifact_npy(path)
     harmful, harmless = run.batches(sets["harmful_train"]), run.batches(sets["harmless_train"])
-    with run.bar(len(harmful) + len(harmless), "mean activations") as bar:
+    with run.bar(len(harmful) + len(harmless), "mean activations, harmful + harmless train", unit="batch") as bar:
         diffs, mean_harmless = selection.candidate_directions(run.params, run.cfg, harmful, harmless, len(run.eoi),
                                                               bar.update)
     selection.write_candidates(run.out, diffs, mean_harmless)
@@ -269,20 +368,25 @@ def stage_select(run: Run, sets, diffs: np.ndarray) -> tuple[int, int, np.ndarra
     s = run.selection
     harmful_val, harmless_val = run.batches(sets["harmful_val"]), run.batches(sets["harmless_val"])
     steps = selection.sweep_steps(diffs, run.cfg, s, len(harmful_val), len(harmless_val))
-    with run.bar(steps, "scoring candidates") as bar:
+    n_live = steps // max(len(harmful_val) + 2 * len(harmless_val), 1)
+    with run.bar(steps, f"selection: {n_live} candidates x 3 scores", unit="candidate-batch") as bar:
         evaluations, baselines = selection.score_grid(run.params, run.cfg, diffs, harmful_val, harmless_val,
                                                       run.refusal_ids, s, bar.update)
     runs.write_json(run.out / selection.EVALUATIONS, evaluations)
-    if distributed.is_main_process():
-        selection.plot_scores(evaluations, run.cfg.n_layers, run.out / selection.EVALUATIONS.parent, baselines)
+    filt = s.filters(baselines)
+    runs.write_json(run.out / selection.BASELINES, {**baselines, **filt})
     try:
-        best, survivors = directions.select(evaluations, run.cfg.n_layers, **s.filters())
-    finally:
-        runs.write_json(run.out / selection.BASELINES, baselines)
+        best, survivors = directions.select(evaluations, run.cfg.n_layers, **filt)
+    except RunError:
+        selection.plot_scores(evaluations, run.cfg.n_layers, run.out / selection.EVALUATIONS.parent, baselines, filt)
+        raise
     pos, layer = best["position"], best["layer"]
+    selection.plot_scores(evaluations, run.cfg.n_layers, run.out / selection.EVALUATIONS.parent, baselines, filt,
+                          (pos, layer))
     direction = diffs[pos, layer]
-    selection.write_selected(run.out, direction, best, survivors, model=run.config["model"],
-                             config_hash=runs.config_hash(run.config), data_hashes=run.config["data_hashes"])
+    selection.write_selected(run.out, direction, best, survivors, baselines={**baselines, **filt}, sets=sets,
+                             model=run.config["model"], config_hash=runs.config_hash(run.config),
+                             data_hashes=run.config["data_hashes"])
     distributed.barrier("direction")
     return pos, layer, direction
 
@@ -400,21 +504,27 @@ def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files, se
 
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("completions and evaluation")
-    g.add_argument("--max-new-tokens", type=int, default=512, help="greedy tokens per completion (reference: 512)")
+    g.add_argument("--max-new-tokens", type=int, default=512,
+                   help="greedy tokens per completion (default: 512, as the reference)")
     g.add_argument("--gen-batch-size", type=int, default=8,
                    help="prompts decoded together: the slots of continuous batching, where a stopped row's slot "
-                        "takes the next prompt (reference: static batches of 8)")
+                        "takes the next prompt (default: 8; the reference decodes static batches of 8)")
     g.add_argument("--decode-dtype", choices=("float32", "bfloat16", "int8"), default="float32",
                    help="precision of the decoding copy of the matmul weights: bfloat16 (float32 accumulation) or "
                         "int8 weight-only with per-channel scales; a smaller copy, completions may differ from "
                         "float32; speed on CPU: README, Benchmarks; scores, directions and statistics "
                         "always use the model's weights (default: float32)")
-    g.add_argument("--loss-batch-size", type=int, default=2, help="sequences per loss batch (reference: 2)")
+    g.add_argument("--loss-batch-size", type=int, default=2,
+                   help="sequences per CE-loss batch (default: 2, as the reference)")
     g.add_argument("--loss-texts", nargs="*", default=None,
                    help="text files (one document per line, or .json/.jsonl/.csv) whose CE loss is reported, e.g. "
-                        "a local Pile sample; truncated to 256 tokens as the reference")
+                        "a local Pile sample, truncated to 256 tokens as the reference (default: none)")
     g.add_argument("--reference-judge", action="store_true",
                    help="substring judge exactly as the reference (ASCII apostrophes only)")
+
+
+# Fewer harmful val prompts than this after the filter: the selection is noise-prone, and the summary says so.
+FEW_VAL_PROMPTS = 8
 
 
 def run_extract(run: Run) -> tuple[int, int, np.ndarray]:
@@ -424,16 +534,50 @@ def run_extract(run: Run) -> tuple[int, int, np.ndarray]:
     pos, layer, direction = stage_select(run, sets, diffs)
     if not distributed.is_main_process():  # summaries are printed once
         return pos, layer, direction
-    meta = runs.read_json(run.out / "direction_metadata.json",
-                          keys=("direction_norm", "refusal_score", "steering_score", "kl_div_score", "n_survivors"))
-    sizes = runs.read_json(run.out / "datasets" / "filtered.json", keys=("sizes",))["sizes"]
-    print(f"\nselected direction: pos {pos}, layer {layer} of {run.cfg.n_layers} (norm {meta['direction_norm']:.3f})")
-    print(f"  refusal score under ablation {meta['refusal_score']:.3f}, induce score {meta['steering_score']:.3f}, "
-          f"KL {meta['kl_div_score']:.4f}; {meta['n_survivors']} candidates survived the filter")
-    print(f"  prompts after filtering: {sizes}")
-    print(f"  wrote {run.out}/direction.npy, direction_metadata.json, generate_directions/mean_diffs.npy, "
-          f"select_direction/ ({time.perf_counter() - t0:.1f} s)")
+    print_extract_summary(run, time.perf_counter() - t0)
     return pos, layer, direction
+
+
+def print_extract_summary(run: Run, seconds: float) -> None:
+    """Baseline -> intervened scores of the selected direction, the prompts they rest on, every file written."""
+    meta = runs.read_json(run.out / "direction_metadata.json")
+    filtered = runs.read_json(run.out / "datasets" / "filtered.json")
+    sizes, drawn = filtered["sizes"], len(filtered.get("drawn_val", []))
+    sel = run.out / "select_direction"
+    evaluations = runs.read_json(sel / "direction_evaluations.json")
+    base = runs.read_json(sel / "baseline_scores.json")
+    b_refusal = meta.get("baseline_refusal_score", base["harmful_val_refusal_score"])
+    b_induce = meta.get("baseline_steering_score", base["harmless_val_refusal_score"])
+    print(f"\nselected direction: position {meta['pos']}, layer {meta['layer']} of {run.cfg.n_layers} "
+          f"(norm {meta['direction_norm']:.3f}); {meta['n_survivors']} of {len(evaluations)} candidates passed the "
+          "filters")
+    print(f"  refusal score under ablation (harmful val, {sizes['harmful_val']} prompts): "
+          f"{b_refusal:+.3f} -> {meta['refusal_score']:+.3f}")
+    print(f"  induce score (harmless val, {sizes['harmless_val']} prompts): {b_induce:+.3f} -> "
+          f"{meta['steering_score']:+.3f} (threshold {base.get('induce_threshold', float('nan')):+.3f})")
+    print(f"  KL divergence under ablation (harmless val): {meta['kl_div_score']:.4f} "
+          f"(threshold {base.get('kl_threshold', float('nan')):g})")
+    scored = {k: len(run.data[k]) for k in sizes}
+    scored["harmful_val"] = filtered.get("harmful_val_scored", scored["harmful_val"])
+    kept = ", ".join(f"{k.replace('_', ' ')} {sizes[k]} of {scored[k]}" for k in sizes)
+    line = (f"  prompts (no baseline filter): {kept}" if run.args.no_filter else
+            f"  prompts kept by the baseline filter: {kept}")
+    if drawn:
+        line += f" ({drawn} more harmful val prompts drawn to reach --min-val-refused {run.args.min_val_refused})"
+    print(line)
+    if sizes["harmful_val"] < FEW_VAL_PROMPTS:
+        print(f"  warning: the selection rests on {sizes['harmful_val']} harmful val prompts after the filter, so "
+              "its scores are noisy: use more prompts, --min-val-refused, or a chat template under which the model "
+              "refuses more often (--chat-style model)")
+    files = ["direction.npy", "direction_metadata.json", "datasets/filtered.json",
+             "generate_directions/mean_diffs.npy", "generate_directions/mean_harmless.npy",
+             "select_direction/direction_evaluations.json", "select_direction/direction_evaluations_filtered.json",
+             "select_direction/baseline_scores.json",
+             *(f"select_direction/{name}" for name in (*plots.FILES.values(), plots.SUMMARY_FILE))]
+    print(f"  wrote in {run.out}/ ({seconds:.1f} s):")
+    for f in files:
+        if (run.out / f).exists():
+            print(f"    {f}")
 
 
 def pipeline_parser() -> argparse.ArgumentParser:
@@ -474,7 +618,9 @@ def main(argv=None):
         print(f"  {label:9s} {r['ce_loss']:.4f} ({r['n_tokens']} tokens)")
     runs.write_json(run.out / "summary.json", {"refusal_rates": summary, "loss": losses, "pos": pos, "layer": layer,
                                                "seconds": time.perf_counter() - t0})
-    print(f"wrote {run.out}/summary.json")
+    print(f"  wrote in {run.out}/: summary.json, "
+          + ", ".join(str(f.relative_to(run.out)) for d in ("completions", "loss_evals")
+                      for f in sorted((run.out / d).glob("*.json"))))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def cli_run(tmp_path_factory):
                    "--n-train", "6", "--n-val", "3", "--n-test", "3", "--batch-size", "4", "--chunk", "4",
                    "--no-filter", "--no-progress", "--out", str(out), "--kl-threshold", "1e9",
                    "--induce-threshold=-1e9", "--prune-layer-fraction", "0", "--max-new-tokens", "4",
-                   "--gen-batch-size", "2"])
+                   "--gen-batch-size", "2", "--preset", "reference"])  # the API's defaults are the reference's
     data, _ = rj.sample_sets(rj.DataSettings(harmful=str(harmful), harmless=str(harmless), n_train=6, n_val=3,
                                              n_test=3))
     return rj.load_model(str(model_dir), progress=False), data, out

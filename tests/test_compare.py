@@ -20,7 +20,7 @@ def compared(tiny, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("cmp") / "run"
     rdo = out.parent / "rdo.npy"
     np.save(rdo, np.random.default_rng(0).normal(size=32).astype(np.float32))
-    args = base_args(tiny, out) + COMPARE + ["--optimized", str(rdo)]
+    args = base_args(tiny, out, n_test=True) + COMPARE + ["--optimized", str(rdo)]
     compare.main(args)
     return out, args
 

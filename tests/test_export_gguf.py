@@ -16,6 +16,7 @@
 """
 
 import dataclasses
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -272,3 +273,86 @@ def test_refusals(tmp_path):
     cfg2, p2, _ = load_gguf(tmp_path / "m.gguf", tokenizer=False)
     assert cfg2.family == "llama"
     assert_same_params(p, p2)
+
+
+# --------------------------------------------------------------------------------------------------
+# provenance, type changes, reuse of the conversion
+
+
+def test_command_line_records_the_edit(source_gguf, tmp_path, capsys):
+    from refusal_jax import __version__
+
+    cfg, _, _ = load_gguf(source_gguf, tokenizer=False)
+    r = np.random.default_rng(2).standard_normal(cfg.d_model)
+    np.save(tmp_path / "r.npy", r)
+    out = tmp_path / "edited.gguf"
+    export_gguf.main(["--model", str(source_gguf), "--out", str(out), "--direction", str(tmp_path / "r.npy"),
+                      "--method", "norm-preserving", "--type", "f16", "--no-progress"])
+    printed = capsys.readouterr().out
+    md = read_gguf(out).metadata
+    src_name = read_gguf(source_gguf).metadata.get("general.name")
+    assert md["general.name"] == f"{src_name or 'src'} (refusal direction orthogonalized)"
+    assert md["refusal_jax.edit.method"] == "norm-preserving"
+    assert md["refusal_jax.version"] == __version__
+    # the hash is of the float32 direction, so a user can recompute it from the .npy file
+    import hashlib
+
+    want = hashlib.sha256(np.asarray(r, "<f4").tobytes()).hexdigest()
+    assert md["refusal_jax.edit.direction_sha256"] == want
+    assert md["refusal_jax.edit.direction_source"] == str(tmp_path / "r.npy")
+    assert "refusal_jax.edit.direction_sha256 = " + want in printed
+    # the two Q8_0 source tensors were written as F16 (--type f16): the output says so, with both sizes
+    assert "types changed from the source (--type f16): " in printed and "Q8_0 -> F16 x2" in printed
+    assert "MiB ->" in printed
+    # without --direction nothing is claimed
+    plain = tmp_path / "plain.gguf"
+    export_gguf.main(["--model", str(source_gguf), "--out", str(plain), "--no-progress"])
+    md = read_gguf(plain).metadata
+    assert not any(k.startswith("refusal_jax.") for k in md) and md.get("general.name") == src_name
+    assert "types changed" not in capsys.readouterr().out  # --type source keeps Q8_0
+
+
+def test_type_changes_and_k_quant_fallback(source_gguf, tmp_path):
+    Q = gguf.GGMLQuantizationType
+    # gguf-py cannot encode K-quants: a Q4_K source tensor becomes Q8_0 where rows allow, else F16
+    assert export_gguf._choose_type("source", "w", (4, 256), {"w": Q.Q4_K}) == Q.Q8_0
+    assert export_gguf._choose_type("source", "w", (4, 48), {"w": Q.Q4_K}) == Q.F16
+    cfg, params, _ = load_gguf(source_gguf, tokenizer=False)
+    res = export_gguf.save_gguf(tmp_path / "q.gguf", cfg, params, tokenizer_source=source_gguf, tensor_type="q8_0")
+    from refusal_jax.convert import engine
+
+    want = Counter()
+    for hf_name, shape, _, _ in engine.hf_tensor_plan(cfg):  # the source's 2-D tensors are F32 but two Q8_0
+        if len(shape) == 2 and hf_name not in ("model.layers.1.mlp.up_proj.weight",
+                                               "model.layers.0.self_attn.q_proj.weight"):
+            want["F32 -> Q8_0" if shape[-1] % 32 == 0 else "F32 -> F16"] += 1
+    assert res["type_changes"] == dict(want) and want["F32 -> Q8_0"] > 0
+
+
+def test_large_gguf_conversion_is_cached_and_reused(source_gguf, tmp_path, monkeypatch):
+    from refusal_jax.convert import loading
+
+    monkeypatch.setenv("REFUSAL_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "GGUF_CACHE_MIN_BYTES", 0)  # the tiny file counts as large
+    calls = []
+    real = loading.convert_source
+    monkeypatch.setattr(loading, "convert_source", lambda *a, **k: calls.append(a) or real(*a, **k))
+    first = loading.load_model(str(source_gguf), progress=False)
+    second = loading.load_model(str(source_gguf), progress=False)
+    assert len(calls) == 1  # converted once, then read from the cache
+    cached = loading.gguf_cache_dir(source_gguf, "float32")
+    assert cached.parent == tmp_path / "cache" / "converted" and cached.name.startswith("src-")
+    assert_same_params(first.params, second.params)
+    # a changed file (new mtime) is converted again, into a new entry
+    import os
+
+    st = os.stat(source_gguf)
+    os.utime(source_gguf, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert loading.gguf_cache_dir(source_gguf, "float32") != cached
+    loading.load_model(str(source_gguf), progress=False)
+    assert len(calls) == 2
+    # small files are not copied into the cache, and cache=False never uses it
+    monkeypatch.setattr(loading, "GGUF_CACHE_MIN_BYTES", 1 << 40)
+    assert loading.gguf_cache_dir(source_gguf, "float32") is None
+    loading.load_model(str(source_gguf), progress=False, cache=True)
+    assert len(calls) == 3

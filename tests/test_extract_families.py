@@ -167,7 +167,7 @@ def test_extract_end_to_end(family, tmp_path, data_files, capsys, monkeypatch):
     args = ["--model", str(ckpt), "--out", str(out), "--harmful", str(data_files / "harmful.txt"),
             "--harmless", str(data_files / "harmless.txt"), "--n-train", "6", "--n-val", "4", "--batch-size", "4",
             "--no-filter", "--kl-threshold", "1e9", "--induce-threshold=-1e9", "--prune-layer-fraction", "0",
-            "--no-progress"]
+            "--no-progress", "--preset", "reference"]
     # The candidate sweep (every position x layer, in chunks of at most 8 candidates) compiles each scoring
     # function once per val batch shape: no (function, chunk, shape) is traced twice.
     traces = []
@@ -225,7 +225,7 @@ def test_extract_end_to_end(family, tmp_path, data_files, capsys, monkeypatch):
         extract.main(changed)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "different configuration" in err and "changed: kl_threshold" in err and "--overwrite" in err
+    assert "different settings" in err and "changed: kl_threshold)" in err and "--overwrite" in err
     assert {name: os.stat(out / name).st_mtime_ns for name in ARTIFACTS} == stamps
 
     # orthogonalized weights give the ablated logits (refused for post-norm families)

@@ -19,16 +19,18 @@ def tiny(tmp_path_factory):
     return root, model, harmful, harmless
 
 
-def base_args(tiny, out):
+def base_args(tiny, out, n_test=False):
+    """The reference preset (every position x layer, the family's template) on the tiny model; --n-test only for
+    commands that generate completions."""
     root, model, harmful, harmless = tiny
     return ["--model", str(model), "--harmful", str(harmful), "--harmless", str(harmless), "--n-train", "6",
-            "--n-val", "3", "--n-test", "3", "--batch-size", "4", "--chunk", "4", "--no-filter", "--no-progress",
-            "--out", str(out), *LOOSE]
+            "--n-val", "3", *(["--n-test", "3"] if n_test else []), "--batch-size", "4", "--chunk", "4",
+            "--no-filter", "--no-progress", "--preset", "reference", "--out", str(out), *LOOSE]
 
 
 def test_pipeline_runs_all_stages_and_resumes(tiny, tmp_path, capsys):
     out = tmp_path / "run"
-    args = base_args(tiny, out) + ["--max-new-tokens", "5", "--gen-batch-size", "2"]
+    args = base_args(tiny, out, n_test=True) + ["--max-new-tokens", "5", "--gen-batch-size", "2"]
     pipeline.main(args)
     diffs = np.load(out / "generate_directions" / "mean_diffs.npy")
     assert diffs.dtype == np.float64 and diffs.shape == (3, 3, 32)  # 3 eoi tokens x 3 layers x d_model
@@ -55,7 +57,7 @@ def test_pipeline_runs_all_stages_and_resumes(tiny, tmp_path, capsys):
 
 def test_interrupted_stage_resumes(tiny, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    args = base_args(tiny, out) + ["--max-new-tokens", "3", "--gen-batch-size", "2"]
+    args = base_args(tiny, out, n_test=True) + ["--max-new-tokens", "3", "--gen-batch-size", "2"]
     import refusal_jax.model.generate as gen
 
     real = gen.generate_completions
@@ -88,7 +90,8 @@ def test_changed_config_is_refused_then_overwritten(tiny, tmp_path, capsys):
         extract.main(base_args(tiny, out) + ["--seed", "7"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "different configuration (changed: " in err and "seed" in err
+    # refused before the model is loaded, naming only what changed (not settings equal up to JSON types)
+    assert "different settings (changed: data_hashes, seed)" in err  # the seed samples other prompts
     extract.main(base_args(tiny, out) + ["--seed", "7", "--overwrite"])
     assert list((out / "previous").iterdir())  # the old run was moved aside, not deleted
     assert (out / "direction.npy").exists()

@@ -190,13 +190,17 @@ def score_candidates_screened(params, cfg: ModelConfig, diffs: np.ndarray, harmf
                               harmless_val: Sequence[Batch], refusal_ids, grid: Sequence[tuple[int, int]], *,
                               screen: int, chunk: int = 8, sites: str = "writes", micro: int = 8,
                               kl_threshold: float = 0.1, induce_threshold: float = 0.0,
-                              prune_layer_fraction: float = 0.2, progress=None) -> tuple[list[dict], dict]:
+                              prune_layer_fraction: float = 0.2, filters=None,
+                              progress=None) -> tuple[list[dict], dict]:
     """Like `directions.score_candidates`, with each entry's first-order scores added, but with `screen` > 0 only
     the `screen` best candidates of `screen_order` are evaluated exactly; if none of them survives the
     reference's filter, the next `screen` are evaluated, and so on. `screen` = 0 evaluates every candidate.
 
     Entries not evaluated exactly have refusal_score / steering_score / kl_div_score None and
     "evaluated": False. Baselines gain "screened_evaluated" (how many were evaluated exactly).
+    filters: optional callable from the val baselines ({"harmful_val_refusal_score", "harmless_val_refusal_score"})
+    to the filter keywords (`SelectionSettings.filters`, for thresholds relative to the baselines); it replaces
+    kl_threshold / induce_threshold / prune_layer_fraction.
     """
     if screen < 0:
         raise RunError(f"--screen must be >= 0, got {screen}")
@@ -204,11 +208,13 @@ def score_candidates_screened(params, cfg: ModelConfig, diffs: np.ndarray, harmf
     first = first_order_evaluations(fo, diffs, grid, sites)
     filt = dict(kl_threshold=kl_threshold, induce_threshold=induce_threshold,
                 prune_layer_fraction=prune_layer_fraction)
+    if filters is not None:
+        filt = filters({"harmful_val_refusal_score": fo.base_harmful, "harmless_val_refusal_score": fo.base_harmless})
     if screen == 0:
         rounds = [list(range(len(grid)))]
     else:
-        order = screen_order(first, diffs, cfg.n_layers, induce_threshold=induce_threshold,
-                             prune_layer_fraction=prune_layer_fraction)
+        order = screen_order(first, diffs, cfg.n_layers, induce_threshold=filt["induce_threshold"],
+                             prune_layer_fraction=filt["prune_layer_fraction"])
         rounds = [order[i:i + screen] for i in range(0, len(order), screen)]
     exact: dict[int, dict] = {}
     # without exact evaluations (nothing passes the screen) the baselines come from the backward passes' forward

@@ -35,9 +35,13 @@ METADATA = Path("direction_metadata.json")
 class SelectionSettings:
     """How candidates are computed, scored and filtered (the extract command's "selection" flags).
 
-    positions / layers: restrict the sweep (None = every post-instruction position / every layer).
-    kl_threshold, induce_threshold, prune_layer_fraction: the reference's filters (`directions.select`).
-    filter: keep only harmful prompts the model refuses and harmless ones it does not, before anything else.
+    positions / layers: restrict the sweep (None = every post-instruction position / every layer; layers
+      "middle" = a quarter of the depth up to the first pruned layer).
+    kl_threshold, induce_threshold, prune_layer_fraction: the reference's filters (`directions.select`);
+    induce_relative F, when set, replaces induce_threshold by harmless baseline + F x (harmful - harmless
+      baseline), measured on the val sets (`filters`).
+    filter: keep only harmful prompts the model refuses and harmless ones it does not, before anything else;
+    min_val_refused: the commands draw more harmful val prompts until this many are refused (0 = never).
     batch_size: prompts per forward batch; chunk: candidates evaluated together in one vmapped call.
     screen: K > 0 scores every candidate to first order and evaluates only the K best exactly
         (`screening.score_candidates_screened`); 0 = the exhaustive sweep.
@@ -46,11 +50,13 @@ class SelectionSettings:
     """
 
     positions: tuple[int, ...] | None = None
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | str | None = None
     kl_threshold: float = 0.1
-    induce_threshold: float = 0.0
+    induce_threshold: float | None = 0.0
+    induce_relative: float | None = None
     prune_layer_fraction: float = 0.2
     filter: bool = True
+    min_val_refused: int = 0
     batch_size: int = 32
     chunk: int = 8
     screen: int = 0
@@ -62,11 +68,29 @@ class SelectionSettings:
             raise ConfigError(f"screen must be >= 0, got {self.screen}")
         for name in ("positions", "layers"):
             value = getattr(self, name)
-            if value is not None:
+            if value is not None and value != "middle":
                 object.__setattr__(self, name, tuple(int(v) for v in value))
+        if self.induce_threshold is None and self.induce_relative is None:
+            raise ValueError("SelectionSettings needs induce_threshold or induce_relative")
 
-    def filters(self) -> dict[str, float]:
-        return {"kl_threshold": self.kl_threshold, "induce_threshold": self.induce_threshold,
+    def layer_list(self, n_layers: int) -> tuple[int, ...] | None:
+        """The layers to sweep for a model of `n_layers` (None = all)."""
+        if self.layers == "middle":
+            from refusal_jax.runs.presets import middle_layers
+
+            return tuple(middle_layers(n_layers, self.prune_layer_fraction))
+        return self.layers
+
+    def filters(self, baselines: Mapping[str, float] | None = None) -> dict[str, float]:
+        """Keyword arguments of `directions.select`; a relative induce threshold needs the val baselines
+        ({"harmful_val_refusal_score", "harmless_val_refusal_score"}, as `score_grid` returns them)."""
+        induce = self.induce_threshold
+        if self.induce_relative is not None:
+            if baselines is None:
+                raise ValueError("a relative induce threshold needs the measured baselines")
+            low, high = baselines["harmless_val_refusal_score"], baselines["harmful_val_refusal_score"]
+            induce = float(low + self.induce_relative * (high - low))
+        return {"kl_threshold": self.kl_threshold, "induce_threshold": induce,
                 "prune_layer_fraction": self.prune_layer_fraction}
 
 
@@ -106,11 +130,11 @@ def candidate_directions(params, cfg, harmful, harmless, n_pos: int,
 def score_grid(params, cfg, diffs: np.ndarray, harmful_val, harmless_val, refusal_ids, settings: SelectionSettings,
                progress: Callable[[int], Any] | None = None) -> tuple[list[dict], dict]:
     """Score every (pos, layer) candidate on val batches: (evaluations, baselines incl. sweep seconds and count)."""
-    grid = directions.candidate_grid(cfg, diffs.shape[0], settings.positions, settings.layers)
+    grid = directions.candidate_grid(cfg, diffs.shape[0], settings.positions, settings.layer_list(cfg.n_layers))
     t0 = time.perf_counter()
     evaluations, baselines = screening.score_candidates_screened(
         params, cfg, diffs, harmful_val, harmless_val, refusal_ids, grid, screen=settings.screen, chunk=settings.chunk,
-        progress=progress, **settings.filters())
+        progress=progress, filters=settings.filters)
     return evaluations, {"harmful_val_refusal_score": float(baselines["harmful_refusal_score"]),
                          "harmless_val_refusal_score": float(baselines["harmless_refusal_score"]),
                          "sweep_seconds": time.perf_counter() - t0, "n_candidates": len(grid),
@@ -121,7 +145,7 @@ def sweep_steps(diffs: np.ndarray, cfg, settings: SelectionSettings, n_harmful_b
                 n_harmless_batches: int) -> int:
     """Progress units of `score_grid`: live candidates (the first round of a screen) x batches over its three
     scores."""
-    grid = directions.candidate_grid(cfg, diffs.shape[0], settings.positions, settings.layers)
+    grid = directions.candidate_grid(cfg, diffs.shape[0], settings.positions, settings.layer_list(cfg.n_layers))
     live = len(directions.live_candidates(diffs, grid))
     return (min(settings.screen, live) if settings.screen else live) * (n_harmful_batches + 2 * n_harmless_batches)
 
@@ -160,9 +184,13 @@ class Extraction:
         write_candidates(out, self.mean_diffs, self.mean_harmless)
         rundir.write_json(out / EVALUATIONS, self.evaluations)
         if n_layers is not None:
-            plot_scores(self.evaluations, n_layers, out / EVALUATIONS.parent, self.baselines)
+            keys = ("kl_threshold", "induce_threshold", "prune_layer_fraction")
+            filters = {k: self.baselines[k] for k in keys} if all(k in self.baselines for k in keys) else None
+            plot_scores(self.evaluations, n_layers, out / EVALUATIONS.parent, self.baselines, filters,
+                        (self.pos, self.layer))
         rundir.write_json(out / BASELINES, self.baselines)
-        write_selected(out, self.direction, self.best, self.survivors, **metadata)
+        write_selected(out, self.direction, self.best, self.survivors, baselines=self.baselines, sets=self.prompts,
+                       **metadata)
         return out
 
     @classmethod
@@ -183,9 +211,9 @@ class Extraction:
                    baseline_scores=filtered.get("baseline_scores", {}))
 
 
-def write_filtered(out: Path, sets: Mapping[str, list[str]], scores: Mapping[str, list[float]]) -> None:
+def write_filtered(out: Path, sets: Mapping[str, list[str]], scores: Mapping[str, list[float]], **extra) -> None:
     rundir.write_json(out / FILTERED, {"sets": dict(sets), "baseline_scores": dict(scores),
-                                       "sizes": {k: len(v) for k, v in sets.items()}})
+                                       "sizes": {k: len(v) for k, v in sets.items()}, **extra})
 
 
 def write_candidates(out: Path, diffs: np.ndarray, mean_harmless: np.ndarray) -> None:
@@ -194,45 +222,40 @@ def write_candidates(out: Path, diffs: np.ndarray, mean_harmless: np.ndarray) ->
     rundir.write_npy(out / MEAN_DIFFS, diffs)
 
 
-def write_selected(out: Path, direction: np.ndarray, best: dict, survivors: list[dict], **extra) -> None:
+def write_selected(out: Path, direction: np.ndarray, best: dict, survivors: list[dict], *,
+                   baselines: Mapping[str, float] | None = None, sets: Mapping[str, list] | None = None,
+                   **extra) -> None:
     """The surviving candidates, direction.npy and direction_metadata.json (pos, layer, the selected candidate's
-    scores, plus `extra`: model, hashes)."""
+    scores, plus `extra`: model, hashes). With `baselines` (as `score_grid` returns them, plus the thresholds
+    used) and the val `sets`, the metadata also holds the scores without intervention, the thresholds and the
+    number of val prompts, so baseline -> intervened can be read from one file."""
     rundir.write_json(out / SURVIVORS, survivors)
     rundir.write_npy(out / DIRECTION, direction)
+    more = {}
+    if baselines is not None:
+        more = {"baseline_refusal_score": baselines["harmful_val_refusal_score"],
+                "baseline_steering_score": baselines["harmless_val_refusal_score"],
+                **{k: baselines[k] for k in ("induce_threshold", "kl_threshold") if k in baselines}}
+    if sets is not None:
+        more.update(n_harmful_val=len(sets["harmful_val"]), n_harmless_val=len(sets["harmless_val"]))
     rundir.write_json(out / METADATA, {
         "pos": best["position"], "layer": best["layer"], **extra, "refusal_score": best["refusal_score"],
         "steering_score": best["steering_score"], "kl_div_score": best["kl_div_score"],
-        "n_survivors": len(survivors), "direction_norm": float(np.linalg.norm(direction))})
+        "n_survivors": len(survivors), "direction_norm": float(np.linalg.norm(direction)), **more})
 
 
-def plot_scores(evaluations, n_layers, out_dir: Path, baselines: Mapping[str, float]) -> None:
-    """The reference's three score-vs-layer plots (one line per position, the baseline dashed) of the exactly
-    evaluated candidates, and first_order_vs_exact.png when the evaluations carry first-order scores."""
-    import matplotlib
+def plot_scores(evaluations, n_layers, out_dir: Path, baselines: Mapping[str, float],
+                filters: Mapping[str, float] | None = None, selected: tuple[int, int] | None = None) -> list[Path]:
+    """The three score-vs-layer plots and selection_summary.png (`refusal_jax.method.plots`) of the exactly
+    evaluated candidates: the baselines, the thresholds of `filters` (default: the reference's), the pruned layers
+    and the `selected` candidate; and first_order_vs_exact.png when the evaluations carry first-order scores."""
+    from refusal_jax.method import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    written = []
     if any("first_order_refusal_score" in e for e in evaluations):
-        screening.plot_first_order(evaluations, out_dir / "first_order_vs_exact.png")
-    evaluations = screening.evaluated(evaluations)
-
-    positions = sorted({e["position"] for e in evaluations})
-    for key, name, title, base in (
-            ("refusal_score", "ablation_scores.png", "Refusal score on harmful val under directional ablation",
-             baselines["harmful_val_refusal_score"]),
-            ("steering_score", "actadd_scores.png", "Refusal score on harmless val under activation addition",
-             baselines["harmless_val_refusal_score"]),
-            ("kl_div_score", "kl_div_scores.png", "KL divergence on harmless val under directional ablation", 0.0)):
-        fig, ax = plt.subplots(figsize=(9, 5))
-        for pos in positions:
-            pts = sorted((e["layer"], e[key]) for e in evaluations if e["position"] == pos)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=f"pos {pos}")
-        ax.axhline(base, color="black", ls="--", lw=1, label="baseline")
-        ax.set_xlabel("layer (source of the direction)")
-        ax.set_ylabel(key)
-        ax.set_title(title)
-        ax.set_xlim(-0.5, n_layers - 0.5)
-        ax.legend(fontsize=8)
-        rundir.save_figure(fig, out_dir / name)
-        plt.close(fig)
+        written.append(Path(out_dir) / "first_order_vs_exact.png")
+        screening.plot_first_order(evaluations, written[-1])
+    filters = dict(filters or SelectionSettings().filters())
+    return written + plots.plot_selection(screening.evaluated(evaluations), n_layers, Path(out_dir),
+                                          {"harmful": baselines["harmful_val_refusal_score"],
+                                           "harmless": baselines["harmless_val_refusal_score"]}, filters, selected)

@@ -412,12 +412,20 @@ class DataSettings:
 
 def sample_sets(s: DataSettings) -> tuple[dict[str, list], dict]:
     """Train/val instruction lists ("harmful_train", "harmless_val", ...) and eval/test records
-    ("harmful_test", "harmless_test"), plus a description of the source for the run config."""
+    ("harmful_test", "harmless_test"), plus a description of the source for the run config.
+
+    "harmful_val_pool" lists spare harmful prompts to draw more val prompts from (independent of n_test): the
+    rest of the reference's harmful val split (shuffled with `seed`), or the harmful list from its end (for the
+    bundled sets and files, so test prompts come last; a drawn test prompt must then leave the test set)."""
     if s.data_dir and not (s.harmful or s.harmless):
         sampled = sample_reference(s.data_dir, s.n_train, s.n_val)
         rng = sampled.pop("rng")
         sampled["harmful_test"] = reference_split(s.data_dir, "jailbreakbench")[: s.n_test]
         sampled["harmless_test"] = sample_reference_test(rng, s.data_dir, s.n_test)
+        taken = set(sampled["harmful_val"])
+        spare = [x for x in reference_split(s.data_dir, "harmful_val", instructions_only=True) if x not in taken]
+        random.Random(s.seed).shuffle(spare)
+        sampled["harmful_val_pool"] = spare
         return sampled, {"source": "reference_splits", "harmful_eval_name": "jailbreakbench"}
     bundled_harmful, bundled_harmless = default_records()
     out, source = {}, {}
@@ -433,5 +441,7 @@ def sample_sets(s: DataSettings) -> tuple[dict[str, list], dict]:
         out[f"{kind}_train"] = [r["instruction"] for r in records[: s.n_train]]
         out[f"{kind}_val"] = [r["instruction"] for r in records[s.n_train:need]]
         out[f"{kind}_test"] = records[need: need + s.n_test]
+        if kind == "harmful":
+            out["harmful_val_pool"] = [r["instruction"] for r in reversed(records[need:])]
     source["harmful_eval_name"] = "harmful"
     return out, source

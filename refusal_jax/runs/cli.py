@@ -102,4 +102,4 @@ def add_edit_flags(p) -> None:
     p.add_argument("--harmless-mean", default=None, metavar="PATH.npy",
                    help="harmless mean activation for --method projected / norm-preserving: [d_model], [n_layers, "
                         "d_model] (per-layer biprojection) or [n_pos, n_layers, d_model] (position from "
-                        "direction_metadata.json), or a run directory holding generate_directions/mean_harmless.npy")
+                        "direction_metadata.json), or a run directory holding generate_directions/mean_harmless.npy (default: none; required by projected)")

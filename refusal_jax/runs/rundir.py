@@ -138,6 +138,34 @@ def texts_hash(texts) -> str:
     return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()[:16]
 
 
+def _normalized(config: dict) -> dict:
+    """The config as it reads back from run_config.json (tuples become lists), so equal settings compare equal."""
+    return json.loads(json.dumps(config, default=_json_default))
+
+
+def _changed(config: dict, old: dict, keys) -> list[str]:
+    new = _normalized(config)
+    return sorted(k for k in keys if new.get(k) != old.get(k))
+
+
+def check_settings(out_dir: Path, settings: dict, *, overwrite: bool = False) -> None:
+    """Refuse, before anything expensive, a run directory whose run_config.json has other values for `settings`
+    (a subset of the full config, known before the model is loaded). No-op with `overwrite` or a new directory.
+
+    Raises:
+      RunError: naming the settings that differ.
+    """
+    path = Path(out_dir) / RUN_CONFIG
+    if overwrite or not path.exists():
+        return
+    old = read_json(path).get("config", {})
+    changed = _changed(settings, old, settings)
+    if changed:
+        raise RunError(f"{out_dir} holds a run with different settings (changed: {', '.join(changed)}). Use "
+                       f"another --out (or none: the default folder depends on the settings), or --overwrite to "
+                       f"start over (old artifacts are kept under {out_dir}/previous/).")
+
+
 def open_run(out_dir: Path, config: dict, *, overwrite: bool = False) -> Path:
     """Create or resume a run directory for `config` (with several processes: process 0 does, the others follow).
 
@@ -174,8 +202,7 @@ def _open_run(out_dir: Path, config: dict, overwrite: bool) -> Path:
                            "move this directory away")
         if old.get("hash") != record["hash"]:
             if not overwrite:
-                changed = sorted(k for k in set(config) | set(old.get("config", {}))
-                                 if config.get(k) != old.get("config", {}).get(k))
+                changed = _changed(config, old.get("config", {}), set(config) | set(old.get("config", {})))
                 raise RunError(f"{out_dir} holds a run with a different configuration (changed: {', '.join(changed)}). "
                                "Use another --out, or --overwrite to start over (old artifacts are kept under "
                                f"{out_dir}/previous/).")

@@ -1,0 +1,187 @@
+"""Every code block of README.md is executed, doctest-style, so the README cannot drift from the code.
+
+* ```python blocks run as written in a fresh interpreter, in a scratch directory, with two substitutions
+  (the real model would take minutes): the bundled model's name (`qwen2.5-coder-0.5b-instruct`) is replaced by
+  the directory of a tiny random ChatML model (tests/tiny_chat.py, with a chat template), and a file the block
+  loads with `np.load("<name>.npy")` that does not exist is created first with random values of the tiny model's
+  d_model. Whatever python blocks the README holds are run, each in its own process.
+* ```bash blocks: each command line (after joining `\\` continuations and expanding VAR="..." assignments made
+  earlier in the block) is checked as far as it can be without the hours some of them take:
+  `python -m refusal_jax.*` commands and `benchmarks/*.py` scripts are run up to their argument parsing (the
+  program's own argparse parser, intercepted at parse_args), so a renamed or removed flag or a bad value fails
+  here; `./run.sh` / `./test.sh` must be executable scripts of the repository; `python3 -m venv`, `pip install`
+  and `python -m pytest` lines (what ./test.sh runs) are recognised and left to CI (.ci/run).
+  Any other command fails the test: a new kind of line must get a rule here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import runpy
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+BUNDLED = "qwen2.5-coder-0.5b-instruct"
+
+
+def code_blocks(text: str) -> list[tuple[str, str, int]]:
+    """(language, code, line number) of every fenced block."""
+    out = []
+    for m in re.finditer(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M):
+        out.append((m.group(1), m.group(2), text[: m.start()].count("\n") + 1))
+    return out
+
+
+BLOCKS = code_blocks(README.read_text())
+PYTHON = [(code, line) for lang, code, line in BLOCKS if lang == "python"]
+BASH = [(code, line) for lang, code, line in BLOCKS if lang in ("bash", "sh", "shell")]
+
+
+def test_every_block_is_covered():
+    langs = {lang for lang, _, _ in BLOCKS}
+    assert langs <= {"python", "bash", "sh", "shell"}, f"README block languages without a rule here: {langs}"
+    assert PYTHON and BASH
+
+
+# --------------------------------------------------------------------------------------------------
+# python blocks
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tests.tiny_chat import chat_tokenizer, save_tiny_chat_model
+
+    path = save_tiny_chat_model(tmp_path_factory.mktemp("readme") / "model")
+    tok = chat_tokenizer()
+    # the tiny tokenizer has no chat template of its own: give it ChatML, as Qwen's, so style="model" works
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.save_pretrained(str(path / "tokenizer"))
+    return path
+
+
+@pytest.mark.parametrize("code,line", PYTHON, ids=[f"README.md:{line}" for _, line in PYTHON])
+def test_python_block_runs(code, line, tiny_model, tmp_path):
+    from refusal_jax.convert.checkpoint import load_config
+
+    code = code.replace(f'"{BUNDLED}"', repr(str(tiny_model)))
+    d_model = load_config(tiny_model).d_model
+    import numpy as np
+
+    for name in re.findall(r"np\.load\([\"']([^\"']+\.npy)[\"']\)", code):
+        target = tmp_path / name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            np.save(target, np.random.default_rng(0).standard_normal(d_model).astype(np.float32))
+    script = tmp_path / "block.py"
+    script.write_text(code)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, f"README.md:{line} failed:\n{res.stderr[-4000:]}"
+
+
+# --------------------------------------------------------------------------------------------------
+# bash blocks
+
+
+def commands(code: str) -> list[list[str]]:
+    """Command lines of a bash block as argument lists: continuations joined, comments dropped, `&&` split,
+    $VAR / ${VAR} expanded from assignments made earlier in the block."""
+    env: dict[str, str] = {}
+    out = []
+    for line in code.replace("\\\n", " ").splitlines():
+        for part in re.split(r"\s&&\s", line):
+            words = shlex.split(part, comments=True)
+            if not words:
+                continue
+            m = re.fullmatch(r"([A-Z_][A-Z0-9_]*)=(.*)", words[0])
+            if m and len(words) == 1:
+                env[m.group(1)] = m.group(2)
+                continue
+            expanded = []
+            for w in words:
+                if re.fullmatch(r"\$\{?([A-Z_][A-Z0-9_]*)\}?", w):
+                    expanded += shlex.split(env[w.strip("${}")])
+                else:
+                    expanded.append(w)
+            out.append(expanded)
+    return out
+
+
+class Parsed(Exception):
+    pass
+
+
+def parse_only(argv: list[str], run) -> None:
+    """Run a program until it has parsed its arguments; SystemExit(2) (argparse's error) fails."""
+    original = argparse.ArgumentParser.parse_args
+
+    def intercept(self, args=None, namespace=None):
+        original(self, args, namespace)
+        raise Parsed
+
+    old_argv = sys.argv
+    sys.argv = argv
+    argparse.ArgumentParser.parse_args = intercept
+    try:
+        run()
+    except Parsed:
+        return
+    finally:
+        argparse.ArgumentParser.parse_args = original
+        sys.argv = old_argv
+    raise AssertionError(f"{argv}: the program never parsed its arguments")
+
+
+SETUP = (["python3", "-m", "venv"], [".venv/bin/pip", "install"], [".venv/bin/python", "-m", "pytest"])
+
+
+def check_command(words: list[str], capsys) -> None:
+    if any(words[: len(s)] == s for s in SETUP):
+        return
+    if words[0] in ("./run.sh", "./test.sh"):
+        path = REPO / words[0]
+        assert path.is_file() and os.access(path, os.X_OK), f"{words[0]} is not an executable script"
+        if words[0] == "./run.sh" and len(words) > 1:  # its arguments go to python -m refusal_jax.extract
+            check_command([".venv/bin/python", "-m", "refusal_jax.extract", *words[1:]], capsys)
+        return
+    assert words[0] in (".venv/bin/python", "python"), f"no rule for README command {words}"
+    if words[1] == "-m":
+        module = words[2]
+        assert module.startswith("refusal_jax."), f"no rule for README command {words}"
+        parse_only([module, *words[3:]], lambda: runpy.run_module(module, run_name="__main__", alter_sys=True))
+    else:
+        script = REPO / words[1]
+        assert script.is_file() and script.parent.name == "benchmarks", f"no rule for README command {words}"
+        sys.path.insert(0, str(script.parent))
+        try:
+            parse_only([str(script), *words[2:]], lambda: runpy.run_path(str(script), run_name="__main__"))
+        finally:
+            sys.path.remove(str(script.parent))
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+@pytest.mark.parametrize("code,line", BASH, ids=[f"README.md:{line}" for _, line in BASH])
+def test_bash_block_commands_parse(code, line, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cmds = commands(code)
+    assert cmds, f"README.md:{line}: empty block"
+    for words in cmds:
+        try:
+            check_command(words, capsys)
+        except SystemExit as e:
+            pytest.fail(f"README.md:{line}: {' '.join(words)} exited {e.code}: {capsys.readouterr().err[-2000:]}")
+
+
+def test_bash_parsing_of_this_file():
+    block = 'A="--x 1 --y=-2"\n# comment\n.venv/bin/python -m m $A --z \\\n    3   # note\nb && c d\n'
+    assert commands(block) == [[".venv/bin/python", "-m", "m", "--x", "1", "--y=-2", "--z", "3"], ["b"], ["c", "d"]]
