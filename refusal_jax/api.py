@@ -55,7 +55,7 @@ def extract_direction(model: LoadedModel, harmful: Sequence[str], harmless: Sequ
         if not values:
             raise DataError(f"the {key} set is empty")
     params, cfg = model.params, model.cfg
-    directions.candidate_grid(cfg, len(chat.eoi), s.positions, s.layers)  # bad positions/layers fail here
+    directions.candidate_grid(cfg, len(chat.eoi), s.positions, s.layer_list(cfg.n_layers))  # bad ones fail here
     batches = lambda xs: chat.batches(xs, s.batch_size)  # noqa: E731
     scores: dict = {}
     if s.filter:

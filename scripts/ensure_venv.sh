@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
     "${PYTHON:-python3}" -m venv .venv
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "setting up: pip install torch==2.13.0 -e '.[test,default-model]' into .venv" >&2
-    .venv/bin/pip install -q torch==2.13.0 -e '.[test,default-model]'
+    echo "setting up: pip install torch==2.13.0 -e '.[test,default-model,eval]' into .venv" >&2
+    .venv/bin/pip install -q torch==2.13.0 -e '.[test,default-model,eval]'
     echo "$want" > "$stamp"
 fi

@@ -43,7 +43,7 @@ def W(tmp_path_factory):
     w["direction"] = root / "direction.npy"
     w["run"] = root / "run"
     extract.main(["--model", str(w["ckpt"]), "--harmful", str(w["harmful"]), "--harmless", str(w["harmless"]),
-                  "--n-train", "6", "--n-val", "3", "--n-test", "3", "--batch-size", "4", "--no-filter",
+                  "--n-train", "6", "--n-val", "3", "--batch-size", "4", "--no-filter",
                   "--no-progress", "--out", str(w["run"]), *LOOSE])
 
     bad = root / "bad"
@@ -95,10 +95,10 @@ def ckpt_variant(W, tmp_path, *, template=None, config=None):
     return d
 
 
-def run_args(W, out, *extra, model=None):
+def run_args(W, out, *extra, model=None, selection=True):
     return ["--model", str(model or W["ckpt"]), "--harmful", str(W["harmful"]), "--harmless", str(W["harmless"]),
-            "--n-train", "6", "--n-val", "3", "--n-test", "3", "--batch-size", "4", "--no-filter", "--no-progress",
-            "--out", str(out), *LOOSE, *extra]
+            "--n-train", "6", "--n-val", "3", "--batch-size", "4", "--no-filter", "--no-progress",
+            "--out", str(out), *(LOOSE if selection else ()), *extra]
 
 
 def safetensors_bytes(header, data=b""):
@@ -138,11 +138,11 @@ CASES = [
     ("compare-tokens", "compare", lambda W, t: run_args(W, t / "r", "--max-new-tokens", "-1"), "--max-new-tokens"),
     ("compare-optimized", "compare", lambda W, t: run_args(W, t / "r", "--optimized", "/missing/opt"), "/missing/opt"),
     ("optimize-steps", "optimize", lambda W, t: run_args(W, t / "r", "--direction", str(W["direction"]), "--layer",
-                                                          "1", "--steps", "0"), "--steps"),
+                                                          "1", "--steps", "0", selection=False), "--steps"),
     ("optimize-lr-nan", "optimize", lambda W, t: run_args(W, t / "r", "--direction", str(W["direction"]), "--layer",
-                                                           "1", "--lr", "nan"), "--lr"),
+                                                           "1", "--lr", "nan", selection=False), "--lr"),
     ("optimize-targets", "optimize", lambda W, t: run_args(W, t / "r", "--direction", str(W["direction"]),
-                                                            "--layer", "1", "--targets", "/missing/t.json"),
+                                                            "--layer", "1", "--targets", "/missing/t.json", selection=False),
      "/missing/t.json"),
     ("ortho-direction", "orthogonalize", lambda W, t: ["--model", str(W["ckpt"]), "--direction", "/missing/d.npy",
                                                        "--out", str(t / "o")], "/missing/d.npy does not exist"),

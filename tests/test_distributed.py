@@ -228,6 +228,8 @@ def test_killed_process_ends_the_other_within_60s(tiny, tmp_path, victim):
 
 def test_incomplete_process_flags_exit_2(tiny, tmp_path, capsys):
     _, args = tiny
+    i = args.index("--n-test")
+    args = args[:i] + args[i + 2:]  # extract takes no test prompts
     for extra, msg in ((["--coordinator", "127.0.0.1:1"], "missing --num-processes, --process-id"),
                        (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
                        (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "0..1"),

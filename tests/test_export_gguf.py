@@ -28,6 +28,7 @@ from refusal_jax.model.config import ModelConfig, RopeConfig, tiny_config  # noq
 from refusal_jax.convert import export_gguf, export_hf  # noqa: E402
 from refusal_jax.convert.gguf import load_gguf, permute_qk, read_gguf  # noqa: E402
 from refusal_jax.convert.hf import load_hf  # noqa: E402
+from refusal_jax.runs import outputs  # noqa: E402
 from refusal_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from refusal_jax.method.orthogonalization import orthogonalize, untied_config  # noqa: E402
 from refusal_jax.model.params import init_random, to_flat  # noqa: E402
@@ -308,7 +309,8 @@ def test_command_line_records_the_edit(source_gguf, tmp_path, capsys):
     plain = tmp_path / "plain.gguf"
     export_gguf.main(["--model", str(source_gguf), "--out", str(plain), "--no-progress"])
     md = read_gguf(plain).metadata
-    assert not any(k.startswith("refusal_jax.") for k in md) and md.get("general.name") == src_name
+    edit_keys = [k for k in md if k.startswith("refusal_jax.") and k != outputs.MARKER_KEY]  # the marker: any export
+    assert not edit_keys and md.get("general.name") == src_name
     assert "types changed" not in capsys.readouterr().out  # --type source keeps Q8_0
 
 

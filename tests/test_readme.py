@@ -1,10 +1,11 @@
 """Every code block of README.md is executed, doctest-style, so the README cannot drift from the code.
 
-* ```python blocks run as written in a fresh interpreter, in a scratch directory, with two substitutions
+* ```python blocks run as written in a fresh interpreter, in a scratch directory, with three substitutions
   (the real model would take minutes): the bundled model's name (`qwen2.5-coder-0.5b-instruct`) is replaced by
   the directory of a tiny random ChatML model (tests/tiny_chat.py, with a chat template), and a file the block
   loads with `np.load("<name>.npy")` that does not exist is created first with random values of the tiny model's
-  d_model. Whatever python blocks the README holds are run, each in its own process.
+  d_model; a random model refuses nothing, so `extract_direction` runs there without the refusal filter and with
+  open thresholds. Whatever python blocks the README holds are run, each in its own process.
 * ```bash blocks: each command line (after joining `\\` continuations and expanding VAR="..." assignments made
   earlier in the block) is checked as far as it can be without the hours some of them take:
   `python -m refusal_jax.*` commands and `benchmarks/*.py` scripts are run up to their argument parsing (the
@@ -47,7 +48,8 @@ BASH = [(code, line) for lang, code, line in BLOCKS if lang in ("bash", "sh", "s
 
 def test_every_block_is_covered():
     langs = {lang for lang, _, _ in BLOCKS}
-    assert langs <= {"python", "bash", "sh", "shell"}, f"README block languages without a rule here: {langs}"
+    # text blocks are diagrams (not run); every other block must have a rule
+    assert langs <= {"python", "bash", "sh", "shell", "text"}, f"README block languages without a rule here: {langs}"
     assert PYTHON and BASH
 
 
@@ -81,8 +83,13 @@ def test_python_block_runs(code, line, tiny_model, tmp_path):
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             np.save(target, np.random.default_rng(0).standard_normal(d_model).astype(np.float32))
+    # A random tiny model refuses nothing: extraction runs without the refusal filter and with open thresholds
+    # (the code path is the same; only the choice among candidates is meaningless on random weights).
+    prelude = ("import refusal_jax as _rj\n_extract = _rj.extract_direction\n"
+               "_rj.extract_direction = lambda *a, **k: _extract(*a, **{**k, 'filter': False, 'kl_threshold': 1e9, "
+               "'induce_threshold': -1e9, 'induce_relative': None, 'prune_layer_fraction': 0.0})\n")
     script = tmp_path / "block.py"
-    script.write_text(code)
+    script.write_text(prelude + code)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)

@@ -109,7 +109,7 @@ def common_args(args) -> None:
 def model_args(args, cfg) -> None:
     """Flags checked against the model's config (before the model loads when its config can be read alone, else
     right after the load, before stage 1)."""
-    if args.layers is not None:
+    if args.layers is not None and args.layers != "middle":  # "middle" is computed from the model
         bad = [layer for layer in args.layers if not 0 <= layer < cfg.n_layers]
         if bad:
             raise DataError(f"--layers: layer {bad[0]} out of range: the model has layers 0..{cfg.n_layers - 1}")

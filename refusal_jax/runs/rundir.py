@@ -158,7 +158,11 @@ def check_settings(out_dir: Path, settings: dict, *, overwrite: bool = False) ->
     path = Path(out_dir) / RUN_CONFIG
     if overwrite or not path.exists():
         return
-    old = read_json(path).get("config", {})
+    old = read_json(path)
+    old = old.get("config") if isinstance(old, dict) else None
+    if not isinstance(old, dict):
+        raise RunError(f"{path}: not a run config written by refusal_jax (corrupt?); use another --out, or move "
+                       "this directory away")
     changed = _changed(settings, old, settings)
     if changed:
         raise RunError(f"{out_dir} holds a run with different settings (changed: {', '.join(changed)}). Use "
