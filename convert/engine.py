@@ -170,16 +170,19 @@ def fill_params(
             progress(name)
 
     expected = {f"model.layers.{i}.{s}" for i in range(cfg.n_layers) for s in layers} | set(globals_)
-    missing = sorted(expected - seen)
-    if unexpected or missing:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(sorted(unexpected)[:8])}"
-                         f"{' ...' if len(unexpected) > 8 else ''}")
-        raise CheckpointError(f"{source} does not match {cfg.architecture} ({cfg.family}): " + "; ".join(parts))
+    check_tensor_names(source, cfg, sorted(expected - seen), sorted(unexpected))
     return from_flat(flat)
+
+
+def check_tensor_names(source, cfg: ModelConfig, missing: list[str], unexpected: list[str]) -> None:
+    """Refuse a checkpoint whose tensor names do not match `cfg`'s plan, naming the first few of each kind."""
+    def listed(names):
+        return f"{len(names)} tensor(s): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+
+    parts = ([f"missing {listed(missing)}"] if missing else []) + (
+        [f"unexpected {listed(unexpected)}"] if unexpected else [])
+    if parts:
+        raise CheckpointError(f"{source} does not match {cfg.architecture} ({cfg.family}): " + "; ".join(parts))
 
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}

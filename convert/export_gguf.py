@@ -433,15 +433,7 @@ def parser():
     p.add_argument("--direction", default=None,
                    help="orthogonalize the weights against this direction first: a .npy file or a run directory "
                         "holding direction.npy (default: none, export unedited)")
-    p.add_argument("--method", default="plain", choices=("plain", "projected", "norm-preserving"),
-                   help="weight edit with --direction: plain = project the direction out of every matrix that "
-                        "writes to the residual stream (equals inference-time ablation); projected = remove only "
-                        "its part orthogonal to the harmless mean; norm-preserving = projected, each edited row "
-                        "rescaled to its original norm (default: plain). See python -m refusal_jax.orthogonalize")
-    p.add_argument("--harmless-mean", default=None, metavar="PATH.npy",
-                   help="harmless mean for --method projected (required) / norm-preserving (optional: without it "
-                        "the rows are only rescaled): a .npy file, e.g. RUN/generate_directions/mean_harmless.npy, "
-                        "or a run directory (default: none)")
+    cli.add_edit_flags(p)  # --method, --harmless-mean (used with --direction)
     p.add_argument("--tokenizer-gguf", default=None, metavar="FILE.gguf",
                    help="copy tokenizer metadata from this GGUF file (default: --model when it is a .gguf or a "
                         "bundled model)")

@@ -53,15 +53,7 @@ def _check_names(source: ShardedSource, plan) -> None:
     expected = {name for entries in plan.values() for name, *_ in entries}
     unexpected = sorted(n for n in source.loaders if n not in expected and not any(p.fullmatch(n) for p in engine._IGNORED)
                         and not (cfg.tie_embeddings and n == "lm_head.weight"))
-    missing = sorted(expected - set(source.loaders))
-    if unexpected or missing:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:8])}"
-                         f"{' ...' if len(unexpected) > 8 else ''}")
-        raise CheckpointError(f"{source.name} does not match {cfg.architecture} ({cfg.family}): " + "; ".join(parts))
+    engine.check_tensor_names(source.name, cfg, sorted(expected - set(source.loaders)), unexpected)
 
 
 def _key(index: tuple[slice, ...], shape) -> tuple:

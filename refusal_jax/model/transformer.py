@@ -188,6 +188,15 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
+
+def _residual_write(cfg, out, post_norm, basis, ablate_on, offsets, site: int):
+    """What a sublayer adds to the residual stream: its output (post-normed for Gemma-2/3), directionally ablated
+    where the intervention says so, plus the probe offset of `site` (screening's gradients) when given."""
+    if cfg.post_norms:
+        out = _norm(cfg, out, post_norm)
+    out = _ablate(out, basis, ablate_on)
+    return out if offsets is None else out + offsets[site]
+
 def _ablate(x: jax.Array, basis: jax.Array, on: jax.Array) -> jax.Array:
     """x - on * (x Bᵀ) B, for x [..., D] and basis [R, D]."""
     basis = basis.astype(x.dtype)
@@ -343,18 +352,10 @@ def _forward(
         c, s = jnp.where(sliding, cos_l, cos), jnp.where(sliding, sin_l, sin)
         attn, k_new, v_new = _attention(
             lp, cfg, _norm(cfg, x, lp.attn_norm), c, s, k_cache, v_cache, ok, index)
-        if cfg.post_norms:
-            attn = _norm(cfg, attn, lp.post_attn_norm)
-        attn = _ablate(attn, basis, ablate_on)
-        if offsets is not None:
-            attn = attn + offsets[1]
+        attn = _residual_write(cfg, attn, lp.post_attn_norm, basis, ablate_on, offsets, 1)
         x = x + attn
-        mlp = _mlp(lp, cfg, _norm(cfg, x, lp.mlp_norm))
-        if cfg.post_norms:
-            mlp = _norm(cfg, mlp, lp.post_mlp_norm)
-        mlp = _ablate(mlp, basis, ablate_on)
-        if offsets is not None:
-            mlp = mlp + offsets[2]
+        mlp = _residual_write(cfg, _mlp(lp, cfg, _norm(cfg, x, lp.mlp_norm)), lp.post_mlp_norm, basis, ablate_on,
+                              offsets, 2)
         x = x + mlp
         saved = {
             "resid_pre": sl(resid_pre) if "resid_pre" in capture else None,

@@ -53,6 +53,17 @@ DEFAULT_HARMLESS_PATH = _DEFAULT_DIR / "default_harmless.json"
 # Generic file loaders
 
 
+
+def _parse_json(text: str, path, where: str):
+    """json.loads with one-line DataErrors (`where`: "line N" of a .jsonl file, "" for a whole .json file)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        line = where or f"line {e.lineno}"
+        raise DataError(f"{path}: malformed JSON at {line}, column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise DataError(f"{path}: {where + ': ' if where else ''}JSON nested too deeply") from None
+
 def load_records(path: str | Path) -> list[dict[str, Any]]:
     """Loads instructions with their category from a JSON, JSONL, CSV or TXT file.
 
@@ -96,12 +107,7 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
         raise DataError(f"{path}: file is empty")
 
     if ext == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-        except RecursionError:
-            raise DataError(f"{path}: JSON nested too deeply") from None
+        data = _parse_json(text, path, "")
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of strings or objects, got {type(data).__name__}")
         records = [_entry_to_record(entry, path, f"entry {i}") for i, entry in enumerate(data)]
@@ -110,12 +116,7 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: malformed JSON at line {lineno}, column {e.colno}: {e.msg}") from None
-            except RecursionError:
-                raise DataError(f"{path}: line {lineno}: JSON nested too deeply") from None
+            entry = _parse_json(line, path, f"line {lineno}")
             records.append(_entry_to_record(entry, path, f"line {lineno}"))
     elif ext == ".csv":
         records = _csv_records(text, path)

@@ -146,11 +146,15 @@ def check_target(out, *, overwrite: bool, sources: Iterable = (), directory: boo
         if not is_ours(out):
             raise OutputError(f"{flag} {out} exists and was not written by refusal_jax (no {MARKER if directory else MARKER_KEY} "
                               "marker): --overwrite only replaces refusal_jax outputs; choose another path")
-    parent = out.parent
-    probe_dir = parent
+    return _check_parent(out, flag, create_parents)
+
+
+def _check_parent(out: Path, flag: str, create_parents: bool) -> Path:
+    """`out`'s parent exists (or may be created) and its nearest existing ancestor is a writable directory."""
+    probe_dir = out.parent
     while not probe_dir.exists():
         if not create_parents:
-            raise OutputError(f"{flag} {out}: the parent directory {parent} does not exist")
+            raise OutputError(f"{flag} {out}: the parent directory {out.parent} does not exist")
         probe_dir = probe_dir.parent
     if not probe_dir.is_dir():
         raise OutputError(f"{flag} {out}: {probe_dir} is a file, not a directory")
@@ -200,6 +204,23 @@ def clean_stale_partials(out: Path) -> list[Path]:
     return removed
 
 
+def _try_lock(path: Path, busy: str) -> int:
+    """Open and flock `path` without waiting; held elsewhere: OutputError(`busy` with {holder} = the holder's pid)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            raise
+        try:
+            holder = path.read_text().strip() or "?"
+        except OSError:
+            holder = "?"
+        raise OutputError(busy.replace("{holder}", holder)) from None
+    return fd
+
+
 @contextlib.contextmanager
 def lock(out: Path) -> Iterator[Path]:
     """Hold `.<name>.lock` next to `out` while writing it; a second holder gets an OutputError naming the pid."""
@@ -207,19 +228,8 @@ def lock(out: Path) -> Iterator[Path]:
     path = out.with_name(f".{out.name}.lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise
-            try:
-                holder = path.read_text().strip() or "?"
-            except OSError:
-                holder = "?"
-            raise OutputError(f"{out} is being written by another refusal_jax process (pid {holder}, lock "
-                              f"{path}); wait for it to finish, or use another --out") from None
+        fd = _try_lock(path, f"{out} is being written by another refusal_jax process (pid {{holder}}, lock {path}); "
+                             "wait for it to finish, or use another --out")
         # the file may have been unlinked by the previous holder between our open and flock: retry on a new one
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -302,15 +312,7 @@ def check_run_dir(out, *, flag: str = "--out", create_parents: bool = False) -> 
                               "writes runs only into a new or empty directory (or one of its own runs)")
         _probe_writable(out, flag)
         return out
-    probe_dir = out.parent
-    while not probe_dir.exists():
-        if not create_parents:
-            raise OutputError(f"{flag} {out}: the parent directory {out.parent} does not exist")
-        probe_dir = probe_dir.parent
-    if not probe_dir.is_dir():
-        raise OutputError(f"{flag} {out}: {probe_dir} is a file, not a directory")
-    _probe_writable(probe_dir, flag)
-    return out
+    return _check_parent(out, flag, create_parents)
 
 
 def hold_run_lock(out: Path) -> None:
@@ -320,19 +322,8 @@ def hold_run_lock(out: Path) -> None:
     if out in _held:
         return
     path = out / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-            raise
-        try:
-            holder = path.read_text().strip() or "?"
-        except OSError:
-            holder = "?"
-        raise OutputError(f"{out} is in use by another refusal_jax run (pid {holder}); wait for it to finish, or "
-                          "use another --out") from None
+    fd = _try_lock(path, f"{out} is in use by another refusal_jax run (pid {{holder}}); wait for it to finish, or "
+                         "use another --out")
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     _held[out] = fd
