@@ -50,10 +50,23 @@ def main():
                         "filter thins out)")
     p.add_argument("--dump", default=None, help="write every candidate's exact and first-order scores to this JSON")
     p.add_argument("--filter", action="store_true", help="filter val prompts by baseline refusal score (reference)")
+    p.add_argument("--chat-style", default=None,
+                   help="chat template, as the commands' --chat-style: a template name or 'model' (the model's own "
+                        "template with its default system prompt); default: the family's reference template")
+    p.add_argument("--kl-threshold", type=float, default=0.1,
+                   help="selection filter, as the commands' --kl-threshold (0.1)")
+    p.add_argument("--induce-threshold", type=float, default=0.0,
+                   help="selection filter, as the commands' --induce-threshold (0.0)")
     p.add_argument("--profile", action="store_true",
                    help="also time the sweep's three parts and measure this machine's fp32 matmul rate (JAX and "
                         "torch), to see what bounds the sweep")
     args = p.parse_args()
+    from refusal_jax.prompts import templates
+
+    styles = sorted(templates.TEMPLATES) + [templates.MODEL_STYLE]
+    if args.chat_style is not None and args.chat_style not in styles:
+        p.error(f"--chat-style must be one of {', '.join(styles)}, got {args.chat_style!r}")
+    filt = {"kl_threshold": args.kl_threshold, "induce_threshold": args.induce_threshold}
 
     import refusal_jax
     from refusal_jax.convert import bundled
@@ -63,7 +76,7 @@ def main():
     from refusal_jax.pipeline import _int_list
 
     m = refusal_jax.load_model(args.model, progress=False)
-    fmt = templates.chat_format_for(m.cfg.family, m.tokenizer)
+    fmt = templates.chat_format_for(m.cfg.family, m.tokenizer, style=args.chat_style)
 
     def batches(xs, bs=32):
         ids = encode(m.tokenizer, templates.format_instructions(fmt, xs))
@@ -93,10 +106,11 @@ def main():
               "n_candidates": len(grid), "n_val_harmful": len(sets["harmful_val"]),
               "n_val_harmless": len(sets["harmless_val"]), "n_train": args.n_train, "chunk": args.chunk,
               "data": args.data_dir or "bundled", "sample_seed": args.sample_seed, "filter": args.filter,
+              "chat_style": args.chat_style, **filt,
               "jax": {"first_run_s": first, "compile_s_approx": first - steady, "steady_s": steady,
                       "candidates_per_s": len(grid) / steady}}
     if screened is not None:
-        record["screening"] = compare_screen(screened, ours, m.cfg.n_layers, args.screen)
+        record["screening"] = compare_screen(screened, ours, m.cfg.n_layers, args.screen, filt)
         record["screening"]["speedup_vs_jax_exhaustive"] = steady / screened["steady_s"]
         print("partial:", json.dumps(record["screening"], default=str), file=sys.stderr, flush=True)
         if args.dump:
@@ -136,7 +150,7 @@ def main():
             best = lambda evs: min(evs, key=lambda e: e["refusal_score"])  # noqa: E731
             record["same_best_candidate"] = (best(ours)["position"], best(ours)["layer"]) == \
                 (best(ref)["position"], best(ref)["layer"])
-            record["torch_selected"] = selected(ref, m.cfg.n_layers)
+            record["torch_selected"] = selected(ref, m.cfg.n_layers, filt)
     if screened is not None and "torch_reference_loop" in record:
         record["screening"]["speedup_vs_torch_steady"] = t_ref / screened["steady_s"]
         record["screening"]["speedup_vs_torch_including_compile"] = t_ref / screened["first_run_s"]
@@ -166,13 +180,14 @@ def sample_sets(args) -> dict:
             "harmless_val": harmless[args.n_train: args.n_train + (args.n_val_harmless or args.n_val)]}
 
 
-def selected(evaluations, n_layers):
-    """(pos, layer) the reference's filter and rule select, or None when nothing survives."""
+def selected(evaluations, n_layers, filt=None):
+    """(pos, layer) the reference's filter (thresholds `filt`, default the reference's) and rule select, or None
+    when nothing survives."""
     from refusal_jax.method import directions
     from refusal_jax.errors import RunError
 
     try:
-        best, _ = directions.select(evaluations, n_layers)
+        best, _ = directions.select(evaluations, n_layers, **(filt or {}))
     except RunError:
         return None
     return [best["position"], best["layer"]]
@@ -187,7 +202,9 @@ def screen_run(m, diffs, val_h, val_b, ids, grid, args) -> dict:
     for _ in range(2):
         t0 = time.perf_counter()
         evs, base = screening.score_candidates_screened(m.params, m.cfg, diffs, val_h, val_b, ids, grid,
-                                                        screen=args.screen, chunk=args.chunk)
+                                                        screen=args.screen, chunk=args.chunk,
+                                                        kl_threshold=args.kl_threshold,
+                                                        induce_threshold=args.induce_threshold)
         times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     fo = screening.first_order(m.params, m.cfg, val_h, val_b, ids)
@@ -196,7 +213,7 @@ def screen_run(m, diffs, val_h, val_b, ids, grid, args) -> dict:
             "steady_s": times[1], "first_order_s": fo_s, "n_evaluated_exactly": base["n_evaluated_exactly"]}
 
 
-def compare_screen(screened, exhaustive, n_layers, k) -> dict:
+def compare_screen(screened, exhaustive, n_layers, k, filt) -> dict:
     """First-order vs exact over the grid (both site sets), and what the screen keeps of the exhaustive selection:
     the exhaustive winner's place in the screen's order (0 = evaluated first)."""
     from refusal_jax.method import screening
@@ -206,20 +223,21 @@ def compare_screen(screened, exhaustive, n_layers, k) -> dict:
     out = {"K": k, "first_run_s": screened["first_run_s"], "steady_s": screened["steady_s"],
            "first_order_s": screened["first_order_s"], "n_evaluated_exactly": screened["n_evaluated_exactly"],
            "candidates_per_s_steady": len(evs) / screened["steady_s"]}
-    winner = selected(exhaustive, n_layers)
+    winner = selected(exhaustive, n_layers, filt)
     out["exhaustive_selected"] = winner
     for sites in screening.SITE_SETS:
         first = screening.first_order_evaluations(screened["first_order"], screened["diffs"], screened["grid"], sites)
         res = {f"spearman_{key}": screening.spearman([first[i][f"first_order_{key}"] for i in live],
                                                      [exhaustive[i][key] for i in live])
                for key in ("refusal_score", "steering_score")}
-        order = screening.screen_order(first, screened["diffs"], n_layers)
+        order = screening.screen_order(first, screened["diffs"], n_layers,
+                                        induce_threshold=filt["induce_threshold"])
         rank = next((r for r, i in enumerate(order) if [first[i]["position"], first[i]["layer"]] == winner), None)
         res["exhaustive_winner_rank_in_screen"] = rank
         for top in (4, 8, 16):
             res[f"winner_in_top_{top}"] = rank is not None and rank < top
         out[f"sites_{sites}"] = res
-    out["screened_selected"] = selected(screening.evaluated(evs), n_layers)
+    out["screened_selected"] = selected(screening.evaluated(evs), n_layers, filt)
     out["same_selected_as_exhaustive"] = out["screened_selected"] == winner
     return out
 
