@@ -85,7 +85,7 @@ def profile(m, iv, batch: int, capacity: int) -> dict:
     import jax.numpy as jnp
 
     from refusal_jax.model.generate import CPU_DECODE_OPTIONS, decoding_params
-    from refusal_jax.model.transformer import KVCache, _forward
+    from refusal_jax.model.transformer import KVCache, forward_unjitted
 
     out, decoding = {}, decoding_params(m.params, True)
     for name, params, options in (("layer_scan", m.params, None), ("per_layer", decoding, CPU_DECODE_OPTIONS)):
@@ -95,7 +95,7 @@ def profile(m, iv, batch: int, capacity: int) -> dict:
                               index=jnp.asarray(capacity // 2, jnp.int32),
                               lengths=jnp.full((batch,), capacity // 2, jnp.int32))
         # the cache is donated and carried from step to step, as in generation's loop (writes past the end clamp)
-        step = jax.jit(lambda p, t, c: _forward(p, m.cfg, t, jnp.ones_like(t), iv, c, logits="last"),
+        step = jax.jit(lambda p, t, c: forward_unjitted(p, m.cfg, t, jnp.ones_like(t), iv, c, logits="last"),
                        donate_argnums=2, compiler_options=options)
         tok = jnp.ones((batch, 1), jnp.int32)
         state = {"cache": cache}

@@ -59,7 +59,7 @@ from refusal_jax.runs import rundir as runs
 from refusal_jax.runs.cli import main_wrapper
 from refusal_jax.errors import DataError, RunError
 from refusal_jax.model.batching import left_pad
-from refusal_jax.model.transformer import Intervention, _forward
+from refusal_jax.model.transformer import Intervention, forward_unjitted
 
 LOSS_TERMS = ("ablation", "addition", "retain", "independence")
 DEFAULT_WEIGHTS = {"ablation": 1.0, "addition": 0.2, "retain": 1.0, "independence": 0.0}
@@ -194,17 +194,17 @@ def rdo_loss(v: jax.Array, params, cfg, data: RDOData, hp: RDOHyper) -> tuple[ja
     terms = {name: zero for name in LOSS_TERMS}
     if data.ablation is not None:
         ex = data.ablation
-        terms["ablation"] = _mean_ce(_forward(params, cfg, ex.tokens, ex.mask, ablate).logits, ex)
+        terms["ablation"] = _mean_ce(forward_unjitted(params, cfg, ex.tokens, ex.mask, ablate).logits, ex)
     if data.addition is not None:
         ex = data.addition
         add = Intervention(ablate_basis=jnp.zeros_like(r)[None], ablate_layers=jnp.zeros((L,), dtype),
                            add_vector=hp.add_scale.astype(dtype) * r,
                            add_coeffs=(jnp.arange(L) == hp.layer).astype(dtype))
-        terms["addition"] = _mean_ce(_forward(params, cfg, ex.tokens, ex.mask, add).logits, ex)
+        terms["addition"] = _mean_ce(forward_unjitted(params, cfg, ex.tokens, ex.mask, add).logits, ex)
     if data.retain is not None:
         ex = data.retain
-        base = jax.lax.stop_gradient(_forward(params, cfg, ex.tokens, ex.mask).logits)
-        ablated = _forward(params, cfg, ex.tokens, ex.mask, ablate).logits
+        base = jax.lax.stop_gradient(forward_unjitted(params, cfg, ex.tokens, ex.mask).logits)
+        ablated = forward_unjitted(params, cfg, ex.tokens, ex.mask, ablate).logits
         kl = judge.kl_div_jax(base, ablated)  # [B, T]
         m = ex.loss_mask.astype(kl.dtype)
         terms["retain"] = jnp.sum(kl * m) / jnp.maximum(jnp.sum(m), 1.0)

@@ -79,7 +79,7 @@ def _fd_check(value_and_grad, cfg, params, data, hp, v, eps):
 def test_gradient_matches_finite_differences(model, value_and_grad):
     """Every coordinate of the gradient against central differences, in float32.
 
-    x64 would not sharpen this: the model returns float32 logits by design (`model._forward` casts them), so the
+    x64 would not sharpen this: the model returns float32 logits by design (`forward_unjitted` casts them), so the
     loss carries float32 rounding (~1e-6 on a loss of ~9) whatever the parameter dtype. A step of 2e-3 relative to
     ‖v‖ balances truncation (1e-2 gives ~1.4% error, 2e-3 about 25x less) against that rounding divided by the
     step (~4e-4 per coordinate).

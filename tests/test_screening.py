@@ -98,11 +98,11 @@ def test_writes_family(family):
     writes[:, 1:] = 1.0
     writes[0, 0] = 1.0
     from refusal_jax.evaluation import judge
-    from refusal_jax.model.transformer import _forward
+    from refusal_jax.model.transformer import forward_unjitted
 
     @jax.jit
     def score(offsets):
-        logits = _forward(params, cfg, batch.tokens, batch.mask, logits="last", probe=offsets).logits
+        logits = forward_unjitted(params, cfg, batch.tokens, batch.mask, logits="last", probe=offsets).logits
         return judge.refusal_score_jax(logits, REFUSAL_IDS).mean(), logits
 
     eps = 1e-2

@@ -15,13 +15,13 @@ from refusal_jax.evaluation import judge
 from refusal_jax.prompts import templates
 from refusal_jax.errors import DataError
 from refusal_jax.model.batching import bucketed, encode, in_input_order, pad_id
-from refusal_jax.model.transformer import _forward
+from refusal_jax.model.transformer import forward_unjitted
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _nll(params, cfg, tokens, mask, loss_mask, intervention, prompt_end):
     """Per row: summed NLL over `loss_mask`, scored-token count, and the float32 logits at `prompt_end`."""
-    logits = _forward(params, cfg, tokens, mask, intervention, logits="all").logits
+    logits = forward_unjitted(params, cfg, tokens, mask, intervention, logits="all").logits
     nll, n = masked_ce_rows(logits, tokens, loss_mask)
     return nll, n, logits[jnp.arange(tokens.shape[0]), prompt_end].astype(jnp.float32)
 

@@ -25,7 +25,7 @@ from refusal_jax.model.batching import Batch
 from refusal_jax.model.config import ModelConfig
 from refusal_jax.runs.distributed import to_host  # global (multi-process) arrays gathered on every host
 from refusal_jax.errors import RunError
-from refusal_jax.model.transformer import Intervention, _forward
+from refusal_jax.model.transformer import Intervention, forward_unjitted
 from refusal_jax.model.params import Params
 
 
@@ -36,7 +36,7 @@ from refusal_jax.model.params import Params
 @functools.partial(jax.jit, static_argnames=("cfg", "n_pos"))
 def _resid_sums(params, cfg, tokens, mask, weight, *, n_pos):
     """[n_pos, L, D] float32 weighted sum over the batch of resid_pre at the last n_pos positions."""
-    out = _forward(params, cfg, tokens, mask, capture=("resid_pre",), capture_last=n_pos, logits="none")
+    out = forward_unjitted(params, cfg, tokens, mask, capture=("resid_pre",), capture_last=n_pos, logits="none")
     return jnp.einsum("lbpd,b->pld", out.resid_pre.astype(jnp.float32), weight)
 
 
@@ -72,7 +72,7 @@ def _scores_impl(params, cfg, tokens, mask, interventions: Intervention, base_lo
     """Per-candidate, per-prompt (refusal score, KL(base || intervened)): two [C, B] float32 arrays."""
 
     def one(iv):
-        logits = _forward(params, cfg, tokens, mask, iv, logits="last").logits
+        logits = forward_unjitted(params, cfg, tokens, mask, iv, logits="last").logits
         return judge.refusal_score_jax(logits, refusal_ids), judge.kl_div_jax(base_logits, logits)
 
     return jax.vmap(one)(interventions)
@@ -87,7 +87,7 @@ def _resumed_scores_impl(params, cfg, tokens, mask, interventions: Intervention,
     resid_pre[layer] ([B, T, D], shared) instead of recomputing the blocks below it."""
 
     def one(iv):
-        logits = _forward(params, cfg, tokens, mask, iv, logits="last", resume=(resid, layer)).logits
+        logits = forward_unjitted(params, cfg, tokens, mask, iv, logits="last", resume=(resid, layer)).logits
         return judge.refusal_score_jax(logits, refusal_ids), judge.kl_div_jax(base_logits, logits)
 
     return jax.vmap(one)(interventions)
@@ -98,7 +98,7 @@ _resumed_scores = jax.jit(_resumed_scores_impl, static_argnames=("cfg", "refusal
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _resid_and_logits(params, cfg, tokens, mask):
-    out = _forward(params, cfg, tokens, mask, capture=("resid_pre",), logits="last")
+    out = forward_unjitted(params, cfg, tokens, mask, capture=("resid_pre",), logits="last")
     return out.resid_pre, out.logits
 
 
@@ -142,7 +142,7 @@ def evaluate_additions(params, cfg, batches: Sequence[Batch], vectors: np.ndarra
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def last_logits(params, cfg, tokens, mask, intervention=None):
-    return _forward(params, cfg, tokens, mask, intervention, logits="last").logits
+    return forward_unjitted(params, cfg, tokens, mask, intervention, logits="last").logits
 
 
 def _stack(ivs: Sequence[Intervention]) -> Intervention:

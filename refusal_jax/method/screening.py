@@ -39,7 +39,7 @@ from refusal_jax.evaluation import judge
 from refusal_jax.method import directions
 from refusal_jax.model.batching import Batch
 from refusal_jax.model.config import ModelConfig
-from refusal_jax.model.transformer import _forward
+from refusal_jax.model.transformer import forward_unjitted
 
 SITE_SETS = ("writes", "all")
 # rows of FirstOrder.ablation_moments
@@ -95,7 +95,7 @@ def _site_moments_impl(params, cfg: ModelConfig, tokens, mask, weight, refusal_i
         tok, msk, w = args
 
         def score(probe):
-            out = _forward(params, cfg, tok, msk, capture=("resid_pre", "attn_out", "mlp_out"), logits="last",
+            out = forward_unjitted(params, cfg, tok, msk, capture=("resid_pre", "attn_out", "mlp_out"), logits="last",
                            probe=probe)
             s = judge.refusal_score_jax(out.logits, refusal_ids)
             return jnp.sum(s * w), (out.resid_pre, out.attn_out, out.mlp_out)

@@ -38,7 +38,7 @@ import numpy as np
 
 from refusal_jax.model.batching import in_input_order
 from refusal_jax.errors import DataError
-from refusal_jax.model.transformer import Intervention, _forward
+from refusal_jax.model.transformer import Intervention, forward_unjitted
 
 PAIRINGS = ("mean", "paired")
 
@@ -50,7 +50,7 @@ PAIRINGS = ("mean", "paired")
 @functools.partial(jax.jit, static_argnames=("cfg", "n_pos"))
 def _resid_at(params, cfg, tokens, mask, *, n_pos):
     """[L, B, n_pos, D] float32 resid_pre at the last n_pos positions."""
-    out = _forward(params, cfg, tokens, mask, capture=("resid_pre",), capture_last=n_pos, logits="none")
+    out = forward_unjitted(params, cfg, tokens, mask, capture=("resid_pre",), capture_last=n_pos, logits="none")
     return out.resid_pre.astype(jnp.float32)
 
 

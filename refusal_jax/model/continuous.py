@@ -29,7 +29,7 @@ from flax import struct
 
 from refusal_jax.model.config import ModelConfig
 from refusal_jax.model.params import Params
-from refusal_jax.model.transformer import Intervention, KVCache, _forward
+from refusal_jax.model.transformer import Intervention, KVCache, forward_unjitted
 
 
 @struct.dataclass
@@ -75,7 +75,7 @@ def _prefill_chunk(params: Params, cfg: ModelConfig, cache: KVCache, slots: Slot
                   mask=jnp.where(first, False, take(cache.mask, 0)),
                   lengths=jnp.where(first, 0, take(cache.lengths, 0)),
                   index=jnp.where(first, 0, cache.index[slot]))
-    out = _forward(params, cfg, tokens, mask, intervention, row, logits="last")
+    out = forward_unjitted(params, cfg, tokens, mask, intervention, row, logits="last")
 
     def put(big, small, ax):
         return jax.lax.dynamic_update_index_in_dim(big, small.astype(big.dtype), slot, ax)
@@ -113,8 +113,8 @@ def _decode(params: Params, cfg: ModelConfig, cache: KVCache, slots: Slots, free
         count = s.count + s.active
         stopped = s.active & (jnp.isin(s.next_token, stops) | (count >= M))
         active = s.active & ~stopped
-        fwd = _forward(params, cfg, s.next_token[:, None], active[:, None].astype(jnp.int32), intervention, cache,
-                       logits="last")
+        fwd = forward_unjitted(params, cfg, s.next_token[:, None], active[:, None].astype(jnp.int32), intervention,
+                               cache, logits="last")
         nxt = jnp.argmax(fwd.logits, axis=-1).astype(jnp.int32)  # first maximal index, as torch.argmax
         return fwd.cache, Slots(next_token=nxt, active=active, count=count, out=out), freed + stopped.sum()
 

@@ -12,7 +12,7 @@ import numpy as np
 from refusal_jax.model.batching import bucketed, encode, pad_id
 from refusal_jax.model.config import ModelConfig
 from refusal_jax.runs.distributed import to_host
-from refusal_jax.model.transformer import Intervention, KVCache, _forward
+from refusal_jax.model.transformer import Intervention, KVCache, forward_unjitted
 from refusal_jax.model.params import Params, unembedding, unstack_layers
 from refusal_jax.model.quant import DECODE_DTYPES, lower_precision
 
@@ -93,7 +93,7 @@ def _greedy_generate(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: 
     dtype = params.embed.dtype
     per_layer = isinstance(params.layers, tuple)
     cache = KVCache.init(cfg, B, T + max_new_tokens, dtype, per_layer=per_layer)
-    out = _forward(params, cfg, tokens, mask, intervention, cache, logits="last")
+    out = forward_unjitted(params, cfg, tokens, mask, intervention, cache, logits="last")
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
 
     def cond(state):
@@ -105,7 +105,8 @@ def _greedy_generate(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: 
         nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # first maximal index, as torch.argmax
         generated = generated.at[:, step].set(jnp.where(done, pad, nxt))
         done = done | jnp.isin(nxt, stops)
-        out = _forward(params, cfg, nxt[:, None], jnp.ones((B, 1), jnp.int32), intervention, cache, logits="last")
+        out = forward_unjitted(params, cfg, nxt[:, None], jnp.ones((B, 1), jnp.int32), intervention, cache,
+                               logits="last")
         return step + 1, out.cache, out.logits, done, generated
 
     state = (jnp.zeros((), jnp.int32), out.cache, out.logits, jnp.zeros((B,), bool),

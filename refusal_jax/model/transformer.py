@@ -148,7 +148,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, weight_in_float32: 
     return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def _norm(cfg: ModelConfig, x: jax.Array, weight: jax.Array) -> jax.Array:
+def apply_norm(cfg: ModelConfig, x: jax.Array, weight: jax.Array) -> jax.Array:
     """The RMSNorm convention of cfg's family (Gemma families: float32 weight product)."""
     return rms_norm(x, weight, cfg.rms_norm_eps, weight_in_float32=cfg.norm_offset)
 
@@ -193,7 +193,7 @@ def _residual_write(cfg, out, post_norm, basis, ablate_on, offsets, site: int):
     """What a sublayer adds to the residual stream: its output (post-normed for Gemma-2/3), directionally ablated
     where the intervention says so, plus the probe offset of `site` (screening's gradients) when given."""
     if cfg.post_norms:
-        out = _norm(cfg, out, post_norm)
+        out = apply_norm(cfg, out, post_norm)
     out = _ablate(out, basis, ablate_on)
     return out if offsets is None else out + offsets[site]
 
@@ -226,8 +226,8 @@ def _attention(lp: LayerParams, cfg: ModelConfig, h, cos, sin, k_cache, v_cache,
     if lp.q_bias is not None:
         q, k, v = q + lp.q_bias, k + lp.k_bias, v + lp.v_bias
     if lp.q_norm is not None:
-        q = _norm(cfg, q, lp.q_norm)
-        k = _norm(cfg, k, lp.k_norm)
+        q = apply_norm(cfg, q, lp.q_norm)
+        k = apply_norm(cfg, k, lp.k_norm)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if k_cache is not None:
         k, v = _write_cache(k_cache, k, write_index), _write_cache(v_cache, v, write_index)
@@ -255,7 +255,7 @@ def _mlp(lp: LayerParams, cfg: ModelConfig, h):
 # the forward pass
 
 
-def _forward(
+def forward_unjitted(
     params: Params,
     cfg: ModelConfig,
     tokens: jax.Array,
@@ -269,6 +269,8 @@ def _forward(
     resume: tuple[jax.Array, jax.Array] | None = None,
     probe: jax.Array | None = None,
 ) -> Output:
+    """`forward` without its jit: for callers that trace it inside their own jitted function (the arguments
+    and result are `forward`'s)."""
     if logits not in LOGITS_MODES:
         raise ValueError(f"logits must be one of {LOGITS_MODES}, got {logits!r}")
     unknown = set(capture) - set(SITES)
@@ -351,10 +353,10 @@ def _forward(
         ok = jnp.where(sliding, key_ok_local, key_ok)
         c, s = jnp.where(sliding, cos_l, cos), jnp.where(sliding, sin_l, sin)
         attn, k_new, v_new = _attention(
-            lp, cfg, _norm(cfg, x, lp.attn_norm), c, s, k_cache, v_cache, ok, index)
+            lp, cfg, apply_norm(cfg, x, lp.attn_norm), c, s, k_cache, v_cache, ok, index)
         attn = _residual_write(cfg, attn, lp.post_attn_norm, basis, ablate_on, offsets, 1)
         x = x + attn
-        mlp = _residual_write(cfg, _mlp(lp, cfg, _norm(cfg, x, lp.mlp_norm)), lp.post_mlp_norm, basis, ablate_on,
+        mlp = _residual_write(cfg, _mlp(lp, cfg, apply_norm(cfg, x, lp.mlp_norm)), lp.post_mlp_norm, basis, ablate_on,
                               offsets, 2)
         x = x + mlp
         saved = {
@@ -381,7 +383,7 @@ def _forward(
     out_logits = None
     if logits != "none":
         h = x[:, -1:] if logits == "last" else x
-        h = _norm(cfg, h, params.final_norm)
+        h = apply_norm(cfg, h, params.final_norm)
         out_logits = matmul("btd,dv->btv", h, unembedding(params)).astype(jnp.float32)
         if cfg.final_softcap:
             out_logits = jnp.tanh(out_logits / cfg.final_softcap) * cfg.final_softcap
@@ -414,7 +416,7 @@ def _layer_loop(block, x, xs):
     return x, (saved, (k, v))
 
 
-forward = jax.jit(_forward, static_argnames=("cfg", "capture", "capture_last", "logits"))
+forward = jax.jit(forward_unjitted, static_argnames=("cfg", "capture", "capture_last", "logits"))
 forward.__doc__ = """Run the model.
 
 Args:
