@@ -71,18 +71,16 @@ def test_sweep_scores_match_single_runs_and_compile_once(model, monkeypatch):
     harmless = list(bucketed(random_prompts(cfg.vocab_size, 7, 2), 4, 0, bucket=16))
     diffs = np.random.default_rng(0).standard_normal((3, cfg.n_layers, cfg.d_model))
     ids = (3, 4)
-    traced = jax.jit(chex.assert_max_traces(directions._scores_impl, n=1), static_argnames=("cfg", "refusal_ids"))
+    # one trace of each program: the full forward (ablations) and the one resumed at a layer (additions)
+    traced = jax.jit(chex.assert_max_traces(directions._scores_impl, n=2), static_argnames=("cfg", "refusal_ids"))
     monkeypatch.setattr(directions, "_scores", traced)
-    resumed = jax.jit(chex.assert_max_traces(directions._resumed_scores_impl, n=1),
-                      static_argnames=("cfg", "refusal_ids"))
-    monkeypatch.setattr(directions, "_resumed_scores", resumed)
     chex.clear_trace_counter()
     grid = directions.candidate_grid(cfg, 3)
     diffs[1, 0] = 0.0  # a zero candidate: scored as the baseline, without running the model
     steps = []
     evals, _ = directions.score_candidates(params, cfg, diffs, harmful, harmless, ids, grid, chunk=4,
                                            progress=steps.append)
-    assert len(evals) == 9  # 9 candidates x 3 scores in chunks of 4: one trace of each scoring function
+    assert len(evals) == 9  # 9 candidates x 3 scores in chunks of 4: one trace of each scoring program
     # the progress total the pipeline announces is the number of steps made
     assert sum(steps) == len(directions.live_candidates(diffs, grid)) * (len(harmful) + 2 * len(harmless)) == 8 * 6
     # one candidate recomputed directly, prompt by prompt

@@ -136,12 +136,14 @@ def make_checkpoint(family: str, path):
 
 
 def recording(impl, name, traces):
-    """`jax.jit(impl)` that records (name, candidates per call, token shape) each time it is traced."""
+    """`jax.jit(impl)` that records (program, candidates per call, token shape) each time it is traced; the
+    program is `name`, or `name` + "_resumed" when called with `resume=`."""
 
     @functools.wraps(impl)
     def traced(*args, **kwargs):
         arguments = inspect.signature(impl).bind(*args, **kwargs).arguments
-        traces.append((name, arguments["interventions"].ablate_basis.shape[0], arguments["tokens"].shape))
+        program = name + ("_resumed" if arguments.get("resume") is not None else "")
+        traces.append((program, arguments["interventions"].ablate_basis.shape[0], arguments["tokens"].shape))
         return impl(*args, **kwargs)
 
     return jax.jit(traced, static_argnames=("cfg", "refusal_ids"))
@@ -171,12 +173,11 @@ def test_extract_end_to_end(family, tmp_path, data_files, capsys, monkeypatch):
     # The candidate sweep (every position x layer, in chunks of at most 8 candidates) compiles each scoring
     # function once per val batch shape: no (function, chunk, shape) is traced twice.
     traces = []
-    for name in ("_scores", "_resumed_scores"):
-        monkeypatch.setattr(directions, name, recording(getattr(directions, f"{name}_impl"), name, traces))
+    monkeypatch.setattr(directions, "_scores", recording(directions._scores_impl, "_scores", traces))
     printed = run_extract(args, capsys).out
     assert "selected direction" in printed
     assert traces and len(traces) == len(set(traces)) and len({t[2] for t in traces}) <= 2, traces
-    assert {t[0] for t in traces} == {"_scores", "_resumed_scores"}, traces
+    assert {t[0] for t in traces} == {"_scores", "_scores_resumed"}, traces
 
     cfg, params, tok = load_hf(str(ckpt))
     assert cfg.family == family

@@ -68,32 +68,21 @@ def mean_diffs(params, cfg, harmful: Sequence[Batch], harmless: Sequence[Batch],
 # per-prompt scores under a stack of interventions
 
 
-def _scores_impl(params, cfg, tokens, mask, interventions: Intervention, base_logits, refusal_ids):
-    """Per-candidate, per-prompt (refusal score, KL(base || intervened)): two [C, B] float32 arrays."""
+def _scores_impl(params, cfg, tokens, mask, interventions: Intervention, base_logits, refusal_ids, resume=None):
+    """Per-candidate, per-prompt (refusal score, KL(base || intervened)): two [C, B] float32 arrays.
+
+    resume=(resid_pre [B, T, D], layer): for activation additions at that one layer, every candidate resumes from
+    the shared unmodified resid_pre[layer] instead of recomputing the blocks below it (a second compiled program).
+    """
 
     def one(iv):
-        logits = forward_unjitted(params, cfg, tokens, mask, iv, logits="last").logits
+        logits = forward_unjitted(params, cfg, tokens, mask, iv, logits="last", resume=resume).logits
         return judge.refusal_score_jax(logits, refusal_ids), judge.kl_div_jax(base_logits, logits)
 
     return jax.vmap(one)(interventions)
 
 
 _scores = jax.jit(_scores_impl, static_argnames=("cfg", "refusal_ids"))
-
-
-def _resumed_scores_impl(params, cfg, tokens, mask, interventions: Intervention, base_logits, resid, layer,
-                         refusal_ids):
-    """Like `_scores`, for activation additions at one `layer`: every candidate resumes from the unmodified
-    resid_pre[layer] ([B, T, D], shared) instead of recomputing the blocks below it."""
-
-    def one(iv):
-        logits = forward_unjitted(params, cfg, tokens, mask, iv, logits="last", resume=(resid, layer)).logits
-        return judge.refusal_score_jax(logits, refusal_ids), judge.kl_div_jax(base_logits, logits)
-
-    return jax.vmap(one)(interventions)
-
-
-_resumed_scores = jax.jit(_resumed_scores_impl, static_argnames=("cfg", "refusal_ids"))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -132,8 +121,8 @@ def evaluate_additions(params, cfg, batches: Sequence[Batch], vectors: np.ndarra
                 idx = members[start:start + chunk]
                 group = [Intervention.addition(cfg, vectors[i], layer, coeff) for i in idx]
                 group += [noop] * (chunk - len(idx))
-                score, _ = _resumed_scores(params, cfg, batch.tokens, batch.mask, _stack(group), base, resid[layer],
-                                           jnp.asarray(layer, jnp.int32), refusal_ids)
+                score, _ = _scores(params, cfg, batch.tokens, batch.mask, _stack(group), base, refusal_ids,
+                                   resume=(resid[layer], jnp.asarray(layer, jnp.int32)))
                 totals[idx] += (to_host(score).astype(np.float64)[: len(idx)] * batch.weight).sum(1)
                 if progress:
                     progress(len(idx))
