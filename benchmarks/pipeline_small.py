@@ -33,7 +33,7 @@ def main():
     from refusal_jax.prompts import datasets, templates
     from refusal_jax.model.batching import bucketed, encode, pad_id
     from refusal_jax.model.generate import decoding_params, greedy_generate, stop_token_ids
-    from refusal_jax.pipeline import _int_list
+    from refusal_jax.runs.cli import int_list
 
     import reference_torch
 
@@ -51,7 +51,7 @@ def main():
     va_h, va_b = batches(harmful[n:n + v]), batches(harmless[n:n + v])
     gen = batches(harmful[n + v:n + v + args.n_gen], bs=8)
     n_pos = len(templates.eoi_tokens(fmt, m.tokenizer))
-    layers = _int_list(args.layers)
+    layers = int_list(args.layers)
     grid = [(-1, layer) for layer in layers]
     ids = fmt.refusal_token_ids
 

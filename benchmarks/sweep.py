@@ -73,7 +73,7 @@ def main():
     from refusal_jax.method import directions
     from refusal_jax.prompts import datasets, templates
     from refusal_jax.model.batching import bucketed, encode, pad_id
-    from refusal_jax.pipeline import _int_list
+    from refusal_jax.runs.cli import int_list
 
     m = refusal_jax.load_model(args.model, progress=False)
     fmt = templates.chat_format_for(m.cfg.family, m.tokenizer, style=args.chat_style)
@@ -92,7 +92,7 @@ def main():
     train_h, train_b = batches(sets["harmful_train"]), batches(sets["harmless_train"])
     val_h, val_b = batches(sets["harmful_val"]), batches(sets["harmless_val"])
     diffs = directions.mean_diffs(m.params, m.cfg, train_h, train_b, n_pos)
-    grid = directions.candidate_grid(m.cfg, n_pos, _int_list(args.positions), _int_list(args.layers))
+    grid = directions.candidate_grid(m.cfg, n_pos, int_list(args.positions), int_list(args.layers))
     screened = screen_run(m, diffs, val_h, val_b, ids, grid, args) if args.screen else None
 
     t0 = time.perf_counter()

@@ -51,6 +51,7 @@ import numpy as np
 
 from refusal_jax.evaluation import judge, stats
 from refusal_jax.runs import rundir as runs
+from refusal_jax.runs import stages
 from refusal_jax.runs.cli import main_wrapper
 from refusal_jax.errors import DataError, RunError
 
@@ -68,7 +69,7 @@ class Method:
 
 
 def parser() -> argparse.ArgumentParser:
-    from refusal_jax.pipeline import add_common_args
+    from refusal_jax.runs.cli import add_common_args
 
     p = argparse.ArgumentParser(prog="python -m refusal_jax.compare", description=(
         "Difference-in-means vs optimized direction vs subspaces vs weight edits. Runs or resumes the extraction in --out (same flags as python -m refusal_jax.extract), then evaluates "
@@ -176,19 +177,6 @@ def _last_logits(params, cfg, batches, intervention) -> np.ndarray:
                                                         np.float32))
 
 
-def _completions(run, args, path: Path, params, records, intervention, desc: str) -> list[str]:
-    from refusal_jax.model.generate import generate_completions
-
-    if path.exists():
-        return [r["response"] for r in runs.read_json(path)]
-    texts = generate_completions(params, run.cfg, run.tokenizer, run.prompts([r["instruction"] for r in records]),
-                                 intervention, batch_size=args.gen_batch_size, max_new_tokens=args.max_new_tokens,
-                                 progress=run.progress, desc=desc, mesh=run.mesh)
-    runs.write_json(path, [{"category": r.get("category"), "prompt": r["instruction"], "response": t}
-                           for r, t in zip(records, texts)])
-    return texts
-
-
 def evaluate_method(run, args, method: Method, records: dict[str, list], base_logits: np.ndarray | None,
                     harmless_baseline: list[str] | None, stem: str | None = None) -> dict:
     """Completions, judgements, per-prompt KL and per-completion NLL of one method (resumable: completions and
@@ -209,13 +197,15 @@ def evaluate_method(run, args, method: Method, records: dict[str, list], base_lo
     curly = not args.reference_judge
     res: dict[str, Any] = {"method": method.name, "description": method.description}
     t0 = time.perf_counter()
-    harmful = _completions(run, args, root / "completions" / f"{stem}_harmful.json", params, records["harmful"],
-                           method.bypass, f"{method.name}: harmful")
+    gen = stages.EvalSettings(max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size)
+    harmful = stages.write_completions(run, root / "completions" / f"{stem}_harmful.json", records["harmful"],
+                                       method.bypass, f"{method.name}: harmful", params=params, settings=gen)
     res["harmful_refused"] = [judge.is_refusal(t, curly) for t in harmful]
     is_base = method.name == "baseline"
     if is_base or method.induce is not None:
-        harmless = _completions(run, args, root / "completions" / f"{stem}_harmless.json", run.params,
-                                records["harmless"], None if is_base else method.induce, f"{method.name}: harmless")
+        harmless = stages.write_completions(run, root / "completions" / f"{stem}_harmless.json", records["harmless"],
+                                            None if is_base else method.induce, f"{method.name}: harmless",
+                                            settings=gen)
         res["harmless_refused"] = [judge.is_refusal(t, curly) for t in harmless]
         if is_base:
             harmless_baseline = harmless
@@ -353,7 +343,6 @@ def _check_compare_config(root: Path, config: dict, overwrite: bool) -> None:
 
 @main_wrapper
 def main(argv=None):
-    from refusal_jax import pipeline
 
     args = parser().parse_args(argv)
     if args.k_max < 0 or args.n_boot < 1 or args.max_new_tokens < 1 or (args.n_eval is not None and args.n_eval < 2):
@@ -368,10 +357,10 @@ def main(argv=None):
             raise DataError(f"--humaneval: {humaneval.EXECUTION_REFUSED}")
         humaneval.load_problems(args.humaneval)  # the package is installed and N >= 1, before the model loads
     # the extraction's own settings: compare shares (and resumes) an extract run; its test prompts are its own
-    run = pipeline.setup(args, test_sets=False)
+    run = stages.setup(args, test_sets=False)
     t0 = time.perf_counter()
-    pos, layer, dim = pipeline.run_extract(run)
-    sets = pipeline.stage_filter(run)
+    pos, layer, dim = stages.run_extract(run)
+    sets = stages.stage_filter(run)
     root = run.out / "compare"
     optimized_hash = None
     if args.optimized:

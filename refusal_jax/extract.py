@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from refusal_jax.runs.cli import main_wrapper
-from refusal_jax.pipeline import add_common_args, run_extract, setup
+from refusal_jax.runs.cli import add_common_args, main_wrapper
+from refusal_jax.runs.stages import run_extract, setup
 
 
 def parser() -> argparse.ArgumentParser:

@@ -19,15 +19,15 @@ import json
 import numpy as np
 import pytest
 
-from refusal_jax import extract, pipeline
+from refusal_jax import extract
 from refusal_jax.method import directions
-from refusal_jax.runs import presets
+from refusal_jax.runs import cli, presets, stages
 from tests.test_pipeline_cli import tiny  # noqa: F401  (module-scoped fixture)
 
 
 def parse(argv):
     p = argparse.ArgumentParser()
-    pipeline.add_common_args(p)
+    cli.add_common_args(p)
     return presets.apply(p.parse_args(argv))
 
 
@@ -87,7 +87,7 @@ def test_val_prompts_are_drawn_until_enough_are_refused(tiny, tmp_path, monkeypa
         texts = stub.texts.pop(0)
         return np.array([1.0 if t in refused else -1.0 for t in texts])
 
-    real_batches = pipeline.Run.batches
+    real_batches = stages.Run.batches
 
     def batches(self, instructions, batch_size=None):
         stub.texts.append(list(instructions))
@@ -95,14 +95,14 @@ def test_val_prompts_are_drawn_until_enough_are_refused(tiny, tmp_path, monkeypa
 
     stub.texts = []
     monkeypatch.setattr(directions, "baseline_refusal_scores", stub)
-    monkeypatch.setattr(pipeline.Run, "batches", batches)
+    monkeypatch.setattr(stages.Run, "batches", batches)
     args = [a for a in small_args(tiny) if a != "--no-filter"] + ["--min-val-refused", "3", "--n-val", "2",
                                                                     "--out", str(tmp_path / "run")]
     parser = argparse.ArgumentParser()
-    pipeline.add_common_args(parser)
-    run = pipeline.setup(parser.parse_args(args))
+    cli.add_common_args(parser)
+    run = stages.setup(parser.parse_args(args))
     test_before = [r["instruction"] for r in run.data["harmful_test"]]
-    sets = pipeline.stage_filter(run)
+    sets = stages.stage_filter(run)
     record = json.loads((tmp_path / "run" / "datasets" / "filtered.json").read_text())
     pool = run.data["harmful_val_pool"]
     first_val = run.data["harmful_val"]

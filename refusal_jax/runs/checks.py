@@ -75,7 +75,7 @@ def model_config(src: str):
 
 
 def common_args(args) -> None:
-    """The flags of `pipeline.add_common_args`, checked before the model loads.
+    """The flags of `cli.add_common_args`, checked before the model loads.
 
     Raises:
       RefusalJaxError: naming the flag.
@@ -116,7 +116,7 @@ def model_args(args, cfg) -> None:
 
 
 def pipeline_args(args) -> None:
-    """The flags of `pipeline.add_pipeline_args`."""
+    """The flags of `cli.add_completion_args`."""
     positive_int(args, "gen_batch_size", "loss_batch_size")
     generation_length(args.max_new_tokens)
     for path in args.loss_texts or []:
