@@ -21,6 +21,7 @@ import optax
 import pytest
 
 from refusal_jax import optimize
+from refusal_jax.method import optimization
 from refusal_jax.model.config import tiny_config
 from refusal_jax.errors import RunError
 from refusal_jax.model.params import init_random
@@ -36,33 +37,33 @@ def model():
 @pytest.fixture(scope="module")
 def value_and_grad():
     """One compiled (loss, terms), gradient function shared by the tests (same data structure everywhere)."""
-    return jax.jit(jax.value_and_grad(optimize.rdo_loss, has_aux=True), static_argnames=("cfg",))
+    return jax.jit(jax.value_and_grad(optimization.rdo_loss, has_aux=True), static_argnames=("cfg",))
 
 
 def toy_data(cfg, seed=0, n=8):
     rng = np.random.default_rng(seed)
     prompts = [list(rng.integers(1, cfg.vocab_size, rng.integers(4, 9))) for _ in range(n)]
     targets = [list(rng.integers(1, cfg.vocab_size, rng.integers(2, 5))) for _ in range(n)]
-    return optimize.RDOData(
-        ablation=optimize.make_examples(prompts, targets, pad=0),
-        addition=optimize.make_examples(prompts[::-1], targets, pad=0),
-        retain=optimize.make_examples(prompts, None, pad=0))
+    return optimization.RDOData(
+        ablation=optimization.make_examples(prompts, targets, pad=0),
+        addition=optimization.make_examples(prompts[::-1], targets, pad=0),
+        retain=optimization.make_examples(prompts, None, pad=0))
 
 
 def hyper(cfg, layer=1, scale=3.0, weights=(1.0, 0.5, 2.0, 0.0)):
     fixed = jnp.asarray(np.random.default_rng(3).standard_normal((2, cfg.d_model)), jnp.float32)
-    return optimize.RDOHyper(weights=jnp.asarray(weights, jnp.float32), layer=jnp.asarray(layer, jnp.int32),
+    return optimization.RDOHyper(weights=jnp.asarray(weights, jnp.float32), layer=jnp.asarray(layer, jnp.int32),
                              add_scale=jnp.asarray(scale, jnp.float32), fixed=fixed)
 
 
 def test_make_examples_masks_target_predictions():
-    ex = optimize.make_examples([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad=0, bucket=8)
+    ex = optimization.make_examples([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad=0, bucket=8)
     assert ex.tokens.shape == (2, 8)
     np.testing.assert_array_equal(ex.tokens[0], [0, 0, 0, 5, 6, 7, 1, 2])
     # position t is scored when token t+1 is a target token: positions 5 (7->1) and 6 (1->2)
     np.testing.assert_array_equal(np.flatnonzero(ex.loss_mask[0]), [5, 6])
     np.testing.assert_array_equal(np.flatnonzero(ex.loss_mask[1]), [4, 5, 6])
-    retain = optimize.make_examples([[5, 6, 7]], None, pad=0, bucket=4)
+    retain = optimization.make_examples([[5, 6, 7]], None, pad=0, bucket=4)
     np.testing.assert_array_equal(retain.loss_mask[0], [0, 1, 1, 1])
 
 
@@ -101,7 +102,7 @@ def test_each_term_has_its_own_gradient(model, value_and_grad):
     cfg, params = model
     data = toy_data(cfg)
     v = jnp.asarray(np.random.default_rng(2).standard_normal(cfg.d_model), jnp.float32)
-    for i, name in enumerate(optimize.LOSS_TERMS):
+    for i, name in enumerate(optimization.LOSS_TERMS):
         w = [0.0] * 4
         w[i] = 1.0
         hp = hyper(cfg, weights=w)
@@ -118,8 +119,8 @@ def test_train_step_traces_once_and_descends_on_a_toy_objective():
         return 1.0 - c, {"cos": c}
 
     opt = optax.adam(0.1)
-    step = optimize.make_train_step(loss_fn, opt, max_traces=1)
-    state = optimize.init_state(np.random.default_rng(1).standard_normal(16), opt)
+    step = optimization.make_train_step(loss_fn, opt, max_traces=1)
+    state = optimization.init_state(np.random.default_rng(1).standard_normal(16), opt)
     losses = []
     for _ in range(20):
         state, loss, _ = step(state, target)
@@ -134,10 +135,10 @@ def test_rdo_train_step_compiles_once_and_reduces_the_loss(model, value_and_grad
     data = toy_data(cfg)
     init = np.random.default_rng(4).standard_normal(cfg.d_model).astype(np.float32)
     kw = dict(layer=1, batch_size=4, weights={"addition": 0.5})
-    optimize.train(params, cfg, data, init, steps=1, **kw)  # compiles the production step for these shapes
-    compiled = optimize.rdo_train_step._cache_size()
-    res = optimize.train(params, cfg, data, init, steps=20, lr=0.05, **kw)
-    assert optimize.rdo_train_step._cache_size() == compiled  # other lr, 20 batches: no new trace
+    optimization.train(params, cfg, data, init, steps=1, **kw)  # compiles the production step for these shapes
+    compiled = optimization.rdo_train_step._cache_size()
+    res = optimization.train(params, cfg, data, init, steps=20, lr=0.05, **kw)
+    assert optimization.rdo_train_step._cache_size() == compiled  # other lr, 20 batches: no new trace
     h = res.history
     assert h["step"] == list(range(1, 21))
     assert np.mean(h["total"][-4:]) < np.mean(h["total"][:4]), h["total"]
@@ -154,20 +155,20 @@ def test_resume_equals_uninterrupted_run(model, tmp_path):
     data = toy_data(cfg)
     init = np.random.default_rng(5).standard_normal(cfg.d_model).astype(np.float32)
     kw = dict(layer=1, lr=0.03, batch_size=4, seed=7, checkpoint_every=3)
-    full = optimize.train(params, cfg, data, init, steps=7, checkpoint_dir=tmp_path / "a", **kw)
-    first = optimize.train(params, cfg, data, init, steps=3, checkpoint_dir=tmp_path / "b", **kw)
+    full = optimization.train(params, cfg, data, init, steps=7, checkpoint_dir=tmp_path / "a", **kw)
+    first = optimization.train(params, cfg, data, init, steps=3, checkpoint_dir=tmp_path / "b", **kw)
     assert first.resumed_from is None and first.steps == 3
-    resumed = optimize.train(params, cfg, data, init, steps=7, checkpoint_dir=tmp_path / "b", **kw)
+    resumed = optimization.train(params, cfg, data, init, steps=7, checkpoint_dir=tmp_path / "b", **kw)
     assert resumed.resumed_from == 3 and resumed.steps == 7
     np.testing.assert_array_equal(resumed.direction, full.direction)
     assert resumed.history == full.history
     # the finished run resumes to itself without training
-    again = optimize.train(params, cfg, data, init, steps=7, checkpoint_dir=tmp_path / "a", **kw)
+    again = optimization.train(params, cfg, data, init, steps=7, checkpoint_dir=tmp_path / "a", **kw)
     assert again.resumed_from == 7 and again.history == full.history
     np.testing.assert_array_equal(again.direction, full.direction)
     # other settings: refused, not mixed in
     with pytest.raises(RunError, match="different optimization"):
-        optimize.train(params, cfg, data, init, steps=9, checkpoint_dir=tmp_path / "a", **{**kw, "lr": 0.1})
+        optimization.train(params, cfg, data, init, steps=9, checkpoint_dir=tmp_path / "a", **{**kw, "lr": 0.1})
 
 
 def test_independence_term_pushes_away_from_fixed_direction(model):
@@ -176,7 +177,7 @@ def test_independence_term_pushes_away_from_fixed_direction(model):
     init = np.random.default_rng(6).standard_normal(cfg.d_model).astype(np.float32)
     other = init + 0.5 * np.random.default_rng(7).standard_normal(cfg.d_model).astype(np.float32)
     cos0 = abs(init @ other) / (np.linalg.norm(init) * np.linalg.norm(other))
-    res = optimize.train(params, cfg, data, init, layer=1, steps=20, lr=0.05, batch_size=4,
+    res = optimization.train(params, cfg, data, init, layer=1, steps=20, lr=0.05, batch_size=4,
                          weights={"ablation": 0.0, "addition": 0.0, "retain": 0.0, "independence": 1.0},
                          fixed_directions=other[None], add_scale=1.0)
     cos1 = abs(res.direction @ other) / np.linalg.norm(other)
