@@ -11,7 +11,7 @@ import pytest
 
 from refusal_jax import compare, extract, optimize, orthogonalize, pipeline
 from refusal_jax.runs import outputs
-from refusal_jax.convert import export_gguf
+from refusal_jax.convert import export_gguf, gguf_writer
 from refusal_jax.convert.__main__ import main as convert_main
 
 COMMANDS = {"convert": convert_main, "extract": extract.main, "pipeline": pipeline.main, "compare": compare.main,
@@ -38,7 +38,7 @@ def W(tmp_path_factory):
     cfg, params, tok = checkpoint.load(w["ckpt"])
     w["hf"] = export_hf.save_hf(root / "hf", cfg, params, tok)
     (w["hf"] / outputs.MARKER).unlink()
-    w["gguf"] = export_gguf.save_gguf(root / "m.gguf", cfg, params)["path"]
+    w["gguf"] = gguf_writer.save_gguf(root / "m.gguf", cfg, params)["path"]
     np.save(root / "direction.npy", np.ones(cfg.d_model, np.float32))
     w["direction"] = root / "direction.npy"
     w["run"] = root / "run"

@@ -149,7 +149,7 @@ def sources(tmp_path_factory):
     whose heads, KV heads, MLP width and vocabulary all divide by 4."""
     from refusal_jax.convert import checkpoint
     from refusal_jax.model.config import tiny_config
-    from refusal_jax.convert.export_gguf import save_gguf
+    from refusal_jax.convert.gguf_writer import save_gguf
     from refusal_jax.convert.export_hf import save_hf
     from refusal_jax.model.params import init_random
     from tests.tiny_chat import chat_tokenizer

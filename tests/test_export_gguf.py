@@ -25,7 +25,7 @@ gguf = pytest.importorskip("gguf")
 
 from refusal_jax import forward  # noqa: E402
 from refusal_jax.model.config import ModelConfig, RopeConfig, tiny_config  # noqa: E402
-from refusal_jax.convert import export_gguf, export_hf  # noqa: E402
+from refusal_jax.convert import export_gguf, export_hf, gguf_writer  # noqa: E402
 from refusal_jax.convert.gguf import load_gguf, permute_qk, read_gguf  # noqa: E402
 from refusal_jax.convert.hf import load_hf  # noqa: E402
 from refusal_jax.runs import outputs  # noqa: E402
@@ -81,7 +81,7 @@ def last_logits(params, cfg, seed=0):
 def test_f32_round_trip_is_exact(name, tmp_path):
     cfg = CONFIGS[name]
     params = init_random(cfg, 0, scale=0.3)
-    res = export_gguf.save_gguf(tmp_path / "m.gguf", cfg, params)
+    res = gguf_writer.save_gguf(tmp_path / "m.gguf", cfg, params)
     assert set(res["counts"]) == {"F32"}
     cfg2, params2, tok = load_gguf(tmp_path / "m.gguf", tokenizer=False)
     assert tok is None
@@ -94,7 +94,7 @@ def test_f32_round_trip_is_exact(name, tmp_path):
     assert got == want
     assert cfg2.q_scale == pytest.approx(cfg.q_scale, rel=1e-6)
     src = read_gguf(tmp_path / "m.gguf")
-    assert src.metadata["general.architecture"] == export_gguf.GGUF_ARCH[cfg.family]
+    assert src.metadata["general.architecture"] == gguf_writer.GGUF_ARCH[cfg.family]
     assert src.metadata["general.file_type"] == int(gguf.LlamaFileType.ALL_F32)
 
 
@@ -102,7 +102,7 @@ def test_f32_round_trip_is_exact(name, tmp_path):
 def test_logits_equal_source_and_safetensors_export(family, tmp_path):
     cfg = CONFIGS[family]
     params = init_random(cfg, 1, scale=0.3)
-    export_gguf.save_gguf(tmp_path / "m.gguf", cfg, params)
+    gguf_writer.save_gguf(tmp_path / "m.gguf", cfg, params)
     cfg_g, params_g, _ = load_gguf(tmp_path / "m.gguf", tokenizer=False)
     export_hf.save_hf(tmp_path / "hf", cfg, params)
     cfg_s, params_s, _ = load_hf(str(tmp_path / "hf"), with_tokenizer=False)
@@ -126,7 +126,7 @@ def test_transformers_reads_the_same_model(family, tmp_path):
     if family == "gemma2":
         cfg = dataclasses.replace(cfg, query_scale=256.0**-0.5)
     params = init_random(cfg, 2, scale=0.3)
-    export_gguf.save_gguf(tmp_path / "m.gguf", cfg, params)
+    gguf_writer.save_gguf(tmp_path / "m.gguf", cfg, params)
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
     tokens, mask = left_padded_batch(cfg.vocab_size, lengths=(6, 6, 6))
     with torch.no_grad():
@@ -139,12 +139,12 @@ def test_names_and_qk_layout(tmp_path):
     for family, permuted in (("llama", True), ("qwen2", False)):
         cfg = CONFIGS[family]
         params = init_random(cfg, 0, scale=0.3)
-        path = export_gguf.save_gguf(tmp_path / f"{family}.gguf", cfg, params)["path"]
+        path = gguf_writer.save_gguf(tmp_path / f"{family}.gguf", cfg, params)["path"]
         reader = gguf.GGUFReader(path)
         arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[family]
         name_map = gguf.get_tensor_name_map(arch, cfg.n_layers)
-        hf = dict(export_gguf.engine.to_hf_tensors(cfg, params, dtype=np.float32))
-        names = export_gguf.gguf_names(cfg)
+        hf = dict(gguf_writer.engine.to_hf_tensors(cfg, params, dtype=np.float32))
+        names = gguf_writer.gguf_names(cfg)
         raw = {t.name: np.asarray(t.data) for t in reader.tensors}
         assert sorted(raw) == sorted(names.values())
         for hf_name, g in names.items():
@@ -167,7 +167,7 @@ def test_f16_and_q8_0(tmp_path):
     cfg = CONFIGS["llama"]
     params = init_random(cfg, 2, scale=0.3)
     ref = last_logits(params, cfg)
-    res = export_gguf.save_gguf(tmp_path / "h.gguf", cfg, params, tensor_type="f16")
+    res = gguf_writer.save_gguf(tmp_path / "h.gguf", cfg, params, tensor_type="f16")
     assert res["tensor_types"]["blk.0.attn_norm.weight"] == "F32" and res["tensor_types"]["token_embd.weight"] == "F16"
     cfg16, p16, _ = load_gguf(tmp_path / "h.gguf", tokenizer=False)
     for k, v in to_flat(params).items():
@@ -177,12 +177,12 @@ def test_f16_and_q8_0(tmp_path):
     scale = np.abs(ref).max()  # ~5.4: these random weights (std 0.3) give large logits
     err16 = np.abs(last_logits(p16, cfg16) - ref).max() / scale
     assert 0 < err16 < 5e-3, err16  # measured 2.2e-3 (0.012 absolute)
-    export_gguf.save_gguf(tmp_path / "b.gguf", cfg, params, tensor_type="bf16")
+    gguf_writer.save_gguf(tmp_path / "b.gguf", cfg, params, tensor_type="bf16")
     cfgb, pb, _ = load_gguf(tmp_path / "b.gguf", tokenizer=False)
     errb = np.abs(last_logits(pb, cfgb) - ref).max() / scale
     assert errb < 3e-2, errb  # measured 1.6e-2
 
-    res = export_gguf.save_gguf(tmp_path / "q.gguf", cfg, params, tensor_type="q8_0")
+    res = gguf_writer.save_gguf(tmp_path / "q.gguf", cfg, params, tensor_type="q8_0")
     types = res["tensor_types"]
     assert types["blk.0.attn_q.weight"] == "Q8_0" and types["token_embd.weight"] == "Q8_0"
     assert types["blk.0.ffn_down.weight"] == "F16"  # rows of d_ff = 48, not a multiple of Q8_0's 32-blocks
@@ -214,7 +214,7 @@ def test_edited_model_keeps_source_tokenizer_and_types(source_gguf, tmp_path):
     cfg, params, tok = load_gguf(source_gguf)
     r = np.random.default_rng(0).standard_normal(cfg.d_model)
     edited, ocfg = orthogonalize(params, cfg, r), untied_config(cfg)
-    res = export_gguf.save_gguf(tmp_path / "out.gguf", ocfg, edited, tokenizer_source=source_gguf,
+    res = gguf_writer.save_gguf(tmp_path / "out.gguf", ocfg, edited, tokenizer_source=source_gguf,
                                 tensor_type="source", name="edited")
     assert "tokenizer.ggml.tokens" in res["copied_keys"] and "tokenizer.chat_template" in res["copied_keys"]
     types = res["tensor_types"]
@@ -256,21 +256,21 @@ def test_command_line(source_gguf, tmp_path, capsys):
 def test_refusals(tmp_path):
     swa = tiny_config("mistral", sliding_window=4, sliding_layers=(True, True))
     with pytest.raises(ConfigError, match="sliding-window"):
-        export_gguf.save_gguf(tmp_path / "a.gguf", swa, init_random(swa, 0, scale=0.3))
+        gguf_writer.save_gguf(tmp_path / "a.gguf", swa, init_random(swa, 0, scale=0.3))
     g2 = dataclasses.replace(CONFIGS["gemma2"], sliding_layers=(False, True, False, True))
     with pytest.raises(ConfigError, match="even layers"):
-        export_gguf.save_gguf(tmp_path / "b.gguf", g2, init_random(g2, 0, scale=0.3))
+        gguf_writer.save_gguf(tmp_path / "b.gguf", g2, init_random(g2, 0, scale=0.3))
     cfg = CONFIGS["llama"]
-    export_gguf.save_gguf(tmp_path / "c.gguf", cfg, init_random(cfg, 0, scale=0.3))
+    gguf_writer.save_gguf(tmp_path / "c.gguf", cfg, init_random(cfg, 0, scale=0.3))
     with pytest.raises(CheckpointError, match="already exists"):
-        export_gguf.save_gguf(tmp_path / "c.gguf", cfg, init_random(cfg, 0, scale=0.3))
+        gguf_writer.save_gguf(tmp_path / "c.gguf", cfg, init_random(cfg, 0, scale=0.3))
     with pytest.raises(CheckpointError, match="source GGUF"):
-        export_gguf.save_gguf(tmp_path / "d.gguf", cfg, init_random(cfg, 0, scale=0.3), tensor_type="source")
+        gguf_writer.save_gguf(tmp_path / "d.gguf", cfg, init_random(cfg, 0, scale=0.3), tensor_type="source")
     assert not list(tmp_path.glob(".*partial*"))
     # mistral without a window is written as a llama file (as llama.cpp does) and reads back as llama
     m = tiny_config("mistral", architecture="MistralForCausalLM")
     p = init_random(m, 0, scale=0.3)
-    export_gguf.save_gguf(tmp_path / "m.gguf", m, p)
+    gguf_writer.save_gguf(tmp_path / "m.gguf", m, p)
     cfg2, p2, _ = load_gguf(tmp_path / "m.gguf", tokenizer=False)
     assert cfg2.family == "llama"
     assert_same_params(p, p2)
@@ -317,10 +317,10 @@ def test_command_line_records_the_edit(source_gguf, tmp_path, capsys):
 def test_type_changes_and_k_quant_fallback(source_gguf, tmp_path):
     Q = gguf.GGMLQuantizationType
     # gguf-py cannot encode K-quants: a Q4_K source tensor becomes Q8_0 where rows allow, else F16
-    assert export_gguf._choose_type("source", "w", (4, 256), {"w": Q.Q4_K}) == Q.Q8_0
-    assert export_gguf._choose_type("source", "w", (4, 48), {"w": Q.Q4_K}) == Q.F16
+    assert gguf_writer._choose_type("source", "w", (4, 256), {"w": Q.Q4_K}) == Q.Q8_0
+    assert gguf_writer._choose_type("source", "w", (4, 48), {"w": Q.Q4_K}) == Q.F16
     cfg, params, _ = load_gguf(source_gguf, tokenizer=False)
-    res = export_gguf.save_gguf(tmp_path / "q.gguf", cfg, params, tokenizer_source=source_gguf, tensor_type="q8_0")
+    res = gguf_writer.save_gguf(tmp_path / "q.gguf", cfg, params, tokenizer_source=source_gguf, tensor_type="q8_0")
     from refusal_jax.convert import engine
 
     want = Counter()

@@ -132,12 +132,12 @@ def test_safetensors_random_header(tmp_path, header, tail):
 @pytest.fixture(scope="module")
 def gguf_bytes(tmp_path_factory):
     from refusal_jax.model.config import tiny_config
-    from refusal_jax.convert import export_gguf
+    from refusal_jax.convert import gguf_writer
     from refusal_jax.model.params import init_random
 
     cfg = tiny_config("llama", n_layers=1)
     path = tmp_path_factory.mktemp("g") / "m.gguf"
-    export_gguf.save_gguf(path, cfg, init_random(cfg, 0))
+    gguf_writer.save_gguf(path, cfg, init_random(cfg, 0))
     return path.read_bytes()
 
 

@@ -124,7 +124,7 @@ def test_kill_9_then_rerun_leaves_nothing_partial(tiny, hf_model, tmp_path, what
     else:
         out = tmp_path / "m.gguf"
         command, argv = "refusal_jax.convert.export_gguf", ["--model", model, "--out", out, "--no-progress"]
-        module, name = "refusal_jax.convert.export_gguf", "_encode"
+        module, name = "refusal_jax.convert.gguf_writer", "_encode"
     proc = start(module, name, command, argv, tmp_path)
     time.sleep(0.5)
     partial = [p for p in tmp_path.iterdir() if ".partial-" in p.name]

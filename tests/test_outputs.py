@@ -117,18 +117,18 @@ def test_gguf_overwrite_replaces_only_refusal_jax_files(tmp_path):
 
     from refusal_jax.model import params as P
     from refusal_jax.model.config import tiny_config
-    from refusal_jax.convert import export_gguf
+    from refusal_jax.convert import gguf_writer
 
     cfg = tiny_config("llama", n_layers=1)
     params = P.init_random(cfg, 0, scale=0.5)
     user = tmp_path / "user.gguf"
     user.write_bytes(b"GGUF" + bytes(60))
     with pytest.raises(OutputError, match="not written by refusal_jax"):
-        export_gguf.save_gguf(user, cfg, params, overwrite=True)
+        gguf_writer.save_gguf(user, cfg, params, overwrite=True)
     assert user.read_bytes() == b"GGUF" + bytes(60)
-    ours = export_gguf.save_gguf(tmp_path / "m.gguf", cfg, params)["path"]
+    ours = gguf_writer.save_gguf(tmp_path / "m.gguf", cfg, params)["path"]
     first = ours.read_bytes()
-    export_gguf.save_gguf(ours, cfg, jax_tree_scale(params, np.float32(2)), overwrite=True)
+    gguf_writer.save_gguf(ours, cfg, jax_tree_scale(params, np.float32(2)), overwrite=True)
     aside = list(tmp_path.glob("m.gguf.previous-*"))
     assert len(aside) == 1 and aside[0].read_bytes() == first and ours.read_bytes() != first
 
