@@ -11,6 +11,7 @@ converted model plus the largest single source tensor.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable, Iterable, Iterator
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from refusal_jax.model.config import ModelConfig
 from refusal_jax.errors import CheckpointError
-from refusal_jax.model.params import Params, from_flat, param_shapes
+from refusal_jax.model.params import ParamSpec, Params, axis_sizes, from_flat, param_shapes, present_params
 
 # Source tensors that carry no parameters of ours (buffers saved by old transformers versions).
 _IGNORED = (re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),)
@@ -27,51 +28,38 @@ _IGNORED = (re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),)
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
-def _heads_in(n: int, h: int, d: int):
-    """torch Linear [n*h, d] -> ours [d, n, h]."""
-    return lambda w: w.reshape(n, h, d).transpose(2, 0, 1)
+def _layouts(cfg: ModelConfig, spec: ParamSpec) -> tuple[tuple[int, ...], Callable, Callable]:
+    """(HF shape, HF -> ours, ours -> HF) of one parameter (per layer: without the "layers" axis), derived from
+    its axes: HF's tensor is our axes in `hf_axes` order with each group flattened."""
+    sizes = axis_sizes(cfg)
+    ours = tuple(a for a in spec.axes if a != "layers")
+    hf_order = tuple(a for group in spec.hf_axes for a in group)
+    assert sorted(hf_order) == sorted(ours), (spec, ours)
+    hf_shape = tuple(math.prod(sizes[a] for a in group) for group in spec.hf_axes)
+    unflat = tuple(sizes[a] for a in hf_order)
+    to_ours = tuple(hf_order.index(a) for a in ours)  # permutation: HF's unflattened order -> ours
+    to_hf = tuple(ours.index(a) for a in hf_order)
+    return (hf_shape, lambda w: w.reshape(unflat).transpose(to_ours),
+            lambda w: w.transpose(to_hf).reshape(hf_shape))
 
 
 def layer_table(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...], Callable[[np.ndarray], np.ndarray]]]:
-    """HF per-layer tensor suffix -> (our field, expected HF shape, transform to our layout)."""
-    D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-    ident = lambda w: w  # noqa: E731
-    transpose = lambda w: w.T  # noqa: E731
-    table = {
-        "input_layernorm.weight": ("attn_norm", (D,), ident),
-        "self_attn.q_proj.weight": ("q", (N * H, D), _heads_in(N, H, D)),
-        "self_attn.k_proj.weight": ("k", (K * H, D), _heads_in(K, H, D)),
-        "self_attn.v_proj.weight": ("v", (K * H, D), _heads_in(K, H, D)),
-        "self_attn.o_proj.weight": ("o", (D, N * H), lambda w: w.reshape(D, N, H).transpose(1, 2, 0)),
-        "mlp.gate_proj.weight": ("gate", (F, D), transpose),
-        "mlp.up_proj.weight": ("up", (F, D), transpose),
-        "mlp.down_proj.weight": ("down", (D, F), transpose),
-    }
-    if cfg.post_norms:
-        # Gemma-2/3 name their four norms differently: HF's post_attention_layernorm is the attention post-norm.
-        table["post_attention_layernorm.weight"] = ("post_attn_norm", (D,), ident)
-        table["pre_feedforward_layernorm.weight"] = ("mlp_norm", (D,), ident)
-        table["post_feedforward_layernorm.weight"] = ("post_mlp_norm", (D,), ident)
-    else:
-        table["post_attention_layernorm.weight"] = ("mlp_norm", (D,), ident)
-    if cfg.qkv_bias:
-        table["self_attn.q_proj.bias"] = ("q_bias", (N * H,), lambda b: b.reshape(N, H))
-        table["self_attn.k_proj.bias"] = ("k_bias", (K * H,), lambda b: b.reshape(K, H))
-        table["self_attn.v_proj.bias"] = ("v_bias", (K * H,), lambda b: b.reshape(K, H))
-    if cfg.qk_norm:
-        table["self_attn.q_norm.weight"] = ("q_norm", (H,), ident)
-        table["self_attn.k_norm.weight"] = ("k_norm", (H,), ident)
+    """HF per-layer tensor suffix -> (our field, expected HF shape, transform to our layout), from PARAM_SPEC."""
+    table = {}
+    for name, spec in present_params(cfg).items():
+        if name.startswith("layers."):
+            hf_shape, to_ours, _ = _layouts(cfg, spec)
+            table[spec.hf(cfg)] = (name.split(".", 1)[1], hf_shape, to_ours)
     return table
 
 
 def global_table(cfg: ModelConfig):
-    D, V = cfg.d_model, cfg.vocab_size
-    table = {
-        "model.embed_tokens.weight": ("embed", (V, D), lambda w: w),
-        "model.norm.weight": ("final_norm", (D,), lambda w: w),
-    }
-    if not cfg.tie_embeddings:
-        table["lm_head.weight"] = ("lm_head", (V, D), lambda w: w.T)
+    """HF name -> (our field, expected HF shape, transform to our layout) of the parameters outside the layers."""
+    table = {}
+    for name, spec in present_params(cfg).items():
+        if not name.startswith("layers."):
+            hf_shape, to_ours, _ = _layouts(cfg, spec)
+            table[spec.hf(cfg)] = (name, hf_shape, to_ours)
     return table
 
 
@@ -198,27 +186,6 @@ def numpy_dtype(name: str):
 # ------------------------------------------------------------------------------------------------
 # The inverse: Params -> Hugging Face-named tensors (export of edited models)
 
-def _heads_out(n: int, h: int, d: int):
-    """ours [d, n, h] -> torch Linear [n*h, d] (inverse of `_heads_in`)."""
-    return lambda w: w.transpose(1, 2, 0).reshape(n * h, d)
-
-
-def _inverse_transforms(cfg: ModelConfig) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    """Our field -> transform from our layout back to HF's torch layout (inverse of the tables above)."""
-    D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    ident = lambda w: w  # noqa: E731
-    transpose = lambda w: w.T  # noqa: E731
-    flatten = lambda b: b.reshape(-1)  # noqa: E731
-    return {
-        "attn_norm": ident, "mlp_norm": ident, "post_attn_norm": ident, "post_mlp_norm": ident,
-        "q_norm": ident, "k_norm": ident, "final_norm": ident, "embed": ident,
-        "q": _heads_out(N, H, D), "k": _heads_out(K, H, D), "v": _heads_out(K, H, D),
-        "o": lambda w: w.transpose(2, 0, 1).reshape(D, N * H),
-        "gate": transpose, "up": transpose, "down": transpose, "lm_head": transpose,
-        "q_bias": flatten, "k_bias": flatten, "v_bias": flatten,
-    }
-
-
 def hf_tensor_plan(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], str, int | None]]:
     """Every HF tensor of `cfg` in checkpoint order: (hf_name, HF shape, our field, layer index or None).
 
@@ -275,7 +242,7 @@ def to_hf_tensors(
         got = tuple(flat[name].shape) if name in flat else None
         if got != shape:
             raise CheckpointError(f"parameter {name} has shape {got}, config expects {shape}")
-    inverse = _inverse_transforms(cfg)
+    inverse = {name: _layouts(cfg, spec)[2] for name, spec in present_params(cfg).items()}
     unfold = cfg.norm_offset and not norm_offset_folded
     for hf_name, hf_shape, field, layer in hf_tensor_plan(cfg):
         source = flat[field]
@@ -286,7 +253,7 @@ def to_hf_tensors(
         out_dtype = np.dtype(dtype) if dtype is not None else value.dtype
         if unfold and _is_norm(short):
             value = value.astype(np.float32) - np.float32(1.0)
-        value = np.ascontiguousarray(inverse[short](value).astype(out_dtype, copy=False))
+        value = np.ascontiguousarray(inverse[field](value).astype(out_dtype, copy=False))
         assert value.shape == hf_shape, (hf_name, value.shape, hf_shape)
         yield hf_name, value
 

@@ -11,6 +11,9 @@ Optional tensors are None when the architecture has none (a None leaf is an empt
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,36 +50,81 @@ class Params:
     lm_head: jax.Array | None = None  # [D, V]; None when tied to `embed`
 
 
-# The parameter spec: every Params field ("embed", "layers.q", ...) -> its logical axes, and the config flag that
-# makes it present (None = always). Shapes (`param_shapes`) and shardings (`sharding.param_shardings`) read it.
-PARAM_AXES: dict[str, tuple[str, ...]] = {
-    "embed": ("vocab", "embed"),
-    "final_norm": ("embed",),
-    "layers.attn_norm": ("layers", "embed"),
-    "layers.q": ("layers", "embed", "heads", "head_dim"),
-    "layers.k": ("layers", "embed", "kv_heads", "head_dim"),
-    "layers.v": ("layers", "embed", "kv_heads", "head_dim"),
-    "layers.o": ("layers", "heads", "head_dim", "embed"),
-    "layers.mlp_norm": ("layers", "embed"),
-    "layers.gate": ("layers", "embed", "mlp"),
-    "layers.up": ("layers", "embed", "mlp"),
-    "layers.down": ("layers", "mlp", "embed"),
-    "lm_head": ("embed", "vocab"),
-    "layers.q_bias": ("layers", "heads", "head_dim"),
-    "layers.k_bias": ("layers", "kv_heads", "head_dim"),
-    "layers.v_bias": ("layers", "kv_heads", "head_dim"),
-    "layers.q_norm": ("layers", "head_dim"),
-    "layers.k_norm": ("layers", "head_dim"),
-    "layers.post_attn_norm": ("layers", "embed"),
-    "layers.post_mlp_norm": ("layers", "embed"),
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of the pytree.
+
+    axes:     its logical axes, in our layout (shapes: `param_shapes`; shardings: `sharding.param_shardings`).
+    hf_name:  its Hugging Face tensor name: the suffix after "model.layers.{i}." for per-layer fields, else the
+              whole name; a function of the config where families name it differently.
+    hf_axes:  the HF tensor's dimensions in torch order, each a group of our axes flattened together (a torch
+              Linear is [out, in]: q is [(heads, head_dim), (embed)]); conversion in both directions is the
+              reshape + transpose between the two orders (`convert.engine`).
+    present:  the config flag that makes it present (None = always).
+    """
+
+    axes: tuple[str, ...]
+    hf_name: str | Callable[[ModelConfig], str]
+    hf_axes: tuple[tuple[str, ...], ...]
+    present: Callable[[ModelConfig], bool] | None = None
+
+    def hf(self, cfg: ModelConfig) -> str:
+        return self.hf_name(cfg) if callable(self.hf_name) else self.hf_name
+
+
+def _linear(name: str, out: tuple[str, ...], in_: tuple[str, ...], present=None) -> ParamSpec:
+    """A torch Linear weight [prod(out), prod(in)], stored by us as [in..., out...] (einsum "...in,in out")."""
+    return ParamSpec((*in_, *out), name, (out, in_), present)
+
+
+def _vector(name, axes: tuple[str, ...], present=None) -> ParamSpec:
+    return ParamSpec(axes, name, (axes,), present)
+
+
+def _qkv_bias(cfg):
+    return cfg.qkv_bias
+
+
+def _post_norms(cfg):
+    return cfg.post_norms
+
+
+def _qk_norm(cfg):
+    return cfg.qk_norm
+
+
+# Every Params field ("embed", "layers.q", ...; per-layer fields get a leading "layers" axis) in HF checkpoint
+# order. Gemma-2/3 name their four norms differently: HF's post_attention_layernorm is their attention post-norm.
+PARAM_SPEC: dict[str, ParamSpec] = {
+    "embed": ParamSpec(("vocab", "embed"), "model.embed_tokens.weight", (("vocab",), ("embed",))),
+    "layers.attn_norm": _vector("input_layernorm.weight", ("embed",)),
+    "layers.q": _linear("self_attn.q_proj.weight", ("heads", "head_dim"), ("embed",)),
+    "layers.k": _linear("self_attn.k_proj.weight", ("kv_heads", "head_dim"), ("embed",)),
+    "layers.v": _linear("self_attn.v_proj.weight", ("kv_heads", "head_dim"), ("embed",)),
+    "layers.o": _linear("self_attn.o_proj.weight", ("embed",), ("heads", "head_dim")),
+    "layers.gate": _linear("mlp.gate_proj.weight", ("mlp",), ("embed",)),
+    "layers.up": _linear("mlp.up_proj.weight", ("mlp",), ("embed",)),
+    "layers.down": _linear("mlp.down_proj.weight", ("embed",), ("mlp",)),
+    "layers.post_attn_norm": _vector("post_attention_layernorm.weight", ("embed",), _post_norms),
+    "layers.mlp_norm": _vector(lambda cfg: "pre_feedforward_layernorm.weight" if cfg.post_norms
+                               else "post_attention_layernorm.weight", ("embed",)),
+    "layers.post_mlp_norm": _vector("post_feedforward_layernorm.weight", ("embed",), _post_norms),
+    "layers.q_bias": _vector("self_attn.q_proj.bias", ("heads", "head_dim"), _qkv_bias),
+    "layers.k_bias": _vector("self_attn.k_proj.bias", ("kv_heads", "head_dim"), _qkv_bias),
+    "layers.v_bias": _vector("self_attn.v_proj.bias", ("kv_heads", "head_dim"), _qkv_bias),
+    "layers.q_norm": _vector("self_attn.q_norm.weight", ("head_dim",), _qk_norm),
+    "layers.k_norm": _vector("self_attn.k_norm.weight", ("head_dim",), _qk_norm),
+    "final_norm": _vector("model.norm.weight", ("embed",)),
+    "lm_head": _linear("lm_head.weight", ("vocab",), ("embed",), lambda cfg: not cfg.tie_embeddings),
 }
-_PRESENT_IF = {
-    "lm_head": lambda cfg: not cfg.tie_embeddings,
-    "layers.q_bias": lambda cfg: cfg.qkv_bias, "layers.k_bias": lambda cfg: cfg.qkv_bias,
-    "layers.v_bias": lambda cfg: cfg.qkv_bias,
-    "layers.q_norm": lambda cfg: cfg.qk_norm, "layers.k_norm": lambda cfg: cfg.qk_norm,
-    "layers.post_attn_norm": lambda cfg: cfg.post_norms, "layers.post_mlp_norm": lambda cfg: cfg.post_norms,
-}
+PARAM_SPEC = {name: (dataclasses.replace(spec, axes=("layers", *spec.axes)) if name.startswith("layers.") else spec)
+              for name, spec in PARAM_SPEC.items()}
+PARAM_AXES: dict[str, tuple[str, ...]] = {name: spec.axes for name, spec in PARAM_SPEC.items()}
+
+
+def present_params(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """The PARAM_SPEC entries this config uses, in HF checkpoint order."""
+    return {name: spec for name, spec in PARAM_SPEC.items() if spec.present is None or spec.present(cfg)}
 
 
 def axis_sizes(cfg: ModelConfig) -> dict[str, int]:
@@ -88,8 +136,7 @@ def axis_sizes(cfg: ModelConfig) -> dict[str, int]:
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Field path ("embed", "layers.q", ...) -> shape, for exactly the fields this config uses."""
     sizes = axis_sizes(cfg)
-    return {name: tuple(sizes[a] for a in axes) for name, axes in PARAM_AXES.items()
-            if name not in _PRESENT_IF or _PRESENT_IF[name](cfg)}
+    return {name: tuple(sizes[a] for a in spec.axes) for name, spec in present_params(cfg).items()}
 
 
 def from_flat(flat: dict[str, np.ndarray | jax.Array]) -> Params:
