@@ -26,7 +26,6 @@ exactly on the candidates that are evaluated exactly.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Sequence
 

@@ -7,7 +7,6 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from refusal_jax.model.batching import bucketed, encode, pad_id
 from refusal_jax.model.config import ModelConfig
