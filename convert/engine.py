@@ -98,7 +98,7 @@ def fill_params(
     *,
     dtype=np.float32,
     norm_offset_folded: bool = False,
-    progress: Callable[[str], None] | None = None,
+    on_tensor: Callable[[str], None] | None = None,
     source: str = "checkpoint",
 ) -> Params:
     """Build Params from (hf_name, array) pairs.
@@ -109,7 +109,7 @@ def fill_params(
       dtype: numpy dtype of the converted params (np.float32, np.float16 or ml_dtypes.bfloat16).
       norm_offset_folded: Gemma only. HF stores RMSNorm weights w and applies 1 + w; we store 1 + w (computed in
         float32). Set True when the source already holds 1 + w (llama.cpp's GGUF files do).
-      progress: called with each tensor name after it is placed (progress bars).
+      on_tensor: called with each tensor name after it is placed (on_tensor bars).
       source: a name for error messages.
     Returns:
       Params holding numpy arrays (device placement is the caller's choice).
@@ -154,8 +154,8 @@ def fill_params(
             value = value + np.float32(1.0)
         # Cast on assignment: no intermediate copy of the tensor in the target dtype (peak memory).
         (target if layer is None else target[layer])[...] = transform(value)
-        if progress:
-            progress(name)
+        if on_tensor:
+            on_tensor(name)
 
     expected = {f"model.layers.{i}.{s}" for i in range(cfg.n_layers) for s in layers} | set(globals_)
     check_tensor_names(source, cfg, sorted(expected - seen), sorted(unexpected))

@@ -100,7 +100,7 @@ def _main(argv=None):
     with progress_bar(len(engine.hf_tensor_plan(cfg)), f"writing {out.name}", not args.no_progress,
                       unit="tensor") as bar:
         res = save_gguf(out, cfg, params, tokenizer_source=tok_src, tensor_type=tensor_type, name=name, metadata=metadata,
-                        overwrite=args.overwrite, sources=sources, progress=lambda _: bar.update())
+                        overwrite=args.overwrite, sources=sources, on_tensor=lambda _: bar.update())
     size = res["path"].stat().st_size
     print(f"wrote {res['path']} ({size / 2**20:.1f} MiB, {GGUF_ARCH[cfg.family]}) in {time.perf_counter() - t0:.1f} s")
     print(f"  tensor types: {', '.join(f'{k} x{v}' for k, v in sorted(res['counts'].items()))}")

@@ -263,7 +263,7 @@ def save_hf(
     shard_size: int = DEFAULT_SHARD_SIZE,
     overwrite: bool = False,
     extra_config: Mapping[str, Any] | None = None,
-    progress: Callable[[str], None] | None = None,
+    on_tensor: Callable[[str], None] | None = None,
     edit: Callable[[str, int | None, np.ndarray], np.ndarray] | None = None,
     sources=(),
 ) -> Path:
@@ -281,7 +281,7 @@ def save_hf(
         model.safetensors.index.json.
       overwrite: replace an existing `out_dir`.
       extra_config: extra config.json keys (e.g. max_position_embeddings of the source model).
-      progress: called with each tensor name after it is written.
+      on_tensor: called with each tensor name after it is written.
       edit: a per-tensor edit applied while streaming (see `engine.to_hf_tensors`).
       sources: paths `out_dir` must never replace (the source model, ...).
     Returns:
@@ -314,8 +314,8 @@ def save_hf(
         specs = [(name, shape) for name, shape, _, _ in engine.hf_tensor_plan(cfg)]
         shards = _plan_shards(specs, np_dtype.itemsize, shard_size)
         tensors = engine.to_hf_tensors(cfg, params, dtype=np_dtype, edit=edit)
-        if progress is not None:
-            tensors = _tap(tensors, progress)
+        if on_tensor is not None:
+            tensors = _tap(tensors, on_tensor)
         if len(shards) == 1:
             write_safetensors_stream(tmp / "model.safetensors", specs, np_dtype, tensors)
         else:
@@ -332,7 +332,7 @@ def save_hf(
     return out_dir
 
 
-def _tap(tensors, progress):
+def _tap(tensors, on_tensor):
     for name, arr in tensors:
         yield name, arr
-        progress(name)
+        on_tensor(name)

@@ -615,14 +615,14 @@ def sharded_source(path: str | Path, *, strict: bool = True):
 # everything at once
 
 
-def load_gguf(path: str | Path, dtype=np.float32, progress: bool | Callable[[str], None] | None = None, *,
+def load_gguf(path: str | Path, dtype=np.float32, on_tensor: Callable[[str], None] | None = None, *,
               strict: bool = True, tokenizer: bool = True):
     """Load a GGUF file as (ModelConfig, Params of numpy arrays, tokenizer).
 
     Args:
       path: the .gguf file.
       dtype: numpy dtype of the params (np.float32, np.float16 or ml_dtypes.bfloat16); dequantization is float32.
-      progress: True for a tqdm bar over tensors, or a callable given each HF tensor name as it is placed.
+      on_tensor: called with each HF tensor name as it is placed (progress bars).
       strict: see `read_gguf` and `from_hf_config`.
       tokenizer: False to skip building the tokenizer (returns None in its place).
     Returns:
@@ -636,20 +636,10 @@ def load_gguf(path: str | Path, dtype=np.float32, progress: bool | Callable[[str
         cfg = from_hf_config(src.hf_config, strict=strict)
     except ConfigError as e:
         raise ConfigError(f"{src.path}: {e}") from None
-    bar, callback = None, progress if callable(progress) else None
-    if progress is True:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(src), desc=f"dequantizing {src.path.name}", unit="tensor", leave=False)
-        callback = lambda name: bar.update(1)  # noqa: E731
     from refusal_jax.convert.engine import check_sizes
 
     check_sizes(cfg, sum(int(t.n_elements) for t in src._reader.tensors), str(src.path))
-    try:
-        params = fill_params(cfg, src.tensors(), dtype=dtype, norm_offset_folded=src.norm_offset_folded,
-                             progress=callback, source=str(src.path))
-    finally:
-        if bar is not None:
-            bar.close()
+    params = fill_params(cfg, src.tensors(), dtype=dtype, norm_offset_folded=src.norm_offset_folded,
+                         on_tensor=on_tensor, source=str(src.path))
     tok = load_tokenizer(src) if tokenizer else None
     return cfg, params, tok

@@ -270,7 +270,7 @@ def gguf_tensors(cfg: ModelConfig, params: Params):
 
 def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_source=None, tensor_type: str = "f32",
               context_length: int | None = None, name: str | None = None, metadata: dict | None = None,
-              overwrite: bool = False, progress: Callable[[str], None] | None = None, sources=()) -> dict:
+              overwrite: bool = False, on_tensor: Callable[[str], None] | None = None, sources=()) -> dict:
     """Write `params` as a GGUF file (see the module docstring).
 
     Args:
@@ -284,7 +284,7 @@ def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_s
         computation: llama.cpp's default context size).
       name: general.name (default: the source's).
       metadata: extra key -> value (str, int, float or bool) written after the copied keys, e.g. provenance.
-      progress: called with each GGUF tensor name after it is written.
+      on_tensor: called with each GGUF tensor name after it is written.
       sources: paths the output must never replace (the source model, ...).
     Returns:
       {"path", "tensor_types": {GGUF name: type name}, "counts": {type name: n}, "copied_keys": [...],
@@ -371,8 +371,8 @@ def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_s
             if got_name != hf_name or value.shape != shape:
                 raise CheckpointError(f"tensor {got_name} {value.shape} does not match the plan ({hf_name} {shape})")
             w.write_tensor_data(_encode(value, q))
-            if progress:
-                progress(gname)
+            if on_tensor:
+                on_tensor(gname)
         w.close()
     changes = Counter(f"{source_types[hf].name} -> {q.name}" for hf, _, q in plan
                       if hf in source_types and source_types[hf] != q)

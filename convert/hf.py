@@ -55,7 +55,7 @@ def load_hf(
     *,
     dtype=np.float32,
     strict_config: bool = True,
-    progress: Callable[[str], None] | None = None,
+    on_tensor: Callable[[str], None] | None = None,
     with_tokenizer: bool = True,
 ) -> tuple[ModelConfig, Params, object | None]:
     """Convert a Hugging Face safetensors checkpoint.
@@ -64,7 +64,7 @@ def load_hf(
       src: local directory (config.json + model.safetensors or a sharded index) or a hub id.
       dtype: numpy dtype of the converted params.
       strict_config: refuse unknown config attributes (see `refusal_jax.model.config.from_hf_config`).
-      progress: called once per placed tensor.
+      on_tensor: called once per placed tensor.
       with_tokenizer: also load the tokenizer (transformers AutoTokenizer; no torch needed).
     """
     model_dir = resolve_hf_dir(src)
@@ -74,10 +74,10 @@ def load_hf(
     if cfg.family == "qwen":  # Qwen-1: remote-code checkpoint, read without its code (convert/qwen1.py)
         from refusal_jax.convert import qwen1
 
-        params = qwen1.fill_params(cfg, model_dir, dtype=dtype, progress=progress)
+        params = qwen1.fill_params(cfg, model_dir, dtype=dtype, on_tensor=on_tensor)
         return cfg, params, (qwen1.load_tokenizer(model_dir) if with_tokenizer else None)
     engine.check_sizes(cfg, safetensors_io.numel(safetensors_io.model_files(model_dir)), str(model_dir))
-    params = engine.fill_params(cfg, safetensors_io.iter_model(model_dir), dtype=dtype, progress=progress,
+    params = engine.fill_params(cfg, safetensors_io.iter_model(model_dir), dtype=dtype, on_tensor=on_tensor,
                                 source=str(model_dir))
     tokenizer = load_tokenizer(model_dir) if with_tokenizer else None
     return cfg, params, tokenizer

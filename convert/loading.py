@@ -55,7 +55,7 @@ def convert_source(src: str, *, dtype: str = "float32", strict_config: bool = Tr
         if mesh is not None:
             return _convert_sharded(gguf.sharded_source(path, strict=strict_config), np_dtype, progress, mesh, rules)
         with progress_bar(None, f"converting {path.name}", progress, unit="tensor") as bar:
-            return gguf.load_gguf(path, dtype=np_dtype, progress=lambda _: bar.update())
+            return gguf.load_gguf(path, dtype=np_dtype, on_tensor=lambda _: bar.update())
     from refusal_jax.convert import hf
 
     model_dir = hf.resolve_hf_dir(src)
@@ -63,7 +63,7 @@ def convert_source(src: str, *, dtype: str = "float32", strict_config: bool = Tr
         return _convert_sharded(hf.sharded_source(model_dir, strict=strict_config), np_dtype, progress, mesh, rules)
     with progress_bar(hf.n_tensors(model_dir), f"converting {model_dir.name}", progress, unit="tensor") as bar:
         cfg, params, tok = hf.load_hf(str(model_dir), dtype=np_dtype, strict_config=strict_config,
-                                      progress=lambda _: bar.update())
+                                      on_tensor=lambda _: bar.update())
     if mesh is not None:
         from refusal_jax.model import sharding
 
@@ -78,7 +78,7 @@ def _convert_sharded(source, np_dtype, progress, mesh, rules):
     shardings = sharding.param_shardings(source.cfg, mesh, *([rules] if rules else []))
     with progress_bar(len(source.loaders), f"converting {source.name} onto {sharding.describe(mesh)}", progress,
                       unit="tensor") as bar:
-        params = placement.place_params(source, shardings, dtype=np_dtype, progress=lambda _: bar.update())
+        params = placement.place_params(source, shardings, dtype=np_dtype, on_tensor=lambda _: bar.update())
     return source.cfg, params, source.load_tokenizer()
 
 

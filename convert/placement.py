@@ -61,7 +61,7 @@ def _key(index: tuple[slice, ...], shape) -> tuple:
 
 
 def place_params(source: ShardedSource, shardings: Params, *, dtype=np.float32,
-                 progress: Callable[[str], None] | None = None) -> Params:
+                 on_tensor: Callable[[str], None] | None = None) -> Params:
     """Params of global `jax.Array`s in `shardings` (a Params tree of `NamedSharding`s), filled from `source`.
 
     Every process calls this with the same source; each reads every source tensor once and keeps only the slices
@@ -71,7 +71,7 @@ def place_params(source: ShardedSource, shardings: Params, *, dtype=np.float32,
     plan = _plan(cfg)
     _check_names(source, plan)
     targets = to_flat(shardings)
-    fold = cfg.embed_scale and not source.norm_offset_folded  # Gemma: store 1 + w
+    fold = cfg.norm_offset and not source.norm_offset_folded  # Gemma: store 1 + w
     out = {}
     for field, shape in param_shapes(cfg).items():
         sharding = targets[field]
@@ -99,8 +99,8 @@ def place_params(source: ShardedSource, shardings: Params, *, dtype=np.float32,
                 elif key[0][0] <= layer < key[0][1]:
                     buffer[layer - key[0][0]] = value[index[1:]]
             del array, value
-            if progress:
-                progress(hf_name)
+            if on_tensor:
+                on_tensor(hf_name)
         out[field] = jax.make_array_from_callback(shape, sharding, lambda index: buffers[_key(index, shape)][1])
         del buffers
     return from_flat(out)

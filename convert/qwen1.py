@@ -77,10 +77,10 @@ _QKV = ("q_proj", "k_proj", "v_proj")
 
 
 def qwen2_style_tensors(tensors: Iterable[tuple[str, np.ndarray]], *,
-                        progress: Callable[[str], None] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+                        on_tensor: Callable[[str], None] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Qwen-1 (name, array) pairs -> HF-Qwen2 (name, array) pairs for `engine.fill_params`.
 
-    Names it does not know pass through unchanged, so the strict fill reports them as unexpected. `progress` is
+    Names it does not know pass through unchanged, so the strict fill reports them as unexpected. `on_tensor` is
     called once per source tensor.
     """
     for name, array in tensors:
@@ -100,8 +100,8 @@ def qwen2_style_tensors(tensors: Iterable[tuple[str, np.ndarray]], *,
             yield _GLOBALS[name], array
         else:
             yield name, array  # unexpected: fill_params names it
-        if progress:
-            progress(name)
+        if on_tensor:
+            on_tensor(name)
 
 
 _QWEN2_NAME = re.compile(r"model\.layers\.\d+\.[\w.]*\w|model\.embed_tokens\.weight|model\.norm\.weight")
@@ -124,7 +124,7 @@ def qwen1_name(qwen2_name: str) -> str:
     return f"transformer.h.{i}.{layer_inverse[suffix]}" if suffix in layer_inverse else qwen2_name
 
 
-def fill_params(cfg, model_dir: Path, *, dtype=np.float32, progress: Callable[[str], None] | None = None):
+def fill_params(cfg, model_dir: Path, *, dtype=np.float32, on_tensor: Callable[[str], None] | None = None):
     """Params of a Qwen-1 safetensors checkpoint, through the strict `engine.fill_params`.
 
     Raises:
@@ -132,7 +132,7 @@ def fill_params(cfg, model_dir: Path, *, dtype=np.float32, progress: Callable[[s
     """
     from refusal_jax.convert import engine, safetensors_io
 
-    stream = qwen2_style_tensors(safetensors_io.iter_model(model_dir), progress=progress)
+    stream = qwen2_style_tensors(safetensors_io.iter_model(model_dir), on_tensor=on_tensor)
     try:
         return engine.fill_params(cfg, stream, dtype=dtype, source=str(model_dir))
     except CheckpointError as e:

@@ -111,7 +111,7 @@ def parser() -> argparse.ArgumentParser:
 # methods
 
 
-def build_methods(run, args, sets, pos: int, layer: int, dim: np.ndarray) -> tuple[list[Method], dict]:
+def build_methods(run, args, sets, pos: int, layer: int, dim_direction: np.ndarray) -> tuple[list[Method], dict]:
     """The methods to compare, and the subspace facts (explained variance, stability of the DIM direction)."""
     from refusal_jax.method import edits, subspace
     from refusal_jax.model.transformer import Intervention
@@ -119,8 +119,8 @@ def build_methods(run, args, sets, pos: int, layer: int, dim: np.ndarray) -> tup
 
     cfg = run.cfg
     methods = [Method("baseline", "no intervention"),
-               Method("dim", f"difference in means, pos {pos} layer {layer}", Intervention.ablation(cfg, dim),
-                      Intervention.addition(cfg, dim, layer, 1.0), direction=dim)]
+               Method("dim", f"difference in means, pos {pos} layer {layer}", Intervention.ablation(cfg, dim_direction),
+                      Intervention.addition(cfg, dim_direction, layer, 1.0), direction=dim_direction)]
     if args.optimized:
         rdo = load_direction(args.optimized, cfg.d_model)
         if rdo.ndim != 1:
@@ -143,10 +143,10 @@ def build_methods(run, args, sets, pos: int, layer: int, dim: np.ndarray) -> tup
         k_max = min(args.k_max, len(harmful))
         basis, explained = subspace.pca_basis(harmful, harmless, k_max, return_variance=True)
         facts["subspace"] = {"explained_second_moment": explained.tolist(),
-                             "cos_first_component_dim": float(basis[0] @ dim / np.linalg.norm(dim))}
+                             "cos_first_component_dim": float(basis[0] @ dim_direction / np.linalg.norm(dim_direction))}
         for k in range(1, k_max + 1):
             b = basis[:k]
-            added = b.T @ (b @ dim)  # the DIM direction's component in the subspace
+            added = b.T @ (b @ dim_direction)  # the DIM direction's component in the subspace
             methods.append(Method(f"subspace-{k}", f"top-{k} PCA subspace of per-prompt differences",
                                   Intervention.ablation(cfg, b), Intervention.addition(cfg, added, layer, 1.0),
                                   direction=b))
@@ -159,8 +159,8 @@ def build_methods(run, args, sets, pos: int, layer: int, dim: np.ndarray) -> tup
             runs.read_npy(run.out / edits.HARMLESS_MEAN_FILE, "harmless mean"), cfg, pos)
         for m in chosen:
             methods.append(Method(f"edit-{m}", f"weight edit: {m}",
-                                  edit=lambda m=m: edits.edit(run.params, cfg, dim, m, mean),
-                                  direction=dim if m == "plain" else None))  # the others remove variants of r
+                                  edit=lambda m=m: edits.edit(run.params, cfg, dim_direction, m, mean),
+                                  direction=dim_direction if m == "plain" else None))  # the others remove variants of r
     return methods, facts
 
 
@@ -246,7 +246,7 @@ def humaneval_passed(run, args, method: Method, stem: str) -> list[bool]:
     return [r["passed"] for r in res]
 
 
-def summarise(res: dict, baseline: dict, dim: np.ndarray, direction, n_boot: int) -> dict:
+def summarise(res: dict, baseline: dict, dim_direction: np.ndarray, direction, n_boot: int) -> dict:
     """Rates, means and bootstrap intervals of one method's per-prompt results."""
     out: dict[str, Any] = {"method": res["method"], "description": res["description"]}
     out["harmful_refusal"] = stats.refusal_rate_ci(res["harmful_refused"], n_boot=n_boot)
@@ -261,7 +261,7 @@ def summarise(res: dict, baseline: dict, dim: np.ndarray, direction, n_boot: int
     out["ce_loss"] = stats.ratio_ci(res["ce_nll"], res["ce_tokens"], n_boot=n_boot)
     if direction is not None:
         d = np.atleast_2d(np.asarray(direction, np.float64))
-        r = dim / np.linalg.norm(dim)
+        r = dim_direction / np.linalg.norm(dim_direction)
         # |cos| of r with its projection onto the span of the rows (1 = the DIM direction lies in the span)
         q, _ = np.linalg.qr(d.T)
         out["cos_with_dim"] = float(np.linalg.norm(q.T @ r)) if len(d) > 1 else float(d[0] @ r / np.linalg.norm(d[0]))
@@ -359,7 +359,7 @@ def main(argv=None):
     # the extraction's own settings: compare shares (and resumes) an extract run; its test prompts are its own
     run = stages.setup(args, test_sets=False)
     t0 = time.perf_counter()
-    pos, layer, dim = stages.run_extract(run)
+    pos, layer, dim_direction = stages.run_extract(run)
     sets = stages.stage_filter(run)
     root = run.out / "compare"
     optimized_hash = None
@@ -372,7 +372,7 @@ def main(argv=None):
         "max_new_tokens": args.max_new_tokens, "reference_judge": args.reference_judge, "n_test": args.n_test,
         "test_hashes": {k: runs.texts_hash([str(v) for v in run.data[k]]) for k in ("harmful_test", "harmless_test")},
     }, args.overwrite)
-    methods, facts = build_methods(run, args, sets, pos, layer, dim)
+    methods, facts = build_methods(run, args, sets, pos, layer, dim_direction)
     n_eval = args.n_eval or len(run.data["harmful_test"])
     records = {"harmful": run.data["harmful_test"][:n_eval], "harmless": run.data["harmless_test"][:n_eval]}
     results, harmless_baseline, base_logits = {}, None, None
@@ -386,13 +386,13 @@ def main(argv=None):
             harmless_baseline = [r["response"] for r in runs.read_json(root / "completions" / "baseline_harmless.json")]
             base_logits = runs.read_artifact_npy(root / "baseline_harmless_logits.npy")
     base = results["baseline"]
-    rows = [summarise(results[m.name], base, dim, m.direction, args.n_boot) for m in methods]
+    rows = [summarise(results[m.name], base, dim_direction, m.direction, args.n_boot) for m in methods]
     agreement = stats.judge_agreement(
         base["harmful_refusal_score"] + base["harmless_refusal_score"],
         [r["response"] for name in ("baseline_harmful", "baseline_harmless")
          for r in runs.read_json(root / "completions" / f"{name}.json")], curly_apostrophes=not args.reference_judge)
     table = markdown_table(rows)
-    header = (f"{run.args.model}: direction at pos {pos}, layer {layer}; {len(records['harmful'])} harmful / "
+    header = (f"{run.config['model']}: direction at pos {pos}, layer {layer}; {len(records['harmful'])} harmful / "
               f"{len(records['harmless'])} harmless held-out prompts, {args.max_new_tokens} greedy tokens; "
               "95% bootstrap intervals")
     runs.write_json(root / "comparison.json", {"pos": pos, "layer": layer, "rows": rows, "judge_agreement": agreement,

@@ -80,7 +80,7 @@ def _score(params, cfg, tokens, mask, targets, score_mask, intervention, *, n_sc
 
 
 def score_tokens(params, cfg, pad: int, pairs, intervention=None, *, batch_size: int = 8,
-                 max_length: int = 2048, progress=None) -> list[tuple[float, bool]]:
+                 max_length: int = 2048, on_step=None) -> list[tuple[float, bool]]:
     """(sum log p(continuation | context), continuation is greedy) for each (context ids, continuation ids) pair,
     in input order. Context + continuation is cut to its last max_length + 1 tokens, as lm-eval's HF model does."""
     from refusal_jax.model.batching import bucketed
@@ -110,8 +110,8 @@ def score_tokens(params, cfg, pad: int, pairs, intervention=None, *, batch_size:
         for r, i in enumerate(batch.index):
             if i >= 0:
                 out[int(i)] = (float(logp[r]), bool(greedy[r]))
-        if progress is not None:
-            progress(len(rows))
+        if on_step is not None:
+            on_step(len(rows))
     return out
 
 
@@ -198,7 +198,7 @@ class RefusalJaxLM(_Base):
         bar = self._bar(len(requests), "refusal_jax loglikelihood", disable_tqdm)
         out = score_tokens(self.params, self.cfg, self._pad(), [(ctx, cont) for _, ctx, cont in requests],
                            self.intervention, batch_size=self.batch_size, max_length=self.max_length,
-                           progress=bar.update)
+                           on_step=bar.update)
         bar.close()
         for (key, _, _), res in zip(requests, out):
             if key is not None and key[0] is not None:
@@ -217,7 +217,7 @@ class RefusalJaxLM(_Base):
                 owner.append(i)
         bar = self._bar(len(windows), "refusal_jax loglikelihood_rolling", disable_tqdm)
         scores = score_tokens(self.params, self.cfg, self._pad(), windows, self.intervention,
-                              batch_size=self.batch_size, max_length=self.max_length, progress=bar.update)
+                              batch_size=self.batch_size, max_length=self.max_length, on_step=bar.update)
         bar.close()
         totals = [0.0] * len(requests)
         for i, (logp, _) in zip(owner, scores):

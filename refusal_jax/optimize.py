@@ -76,7 +76,7 @@ def _layer_from_metadata(direction_path: str) -> int | None:
     return None
 
 
-def _targets(run, args, sets, dim, layer) -> dict:
+def _targets(run, args, sets, dim_direction, layer) -> dict:
     """{"ablation": {"instructions", "prompt_ids", "target_ids", "texts"}, "addition": {...}}: cached in OUT."""
     from refusal_jax.model.batching import encode
 
@@ -102,8 +102,8 @@ def _targets(run, args, sets, dim, layer) -> dict:
                          "texts": texts, "source": str(args.targets)}
     else:
         for kind, instr, iv in (
-                ("ablation", sets["harmful_train"], Intervention.ablation(run.cfg, dim)),
-                ("addition", sets["harmless_train"], Intervention.addition(run.cfg, dim, layer, 1.0))):
+                ("ablation", sets["harmful_train"], Intervention.ablation(run.cfg, dim_direction)),
+                ("addition", sets["harmless_train"], Intervention.addition(run.cfg, dim_direction, layer, 1.0))):
             ids = generate_targets(run.params, run.cfg, run.tokenizer, run.prompts(instr), iv,
                                    max_new_tokens=args.target_tokens, batch_size=args.gen_batch_size,
                                    progress=run.progress, desc=f"{kind} targets")
@@ -147,13 +147,13 @@ def main(argv=None):
     # --steps is left out of the settings: rerun with more steps to continue
     run = stages.setup(args, extra_config=extra, test_sets=False)
     t0 = time.perf_counter()
-    dim = load_direction(args.direction, run.cfg.d_model)
-    if dim.ndim != 1:
+    dim_direction = load_direction(args.direction, run.cfg.d_model)
+    if dim_direction.ndim != 1:
         raise DataError("--direction must be one direction [d_model], not a basis")
     if not 0 <= layer < run.cfg.n_layers:
         raise RunError(f"--layer {layer} out of range 0..{run.cfg.n_layers - 1}")
     sets = stages.stage_filter(run)
-    tg = _targets(run, args, sets, dim, layer)
+    tg = _targets(run, args, sets, dim_direction, layer)
     pad = pad_id(run.tokenizer)
     data = RDOData(
         ablation=make_examples(tg["ablation"]["prompt_ids"], tg["ablation"]["target_ids"], pad),
@@ -165,11 +165,11 @@ def main(argv=None):
         fixed = np.atleast_2d(fixed).astype(np.float32)
         if fixed.shape[-1] != run.cfg.d_model:
             raise DataError(f"--independent-of has shape {fixed.shape}; needs [m, {run.cfg.d_model}]")
-    result = train(run.params, run.cfg, data, dim, layer=layer, steps=args.steps, lr=args.lr,
+    result = train(run.params, run.cfg, data, dim_direction, layer=layer, steps=args.steps, lr=args.lr,
                    batch_size=args.batch_size, weights=weights, add_scale=args.add_scale, fixed_directions=fixed,
                    seed=args.train_seed, checkpoint_dir=run.out / "checkpoints",
                    checkpoint_every=args.checkpoint_every, progress=run.progress)
-    scale = float(np.linalg.norm(dim)) if args.add_scale is None else float(args.add_scale)
+    scale = float(np.linalg.norm(dim_direction)) if args.add_scale is None else float(args.add_scale)
     r_hat = result.direction
     runs.write_npy(run.out / "direction.npy", (r_hat * scale).astype(np.float32))
     if result.history["step"]:
@@ -179,7 +179,7 @@ def main(argv=None):
     # actadd at `layer`), KL (harmless val, ablation).
     harmful_val, harmless_val = run.batches(sets["harmful_val"]), run.batches(sets["harmless_val"])
     scores = {}
-    for name, vec in (("dim", dim), ("optimized", r_hat * scale)):
+    for name, vec in (("dim", dim_direction), ("optimized", r_hat * scale)):
         abl = [Intervention.ablation(run.cfg, vec)]
         bypass = directions.evaluate_interventions(run.params, run.cfg, harmful_val, abl, run.refusal_ids)
         harm = directions.evaluate_interventions(run.params, run.cfg, harmless_val, abl, run.refusal_ids)
@@ -194,7 +194,7 @@ def main(argv=None):
         "model": str(args.model), "source_direction": str(dim_path), "layer": layer, "steps": result.steps,
         "lr": args.lr, "batch_size": args.batch_size, "weights": weights, "add_scale": scale,
         "saved_norm": scale, "train_seed": args.train_seed, "resumed_from": result.resumed_from,
-        "cosine_with_source": float(r_hat @ dim / np.linalg.norm(dim)),
+        "cosine_with_source": float(r_hat @ dim_direction / np.linalg.norm(dim_direction)),
         "n_examples": {k: len(getattr(data, k)) for k in ("ablation", "addition", "retain")},
         "targets": {k: tg[k]["source"] for k in ("ablation", "addition")},
         "first_loss": {k: h[k][0] for k in ["total", *LOSS_TERMS]} if h["step"] else None,

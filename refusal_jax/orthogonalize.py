@@ -112,7 +112,7 @@ def main(argv=None):
         path = export_hf.save_hf(out, ocfg, params, tokenizer, dtype=args.dtype,
                                  shard_size=int(args.shard_size * 2**30), overwrite=args.overwrite, sources=sources,
                                  extra_config=_source_hf_config(args.model), edit=edit_and_measure,
-                                 progress=lambda _: bar.update())
+                                 on_tensor=lambda _: bar.update())
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     weights = sorted(f.name for f in path.glob("model*.safetensors*"))
     print(f"wrote {path} ({size / 2**20:.1f} MiB, {args.dtype}) in {time.perf_counter() - t0:.1f} s")

@@ -79,7 +79,7 @@ def test_sweep_scores_match_single_runs_and_compile_once(model, monkeypatch):
     diffs[1, 0] = 0.0  # a zero candidate: scored as the baseline, without running the model
     steps = []
     evals, _ = directions.score_candidates(params, cfg, diffs, harmful, harmless, ids, grid, chunk=4,
-                                           progress=steps.append)
+                                           on_step=steps.append)
     assert len(evals) == 9  # 9 candidates x 3 scores in chunks of 4: one trace of each scoring program
     # the progress total the pipeline announces is the number of steps made
     assert sum(steps) == len(directions.live_candidates(diffs, grid)) * (len(harmful) + 2 * len(harmless)) == 8 * 6

@@ -41,24 +41,24 @@ def _resid_sums(params, cfg, tokens, mask, weight, *, n_pos):
 
 
 def mean_activations(params: Params, cfg: ModelConfig, batches: Sequence[Batch], n_pos: int,
-                     progress=None) -> np.ndarray:
+                     on_step=None) -> np.ndarray:
     """Mean resid_pre over all real prompts: float64 [n_pos, L, D]."""
     total = np.zeros((n_pos, cfg.n_layers, cfg.d_model), np.float64)
     n = 0.0
     for batch in batches:
         total += to_host(_resid_sums(params, cfg, batch.tokens, batch.mask, batch.weight, n_pos=n_pos)).astype(np.float64)
         n += float(batch.weight.sum())
-        if progress:
-            progress(1)
+        if on_step:
+            on_step(1)
     if n == 0:
         raise RunError("no prompts to average")
     return total / n
 
 
-def mean_diffs(params, cfg, harmful: Sequence[Batch], harmless: Sequence[Batch], n_pos: int, progress=None):
+def mean_diffs(params, cfg, harmful: Sequence[Batch], harmless: Sequence[Batch], n_pos: int, on_step=None):
     """Difference-in-means candidates `[n_pos, L, D]` float64 (harmful minus harmless)."""
-    diff = (mean_activations(params, cfg, harmful, n_pos, progress)
-            - mean_activations(params, cfg, harmless, n_pos, progress))
+    diff = (mean_activations(params, cfg, harmful, n_pos, on_step)
+            - mean_activations(params, cfg, harmless, n_pos, on_step))
     if not np.isfinite(diff).all():
         raise RunError("mean activations contain NaN or infinite values (check the model dtype / weights)")
     return diff
@@ -91,10 +91,10 @@ def _resid_and_logits(params, cfg, tokens, mask):
     return out.resid_pre, out.logits
 
 
-def evaluate_additions(params, cfg, batches: Sequence[Batch], vectors: np.ndarray, layers: Sequence[int],
-                       refusal_ids, *, coeff: float = 1.0, chunk: int = 8, progress=None,
+def evaluate_additions(params, cfg, batches: Sequence[Batch], candidates: np.ndarray, layers: Sequence[int],
+                       refusal_ids, *, coeff: float = 1.0, chunk: int = 8, on_step=None,
                        base_logits_out: list | None = None) -> np.ndarray:
-    """Mean refusal score of activation addition of `vectors[i]` at `layers[i]` (coefficient `coeff`).
+    """Mean refusal score of activation addition of `candidates[i]` at `layers[i]` (coefficient `coeff`).
 
     Equals `evaluate_interventions` over `Intervention.addition(...)`, but each batch's unmodified residual
     stream is computed once and every candidate starts at its own layer, so an addition at layer l costs
@@ -119,13 +119,13 @@ def evaluate_additions(params, cfg, batches: Sequence[Batch], vectors: np.ndarra
         for layer, members in sorted(by_layer.items()):
             for start in range(0, len(members), chunk):
                 idx = members[start:start + chunk]
-                group = [Intervention.addition(cfg, vectors[i], layer, coeff) for i in idx]
+                group = [Intervention.addition(cfg, candidates[i], layer, coeff) for i in idx]
                 group += [noop] * (chunk - len(idx))
                 score, _ = _scores(params, cfg, batch.tokens, batch.mask, _stack(group), base, refusal_ids,
                                    resume=(resid[layer], jnp.asarray(layer, jnp.int32)))
                 totals[idx] += (to_host(score).astype(np.float64)[: len(idx)] * batch.weight).sum(1)
-                if progress:
-                    progress(len(idx))
+                if on_step:
+                    on_step(len(idx))
     return totals / n_prompts
 
 
@@ -149,7 +149,7 @@ def balanced_chunk(n: int, chunk: int) -> int:
 
 
 def evaluate_interventions(params, cfg, batches: Sequence[Batch], interventions: Sequence[Intervention],
-                           refusal_ids, *, chunk: int = 8, progress=None,
+                           refusal_ids, *, chunk: int = 8, on_step=None,
                            base_logits: Sequence[jax.Array] | None = None) -> dict[str, np.ndarray]:
     """Mean refusal score and mean KL (vs no intervention) of each intervention over all prompts of `batches`.
 
@@ -179,8 +179,8 @@ def evaluate_interventions(params, cfg, batches: Sequence[Batch], interventions:
             score, kl = to_host(score).astype(np.float64)[:n], to_host(kl).astype(np.float64)[:n]
             per_prompt[start:start + n][:, batch.index[real]] = score[:, real]
             kl_sum[start:start + n] += (kl * batch.weight).sum(1)
-            if progress:
-                progress(n)
+            if on_step:
+                on_step(n)
     return {"refusal_score": per_prompt.mean(1), "kl": kl_sum / n_prompts, "per_prompt_refusal": per_prompt,
             "baseline_refusal": baseline}
 
@@ -211,13 +211,13 @@ def candidate_grid(cfg: ModelConfig, n_pos: int, positions: Sequence[int] | None
 def live_candidates(diffs: np.ndarray, grid: Sequence[tuple[int, int]]) -> list[int]:
     """Indices of the grid's non-zero candidates. Zero candidates (layer 0 at true template positions: the
     embeddings of identical tokens) are exact no-ops under both interventions, so they get the baseline scores
-    without running the model. The sweep makes len(live) x (harmful + 2 x harmless batches) progress steps."""
+    without running the model. The sweep makes len(live) x (harmful + 2 x harmless batches) on_step steps."""
     return [i for i, (p, layer) in enumerate(grid) if np.any(diffs[p, layer])]
 
 
 def score_candidates(params, cfg, diffs: np.ndarray, harmful_val: Sequence[Batch], harmless_val: Sequence[Batch],
                      refusal_ids, grid: Sequence[tuple[int, int]], *, chunk: int = 8,
-                     progress=None) -> tuple[list[dict], dict]:
+                     on_step=None) -> tuple[list[dict], dict]:
     """The reference's three scores for every (pos, layer) candidate, in grid order, and the baseline scores.
 
     Returns:
@@ -226,26 +226,26 @@ def score_candidates(params, cfg, diffs: np.ndarray, harmful_val: Sequence[Batch
     """
     live = live_candidates(diffs, grid)
     ablations = [Intervention.ablation(cfg, diffs[grid[i]]) for i in live]
-    harmful = evaluate_interventions(params, cfg, harmful_val, ablations, refusal_ids, chunk=chunk, progress=progress)
+    harmful = evaluate_interventions(params, cfg, harmful_val, ablations, refusal_ids, chunk=chunk, on_step=on_step)
     added, harmless_base = np.zeros(0), None
     if live:  # the additions' unmodified pass also gives the harmless baseline logits the KL needs
         harmless_base = []
         added = evaluate_additions(params, cfg, harmless_val, np.asarray([diffs[grid[i]] for i in live]),
-                                   [grid[i][1] for i in live], refusal_ids, chunk=chunk, progress=progress,
+                                   [grid[i][1] for i in live], refusal_ids, chunk=chunk, on_step=on_step,
                                    base_logits_out=harmless_base)
     harmless_abl = evaluate_interventions(params, cfg, harmless_val, ablations, refusal_ids, chunk=chunk,
-                                          progress=progress, base_logits=harmless_base)
+                                          on_step=on_step, base_logits=harmless_base)
     base_harmful = float(harmful["baseline_refusal"].mean())
     base_harmless = float(harmless_abl["baseline_refusal"].mean())
     # row 0 of every column is the baseline (what a zero candidate gets); live candidate k is at row k + 1
     refusal = np.concatenate([[base_harmful], harmful["refusal_score"]])
-    steering = np.concatenate([[base_harmless], added])
+    induce = np.concatenate([[base_harmless], added])
     kl = np.concatenate([[0.0], harmless_abl["kl"]])
     row = np.zeros(len(grid), int)
     row[live] = np.arange(1, len(live) + 1)
     evaluations = [
         {"position": p, "layer": layer, "refusal_score": float(refusal[row[i]]),
-         "steering_score": float(steering[row[i]]), "kl_div_score": float(kl[row[i]]),
+         "steering_score": float(induce[row[i]]), "kl_div_score": float(kl[row[i]]),
          "direction_norm": float(np.linalg.norm(diffs[p, layer]))}
         for i, (p, layer) in enumerate(grid)
     ]

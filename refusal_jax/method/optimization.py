@@ -187,7 +187,7 @@ def rdo_loss(v: jax.Array, params, cfg, data: RDOData, hp: RDOHyper) -> tuple[ja
     L = cfg.n_layers
     zero = jnp.zeros((), dtype)
     ablate = Intervention(ablate_basis=r[None], ablate_layers=jnp.ones((L,), dtype),
-                          add_vector=jnp.zeros_like(r), add_coeffs=jnp.zeros((L,), dtype))
+                          add_direction=jnp.zeros_like(r), add_coeffs=jnp.zeros((L,), dtype))
     terms = {name: zero for name in LOSS_TERMS}
     if data.ablation is not None:
         ex = data.ablation
@@ -195,7 +195,7 @@ def rdo_loss(v: jax.Array, params, cfg, data: RDOData, hp: RDOHyper) -> tuple[ja
     if data.addition is not None:
         ex = data.addition
         add = Intervention(ablate_basis=jnp.zeros_like(r)[None], ablate_layers=jnp.zeros((L,), dtype),
-                           add_vector=hp.add_scale.astype(dtype) * r,
+                           add_direction=hp.add_scale.astype(dtype) * r,
                            add_coeffs=(jnp.arange(L) == hp.layer).astype(dtype))
         terms["addition"] = _mean_ce(forward_unjitted(params, cfg, ex.tokens, ex.mask, add).logits, ex)
     if data.retain is not None:

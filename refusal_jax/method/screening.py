@@ -65,19 +65,19 @@ class FirstOrder:
         kinds = (0, 2, 3) if sites == "writes" else (0, 1, 2, 3)
         return self.ablation_moments[list(kinds)].sum(0)
 
-    def ablation_scores(self, vectors: np.ndarray, sites: str = "writes") -> np.ndarray:
-        """[C] first-order refusal score on the harmful set under ablation of each vectors[c] ([C, D], raw:
+    def ablation_scores(self, candidates: np.ndarray, sites: str = "writes") -> np.ndarray:
+        """[C] first-order refusal score on the harmful set under ablation of each candidates[c] ([C, D], raw:
         normalised as `Intervention.ablation` does)."""
-        vectors = np.asarray(vectors, np.float64)
-        unit = vectors / (np.linalg.norm(vectors, axis=-1, keepdims=True) + 1e-8)
+        candidates = np.asarray(candidates, np.float64)
+        unit = candidates / (np.linalg.norm(candidates, axis=-1, keepdims=True) + 1e-8)
         M = self.ablation_matrix(sites)
         return self.base_harmful + np.einsum("cd,de,ce->c", unit, M, unit)
 
-    def addition_scores(self, vectors: np.ndarray, layers: Sequence[int], coeff: float = 1.0) -> np.ndarray:
-        """[C] first-order refusal score on the harmless set under addition of coeff * vectors[c] at layers[c]."""
-        vectors = np.asarray(vectors, np.float64)
+    def addition_scores(self, candidates: np.ndarray, layers: Sequence[int], coeff: float = 1.0) -> np.ndarray:
+        """[C] first-order refusal score on the harmless set under addition of coeff * candidates[c] at layers[c]."""
+        candidates = np.asarray(candidates, np.float64)
         grads = self.addition_grads[np.asarray(layers, int)]
-        return self.base_harmless + coeff * np.einsum("cd,cd->c", grads, vectors)
+        return self.base_harmless + coeff * np.einsum("cd,cd->c", grads, candidates)
 
 
 def _site_moments_impl(params, cfg: ModelConfig, tokens, mask, weight, refusal_ids, micro: int):
@@ -128,7 +128,7 @@ def _padded(batch: Batch, micro: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def site_moments(params, cfg: ModelConfig, batches: Sequence[Batch], refusal_ids, *, micro: int = 8,
-                 progress=None) -> tuple[float, np.ndarray, np.ndarray]:
+                 on_step=None) -> tuple[float, np.ndarray, np.ndarray]:
     """Mean refusal score, [4, D, D] −Σ g hᵀ / n per site kind and [L, D] Σ_t g(resid_pre) / n over `batches`."""
     refusal_ids = tuple(int(i) for i in refusal_ids)
     n = float(sum(float(b.weight.sum()) for b in batches))
@@ -143,16 +143,16 @@ def site_moments(params, cfg: ModelConfig, batches: Sequence[Batch], refusal_ids
         total += float(t)
         moments += np.asarray(mom, np.float64)
         adds += np.asarray(add, np.float64)
-        if progress:
-            progress(1)
+        if on_step:
+            on_step(1)
     return total / n, -moments / n, adds / n
 
 
 def first_order(params, cfg: ModelConfig, harmful_val: Sequence[Batch], harmless_val: Sequence[Batch], refusal_ids,
-                *, micro: int = 8, progress=None) -> FirstOrder:
+                *, micro: int = 8, on_step=None) -> FirstOrder:
     """The two backward passes (harmful set: ablation moments; harmless set: addition gradients)."""
-    base_harmful, moments, _ = site_moments(params, cfg, harmful_val, refusal_ids, micro=micro, progress=progress)
-    base_harmless, _, adds = site_moments(params, cfg, harmless_val, refusal_ids, micro=micro, progress=progress)
+    base_harmful, moments, _ = site_moments(params, cfg, harmful_val, refusal_ids, micro=micro, on_step=on_step)
+    base_harmless, _, adds = site_moments(params, cfg, harmless_val, refusal_ids, micro=micro, on_step=on_step)
     return FirstOrder(base_harmful, base_harmless, moments, adds)
 
 
@@ -160,11 +160,11 @@ def first_order_evaluations(fo: FirstOrder, diffs: np.ndarray, grid: Sequence[tu
                             sites: str = "writes") -> list[dict]:
     """Per grid candidate: first_order_refusal_score (ablation, harmful) and first_order_steering_score (actadd
     coefficient 1 at the candidate's layer, harmless)."""
-    vectors = np.asarray([diffs[p, layer] for p, layer in grid], np.float64).reshape(len(grid), -1)
-    refusal = fo.ablation_scores(vectors, sites) if len(grid) else np.zeros(0)
-    steering = fo.addition_scores(vectors, [layer for _, layer in grid]) if len(grid) else np.zeros(0)
+    candidates = np.asarray([diffs[p, layer] for p, layer in grid], np.float64).reshape(len(grid), -1)
+    refusal = fo.ablation_scores(candidates, sites) if len(grid) else np.zeros(0)
+    induce = fo.addition_scores(candidates, [layer for _, layer in grid]) if len(grid) else np.zeros(0)
     return [{"position": p, "layer": layer, "first_order_refusal_score": float(r),
-             "first_order_steering_score": float(s)} for (p, layer), r, s in zip(grid, refusal, steering)]
+             "first_order_steering_score": float(s)} for (p, layer), r, s in zip(grid, refusal, induce)]
 
 
 def screen_order(first: Sequence[dict], diffs: np.ndarray, n_layers: int, *, induce_threshold: float = 0.0,
@@ -190,7 +190,7 @@ def score_candidates_screened(params, cfg: ModelConfig, diffs: np.ndarray, harmf
                               screen: int, chunk: int = 8, sites: str = "writes", micro: int = 8,
                               kl_threshold: float = 0.1, induce_threshold: float = 0.0,
                               prune_layer_fraction: float = 0.2, filters=None,
-                              progress=None) -> tuple[list[dict], dict]:
+                              on_step=None) -> tuple[list[dict], dict]:
     """Like `directions.score_candidates`, with each entry's first-order scores added, but with `screen` > 0 only
     the `screen` best candidates of `screen_order` are evaluated exactly; if none of them survives the
     reference's filter, the next `screen` are evaluated, and so on. `screen` = 0 evaluates every candidate.
@@ -220,7 +220,7 @@ def score_candidates_screened(params, cfg: ModelConfig, diffs: np.ndarray, harmf
     baselines = {"harmful_refusal_score": fo.base_harmful, "harmless_refusal_score": fo.base_harmless}
     for n_round, members in enumerate(rounds):
         evs, base = directions.score_candidates(params, cfg, diffs, harmful_val, harmless_val, refusal_ids,
-                                                [grid[i] for i in members], chunk=chunk, progress=progress)
+                                                [grid[i] for i in members], chunk=chunk, on_step=on_step)
         if n_round == 0:
             baselines = base
         exact.update(zip(members, evs))

@@ -95,7 +95,7 @@ class SelectionSettings:
 
 
 def filter_by_refusal(params, cfg, sets: Mapping[str, Sequence[str]], batches: Callable, refusal_ids,
-                      progress: Callable[[int], Any] | None = None) -> tuple[dict[str, list[str]], dict]:
+                      on_step: Callable[[int], Any] | None = None) -> tuple[dict[str, list[str]], dict]:
     """Keep harmful prompts the model refuses (score > 0) and harmless ones it does not (score < 0).
 
     `batches(instructions)` templates and batches a list of instructions. Returns (kept sets, baseline scores per
@@ -107,8 +107,8 @@ def filter_by_refusal(params, cfg, sets: Mapping[str, Sequence[str]], batches: C
         scores[key] = s.tolist()
         keep = s > 0 if key.startswith("harmful") else s < 0
         kept[key] = [x for x, k in zip(instructions, keep) if k]
-        if progress:
-            progress(len(instructions))
+        if on_step:
+            on_step(len(instructions))
     empty = [k for k, v in kept.items() if not v]
     if empty:
         raise RunError(f"after filtering by the baseline refusal score, {', '.join(empty)} is empty: the model "
@@ -118,23 +118,23 @@ def filter_by_refusal(params, cfg, sets: Mapping[str, Sequence[str]], batches: C
 
 
 def candidate_directions(params, cfg, harmful, harmless, n_pos: int,
-                         progress: Callable[[int], Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                         on_step: Callable[[int], Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Difference-in-means candidates [n_pos, L, D] (float64) and the harmless mean they subtract, from batches."""
-    mean_harmless = directions.mean_activations(params, cfg, harmless, n_pos, progress)
-    diffs = directions.mean_activations(params, cfg, harmful, n_pos, progress) - mean_harmless
+    mean_harmless = directions.mean_activations(params, cfg, harmless, n_pos, on_step)
+    diffs = directions.mean_activations(params, cfg, harmful, n_pos, on_step) - mean_harmless
     if not np.isfinite(diffs).all():
         raise RunError("mean activations contain NaN or infinite values (check the model dtype / weights)")
     return diffs, mean_harmless
 
 
 def score_grid(params, cfg, diffs: np.ndarray, harmful_val, harmless_val, refusal_ids, settings: SelectionSettings,
-               progress: Callable[[int], Any] | None = None) -> tuple[list[dict], dict]:
+               on_step: Callable[[int], Any] | None = None) -> tuple[list[dict], dict]:
     """Score every (pos, layer) candidate on val batches: (evaluations, baselines incl. sweep seconds and count)."""
     grid = directions.candidate_grid(cfg, diffs.shape[0], settings.positions, settings.layer_list(cfg.n_layers))
     t0 = time.perf_counter()
     evaluations, baselines = screening.score_candidates_screened(
         params, cfg, diffs, harmful_val, harmless_val, refusal_ids, grid, screen=settings.screen, chunk=settings.chunk,
-        progress=progress, filters=settings.filters)
+        on_step=on_step, filters=settings.filters)
     return evaluations, {"harmful_val_refusal_score": float(baselines["harmful_refusal_score"]),
                          "harmless_val_refusal_score": float(baselines["harmless_refusal_score"]),
                          "sweep_seconds": time.perf_counter() - t0, "n_candidates": len(grid),

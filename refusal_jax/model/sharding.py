@@ -112,7 +112,7 @@ CACHE_AXES = {
 INTERVENTION_AXES = {
     "ablate_basis": ("candidates", None, "embed"),  # [C, R, D]
     "ablate_layers": ("candidates", "layers"),  # [C, L]
-    "add_vector": ("candidates", "embed"),  # [C, D]
+    "add_direction": ("candidates", "embed"),  # [C, D]
     "add_coeffs": ("candidates", "layers"),  # [C, L]
 }
 

@@ -39,13 +39,13 @@ class Intervention:
                    ablate_layers[l] != 0, resid_pre, attn_out and mlp_out lose their component in the span:
                    x <- x - (x Bᵀ) B. Zero rows are no-ops.
     ablate_layers: [L] 0/1 mask of layers where ablation applies (all ones = the paper's ablation).
-    add_vector:    [D] the raw (unnormalised) direction r for activation addition.
+    add_direction: [D] the raw (unnormalised) direction r for activation addition.
     add_coeffs:    [L] coefficient per layer; resid_pre[l] <- resid_pre[l] + add_coeffs[l] * r.
     """
 
     ablate_basis: jax.Array
     ablate_layers: jax.Array
-    add_vector: jax.Array
+    add_direction: jax.Array
     add_coeffs: jax.Array
 
     @classmethod
@@ -53,7 +53,7 @@ class Intervention:
         return cls(
             ablate_basis=jnp.zeros((rank, cfg.d_model), dtype),
             ablate_layers=jnp.zeros((cfg.n_layers,), dtype),
-            add_vector=jnp.zeros((cfg.d_model,), dtype),
+            add_direction=jnp.zeros((cfg.d_model,), dtype),
             add_coeffs=jnp.zeros((cfg.n_layers,), dtype),
         )
 
@@ -71,11 +71,11 @@ class Intervention:
         return none.replace(ablate_basis=basis, ablate_layers=jnp.ones((cfg.n_layers,), jnp.float32))
 
     @classmethod
-    def addition(cls, cfg: ModelConfig, vector, layer, coeff=1.0) -> "Intervention":
-        """Activation addition of coeff * vector at resid_pre of `layer` (may be traced)."""
-        vector = jnp.asarray(vector, jnp.float32)
+    def addition(cls, cfg: ModelConfig, direction, layer, coeff=1.0) -> "Intervention":
+        """Activation addition of coeff * direction (raw, not normalised) at resid_pre of `layer` (may be traced)."""
+        direction = jnp.asarray(direction, jnp.float32)
         coeffs = jnp.where(jnp.arange(cfg.n_layers) == layer, jnp.asarray(coeff, jnp.float32), 0.0)
-        return cls.none(cfg).replace(add_vector=vector, add_coeffs=coeffs)
+        return cls.none(cfg).replace(add_direction=direction, add_coeffs=coeffs)
 
 
 @struct.dataclass
@@ -292,7 +292,7 @@ def forward_unjitted(
         intervention = Intervention.none(cfg)
     chex.assert_shape(intervention.ablate_layers, (cfg.n_layers,))
     chex.assert_shape(intervention.add_coeffs, (cfg.n_layers,))
-    chex.assert_shape(intervention.add_vector, (cfg.d_model,))
+    chex.assert_shape(intervention.add_direction, (cfg.d_model,))
     chex.assert_shape(intervention.ablate_basis, (None, cfg.d_model))
     mask = attention_mask.astype(bool)
 
@@ -345,7 +345,7 @@ def forward_unjitted(
         return jax.lax.cond(idx >= start_layer, run, skip, x)
 
     def layer_fn(x, lp, sliding, ablate_on, add_coeff, k_cache, v_cache, offsets):
-        x = x + (add_coeff * intervention.add_vector).astype(dtype)
+        x = x + (add_coeff * intervention.add_direction).astype(dtype)
         x = _ablate(x, basis, ablate_on)
         if offsets is not None:  # [3, B, T, D] probe offsets: the gradient w.r.t. them is the gradient at the sites
             x = x + offsets[0]

@@ -189,7 +189,7 @@ def stage_filter(run: Run) -> dict[str, list[str]]:
                 sets[key] = keep(key, instructions)
             pool = list(run.data.get("harmful_val_pool", []))
             while len(sets["harmful_val"]) < run.selection.min_val_refused and pool:
-                more, pool = pool[: run.args.n_val], pool[run.args.n_val:]
+                more, pool = pool[: run.config["n_val"]], pool[run.config["n_val"]:]
                 bar.total += len(more)
                 drawn += more
                 sets["harmful_val"] += keep("harmful_val", more)
@@ -416,10 +416,10 @@ def print_extract_summary(run: Run, seconds: float) -> None:
     scored = {k: len(run.data[k]) for k in sizes}
     scored["harmful_val"] = filtered.get("harmful_val_scored", scored["harmful_val"])
     kept = ", ".join(f"{k.replace('_', ' ')} {sizes[k]} of {scored[k]}" for k in sizes)
-    line = (f"  prompts (no baseline filter): {kept}" if run.args.no_filter else
+    line = (f"  prompts (no baseline filter): {kept}" if not run.selection.filter else
             f"  prompts kept by the baseline filter: {kept}")
     if drawn:
-        line += f" ({drawn} more harmful val prompts drawn to reach --min-val-refused {run.args.min_val_refused})"
+        line += f" ({drawn} more harmful val prompts drawn to reach --min-val-refused {run.selection.min_val_refused})"
     print(line)
     if sizes["harmful_val"] < FEW_VAL_PROMPTS:
         print(f"  warning: the selection rests on {sizes['harmful_val']} harmful val prompts after the filter, so "
