@@ -28,9 +28,8 @@ def parser():
     p.add_argument("--type", default=None, choices=TENSOR_TYPES,
                    help="tensor type: f32, f16, bf16, q8_0, or source = each tensor's type in the source GGUF "
                         "where gguf can write it, else Q8_0 (default: source for a GGUF or bundled model, else f16)")
-    p.add_argument("--direction", default=None,
-                   help="orthogonalize the weights against this direction first: a .npy file or a run directory "
-                        "holding direction.npy (default: none, export unedited)")
+    cli.add_direction_flag(p, "orthogonalize the weights against this direction first",
+                           default="none, export unedited")
     cli.add_edit_flags(p)  # --method, --harmless-mean (used with --direction)
     p.add_argument("--tokenizer-gguf", default=None, metavar="FILE.gguf",
                    help="copy tokenizer metadata from this GGUF file (default: --model when it is a .gguf or a "

@@ -14,13 +14,12 @@ from refusal_jax.errors import DataError, RunError
 from refusal_jax.method.optimization import (DEFAULT_WEIGHTS, LOSS_TERMS, RDOData, generate_targets, make_examples,
                                              plot_loss_curves, train)
 from refusal_jax.model.transformer import Intervention
+from refusal_jax.runs import cli
 from refusal_jax.runs import rundir as runs
 from refusal_jax.runs.cli import main_wrapper
 
 
 def parser() -> argparse.ArgumentParser:
-    from refusal_jax.runs.cli import add_common_args
-
     p = argparse.ArgumentParser(prog="python -m refusal_jax.optimize", description=(
         "Refusal direction optimization (Wollschläger et al. 2025): starting from a difference-in-means "
         "direction, learn a unit direction with Adam through the frozen model so that ablating it makes harmful "
@@ -29,16 +28,12 @@ def parser() -> argparse.ArgumentParser:
         "completions under the starting direction's ablation / actadd. Checkpoints every --checkpoint-every "
         "steps; rerunning the same command resumes. Writes OUT/direction.npy (r̂ times the starting direction's "
         "norm), optimize_metadata.json, loss_curves.png, targets.json."))
-    add_common_args(p, selection=False, n_test=False)
+    cli.add_common_args(p, selection=False, n_test=False)
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, default=8,
                    help="examples of each loss per Adam step, and prompts per forward batch (default: 8)")
-    g.add_argument("--direction", required=True,
-                   help="the starting difference-in-means direction: .npy [d_model], or a run directory holding "
-                        "direction.npy, e.g. RUN/direction.npy from python -m refusal_jax.extract (required)")
-    g.add_argument("--layer", type=int, default=None,
-                   help="activation-addition layer (default: 'layer' of direction_metadata.json next to "
-                        "--direction)")
+    cli.add_direction_flag(g, "the starting difference-in-means direction ([d_model])", required=True)
+    cli.add_layer_flag(g, "activation-addition layer of the addition loss")
     g.add_argument("--steps", type=int, default=200, help="optimizer steps in total (default: 200)")
     g.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default: 0.01)")
     g.add_argument("--ablation-weight", type=float, default=DEFAULT_WEIGHTS["ablation"],

@@ -22,10 +22,7 @@ def parser():
                     "head keeps the original matrix), so the edited model equals inference-time directional "
                     "ablation. Gemma-2/3 are refused: their post-norms make the edit inexact.")
     p.add_argument("--model", required=True, help=f"the model to edit: {cli.MODEL_SOURCES} (required)")
-    p.add_argument("--direction", required=True,
-                   help="the refusal direction: a .npy file holding [d_model] (any norm; it is normalised) or an "
-                        "orthonormal basis [R, d_model], e.g. RUN/direction.npy from python -m refusal_jax.pipeline "
-                        "(a run directory holding direction.npy is accepted too; required)")
+    cli.add_direction_flag(p, "the refusal direction to project out of the weights (normalised)", required=True)
     p.add_argument("--out", required=True,
                    help="output Hugging Face model directory (config.json, generation_config.json, "
                         "model.safetensors or shards + index, tokenizer files); must not exist unless --overwrite (required)")

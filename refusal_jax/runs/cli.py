@@ -93,6 +93,22 @@ def add_progress_flag(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+DIRECTION_FILES = ("a .npy file holding [d_model] (any norm) or an orthonormal basis [R, d_model], or a run "
+                   "directory holding direction.npy (e.g. RUN from python -m refusal_jax.extract)")
+
+
+def add_direction_flag(p, purpose: str, *, required: bool = False, default: str = "none") -> None:
+    """--direction, declared once for every command that takes a refusal direction."""
+    p.add_argument("--direction", required=required, default=None,
+                   help=f"{purpose}: {DIRECTION_FILES} " + ("(required)" if required else f"(default: {default})"))
+
+
+def add_layer_flag(p, purpose: str) -> None:
+    """--layer of activation addition, defaulting to the direction's own layer."""
+    p.add_argument("--layer", type=int, default=None,
+                   help=f"{purpose} (default: 'layer' of direction_metadata.json next to --direction)")
+
+
 def add_edit_flags(p) -> None:
     """--method and --harmless-mean of the weight edits (orthogonalize, export_gguf)."""
     p.add_argument("--method", default="plain", choices=EDIT_METHODS,
