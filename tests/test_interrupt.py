@@ -18,7 +18,7 @@ from refusal_jax import pipeline
 from refusal_jax.convert import checkpoint
 from refusal_jax.runs import outputs
 from refusal_jax.model.params import to_flat
-from tests.test_pipeline_cli import LOOSE
+from tests.test_pipeline_cli import LOOSE, tiny  # noqa: F401  (module-scoped fixture)
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -45,16 +45,6 @@ def start(module, name, command, argv, tmp_path):
             return proc
     proc.wait()
     raise AssertionError(f"the command ended before reaching {module}.{name}: {proc.stderr.read()}")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tests.tiny_chat import save_tiny_chat_model, write_sets
-
-    root = tmp_path_factory.mktemp("tiny")
-    model = save_tiny_chat_model(root / "model")
-    harmful, harmless = write_sets(root)
-    return root, model, harmful, harmless
 
 
 def args_for(tiny, out):
