@@ -2,7 +2,7 @@
 
 For each config below (written out from the models' config.json, so nothing is downloaded): the stage-1 forward
 (`directions._resid_sums`: resid_pre capture at the post-instruction positions), one sweep chunk
-(`directions._scores`: C candidate ablations vmapped over a batch, last-position logits, refusal score and KL)
+(`scoring._scores`: C candidate ablations vmapped over a batch, last-position logits, refusal score and KL)
 and greedy decoding (`generate.greedy_generate`), all in bfloat16 on a mesh over this host's devices
 (default model=<all>: tensor parallel, so a model larger than one device fits). Weights are drawn on the devices
 straight into their shardings. Prints one JSON record as its last line: per model and benchmark, tokens/s,
@@ -135,7 +135,7 @@ def bench_model(name, cfg, mesh, args, peak):
     import jax.numpy as jnp
     import numpy as np
 
-    from refusal_jax.method import directions
+    from refusal_jax.method import directions, scoring
     from refusal_jax.model import sharding
     from refusal_jax.model.generate import greedy_generate
     from refusal_jax.model.transformer import Intervention
@@ -165,10 +165,10 @@ def bench_model(name, cfg, mesh, args, peak):
     record("stage1_forward", first, best, B * T, B * T * matmul_flops_per_token(cfg, T, logits=False))
     # sweep: one chunk of C ablation candidates over the batch, last-position logits
     dirs = rng.standard_normal((C, cfg.d_model)).astype(np.float32)
-    ivs = directions._stack([Intervention.ablation(cfg, d) for d in dirs])
-    base = directions.last_logits(params, cfg, tok, msk)
+    ivs = scoring._stack([Intervention.ablation(cfg, d) for d in dirs])
+    base = scoring.last_logits(params, cfg, tok, msk)
     ids = (0, 1)
-    first, best = timed(lambda: directions._scores(params, cfg, tok, msk, ivs, base, ids), args.repeats)
+    first, best = timed(lambda: scoring._scores(params, cfg, tok, msk, ivs, base, ids), args.repeats)
     # per candidate: a full forward of the batch, the LM head at one position per prompt
     flops = C * (B * T * matmul_flops_per_token(cfg, T, logits=False) + B * 2.0 * cfg.d_model * cfg.vocab_size)
     record("sweep_chunk", first, best, C * B * T, flops)

@@ -10,7 +10,8 @@ evaluations) and compares it with the exhaustive sweep it replaces: Spearman cor
 scores over the grid, the rank of the exhaustive winner under the first-order screen (is it in the top 4 / 8 / 16?)
 and the candidate each side selects by the reference's rule (spec §6.3), the torch loop's included.
 --data-dir samples the reference splits (seed 42 = the reference's sampling; another --sample-seed draws other
-prompts from the same splits) and, with --filter, keeps the val prompts by baseline refusal score as the reference.
+prompts from the same splits) and, with --filter (val) and --filter-train (train), keeps prompts by baseline refusal
+score as the reference.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def main():
                         "filter thins out)")
     p.add_argument("--dump", default=None, help="write every candidate's exact and first-order scores to this JSON")
     p.add_argument("--filter", action="store_true", help="filter val prompts by baseline refusal score (reference)")
+    p.add_argument("--filter-train", action="store_true",
+                   help="also filter the train prompts by baseline refusal score before the mean differences, as the "
+                        "reference does (spec: filter_train)")
     p.add_argument("--chat-style", default=None,
                    help="chat template, as the commands' --chat-style: a template name or 'model' (the model's own "
                         "template with its default system prompt); default: the family's reference template")
@@ -70,8 +74,8 @@ def main():
 
     import refusal_jax
     from refusal_jax.convert import bundled
-    from refusal_jax.method import directions
-    from refusal_jax.prompts import datasets, templates
+    from refusal_jax.method import directions, selection
+    from refusal_jax.prompts import templates
     from refusal_jax.model.batching import bucketed, encode, pad_id
     from refusal_jax.runs.cli import int_list
 
@@ -84,10 +88,14 @@ def main():
 
     ids = fmt.refusal_token_ids
     sets = sample_sets(args)
-    if args.filter:
-        for key in ("harmful_val", "harmless_val"):
-            s = directions.baseline_refusal_scores(m.params, m.cfg, batches(sets[key]), ids)
-            sets[key] = [x for x, k in zip(sets[key], s > 0 if key.startswith("harmful") else s < 0) if k]
+    to_filter = [k for k, on in (("harmful_train", args.filter_train), ("harmless_train", args.filter_train),
+                                 ("harmful_val", args.filter), ("harmless_val", args.filter)) if on]
+    if to_filter:
+        n_sampled = {k: len(v) for k, v in sets.items()}
+        kept, _ = selection.filter_by_refusal(m.params, m.cfg, {k: sets[k] for k in to_filter}, batches, ids)
+        sets.update(kept)
+        print("kept after the filter:", {k: f"{len(sets[k])}/{n_sampled[k]}" for k in to_filter},
+              file=sys.stderr, flush=True)
     n_pos = len(templates.eoi_tokens(fmt, m.tokenizer))
     train_h, train_b = batches(sets["harmful_train"]), batches(sets["harmless_train"])
     val_h, val_b = batches(sets["harmful_val"]), batches(sets["harmless_val"])
@@ -106,6 +114,8 @@ def main():
               "n_candidates": len(grid), "n_val_harmful": len(sets["harmful_val"]),
               "n_val_harmless": len(sets["harmless_val"]), "n_train": args.n_train, "chunk": args.chunk,
               "data": args.data_dir or "bundled", "sample_seed": args.sample_seed, "filter": args.filter,
+              "filter_train": args.filter_train, "n_train_harmful_kept": len(sets["harmful_train"]),
+              "n_train_harmless_kept": len(sets["harmless_train"]),
               "chat_style": args.chat_style, **filt,
               "jax": {"first_run_s": first, "compile_s_approx": first - steady, "steady_s": steady,
                       "candidates_per_s": len(grid) / steady}}
@@ -245,18 +255,18 @@ def compare_screen(screened, exhaustive, n_layers, k, filt) -> dict:
 def profile(m, diffs, val_h, val_b, ids, grid, chunk) -> dict:
     """Wall time of each part of the sweep, and the machine's fp32 matmul rate on both sides. (XLA's
     cost_analysis counts a lax.scan body once, not once per layer, so it is no use for FLOP counts here.)"""
-    from refusal_jax.method import directions
+    from refusal_jax.method import scoring
     from refusal_jax.model.transformer import Intervention
 
     ids = tuple(int(i) for i in ids)
     ablations = [Intervention.ablation(m.cfg, diffs[g]) for g in grid]
     vectors, layers = np.asarray([diffs[g] for g in grid]), [g[1] for g in grid]
     parts = {
-        "ablation_harmful": lambda: directions.evaluate_interventions(m.params, m.cfg, val_h, ablations, ids,
+        "ablation_harmful": lambda: scoring.evaluate_interventions(m.params, m.cfg, val_h, ablations, ids,
                                                                       chunk=chunk),
-        "ablation_harmless_kl": lambda: directions.evaluate_interventions(m.params, m.cfg, val_b, ablations, ids,
+        "ablation_harmless_kl": lambda: scoring.evaluate_interventions(m.params, m.cfg, val_b, ablations, ids,
                                                                           chunk=chunk),
-        "actadd_resumed": lambda: directions.evaluate_additions(m.params, m.cfg, val_b, vectors, layers, ids,
+        "actadd_resumed": lambda: scoring.evaluate_additions(m.params, m.cfg, val_b, vectors, layers, ids,
                                                                 chunk=chunk),
     }
     out = {}

@@ -189,7 +189,7 @@ def generation_config(tokenizer) -> dict[str, Any]:
     """generation_config.json: BOS, pad, and as EOS the tokenizer's EOS plus the end-of-turn tokens of the
     supported chat formats that this tokenizer has as added/special tokens (an ordinary vocabulary entry
     spelled "</s>", as in Qwen's BPE vocabulary, is not an end of turn)."""
-    from refusal_jax.model.generate import END_OF_TURN
+    from refusal_jax.model.families import END_OF_TURN
 
     out: dict[str, Any] = {}
     if tokenizer is None:

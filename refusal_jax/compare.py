@@ -171,7 +171,7 @@ def build_methods(run, args, sets, pos: int, layer: int, dim_direction: np.ndarr
 def _last_logits(params, cfg, batches, intervention) -> np.ndarray:
     """float32 [n, V] last-position logits of every real prompt, in input order."""
     from refusal_jax.model.batching import in_input_order
-    from refusal_jax.method.directions import last_logits
+    from refusal_jax.method.scoring import last_logits
 
     return in_input_order(batches, lambda b: np.asarray(last_logits(params, cfg, b.tokens, b.mask, intervention),
                                                         np.float32))
@@ -229,15 +229,15 @@ def evaluate_method(run, args, method: Method, records: dict[str, list], base_lo
 
 def humaneval_passed(run, args, method: Method, stem: str) -> list[bool]:
     """HumanEval results (passed per problem) of one method on the first --humaneval problems (resumable)."""
-    from refusal_jax import evaluate, humaneval
+    from refusal_jax.evaluation import capabilities, humaneval
 
     path = run.out / "compare" / "humaneval" / f"{stem}-n{args.humaneval}.json"
     if path.exists():
         return runs.read_json(path)["passed"]
     problems = humaneval.load_problems(args.humaneval)
     params = method.edit() if method.edit is not None else run.params
-    loaded = evaluate.Intervened(params, run.cfg, run.tokenizer, method.bypass, method.description)
-    comps = evaluate.humaneval_completions(loaded, problems, fmt=run.fmt, batch_size=args.gen_batch_size,
+    loaded = capabilities.Intervened(params, run.cfg, run.tokenizer, method.bypass, method.description)
+    comps = capabilities.humaneval_completions(loaded, problems, fmt=run.fmt, batch_size=args.gen_batch_size,
                                            progress=run.progress)
     ids = [p["task_id"] for p in problems]
     res = humaneval.execute(problems, [comps[t]["completion"] for t in ids], allow_code_execution=True)
@@ -266,7 +266,7 @@ def summarise(res: dict, baseline: dict, dim_direction: np.ndarray, direction, n
         q, _ = np.linalg.qr(d.T)
         out["cos_with_dim"] = float(np.linalg.norm(q.T @ r)) if len(d) > 1 else float(d[0] @ r / np.linalg.norm(d[0]))
     if "humaneval_passed" in res:
-        from refusal_jax.evaluate import pass_at_1
+        from refusal_jax.evaluation.capabilities import pass_at_1
 
         out["humaneval"] = pass_at_1(res["humaneval_passed"], n_boot=n_boot)
     return out
@@ -351,7 +351,7 @@ def main(argv=None):
 
     checks.compare_args(args)
     if args.humaneval:
-        from refusal_jax import humaneval
+        from refusal_jax.evaluation import humaneval
 
         if not args.allow_code_execution:
             raise DataError(f"--humaneval: {humaneval.EXECUTION_REFUSED}")

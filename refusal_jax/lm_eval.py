@@ -12,7 +12,7 @@ From Python: `refusal_jax.lm_eval.register()`, then `lm_eval.simple_evaluate(mod
 
 model_args: pretrained (any refusal_jax model source, default the bundled model), intervention (none, ablation,
 addition, edit-plain, edit-projected, edit-norm-preserving), direction, layer, coeff, harmless_mean, dtype
-(`refusal_jax.evaluate.ModelSpec`), batch_size (default 8), max_length (context window, default 2048),
+(`refusal_jax.evaluation.capabilities.ModelSpec`), batch_size (default 8), max_length (context window, default 2048),
 max_gen_toks (default 256). The intervention is active in every forward pass.
 
   loglikelihood          one forward over context + continuation (left-padded, length-bucketed batches, jit);
@@ -137,7 +137,7 @@ class RefusalJaxLM(_Base):
                  **unused):
         _require()
         super().__init__()
-        from refusal_jax.evaluate import ModelSpec
+        from refusal_jax.evaluation.capabilities import ModelSpec
 
         self.spec = ModelSpec(model=str(pretrained), intervention=str(intervention),
                               direction=None if direction is None else str(direction),

@@ -116,7 +116,7 @@ def _targets(run, args, sets, dim_direction, layer) -> dict:
 @main_wrapper
 def main(argv=None):
     from refusal_jax.runs import stages
-    from refusal_jax.method import directions
+    from refusal_jax.method import scoring
     from refusal_jax.model.batching import encode, pad_id
     from refusal_jax.method.orthogonalization import load_direction
 
@@ -176,9 +176,9 @@ def main(argv=None):
     scores = {}
     for name, vec in (("dim", dim_direction), ("optimized", r_hat * scale)):
         abl = [Intervention.ablation(run.cfg, vec)]
-        bypass = directions.evaluate_interventions(run.params, run.cfg, harmful_val, abl, run.refusal_ids)
-        harm = directions.evaluate_interventions(run.params, run.cfg, harmless_val, abl, run.refusal_ids)
-        induce = directions.evaluate_interventions(run.params, run.cfg, harmless_val,
+        bypass = scoring.evaluate_interventions(run.params, run.cfg, harmful_val, abl, run.refusal_ids)
+        harm = scoring.evaluate_interventions(run.params, run.cfg, harmless_val, abl, run.refusal_ids)
+        induce = scoring.evaluate_interventions(run.params, run.cfg, harmless_val,
                                                    [Intervention.addition(run.cfg, vec, layer, 1.0)], run.refusal_ids)
         scores[name] = {"refusal_score": float(bypass["refusal_score"][0]),
                         "steering_score": float(induce["refusal_score"][0]), "kl_div_score": float(harm["kl"][0])}

@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from refusal_jax import Intervention, forward  # noqa: E402
-from refusal_jax.method import directions
+from refusal_jax.method import directions, scoring
 from refusal_jax.model import sharding as shd  # noqa: E402
 from refusal_jax.model.batching import bucketed  # noqa: E402
 from refusal_jax.model.config import tiny_config  # noqa: E402
@@ -74,12 +74,12 @@ def compute(params, cfg, harmful, harmless, ivs, place):
     out["mean_diffs"] = diffs
     out["direction"] = diffs[-1, 1] / np.linalg.norm(diffs[-1, 1])
     # (c) stage 2 through the public sweep (prompts data-parallel: batches sharded over "batch") ...
-    ev = directions.evaluate_interventions(params, cfg, harmless, ivs, REFUSAL_IDS, chunk=C)
+    ev = scoring.evaluate_interventions(params, cfg, harmless, ivs, REFUSAL_IDS, chunk=C)
     out["refusal_score"], out["kl"] = ev["refusal_score"], ev["kl"]
     # ... and one chunk with the candidate axis sharded over "data" (prompts replicated)
     rep_tokens, rep_mask = sbatch(harmless[0].tokens, None), sbatch(harmless[0].mask, None)
-    base = directions.last_logits(params, cfg, rep_tokens, rep_mask)
-    score, kl = directions._scores(params, cfg, rep_tokens, rep_mask, scand(shd.stack_interventions(ivs)), base,
+    base = scoring.last_logits(params, cfg, rep_tokens, rep_mask)
+    score, kl = scoring._scores(params, cfg, rep_tokens, rep_mask, scand(shd.stack_interventions(ivs)), base,
                                    REFUSAL_IDS)
     out["cand_score"], out["cand_kl"] = score, kl
     # (d) greedy generation under directional ablation of the direction found in (b)

@@ -58,7 +58,7 @@ def test_weight_orthogonalization_matches_ablation_in_the_comparison(compared):
 
 
 def test_kl_and_refusal_of_a_method_match_an_independent_computation(compared):
-    from refusal_jax.method.directions import last_logits
+    from refusal_jax.method.scoring import last_logits
     from refusal_jax.model.transformer import Intervention
 
     out, _ = compared

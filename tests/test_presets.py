@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from refusal_jax import extract
-from refusal_jax.method import directions
+from refusal_jax.method import scoring
 from refusal_jax.runs import cli, presets, stages
 from tests.test_pipeline_cli import tiny  # noqa: F401  (module-scoped fixture)
 
@@ -94,7 +94,7 @@ def test_val_prompts_are_drawn_until_enough_are_refused(tiny, tmp_path, monkeypa
         return real_batches(self, instructions, batch_size)
 
     stub.texts = []
-    monkeypatch.setattr(directions, "baseline_refusal_scores", stub)
+    monkeypatch.setattr(scoring, "baseline_refusal_scores", stub)
     monkeypatch.setattr(stages.Run, "batches", batches)
     args = [a for a in small_args(tiny) if a != "--no-filter"] + ["--min-val-refused", "3", "--n-val", "2",
                                                                     "--out", str(tmp_path / "run")]

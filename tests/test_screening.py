@@ -1,7 +1,7 @@
 """First-order screening (refusal_jax.method.screening) on tiny random models of every family (tests/test_export.py CONFIGS).
 
 - The first-order scores are derivatives of the exact scores: central finite differences of the exact code path
-  (`directions.evaluate_interventions`) under ablation of ε·(h·r̂)r̂ at every site (`ablate_layers = ε`) and under
+  (`scoring.evaluate_interventions`) under ablation of ε·(h·r̂)r̂ at every site (`ablate_layers = ε`) and under
   addition of ε·r̂ at each layer match r̂ᵀ M_all r̂ and g_l·r̂.
 - The "writes" family (embedding, attention and MLP writes only) matches finite differences of the same probe
   offsets the backward pass differentiates, and at ε = 1 it is the exact ablation.
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from refusal_jax.method import directions, screening
+from refusal_jax.method import directions, scoring, screening
 from refusal_jax.model.batching import Batch
 from refusal_jax.model.params import init_random
 from refusal_jax.model.transformer import Intervention, forward
@@ -40,7 +40,7 @@ def model(family):
 
 
 def exact_score(params, cfg, batches, ivs):
-    return directions.evaluate_interventions(params, cfg, batches, ivs, REFUSAL_IDS)["refusal_score"]
+    return scoring.evaluate_interventions(params, cfg, batches, ivs, REFUSAL_IDS)["refusal_score"]
 
 
 def central(params, cfg, batches, make, eps):

@@ -25,7 +25,7 @@ import pytest
 
 from refusal_jax import Intervention, forward
 from refusal_jax.evaluation import judge, stats
-from refusal_jax.method import directions, subspace
+from refusal_jax.method import directions, scoring, subspace
 from refusal_jax.model.batching import bucketed
 from refusal_jax.model.config import tiny_config
 from refusal_jax.errors import DataError
@@ -169,18 +169,18 @@ def test_refusal_rate_vs_k(model, monkeypatch):
     batches = list(bucketed(prompts, 4, 0, bucket=16))
     basis = random_basis(cfg, 3, 7)
     ids = (3, 4)
-    traced = jax.jit(chex.assert_max_traces(directions._scores_impl, n=1), static_argnames=("cfg", "refusal_ids"))
-    monkeypatch.setattr(directions, "_scores", traced)
+    traced = jax.jit(chex.assert_max_traces(scoring._scores_impl, n=1), static_argnames=("cfg", "refusal_ids"))
+    monkeypatch.setattr(scoring, "_scores", traced)
     chex.clear_trace_counter()
     # k = 0..3 in two chunks of 2, over two batches: four calls of one program, traced once
     res = subspace.refusal_rate_vs_k(params, cfg, batches, basis, ids, chunk=2)
     monkeypatch.undo()  # the per-k references below are other programs (rank k, chunk 1)
     assert res["k"] == [0, 1, 2, 3]
-    base = directions.evaluate_interventions(params, cfg, batches, [Intervention.none(cfg)], ids, chunk=1)
+    base = scoring.evaluate_interventions(params, cfg, batches, [Intervention.none(cfg)], ids, chunk=1)
     np.testing.assert_allclose(res["per_prompt_refusal"][0], base["per_prompt_refusal"][0], atol=1e-5)
     assert res["kl"][0] == pytest.approx(0.0, abs=1e-6)
     for k in (1, 2, 3):
-        alone = directions.evaluate_interventions(params, cfg, batches, [Intervention.ablation(cfg, basis[:k])], ids,
+        alone = scoring.evaluate_interventions(params, cfg, batches, [Intervention.ablation(cfg, basis[:k])], ids,
                                                   chunk=1)
         np.testing.assert_allclose(res["per_prompt_refusal"][k], alone["per_prompt_refusal"][0], atol=1e-5)
         assert res["refusal_score"][k] == pytest.approx(alone["refusal_score"][0], abs=1e-5)

@@ -372,3 +372,25 @@ def test_smollm2_tokenizer(smollm2_tok):
     for ins in INSTRUCTIONS:
         assert check_eoi_alignment(tok, fmt, ins)
     assert (ids[0, :int((mask[0] == 0).sum())] == tok.pad_token_id).all()
+
+
+def test_family_end_of_turn_tokens_match_chat_templates_and_stop_generation():
+    """The family table's end-of-turn tokens are the ones its chat template closes a turn with, and generation
+    stops at them where the tokenizer has them as special tokens (not where the text is an ordinary token)."""
+    from refusal_jax.model.families import END_OF_TURN, FAMILIES
+    from refusal_jax.model.generate import stop_token_ids
+    from tests.tiny_chat import chat_tokenizer
+
+    closes = {"chatml": "<|im_end|>", "gemma": "<end_of_turn>", "llama3": "<|eot_id|>"}
+    for style, token in closes.items():
+        assert token in TEMPLATES[style].split("{instruction}")[1]
+    for fam in FAMILIES.values():
+        if fam.chat_style in closes:
+            assert closes[fam.chat_style] in fam.end_of_turn, fam.name
+    assert closes["llama3"] in FAMILIES["llama"].end_of_turn
+    assert set(END_OF_TURN) == {t for fam in FAMILIES.values() for t in fam.end_of_turn}
+
+    tok = chat_tokenizer()
+    stops = stop_token_ids(tok)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in stops and tok.eos_token_id in stops
+    assert all(tok.convert_ids_to_tokens(i) in END_OF_TURN or i == tok.eos_token_id for i in stops)

@@ -173,7 +173,7 @@ def judge_agreement(scores: Sequence[float], completions: Sequence[str], *, thre
     """How well `score > threshold` (logit refusal score at the first position) predicts the substring judge.
 
     Args:
-      scores: per-prompt refusal scores (`judge.refusal_score`, `directions.evaluate_interventions`).
+      scores: per-prompt refusal scores (`judge.refusal_score`, `scoring.evaluate_interventions`).
       completions: the completions of the same prompts, same order.
     Returns:
       {"accuracy", "kappa", "n", "score_refusal_rate", "substring_refusal_rate",

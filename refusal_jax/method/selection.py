@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from refusal_jax.errors import ConfigError, RunError
-from refusal_jax.method import directions, screening
+from refusal_jax.method import directions, scoring, screening
 from refusal_jax.runs import rundir
 
 SETS = ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
@@ -103,7 +103,7 @@ def filter_by_refusal(params, cfg, sets: Mapping[str, Sequence[str]], batches: C
     """
     kept, scores = {}, {}
     for key, instructions in sets.items():
-        s = directions.baseline_refusal_scores(params, cfg, batches(instructions), refusal_ids)
+        s = scoring.baseline_refusal_scores(params, cfg, batches(instructions), refusal_ids)
         scores[key] = s.tolist()
         keep = s > 0 if key.startswith("harmful") else s < 0
         kept[key] = [x for x, k in zip(instructions, keep) if k]

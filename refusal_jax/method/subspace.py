@@ -23,7 +23,7 @@ Sign convention of `pca_basis`: each component is flipped to have a non-negative
 difference (ties: its largest-magnitude coordinate is positive).
 
 `refusal_rate_vs_k` ablates the first k rows for k = 0..K (k=0: no intervention) with `Intervention.ablation`
-and scores them with `directions.evaluate_interventions`. Every basis is padded to K rows with zero rows, which
+and scores them with `scoring.evaluate_interventions`. Every basis is padded to K rows with zero rows, which
 are exact no-ops of the ablation (x - (x·0)0 = x), so all k share one compiled program.
 """
 
@@ -237,7 +237,7 @@ def refusal_rate_vs_k(params, cfg, batches, basis, refusal_ids, *, chunk: int = 
       {"k": [..], "refusal_score": [..] mean logit refusal score, "refusal_rate": [..] fraction of prompts with
       score > 0, "kl": [..] mean KL(base || ablated) at the last position, "per_prompt_refusal": [len(ks), n]}.
     """
-    from refusal_jax.method import directions
+    from refusal_jax.method import scoring
 
     b = np.asarray(basis, np.float32)
     if b.ndim != 2 or b.shape[1] != cfg.d_model:
@@ -249,7 +249,7 @@ def refusal_rate_vs_k(params, cfg, batches, basis, refusal_ids, *, chunk: int = 
     if any(not 0 <= k <= K for k in ks):
         raise DataError(f"every k must be in 0..{K}, got {ks}")
     ivs = [Intervention.ablation(cfg, pad_basis(b[:k], K)) for k in ks]
-    res = directions.evaluate_interventions(params, cfg, batches, ivs, refusal_ids, chunk=chunk)
+    res = scoring.evaluate_interventions(params, cfg, batches, ivs, refusal_ids, chunk=chunk)
     per = res["per_prompt_refusal"]
     return {"k": ks, "refusal_score": res["refusal_score"], "refusal_rate": (per > 0).mean(1), "kl": res["kl"],
             "per_prompt_refusal": per}

@@ -18,6 +18,8 @@ class Family:
     hf_architecture / hf_model_type: HF config.json `architectures[0]` / `model_type` (detection and export).
     chat_style: the default chat template (a key of `templates.TEMPLATES`); None = chosen from the tokenizer.
     refusal_strings: first tokens of a refusal that the refusal score reads.
+    end_of_turn: tokens that end an assistant turn in the family's chat formats (generation stops there, and the
+      HF export lists them in generation_config.json) where the tokenizer has them as special tokens.
     gguf_arch: llama.cpp `general.architecture` read as this family (None: no GGUF); gguf_export_arch: the one
       written on export (None: no GGUF export); gguf_qk_permuted: llama.cpp stores q/k rows permuted.
     qkv_bias, qk_norm, post_norms: block structure. gemma: embeddings scaled by sqrt(d_model), RMSNorm weights
@@ -30,6 +32,7 @@ class Family:
     hf_model_type: str
     chat_style: str | None
     refusal_strings: tuple[str, ...] = ("I",)
+    end_of_turn: tuple[str, ...] = ()
     gguf_arch: str | None = None
     gguf_export_arch: str | None = None
     gguf_qk_permuted: bool = False
@@ -40,28 +43,36 @@ class Family:
     hf_export: bool = True
 
 
+_CHATML_END = ("<|im_end|>", "<|endoftext|>")
+_GEMMA_END = ("<end_of_turn>",)
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("llama", "LlamaForCausalLM", "llama", None, gguf_arch="llama", gguf_export_arch="llama",
-           gguf_qk_permuted=True),
-    Family("mistral", "MistralForCausalLM", "mistral", None, gguf_arch="mistral", gguf_export_arch="llama",
-           gguf_qk_permuted=True),
+    # Llama-3 ends a turn with <|eot_id|> (and text with <|end_of_text|>), Llama-2 with </s>
+    Family("llama", "LlamaForCausalLM", "llama", None, end_of_turn=("<|eot_id|>", "<|end_of_text|>", "</s>"),
+           gguf_arch="llama", gguf_export_arch="llama", gguf_qk_permuted=True),
+    Family("mistral", "MistralForCausalLM", "mistral", None, end_of_turn=("</s>",), gguf_arch="mistral",
+           gguf_export_arch="llama", gguf_qk_permuted=True),
     # Qwen-1: remote-code checkpoints, read by refusal_jax.convert.qwen1
-    Family("qwen", "QWenLMHeadModel", "qwen", "chatml", ("I", "As"), qkv_bias=True, hf_export=False),
-    Family("qwen2", "Qwen2ForCausalLM", "qwen2", "chatml", ("I", "As"), gguf_arch="qwen2", gguf_export_arch="qwen2",
-           qkv_bias=True),
-    Family("qwen3", "Qwen3ForCausalLM", "qwen3", "chatml", ("I", "As"), gguf_arch="qwen3", gguf_export_arch="qwen3",
-           qk_norm=True),
-    Family("gemma", "GemmaForCausalLM", "gemma", "gemma", gguf_arch="gemma", gguf_export_arch="gemma", gemma=True),
-    Family("gemma2", "Gemma2ForCausalLM", "gemma2", "gemma", gguf_arch="gemma2", gguf_export_arch="gemma2",
-           post_norms=True, gemma=True),
-    Family("gemma3", "Gemma3ForCausalLM", "gemma3_text", "gemma", gguf_arch="gemma3", gguf_export_arch="gemma3",
-           qk_norm=True, post_norms=True, gemma=True),
+    Family("qwen", "QWenLMHeadModel", "qwen", "chatml", ("I", "As"), _CHATML_END, qkv_bias=True, hf_export=False),
+    Family("qwen2", "Qwen2ForCausalLM", "qwen2", "chatml", ("I", "As"), _CHATML_END, gguf_arch="qwen2",
+           gguf_export_arch="qwen2", qkv_bias=True),
+    Family("qwen3", "Qwen3ForCausalLM", "qwen3", "chatml", ("I", "As"), _CHATML_END, gguf_arch="qwen3",
+           gguf_export_arch="qwen3", qk_norm=True),
+    Family("gemma", "GemmaForCausalLM", "gemma", "gemma", end_of_turn=_GEMMA_END, gguf_arch="gemma",
+           gguf_export_arch="gemma", gemma=True),
+    Family("gemma2", "Gemma2ForCausalLM", "gemma2", "gemma", end_of_turn=_GEMMA_END, gguf_arch="gemma2",
+           gguf_export_arch="gemma2", post_norms=True, gemma=True),
+    Family("gemma3", "Gemma3ForCausalLM", "gemma3_text", "gemma", end_of_turn=_GEMMA_END, gguf_arch="gemma3",
+           gguf_export_arch="gemma3", qk_norm=True, post_norms=True, gemma=True),
 )}
 
 # Derived views, keyed the way each reader looks a family up.
 BY_ARCHITECTURE = {f.hf_architecture: f.name for f in FAMILIES.values()}
 BY_MODEL_TYPE = {f.hf_model_type: f.name for f in FAMILIES.values()}
 BY_GGUF_ARCH = {f.gguf_arch: f for f in FAMILIES.values() if f.gguf_arch}
+# Every family's end-of-turn tokens: generation stops at those the tokenizer has as special tokens, whatever the
+# family (a checkpoint may carry another family's chat template).
+END_OF_TURN = tuple(dict.fromkeys(t for f in FAMILIES.values() for t in f.end_of_turn))
 
 
 def family(name: str) -> Family:

@@ -10,13 +10,11 @@ import jax.numpy as jnp
 
 from refusal_jax.model.batching import bucketed, encode, pad_id
 from refusal_jax.model.config import ModelConfig
+from refusal_jax.model.families import END_OF_TURN
 from refusal_jax.runs.distributed import to_host
 from refusal_jax.model.transformer import Intervention, KVCache, forward_unjitted
 from refusal_jax.model.params import Params, unembedding, unstack_layers
 from refusal_jax.model.quant import DECODE_DTYPES, lower_precision
-
-# End-of-turn tokens of the supported chat formats; generation stops at these and at the tokenizer's EOS.
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|end_of_text|>")
 
 
 def greedy_generate(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array,
@@ -114,6 +112,7 @@ def _greedy_generate(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: 
 
 
 def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """The tokenizer's EOS and the end-of-turn tokens (`families.END_OF_TURN`) it has as special tokens."""
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))

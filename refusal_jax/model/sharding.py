@@ -238,7 +238,7 @@ def shard_cache(cache: KVCache, cfg: ModelConfig, mesh: Mesh, rules: MeshRules =
 
 
 def stack_interventions(interventions: Sequence[Intervention]) -> Intervention:
-    """Interventions stacked on a new leading candidate axis C (what `directions._scores` vmaps over)."""
+    """Interventions stacked on a new leading candidate axis C (what `scoring._scores` vmaps over)."""
     return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *interventions)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from refusal_jax.errors import DataError, RunError
 from refusal_jax.evaluation import judge
-from refusal_jax.method import directions, plots, selection
+from refusal_jax.method import directions, plots, scoring, selection
 from refusal_jax.method.selection import SelectionSettings
 from refusal_jax.prompts import datasets, templates
 from refusal_jax.prompts.chat import ChatPrompts
@@ -179,7 +179,7 @@ def stage_filter(run: Run) -> dict[str, list[str]]:
         with run.bar(sum(len(v) for v in sets.values()), "filter: baseline refusal score", unit="prompt") as bar:
 
             def keep(key, instructions):
-                s = directions.baseline_refusal_scores(run.params, run.cfg, run.batches(instructions),
+                s = scoring.baseline_refusal_scores(run.params, run.cfg, run.batches(instructions),
                                                        run.refusal_ids)
                 scores.setdefault(key, []).extend(s.tolist())
                 bar.update(len(instructions))

@@ -1,4 +1,4 @@
-"""Runs HumanEval checks in a fresh interpreter (started by `refusal_jax.humaneval.execute`, run as a script so
+"""Runs HumanEval checks in a fresh interpreter (started by `refusal_jax.evaluation.humaneval.execute`, run as a script so
 neither JAX nor refusal_jax is imported here): reads {"jobs": [{"problem", "completion"}], "timeout", "workers"}
 as JSON on stdin, writes one {"task_id", "passed", "result"} per job, in order, as JSON on stdout.
 
