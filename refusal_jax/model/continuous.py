@@ -139,7 +139,7 @@ def programs(per_layer: bool, bfloat16: bool = False):
 
 def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
              intervention: Intervention | None = None, *, slots: int, max_new_tokens: int,
-             stop_ids: tuple[int, ...] = (), pad: int = 0, chunk: int = 32, progress=None,
+             stop_ids: tuple[int, ...] = (), pad: int = 0, chunk: int = 32, bar=None,
              stats: dict | None = None) -> list[list[int]]:
     """Greedy completions of token-id prompts with continuous batching, in input order.
 
@@ -148,7 +148,7 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
       ids: prompt token ids (templated, with any BOS).
       slots: rows decoded together (the batch size of a step).
       chunk: prompt tokens per prefill call; prompts are left-padded to a multiple of it.
-      progress: a tqdm-like bar updated by one per finished prompt.
+      bar: a tqdm-like progress bar updated by one per finished prompt.
       stats: if a dict, filled with "steps" (decode steps run), "slot_steps" (steps x slots) and "row_steps"
         (steps of active rows; their ratio is the slot occupancy).
     Returns:
@@ -202,8 +202,8 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
             for s in finished:
                 results[owner[s]] = out[s, :count[s]].tolist()
                 owner[s] = None
-                if progress is not None:
-                    progress.update(1)
+                if bar is not None:
+                    bar.update(1)
                 if waiting:
                     admit(s)
     if stats is not None:

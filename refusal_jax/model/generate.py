@@ -159,7 +159,7 @@ def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[
             bar = tqdm(total=len(ids), desc=desc, unit="prompt", leave=leave)
         try:
             return cb.generate(params, cfg, ids, intervention, slots=min(batch_size, len(ids)),
-                               max_new_tokens=max_new_tokens, stop_ids=stops, pad=pad, progress=bar, stats=stats)
+                               max_new_tokens=max_new_tokens, stop_ids=stops, pad=pad, bar=bar, stats=stats)
         finally:
             if bar is not None:
                 bar.close()
