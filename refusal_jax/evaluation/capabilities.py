@@ -172,7 +172,7 @@ def humaneval_completions(loaded: Intervened, problems, *, chat_style: str = "mo
                           max_new_tokens: int = 512, batch_size: int = 8, progress: bool = True,
                           done: dict | None = None, save=None) -> dict[str, dict]:
     """Greedy responses and extracted completions {task_id: {"response", "completion", "n_tokens"}} for every
-    problem not already in `done`; `save(results)` is called after every batch (resume)."""
+    problem not already in `done`; `save(results)` is called after every generation call (four batches; resume)."""
     from refusal_jax.model.batching import encode
     from refusal_jax.model.generate import decoding_params, generate_ids
 
@@ -182,24 +182,22 @@ def humaneval_completions(loaded: Intervened, problems, *, chat_style: str = "mo
         return results
     prompts = humaneval_prompts(loaded, todo, chat_style, fmt)
     lengths = [len(x) for x in encode(loaded.tokenizer, prompts)]
-    # Problems in task order, sorted by length within chunks of four batches: an interrupted run has finished the
-    # first problems (what a smaller --limit needs) and batches still hold prompts of similar length.
+    # One continuous-batching call per chunk of four batches: a slot whose response ended takes the next problem,
+    # and an interrupted run has finished the first problems (what a smaller --limit needs). Within a chunk the
+    # problems go in by length, so slots decode prompts of similar length side by side.
     chunk = 4 * batch_size
-    order = [c + int(j) for c in range(0, len(todo), chunk)
-             for j in np.argsort(lengths[c:c + chunk], kind="stable")]
-    params = decoding_params(loaded.params)  # laid out once for all batches
+    params = decoding_params(loaded.params)  # laid out once for all chunks
     stops = humaneval.fence_stop_ids(loaded.tokenizer)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="HumanEval completions", unit="problem")
-    for start in range(0, len(todo), batch_size):
-        idx = order[start:start + batch_size]
+    for start in range(0, len(todo), chunk):
+        idx = [start + int(j) for j in np.argsort(lengths[start:start + chunk], kind="stable")]
         t0 = time.perf_counter()
-        # 128-token buckets: prompts of 150-470 tokens compile three decoding programs, not one per batch
         ids = generate_ids(params, loaded.cfg, loaded.tokenizer, [prompts[i] for i in idx], loaded.intervention,
-                           batch_size=batch_size, max_new_tokens=max_new_tokens, extra_stop_ids=stops, bucket=128)
+                           batch_size=batch_size, max_new_tokens=max_new_tokens, extra_stop_ids=stops)
         seconds = time.perf_counter() - t0
         for i, toks in zip(idx, ids):
             p = todo[i]
@@ -302,7 +300,7 @@ def summary_table(run_dirs, limit: int | None = None) -> str:
     for name, s, comp in rows:
         same = sum(comp[t]["response"] == first_comp[t]["response"] for t in ids)
         kept = s["pass_at_1"] / first["pass_at_1"] if first["pass_at_1"] else float("nan")
-        # batch_seconds is shared by the problems of one batch: count each batch once
+        # batch_seconds is shared by the problems of one generation call: count each call once
         secs = sum({comp[t]["batch_seconds"] for t in ids})
         lines.append(f"| {name} | {s['intervention']} | {s['pass_at_1']:.3f} [{s['low']:.3f}, {s['high']:.3f}] | "
                      f"{s['n_passed']}/{s['n']} | {kept:.2f} | {same}/{len(ids)} | {s['generated_tokens']} | "
