@@ -19,13 +19,14 @@ def prompts(vocab: int, n: int, seed: int = 0, longest: int = 15):
     return [rng.integers(1, vocab, int(rng.integers(2, longest + 1))).tolist() for _ in range(n)]
 
 
-def static(params, cfg, ids, iv, max_new, stops, batch_size=4):
+def static(params, cfg, ids, iv, max_new, stops, batch_size=4, pairs=()):
     out = [None] * len(ids)
     for b in bucketed(ids, batch_size, pad=0):
-        gen = np.asarray(greedy_generate(params, cfg, b.tokens, b.mask, iv, max_new_tokens=max_new, stop_ids=stops))
+        gen = np.asarray(greedy_generate(params, cfg, b.tokens, b.mask, iv, max_new_tokens=max_new, stop_ids=stops,
+                                         stop_pairs=pairs))
         for r, i in enumerate(b.index):
             if i >= 0:
-                out[i] = cut_at_stop(gen[r].tolist(), stops)
+                out[i] = cut_at_stop(gen[r].tolist(), stops, pairs)
     return out
 
 
@@ -58,6 +59,28 @@ def test_continuous_equals_static(family, per_layer):
         # a stopped row's slot is refilled at once: fewer steps than refilling 3 slots together
         together = sum(max(len(w) for w in want[i:i + 3]) for i in range(0, len(want), 3))
         assert stats["steps"] < together, (stats, together)
+
+
+def test_stop_pairs_end_rows_on_both_paths():
+    """A (previous, next) stop pair (a stop string split over two tokens) ends a row at its second token, in the
+    static and the continuous path alike, and only where the two tokens follow each other."""
+    cfg = tiny_config("llama", n_layers=2)
+    params = decoding_params(init_random(cfg, jax.random.key(0), scale=0.4))
+    ids = prompts(cfg.vocab_size, 7, seed=3)
+    max_new = 12
+    free = static(params, cfg, ids, None, max_new, ())
+    pairs = ((free[0][4], free[0][5]), (free[3][1], free[3][2]))
+    iv = interventions(cfg)["ablation"]
+    free_iv = static(params, cfg, ids, iv, max_new, ())
+    want = static(params, cfg, ids, iv, max_new, (), pairs=pairs)
+    for w, f in zip(want, free_iv):  # each row is cut right after the first pair it writes, else runs on
+        hits = [i for i in range(1, len(f)) if (f[i - 1], f[i]) in pairs]
+        assert w == (f[:hits[0] + 1] if hits else f)
+    got = continuous.generate(params, cfg, ids, iv, slots=3, max_new_tokens=max_new, stop_pairs=pairs, chunk=8)
+    assert got == want
+    # and without the intervention the pairs taken from its output do end those rows early
+    plain = continuous.generate(params, cfg, ids, None, slots=3, max_new_tokens=max_new, stop_pairs=pairs, chunk=8)
+    assert len(plain[0]) <= 6 and len(plain[3]) <= 3
 
 
 def test_no_recompilation_across_prompts_and_interventions():

@@ -43,6 +43,22 @@ def test_extract_completion():
     assert humaneval.extract_completion("def adder(a):\n    pass\n", "add") == "def adder(a):\n    pass\n"
 
 
+def test_fence_stop_tokens_and_pairs():
+    """Tokens holding the fence stop alone; pairs stop where they write it across their boundary (as Qwen2.5's
+    "``" + "`\\n\\n"), and nowhere else."""
+    vocab = {"``": 1, "`\n\n": 2, "```": 3, "`": 4, "a`": 5, "x": 6, "Ġ`": 7, "```python": 8, "b``": 9}
+
+    class Vocab:
+        def get_vocab(self):
+            return vocab
+
+    assert humaneval.fence_stop_ids(Vocab()) == (3, 8)
+    want = {(a, b) for ta, a in vocab.items() for tb, b in vocab.items()
+            if "```" not in ta and "```" not in tb and "```" in ta[-2:] + tb[:2]}
+    assert set(humaneval.fence_stop_pairs(Vocab())) == want == {(1, 1), (1, 2), (1, 4), (4, 1), (5, 1), (7, 1),
+                                                                (9, 1), (9, 2), (9, 4)}
+
+
 def test_execute_with_the_package_harness():
     problems = humaneval.load_problems(3)
     completions = [problems[0]["canonical_solution"], "    return None\n", "    while True:\n        pass\n"]

@@ -187,7 +187,7 @@ def humaneval_completions(loaded: Intervened, problems, *, chat_style: str = "mo
     # problems go in by length, so slots decode prompts of similar length side by side.
     chunk = 4 * batch_size
     params = decoding_params(loaded.params)  # laid out once for all chunks
-    stops = humaneval.fence_stop_ids(loaded.tokenizer)
+    stops, pairs = humaneval.fence_stop_ids(loaded.tokenizer), humaneval.fence_stop_pairs(loaded.tokenizer)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -197,7 +197,8 @@ def humaneval_completions(loaded: Intervened, problems, *, chat_style: str = "mo
         idx = [start + int(j) for j in np.argsort(lengths[start:start + chunk], kind="stable")]
         t0 = time.perf_counter()
         ids = generate_ids(params, loaded.cfg, loaded.tokenizer, [prompts[i] for i in idx], loaded.intervention,
-                           batch_size=batch_size, max_new_tokens=max_new_tokens, extra_stop_ids=stops)
+                           batch_size=batch_size, max_new_tokens=max_new_tokens, extra_stop_ids=stops,
+                           stop_pairs=pairs)
         seconds = time.perf_counter() - t0
         for i, toks in zip(idx, ids):
             p = todo[i]
@@ -245,6 +246,7 @@ def run_humaneval(spec: ModelSpec, out, *, limit: int | None = None, allow_code_
     spec = spec.resolved()
     out = Path(out).expanduser()
     config = {"task": "humaneval", "spec": spec.config(), "chat_style": chat_style, "max_new_tokens": max_new_tokens,
+              "stop": "end of turn or closing fence (one token or two)",
               "instruction": humaneval.INSTRUCTION, "response_prefix": humaneval.RESPONSE_PREFIX, "timeout": timeout}
     runs.open_run(out, config, overwrite=overwrite)
     root = out / "humaneval"

@@ -28,6 +28,7 @@ import numpy as np
 from flax import struct
 
 from refusal_jax.model.config import ModelConfig
+from refusal_jax.model.generate import ends_pair
 from refusal_jax.model.params import Params
 from refusal_jax.model.transformer import Intervention, KVCache, forward_unjitted
 
@@ -92,10 +93,12 @@ def _prefill_chunk(params: Params, cfg: ModelConfig, cache: KVCache, slots: Slot
 
 
 def _decode(params: Params, cfg: ModelConfig, cache: KVCache, slots: Slots, free_target: jax.Array,
-            intervention: Intervention | None, *, stop_ids: tuple[int, ...]):
+            intervention: Intervention | None, *, stop_ids: tuple[int, ...],
+            stop_pairs: tuple[tuple[int, int], ...] = ()):
     """Greedy steps of every slot until `free_target` rows have stopped or none is active.
 
-    Each step records every active row's next token, stops rows at a stop token or at the out buffer's end, and
+    Each step records every active row's next token, stops rows at a stop token, a stop pair (previous, next) or at
+    the out buffer's end, and
     runs the still-active rows one token further (stopped slots ride along masked: their keys are never attended).
     """
     B, M = slots.out.shape
@@ -111,7 +114,9 @@ def _decode(params: Params, cfg: ModelConfig, cache: KVCache, slots: Slots, free
         col = jnp.minimum(s.count, M - 1)
         out = s.out.at[rows, col].set(jnp.where(s.active, s.next_token, s.out[rows, col]))
         count = s.count + s.active
-        stopped = s.active & (jnp.isin(s.next_token, stops) | (count >= M))
+        prev = s.out[rows, jnp.maximum(col - 1, 0)]
+        pair = ends_pair(prev, s.next_token, s.count > 0, stop_pairs)
+        stopped = s.active & (jnp.isin(s.next_token, stops) | pair | (count >= M))
         active = s.active & ~stopped
         fwd = forward_unjitted(params, cfg, s.next_token[:, None], active[:, None].astype(jnp.int32), intervention,
                                cache, logits="last")
@@ -132,14 +137,16 @@ def programs(per_layer: bool, bfloat16: bool = False):
     options = CPU_DECODE_OPTIONS if per_layer and not bfloat16 and jax.default_backend() == "cpu" else None
     prefill = jax.jit(_prefill_chunk, static_argnames=("cfg",), donate_argnames=("cache", "slots"),
                       compiler_options=options)
-    decode = jax.jit(_decode, static_argnames=("cfg", "stop_ids"), donate_argnames=("cache", "slots"),
+    decode = jax.jit(_decode, static_argnames=("cfg", "stop_ids", "stop_pairs"),
+                     donate_argnames=("cache", "slots"),
                      compiler_options=options)
     return prefill, decode
 
 
 def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
              intervention: Intervention | None = None, *, slots: int, max_new_tokens: int,
-             stop_ids: tuple[int, ...] = (), pad: int = 0, chunk: int = 32, bar=None,
+             stop_ids: tuple[int, ...] = (), stop_pairs: tuple[tuple[int, int], ...] = (), pad: int = 0,
+             chunk: int = 32, bar=None,
              stats: dict | None = None) -> list[list[int]]:
     """Greedy completions of token-id prompts with continuous batching, in input order.
 
@@ -191,7 +198,7 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
         before = np.asarray(state.count)
         target = 1 if waiting else slots + 1  # back to the host as soon as a slot can take a waiting prompt
         cache, state = decode(params, cfg, cache, state, jnp.asarray(target, jnp.int32),
-                              intervention, stop_ids=stop_ids)
+                              intervention, stop_ids=stop_ids, stop_pairs=stop_pairs)
         active, count = np.asarray(state.active), np.asarray(state.count)
         progressed = count - np.where([o is not None for o in owner], before, count)
         steps += int(progressed.max(initial=0))

@@ -19,7 +19,8 @@ from refusal_jax.model.quant import DECODE_DTYPES, lower_precision
 
 def greedy_generate(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array,
                     intervention: Intervention | None = None, *, max_new_tokens: int,
-                    stop_ids: tuple[int, ...] = (), pad: int = 0, per_layer: bool | None = None) -> jax.Array:
+                    stop_ids: tuple[int, ...] = (), stop_pairs: tuple[tuple[int, int], ...] = (), pad: int = 0,
+                    per_layer: bool | None = None) -> jax.Array:
     """Greedy continuation of left-padded prompts (jit-compiled).
 
     Args:
@@ -28,13 +29,16 @@ def greedy_generate(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: j
       intervention: applied to the prompt and to every generated token (traced).
       max_new_tokens: number of decoding steps (static).
       stop_ids: token ids that end a sequence; later positions are filled with `pad`.
+      stop_pairs: (previous, next) generated token pairs that end a sequence (a stop string split over two
+        tokens, e.g. Qwen's closing code fence "``" + "`\n"; `cut_at_stop` cuts the same way).
       per_layer: see `decoding_params` (default: on CPU).
     Returns:
       [B, max_new_tokens] int32 generated ids.
     """
     params = decoding_params(params, per_layer)
     return decode_program(isinstance(params.layers, tuple))(
-        params, cfg, tokens, mask, intervention, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad=pad)
+        params, cfg, tokens, mask, intervention, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+        stop_pairs=stop_pairs, pad=pad)
 
 
 def decoding_params(params: Params, per_layer: bool | None = None, dtype: str = "float32") -> Params:
@@ -79,13 +83,14 @@ CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 def decode_program(per_layer: bool):
     """The jitted generation function; for per-layer params on CPU compiled with `CPU_DECODE_OPTIONS`."""
     options = CPU_DECODE_OPTIONS if per_layer and jax.default_backend() == "cpu" else None
-    return jax.jit(_greedy_generate, static_argnames=("cfg", "max_new_tokens", "stop_ids", "pad"),
+    return jax.jit(_greedy_generate, static_argnames=("cfg", "max_new_tokens", "stop_ids", "stop_pairs", "pad"),
                    compiler_options=options)
 
 
 def _greedy_generate(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array,
                      intervention: Intervention | None = None, *, max_new_tokens: int,
-                     stop_ids: tuple[int, ...] = (), pad: int = 0) -> jax.Array:
+                     stop_ids: tuple[int, ...] = (), stop_pairs: tuple[tuple[int, int], ...] = (),
+                     pad: int = 0) -> jax.Array:
     B, T = tokens.shape
     dtype = params.embed.dtype
     per_layer = isinstance(params.layers, tuple)
@@ -101,7 +106,8 @@ def _greedy_generate(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: 
         step, cache, logits, done, generated = state
         nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # first maximal index, as torch.argmax
         generated = generated.at[:, step].set(jnp.where(done, pad, nxt))
-        done = done | jnp.isin(nxt, stops)
+        prev = generated[:, jnp.maximum(step - 1, 0)]
+        done = done | jnp.isin(nxt, stops) | ends_pair(prev, nxt, step > 0, stop_pairs)
         out = forward_unjitted(params, cfg, nxt[:, None], jnp.ones((B, 1), jnp.int32), intervention, cache,
                                logits="last")
         return step + 1, out.cache, out.logits, done, generated
@@ -109,6 +115,15 @@ def _greedy_generate(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: 
     state = (jnp.zeros((), jnp.int32), out.cache, out.logits, jnp.zeros((B,), bool),
              jnp.full((B, max_new_tokens), pad, jnp.int32))
     return jax.lax.while_loop(cond, body, state)[-1]
+
+
+def ends_pair(prev: jax.Array, nxt: jax.Array, has_prev: jax.Array,
+              stop_pairs: tuple[tuple[int, int], ...]) -> jax.Array:
+    """[B] bool: (prev, nxt) is one of `stop_pairs` (prev only counts where `has_prev`)."""
+    if not stop_pairs:
+        return jnp.zeros(nxt.shape, bool)
+    first, second = (jnp.asarray(x, jnp.int32) for x in zip(*stop_pairs))
+    return has_prev & jnp.any((prev[:, None] == first) & (nxt[:, None] == second), axis=-1)
 
 
 def stop_token_ids(tokenizer) -> tuple[int, ...]:
@@ -123,9 +138,11 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def cut_at_stop(tokens: list[int], stops: Sequence[int]) -> list[int]:
+def cut_at_stop(tokens: list[int], stops: Sequence[int], stop_pairs: Sequence[tuple[int, int]] = ()) -> list[int]:
+    """`tokens` up to and including the first stop token or the second token of the first stop pair."""
+    pairs = set(map(tuple, stop_pairs))
     for i, t in enumerate(tokens):
-        if t in stops:
+        if t in stops or (i and (tokens[i - 1], t) in pairs):
             return tokens[:i + 1]
     return tokens
 
@@ -135,7 +152,7 @@ def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[
                  progress: bool = False, desc: str = "generating", leave: bool = True,
                  mesh=None, continuous: bool = True, stats: dict | None = None,
                  decode_dtype: str = "float32", extra_stop_ids: Sequence[int] = (),
-                 bucket: int = 16) -> list[list[int]]:
+                 stop_pairs: Sequence[tuple[int, int]] = (), bucket: int = 16) -> list[list[int]]:
     """Greedy completion token ids of templated prompts (up to and including a stop token), in input order.
 
     continuous: continuous batching (`refusal_jax.model.continuous`) with `batch_size` slots: a slot whose row stopped
@@ -144,10 +161,12 @@ def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[
     padded length). Greedy output is the same either way. stats: filled by the continuous path (see there).
     decode_dtype: the precision of the decoding copy of the matmul weights (`decoding_params`).
     extra_stop_ids: end a sequence as well as the tokenizer's end-of-turn tokens (e.g. a closing code fence).
+    stop_pairs: (previous, next) token pairs that end a sequence (a stop string split over two tokens).
     """
     ids = encode(tokenizer, list(prompts))
     pad = pad_id(tokenizer)
     stops = tuple(sorted(set(stop_token_ids(tokenizer)) | {int(i) for i in extra_stop_ids}))
+    pairs = tuple(sorted({(int(a), int(b)) for a, b in stop_pairs}))
     params = decoding_params(params, dtype=decode_dtype)  # once for all batches
     if continuous and mesh is None:
         from refusal_jax.model import continuous as cb
@@ -159,7 +178,8 @@ def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[
             bar = tqdm(total=len(ids), desc=desc, unit="prompt", leave=leave)
         try:
             return cb.generate(params, cfg, ids, intervention, slots=min(batch_size, len(ids)),
-                               max_new_tokens=max_new_tokens, stop_ids=stops, pad=pad, bar=bar, stats=stats)
+                               max_new_tokens=max_new_tokens, stop_ids=stops, stop_pairs=pairs, pad=pad, bar=bar,
+                               stats=stats)
         finally:
             if bar is not None:
                 bar.close()
@@ -176,10 +196,10 @@ def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[
 
             tokens, mask = sharding.shard_batch(tokens, mesh), sharding.shard_batch(mask, mesh)
         gen = to_host(greedy_generate(params, cfg, tokens, mask, intervention,
-                                         max_new_tokens=max_new_tokens, stop_ids=stops, pad=pad))
+                                      max_new_tokens=max_new_tokens, stop_ids=stops, stop_pairs=pairs, pad=pad))
         for row, idx in enumerate(batch.index):
             if idx >= 0:
-                out[idx] = cut_at_stop(gen[row].tolist(), stops)
+                out[idx] = cut_at_stop(gen[row].tolist(), stops, pairs)
     return out
 
 
