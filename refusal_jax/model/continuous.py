@@ -129,17 +129,17 @@ def _decode(params: Params, cfg: ModelConfig, cache: KVCache, slots: Slots, free
 
 @functools.cache
 def programs(per_layer: bool, bfloat16: bool = False):
-    """(prefill, decode) jitted with the cache and slot state donated; on CPU with per-layer float32 params compiled
-    with `generate.CPU_DECODE_OPTIONS`, as the static decoding program. bfloat16 weights keep XLA:CPU's YNNPACK
-    fusions, which read them as bfloat16 (its default dot converts them to float32 first)."""
+    """(prefill, decode) jitted with the cache and slot state donated. On CPU the decoding steps (a few rows per
+    matmul) of per-layer float32 params are compiled with `generate.CPU_DECODE_OPTIONS`, as the static decoding
+    program; prefill (a chunk of prompt tokens per matmul) keeps XLA:CPU's YNNPACK fusions, faster there (README,
+    Completions). bfloat16 weights keep the fusions in both, which read them as bfloat16 (the default dot converts
+    them to float32 first)."""
     from refusal_jax.model.generate import CPU_DECODE_OPTIONS
 
     options = CPU_DECODE_OPTIONS if per_layer and not bfloat16 and jax.default_backend() == "cpu" else None
-    prefill = jax.jit(_prefill_chunk, static_argnames=("cfg",), donate_argnames=("cache", "slots"),
-                      compiler_options=options)
+    prefill = jax.jit(_prefill_chunk, static_argnames=("cfg",), donate_argnames=("cache", "slots"))
     decode = jax.jit(_decode, static_argnames=("cfg", "stop_ids", "stop_pairs"),
-                     donate_argnames=("cache", "slots"),
-                     compiler_options=options)
+                     donate_argnames=("cache", "slots"), compiler_options=options)
     return prefill, decode
 
 
