@@ -128,18 +128,12 @@ def _decode(params: Params, cfg: ModelConfig, cache: KVCache, slots: Slots, free
 
 
 @functools.cache
-def programs(per_layer: bool, bfloat16: bool = False):
-    """(prefill, decode) jitted with the cache and slot state donated. On CPU the decoding steps (a few rows per
-    matmul) of per-layer float32 params are compiled with `generate.CPU_DECODE_OPTIONS`, as the static decoding
-    program; prefill (a chunk of prompt tokens per matmul) keeps XLA:CPU's YNNPACK fusions, faster there (README,
-    Completions). bfloat16 weights keep the fusions in both, which read them as bfloat16 (the default dot converts
-    them to float32 first)."""
-    from refusal_jax.model.generate import CPU_DECODE_OPTIONS
-
-    options = CPU_DECODE_OPTIONS if per_layer and not bfloat16 and jax.default_backend() == "cpu" else None
+def programs():
+    """(prefill, decode) jitted with the cache and slot state donated. Unlike the static decoding program
+    (`generate.CPU_DECODE_OPTIONS`), both keep XLA:CPU's YNNPACK fusions: with a few to 32 rows per matmul they were
+    as fast or faster there, for float32 and bfloat16 weights alike (README, Completions)."""
     prefill = jax.jit(_prefill_chunk, static_argnames=("cfg",), donate_argnames=("cache", "slots"))
-    decode = jax.jit(_decode, static_argnames=("cfg", "stop_ids", "stop_pairs"),
-                     donate_argnames=("cache", "slots"), compiler_options=options)
+    decode = jax.jit(_decode, static_argnames=("cfg", "stop_ids", "stop_pairs"), donate_argnames=("cache", "slots"))
     return prefill, decode
 
 
@@ -168,8 +162,7 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
     if intervention is None:  # as data, so that baseline and interventions share the compiled programs
         intervention = Intervention.none(cfg)
     per_layer = isinstance(params.layers, tuple)
-    first_layer = params.layers[0] if per_layer else params.layers
-    prefill, decode = programs(per_layer, getattr(first_layer.q, "dtype", None) == jnp.bfloat16)
+    prefill, decode = programs()
     S = cache_length([len(x) for x in ids], max_new_tokens, chunk)
     cache = KVCache.init(cfg, slots, S, params.embed.dtype, per_layer=per_layer)
     cache = cache.replace(index=jnp.zeros((slots,), jnp.int32))
