@@ -98,8 +98,8 @@ def _decode(params: Params, cfg: ModelConfig, cache: KVCache, slots: Slots, free
     """Greedy steps of every slot until `free_target` rows have stopped or none is active.
 
     Each step records every active row's next token, stops rows at a stop token, a stop pair (previous, next) or at
-    the out buffer's end, and
-    runs the still-active rows one token further (stopped slots ride along masked: their keys are never attended).
+    the out buffer's end, and runs the still-active rows one token further (stopped slots ride along masked: their
+    keys are never attended).
     """
     B, M = slots.out.shape
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
@@ -140,8 +140,7 @@ def programs():
 def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
              intervention: Intervention | None = None, *, slots: int, max_new_tokens: int,
              stop_ids: tuple[int, ...] = (), stop_pairs: tuple[tuple[int, int], ...] = (), pad: int = 0,
-             chunk: int = 32, bar=None,
-             stats: dict | None = None) -> list[list[int]]:
+             chunk: int = 32, bar=None, stats: dict | None = None) -> list[list[int]]:
     """Greedy completions of token-id prompts with continuous batching, in input order.
 
     Args:
