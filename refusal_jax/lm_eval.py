@@ -153,8 +153,8 @@ class RefusalJaxLM(_Base):
         self.add_bos_token = bool(add_bos_token)
         self.progress = progress
         self._decoding = None
-        self._vocab_texts = None
-        self._stop_cache: dict[tuple[str, ...], tuple[int, ...]] = {}
+        self._token_texts: list[str] | None = None
+        self._stop_cache: dict[tuple[str, ...], tuple] = {}
 
     # -- tokenization (TemplateLM) --------------------------------------------------------------------------
 
@@ -226,15 +226,15 @@ class RefusalJaxLM(_Base):
             self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), total)
         return totals
 
-    def _stop_ids(self, until: tuple[str, ...]) -> tuple[int, ...]:
-        """Tokens whose own text contains an `until` string: decoding can stop there (the text is cut anyway)."""
-        if not until:
-            return ()
+    def _stops(self, until: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+        """Where decoding can stop for the `until` strings (`generate.stop_string_tokens`); the text is cut at
+        them anyway."""
+        from refusal_jax.model.generate import stop_string_tokens, token_texts
+
         if until not in self._stop_cache:
-            if self._vocab_texts is None:
-                self._vocab_texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
-            texts = self._vocab_texts
-            self._stop_cache[until] = tuple(i for i, t in enumerate(texts) if any(u and u in t for u in until))
+            if self._token_texts is None:
+                self._token_texts = token_texts(self.tokenizer)
+            self._stop_cache[until] = stop_string_tokens(self._token_texts, until)
         return self._stop_cache[until]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -257,16 +257,18 @@ class RefusalJaxLM(_Base):
         bar = self._bar(len(requests), "refusal_jax generate_until", disable_tqdm)
         pad = self._pad()
         for (until, max_new), idx in groups.items():
-            stops = tuple(sorted(set(stop_token_ids(self.tokenizer)) | set(self._stop_ids(until))))
+            until_ids, pairs = self._stops(until)
+            stops = tuple(sorted(set(stop_token_ids(self.tokenizer)) | set(until_ids)))
             keep = max(1, self.max_length - max_new)
             ids = [self.tok_encode(specs[i][0])[-keep:] for i in idx]
             for batch in bucketed(ids, self.batch_size, pad):
                 gen = np.asarray(greedy_generate(self._decoding, self.cfg, batch.tokens, batch.mask,
-                                                 self.intervention, max_new_tokens=max_new, stop_ids=stops, pad=pad))
+                                                 self.intervention, max_new_tokens=max_new, stop_ids=stops,
+                                                 stop_pairs=pairs, pad=pad))
                 for r, j in enumerate(batch.index):
                     if j < 0:
                         continue
-                    text = self.tok_decode(cut_at_stop(gen[r].tolist(), stops))
+                    text = self.tok_decode(cut_at_stop(gen[r].tolist(), stops, pairs))
                     for u in until:
                         if u:
                             text = text.split(u)[0]

@@ -43,20 +43,48 @@ def test_extract_completion():
     assert humaneval.extract_completion("def adder(a):\n    pass\n", "add") == "def adder(a):\n    pass\n"
 
 
+class _Tokenizer:
+    """Just what `generate.token_texts` uses: id -> text, decoding concatenates."""
+
+    def __init__(self, vocab):
+        self.texts = {i: t for t, i in vocab.items()}
+
+    def __len__(self):
+        return len(self.texts)
+
+    def encode(self, text, add_special_tokens=True):
+        return [next(i for i, t in self.texts.items() if t == text)]
+
+    def decode(self, ids, clean_up_tokenization_spaces=True):
+        return "".join(self.texts[i] for i in ids)
+
+    def batch_decode(self, rows, clean_up_tokenization_spaces=True):
+        return [self.decode(r) for r in rows]
+
+
 def test_fence_stop_tokens_and_pairs():
     """Tokens holding the fence stop alone; pairs stop where they write it across their boundary (as Qwen2.5's
-    "``" + "`\\n\\n"), and nowhere else."""
-    vocab = {"``": 1, "`\n\n": 2, "```": 3, "`": 4, "a`": 5, "x": 6, "Ġ`": 7, "```python": 8, "b``": 9}
+    "``" + "`\n\n"), and nowhere else."""
+    vocab = {"a": 0, "``": 1, "`\n\n": 2, "```": 3, "`": 4, "a`": 5, "x": 6, " `": 7, "```python": 8, "b``": 9}
 
-    class Vocab:
-        def get_vocab(self):
-            return vocab
-
-    assert humaneval.fence_stop_ids(Vocab()) == (3, 8)
+    ids, pairs = humaneval.fence_stops(_Tokenizer(vocab))
+    assert ids == (3, 8)
     want = {(a, b) for ta, a in vocab.items() for tb, b in vocab.items()
             if "```" not in ta and "```" not in tb and "```" in ta[-2:] + tb[:2]}
-    assert set(humaneval.fence_stop_pairs(Vocab())) == want == {(1, 1), (1, 2), (1, 4), (4, 1), (5, 1), (7, 1),
-                                                                (9, 1), (9, 2), (9, 4)}
+    assert set(pairs) == want == {(1, 1), (1, 2), (1, 4), (4, 1), (5, 1), (7, 1), (9, 1), (9, 2), (9, 4)}
+
+
+def test_stop_strings_over_token_texts():
+    """Stop strings are matched in the decoded text (whitespace too); a string with too many pairs gets none."""
+    from refusal_jax.model.generate import stop_string_tokens, token_texts
+
+    vocab = {"a": 0, "\n": 1, "\n\n": 2, "x\n": 3, "\ny": 4, "END": 5, "EN": 6, "D.": 7}
+    texts = token_texts(_Tokenizer(vocab))
+    assert texts == list(vocab)
+    ids, pairs = stop_string_tokens(texts, ["\n\n", "END", ""])
+    assert ids == (2, 5)
+    assert set(pairs) == {(1, 1), (1, 4), (3, 1), (3, 4), (6, 7)}
+    assert stop_string_tokens(texts, ["\n\n", "END"], max_pairs=3) == ((2, 5), ((6, 7),))
 
 
 def test_execute_with_the_package_harness():

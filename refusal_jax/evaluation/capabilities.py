@@ -187,7 +187,7 @@ def humaneval_completions(loaded: Intervened, problems, *, chat_style: str = "mo
     # problems go in by length, so slots decode prompts of similar length side by side.
     chunk = 4 * batch_size
     params = decoding_params(loaded.params)  # laid out once for all chunks
-    stops, pairs = humaneval.fence_stop_ids(loaded.tokenizer), humaneval.fence_stop_pairs(loaded.tokenizer)
+    stops, pairs = humaneval.fence_stops(loaded.tokenizer)
     bar = None
     if progress:
         from tqdm.auto import tqdm

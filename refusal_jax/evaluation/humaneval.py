@@ -10,9 +10,9 @@ fenced block inside one user message of the chat template,
 
 and the assistant turn is started with RESPONSE_PREFIX, which opens a ```python block. Decoding is greedy (pass@1
 with one sample is then the fraction of problems solved) and stops at the end of turn, at the first token that
-contains "```" (`fence_stop_ids`) or at the second of two tokens that write it across their boundary
-(`fence_stop_pairs`: Qwen2.5's BPE splits "```\n\n" into "``" + "`\n\n"), so the prose after the code is not
-generated (the extracted code is the same either way).
+contains "```" or at the second of two tokens that write it across their boundary (`fence_stops`: Qwen2.5's
+BPE splits "```\n\n" into "``" + "`\n\n"), so the prose after the code is not generated (the extracted code is
+the same either way).
 
 Extraction (`extract_completion`): the code is the response up to the closing fence. The harness runs
 `problem prompt + completion + test + check(entry_point)`, so:
@@ -76,19 +76,11 @@ def instruction(problem: dict) -> str:
     return INSTRUCTION.format(prompt=problem["prompt"].strip())
 
 
-def fence_stop_ids(tokenizer) -> tuple[int, ...]:
-    """Ids of every vocabulary token whose text contains the code fence "```" (backticks are their own bytes in
-    byte-level and sentencepiece vocabularies, so the token strings show them)."""
-    return tuple(sorted(int(i) for t, i in tokenizer.get_vocab().items() if FENCE in t))
+def fence_stops(tokenizer) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """(ids, pairs) where decoding stops at the code fence "```" (`generate.stop_string_tokens`)."""
+    from refusal_jax.model.generate import stop_string_tokens, token_texts
 
-
-def fence_stop_pairs(tokenizer) -> tuple[tuple[int, int], ...]:
-    """(previous, next) token id pairs that write the fence "```" across their boundary, neither holding it alone
-    (Qwen2.5's BPE closes a block with "``" + "`\n\n")."""
-    vocab = tokenizer.get_vocab()
-    ends = [(t, i) for t, i in vocab.items() if t.endswith("`") and FENCE not in t]
-    starts = [(t, i) for t, i in vocab.items() if t.startswith("`") and FENCE not in t]
-    return tuple(sorted((int(i), int(j)) for a, i in ends for b, j in starts if FENCE in a[-2:] + b[:2]))
+    return stop_string_tokens(token_texts(tokenizer), [FENCE])
 
 
 def extract_code(response: str) -> str:

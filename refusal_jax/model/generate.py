@@ -138,6 +138,42 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def token_texts(tokenizer) -> list[str]:
+    """Each token id's text as it reads inside a sequence: decoded after an anchor token and with the anchor's text
+    removed, so a byte-level "ĊĊ" reads "\n\n" and a sentencepiece "▁`" keeps its leading space (decoded alone,
+    sentencepiece drops it)."""
+    anchor = tokenizer.encode("a", add_special_tokens=False)[:1]
+    head = len(tokenizer.decode(anchor, clean_up_tokenization_spaces=False))
+    texts = tokenizer.batch_decode([anchor + [i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
+    return [t[head:] for t in texts]
+
+
+def stop_string_tokens(texts: Sequence[str], strings: Sequence[str], max_pairs: int = 1024
+                       ) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """Where greedy decoding can stop for stop strings, from `token_texts`: (ids, pairs).
+
+    ids: tokens whose text contains a stop string. pairs: (previous, next) tokens that write one across their
+    boundary, neither holding it alone (Qwen2.5 closes a code fence with "``" + "`\n\n"). A string whose pairs
+    number more than `max_pairs` (e.g. "\n\n": every token ending in a newline before every one starting with
+    one) gets none, and strings spread over three or more tokens are not caught: decoding then goes on to the
+    token limit or another stop, and callers cut the decoded text at the string anyway.
+    """
+    strings = [s for s in dict.fromkeys(strings) if s]
+    ids = sorted(i for i, t in enumerate(texts) if any(s in t for s in strings))
+    pairs: set[tuple[int, int]] = set()
+    for s in strings:
+        found = set()
+        for k in range(1, len(s)):
+            ends = [i for i, t in enumerate(texts) if t.endswith(s[:k]) and s not in t]
+            starts = [j for j, t in enumerate(texts) if t.startswith(s[k:]) and s not in t]
+            if len(found) + len(ends) * len(starts) > max_pairs:
+                found = set()
+                break
+            found.update((i, j) for i in ends for j in starts)
+        pairs |= found
+    return tuple(ids), tuple(sorted(pairs))
+
+
 def cut_at_stop(tokens: list[int], stops: Sequence[int], stop_pairs: Sequence[tuple[int, int]] = ()) -> list[int]:
     """`tokens` up to and including the first stop token or the second token of the first stop pair."""
     pairs = set(map(tuple, stop_pairs))
