@@ -131,7 +131,8 @@ def main():
 
     record = {"benchmark": "completions", "machine": machine(), "model": args.model, "n_prompts": len(prompts),
               "prompt_tokens": sum(n_prompt_tokens), "max_new_tokens": args.max_new_tokens, "slots": args.slots,
-              "prefill_chunk": 32, "ref_batch_size": args.ref_batch_size, "direction_layer": layer,
+              "prefill_chunk": 32, "refill": max(1, args.slots // 8), "ref_batch_size": args.ref_batch_size,
+              "direction_layer": layer,
               "direction_source": str(args.run_dir) if args.run_dir else "quick mean difference"}
     results: dict[str, dict] = {}
     ids_by: dict[tuple[str, str], list] = {}

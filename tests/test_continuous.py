@@ -59,6 +59,9 @@ def test_continuous_equals_static(family, per_layer):
         # a stopped row's slot is refilled at once: fewer steps than refilling 3 slots together
         together = sum(max(len(w) for w in want[i:i + 3]) for i in range(0, len(want), 3))
         assert stats["steps"] < together, (stats, together)
+        # prompts prefilled two at a time (with a dropped padding row when one slot is free)
+        assert continuous.generate(params, cfg, ids, iv, slots=3, max_new_tokens=max_new, stop_ids=stops,
+                                   chunk=8, refill=2) == want, kind
 
 
 def test_stop_pairs_end_rows_on_both_paths():

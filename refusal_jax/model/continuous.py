@@ -5,13 +5,14 @@ costing a full step. Here every slot of the batch holds one prompt at a time; wh
 `max_new_tokens`), the slot takes the next waiting prompt. Each row sits at its own place in its cache row
 (`KVCache.index` of shape [B]); RoPE positions come from the per-row `lengths`, as in the static path.
 
-Two compiled programs, each compiled once per (slots, cache length, chunk) and reused for every prompt and every
-call with the same sizes:
+Two compiled programs, each compiled once per (slots, cache length, chunk, refill) and reused for every prompt and
+every call with the same sizes:
 
-  prefill  one prompt, left-padded to a multiple of `chunk` tokens, enters one slot `chunk` tokens per call
-           (chunked prefill: no program per prompt length), and its first generated token is chosen.
-  decode   greedy steps of all slots inside one `while_loop`, until a row stops while prompts are waiting (or
-           every row has stopped); then the host refills the free slots.
+  prefill  `refill` prompts, left-padded together to a multiple of `chunk` tokens, enter free slots `chunk`
+           tokens per call (chunked prefill: no program per prompt length), and their first generated tokens
+           are chosen.
+  decode   greedy steps of all slots inside one `while_loop`, until `refill` rows have stopped while prompts are
+           waiting (or every row has stopped); then the host refills the free slots.
 
 Greedy fp32 output equals the static path's (`model.generate.greedy_generate`) for every prompt
 (tests/test_continuous.py).
@@ -66,29 +67,31 @@ def _rows(tree, per_layer: bool, fn):
     return jax.tree.map(lambda a: fn(a, 0 if per_layer else 1), tree)
 
 
-def _prefill_chunk(params: Params, cfg: ModelConfig, cache: KVCache, slots: Slots, slot: jax.Array,
+def _prefill_chunk(params: Params, cfg: ModelConfig, cache: KVCache, slots: Slots, rows: jax.Array,
                    tokens: jax.Array, mask: jax.Array, first: jax.Array, intervention: Intervention | None):
-    """One chunk [1, C] of a left-padded prompt into row `slot` (the row is reset when `first`); the row's next
-    token is the argmax after the chunk (meaningful after the last chunk)."""
+    """One chunk [K, C] of K left-padded prompts into cache rows `rows` [K] (rows are reset when `first`; a row
+    index past the last slot marks a padding entry, computed and dropped); each row's next token is the argmax
+    after the chunk (meaningful after the last chunk)."""
     per_layer = isinstance(cache.k, tuple)
-    take = lambda a, ax: jax.lax.dynamic_index_in_dim(a, slot, ax, keepdims=True)  # noqa: E731
+    take = lambda a, ax: jnp.take(a, rows, axis=ax, mode="clip")  # noqa: E731
     row = KVCache(k=_rows(cache.k, per_layer, take), v=_rows(cache.v, per_layer, take),
                   mask=jnp.where(first, False, take(cache.mask, 0)),
                   lengths=jnp.where(first, 0, take(cache.lengths, 0)),
-                  index=jnp.where(first, 0, cache.index[slot]))
+                  index=jnp.where(first, 0, take(cache.index, 0)))
     out = forward_unjitted(params, cfg, tokens, mask, intervention, row, logits="last")
 
     def put(big, small, ax):
-        return jax.lax.dynamic_update_index_in_dim(big, small.astype(big.dtype), slot, ax)
+        small = small.astype(big.dtype)
+        return big.at[rows].set(small, mode="drop") if ax == 0 else big.at[:, rows].set(small, mode="drop")
 
     new = out.cache
     cache = KVCache(k=jax.tree.map(lambda b, s: put(b, s, 0 if per_layer else 1), cache.k, new.k),
                     v=jax.tree.map(lambda b, s: put(b, s, 0 if per_layer else 1), cache.v, new.v),
                     mask=put(cache.mask, new.mask, 0), lengths=put(cache.lengths, new.lengths, 0),
-                    index=cache.index.at[slot].set(new.index))
-    nxt = jnp.argmax(out.logits[0]).astype(jnp.int32)
-    slots = Slots(next_token=slots.next_token.at[slot].set(nxt), active=slots.active.at[slot].set(True),
-                  count=slots.count.at[slot].set(0), out=slots.out)
+                    index=put(cache.index, new.index, 0))
+    nxt = jnp.argmax(out.logits, axis=-1).astype(jnp.int32)
+    slots = Slots(next_token=put(slots.next_token, nxt, 0), active=put(slots.active, jnp.ones_like(rows, bool), 0),
+                  count=put(slots.count, jnp.zeros_like(rows), 0), out=slots.out)
     return cache, slots
 
 
@@ -140,7 +143,7 @@ def programs():
 def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
              intervention: Intervention | None = None, *, slots: int, max_new_tokens: int,
              stop_ids: tuple[int, ...] = (), stop_pairs: tuple[tuple[int, int], ...] = (), pad: int = 0,
-             chunk: int = 32, bar=None, stats: dict | None = None) -> list[list[int]]:
+             chunk: int = 32, refill: int | None = None, bar=None, stats: dict | None = None) -> list[list[int]]:
     """Greedy completions of token-id prompts with continuous batching, in input order.
 
     Args:
@@ -148,6 +151,8 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
       ids: prompt token ids (templated, with any BOS).
       slots: rows decoded together (the batch size of a step).
       chunk: prompt tokens per prefill call; prompts are left-padded to a multiple of it.
+      refill: prompts prefilled together (and so the stopped rows decoding waits for while prompts are
+        waiting); default slots // 8, at least 1.
       bar: a tqdm-like progress bar updated by one per finished prompt.
       stats: if a dict, filled with "steps" (decode steps run), "slot_steps" (steps x slots) and "row_steps"
         (steps of active rows; their ratio is the slot occupancy).
@@ -156,8 +161,9 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
     """
     if not ids:
         return []
-    if slots < 1 or chunk < 1 or max_new_tokens < 1:
-        raise ValueError("slots, chunk and max_new_tokens must be >= 1")
+    refill = max(1, slots // 8) if refill is None else refill
+    if min(slots, chunk, max_new_tokens, refill) < 1 or refill > slots:
+        raise ValueError("slots, chunk, max_new_tokens and refill must be >= 1, refill at most slots")
     if intervention is None:  # as data, so that baseline and interventions share the compiled programs
         intervention = Intervention.none(cfg)
     per_layer = isinstance(params.layers, tuple)
@@ -171,24 +177,34 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
     results: list[list[int]] = [[] for _ in ids]
     steps = row_steps = 0
 
-    def admit(slot: int):
+    def admit(free: list[int]):
+        """Prefill waiting prompts into the `free` slots, `refill` prompts per group (padded with dropped rows,
+        so that one program serves every group), each group left-padded to its longest prompt and entered
+        `chunk` tokens per call."""
         nonlocal cache, state
-        i = waiting.pop()
-        owner[slot] = i
-        seq = list(ids[i])
-        n = -(-len(seq) // chunk) * chunk
-        tokens = np.full((1, n), pad, np.int32)
-        mask = np.zeros((1, n), np.int32)
-        tokens[0, n - len(seq):], mask[0, n - len(seq):] = seq, 1
-        for c in range(0, n, chunk):
-            cache, state = prefill(params, cfg, cache, state, jnp.asarray(slot, jnp.int32),
-                                   tokens[:, c:c + chunk], mask[:, c:c + chunk], jnp.asarray(c == 0), intervention)
+        free = free[:len(waiting)]
+        for g in range(0, len(free), refill):
+            group = free[g:g + refill]
+            seqs = []
+            for slot in group:
+                owner[slot] = waiting.pop()
+                seqs.append(list(ids[owner[slot]]))
+            n = -(-max(map(len, seqs)) // chunk) * chunk
+            tokens = np.full((refill, n), pad, np.int32)
+            mask = np.zeros((refill, n), np.int32)
+            rows = np.full((refill,), slots, np.int32)  # past the last slot: padding entries, dropped
+            rows[:len(group)] = group
+            for r, seq in enumerate(seqs):
+                tokens[r, n - len(seq):], mask[r, n - len(seq):] = seq, 1
+            for c in range(0, n, chunk):
+                cache, state = prefill(params, cfg, cache, state, jnp.asarray(rows), tokens[:, c:c + chunk],
+                                       mask[:, c:c + chunk], jnp.asarray(c == 0), intervention)
 
-    for slot in range(min(slots, len(ids))):
-        admit(slot)
+    admit(list(range(slots)))
     while any(o is not None for o in owner):
         before = np.asarray(state.count)
-        target = 1 if waiting else slots + 1  # back to the host as soon as a slot can take a waiting prompt
+        # Back to the host once `refill` slots can take waiting prompts (prefilled together), or when all stopped.
+        target = min(len(waiting), refill) if waiting else slots + 1
         cache, state = decode(params, cfg, cache, state, jnp.asarray(target, jnp.int32),
                               intervention, stop_ids=stop_ids, stop_pairs=stop_pairs)
         active, count = np.asarray(state.active), np.asarray(state.count)
@@ -203,8 +219,8 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
                 owner[s] = None
                 if bar is not None:
                     bar.update(1)
-                if waiting:
-                    admit(s)
+            if waiting:
+                admit(finished)
     if stats is not None:
         stats.update(steps=steps, slot_steps=steps * slots, row_steps=row_steps)
     return results
