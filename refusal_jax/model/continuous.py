@@ -29,7 +29,7 @@ import numpy as np
 from flax import struct
 
 from refusal_jax.model.config import ModelConfig
-from refusal_jax.model.generate import ends_pair
+from refusal_jax.model.generate import CPU_DECODE_OPTIONS, ends_pair
 from refusal_jax.model.params import Params
 from refusal_jax.model.transformer import Intervention, KVCache, forward_unjitted
 
@@ -131,12 +131,15 @@ def _decode(params: Params, cfg: ModelConfig, cache: KVCache, slots: Slots, free
 
 
 @functools.cache
-def programs():
-    """(prefill, decode) jitted with the cache and slot state donated. Unlike the static decoding program
-    (`generate.CPU_DECODE_OPTIONS`), both keep XLA:CPU's YNNPACK fusions: with a few to 32 rows per matmul they were
-    as fast or faster there, for float32 and bfloat16 weights alike (README, Completions)."""
+def programs(default_dot: bool):
+    """(prefill, decode) jitted with the cache and slot state donated. default_dot: compile the decoding program
+    with `generate.CPU_DECODE_OPTIONS`, as the static one; `generate` asks for it with float32 per-layer weights
+    on CPU (XLA's default dot instead of YNNPACK's fusions: a 32-slot step of the bundled model takes 0.31-0.37 s
+    against 0.37-0.45 s at cache lengths 128-640). bfloat16 and int8 weights keep the fusions, which take them
+    as they are, and so does prefill, whose matmuls have `refill` x `chunk` rows."""
     prefill = jax.jit(_prefill_chunk, static_argnames=("cfg",), donate_argnames=("cache", "slots"))
-    decode = jax.jit(_decode, static_argnames=("cfg", "stop_ids", "stop_pairs"), donate_argnames=("cache", "slots"))
+    decode = jax.jit(_decode, static_argnames=("cfg", "stop_ids", "stop_pairs"), donate_argnames=("cache", "slots"),
+                     compiler_options=CPU_DECODE_OPTIONS if default_dot else None)
     return prefill, decode
 
 
@@ -167,7 +170,9 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
     if intervention is None:  # as data, so that baseline and interventions share the compiled programs
         intervention = Intervention.none(cfg)
     per_layer = isinstance(params.layers, tuple)
-    prefill, decode = programs()
+    q = params.layers[0].q if per_layer else params.layers.q
+    default_dot = per_layer and jax.default_backend() == "cpu" and getattr(q, "dtype", None) == jnp.float32
+    prefill, decode = programs(default_dot)
     S = cache_length([len(x) for x in ids], max_new_tokens, chunk)
     cache = KVCache.init(cfg, slots, S, params.embed.dtype, per_layer=per_layer)
     cache = cache.replace(index=jnp.zeros((slots,), jnp.int32))
