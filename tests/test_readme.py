@@ -149,7 +149,8 @@ def parse_only(argv: list[str], run) -> None:
     raise AssertionError(f"{argv}: the program never parsed its arguments")
 
 
-SETUP = (["python3", "-m", "venv"], [".venv/bin/pip", "install"], [".venv/bin/python", "-m", "pytest"])
+SETUP = (["python3", "-m", "venv"], [".venv/bin/pip", "install"], [".venv/bin/python", "-m", "pytest"],
+         ["mkdir", "-p"])
 
 
 def check_command(words: list[str], capsys) -> None:
