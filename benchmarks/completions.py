@@ -83,6 +83,7 @@ def main():
     from refusal_jax.convert import bundled
     from refusal_jax.evaluation import judge
     from refusal_jax.model.batching import bucketed, encode, pad_id
+    from refusal_jax.model.continuous import default_refill
     from refusal_jax.model.generate import cut_at_stop, generate_ids, stop_token_ids
     from refusal_jax.prompts import datasets, templates
 
@@ -131,7 +132,7 @@ def main():
 
     record = {"benchmark": "completions", "machine": machine(), "model": args.model, "n_prompts": len(prompts),
               "prompt_tokens": sum(n_prompt_tokens), "max_new_tokens": args.max_new_tokens, "slots": args.slots,
-              "prefill_chunk": 32, "refill": max(1, args.slots // 8), "ref_batch_size": args.ref_batch_size,
+              "prefill_chunk": 32, "refill": default_refill(args.slots), "ref_batch_size": args.ref_batch_size,
               "direction_layer": layer,
               "direction_source": str(args.run_dir) if args.run_dir else "quick mean difference"}
     results: dict[str, dict] = {}

@@ -62,6 +62,11 @@ def cache_length(prompt_lengths: Sequence[int], max_new_tokens: int, chunk: int,
     return -(-(longest + max_new_tokens) // round_to) * round_to
 
 
+def default_refill(slots: int) -> int:
+    """Prompts prefilled together when `generate` is given no `refill`: slots // 8, at least 1."""
+    return max(1, slots // 8)
+
+
 def _rows(tree, per_layer: bool, fn):
     """fn(array, batch_axis) over the k/v arrays of a cache (per-layer tuples [B, S, K, H] or stacked [L, B, ...])."""
     return jax.tree.map(lambda a: fn(a, 0 if per_layer else 1), tree)
@@ -155,7 +160,7 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
       slots: rows decoded together (the batch size of a step).
       chunk: prompt tokens per prefill call; prompts are left-padded to a multiple of it.
       refill: prompts prefilled together (and so the stopped rows decoding waits for while prompts are
-        waiting); default slots // 8, at least 1.
+        waiting); default `default_refill(slots)`.
       bar: a tqdm-like progress bar updated by one per finished prompt.
       stats: if a dict, filled with "steps" (decode steps run), "slot_steps" (steps x slots) and "row_steps"
         (steps of active rows; their ratio is the slot occupancy).
@@ -164,7 +169,7 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
     """
     if not ids:
         return []
-    refill = max(1, slots // 8) if refill is None else refill
+    refill = default_refill(slots) if refill is None else refill
     if min(slots, chunk, max_new_tokens, refill) < 1 or refill > slots:
         raise ValueError("slots, chunk, max_new_tokens and refill must be >= 1, refill at most slots")
     if intervention is None:  # as data, so that baseline and interventions share the compiled programs
