@@ -62,6 +62,12 @@ def test_continuous_equals_static(family, per_layer):
         # prompts prefilled two at a time (with a dropped padding row when one slot is free)
         assert continuous.generate(params, cfg, ids, iv, slots=3, max_new_tokens=max_new, stop_ids=stops,
                                    chunk=8, refill=2) == want, kind
+        # the draining rows gathered into 2 and then 1 slot: same output, fewer slot-steps than the full width
+        stats = {}
+        assert continuous.generate(params, cfg, ids, iv, slots=4, max_new_tokens=max_new, stop_ids=stops,
+                                   chunk=8, compact_min=1, stats=stats) == want, kind
+        assert stats["row_steps"] == sum(len(w) for w in want)
+        assert stats["row_steps"] <= stats["slot_steps"] < 4 * stats["steps"], stats
 
 
 def test_stop_pairs_end_rows_on_both_paths():

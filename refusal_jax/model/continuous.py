@@ -12,7 +12,13 @@ every call with the same sizes:
            tokens per call (chunked prefill: no program per prompt length), and their first generated tokens
            are chosen.
   decode   greedy steps of all slots inside one `while_loop`, until `refill` rows have stopped while prompts are
-           waiting (or every row has stopped); then the host refills the free slots.
+           waiting (or, once none waits, until the rows left fit in half the slots); then the host refills the
+           free slots.
+
+Once no prompt waits, the set drains: the rows still running (often the long completions of the last prompts
+admitted) would keep paying a full-width step. When they fit in half the slots, they are gathered into a batch of
+half the width (`_compact`, down to `compact_min` slots), and decoding goes on with that width's program: on the
+bundled model on a 2-core CPU, a decoding step takes ~0.40 s with 32 slots, ~0.20 s with 16, ~0.16 s with 8.
 
 Greedy fp32 output equals the static path's (`model.generate.greedy_generate`) for every prompt
 (tests/test_continuous.py).
@@ -135,6 +141,17 @@ def _decode(params: Params, cfg: ModelConfig, cache: KVCache, slots: Slots, free
     return cache, slots
 
 
+@jax.jit
+def _compact(cache: KVCache, slots: Slots, keep: jax.Array) -> tuple[KVCache, Slots]:
+    """The slots `keep` [B'] of cache and state, in that order, as a batch of B' rows."""
+    per_layer = isinstance(cache.k, tuple)
+    take = lambda a, ax: jnp.take(a, keep, axis=ax)  # noqa: E731
+    rows = lambda a: take(a, 0)  # noqa: E731
+    cache = KVCache(k=_rows(cache.k, per_layer, take), v=_rows(cache.v, per_layer, take), mask=rows(cache.mask),
+                    lengths=rows(cache.lengths), index=rows(cache.index))
+    return cache, jax.tree.map(rows, slots)
+
+
 @functools.cache
 def programs(default_dot: bool):
     """(prefill, decode) jitted with the cache and slot state donated. default_dot: compile the decoding program
@@ -151,7 +168,8 @@ def programs(default_dot: bool):
 def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
              intervention: Intervention | None = None, *, slots: int, max_new_tokens: int,
              stop_ids: tuple[int, ...] = (), stop_pairs: tuple[tuple[int, int], ...] = (), pad: int = 0,
-             chunk: int = 32, refill: int | None = None, bar=None, stats: dict | None = None) -> list[list[int]]:
+             chunk: int = 32, refill: int | None = None, compact_min: int = 8, bar=None,
+             stats: dict | None = None) -> list[list[int]]:
     """Greedy completions of token-id prompts with continuous batching, in input order.
 
     Args:
@@ -161,17 +179,19 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
       chunk: prompt tokens per prefill call; prompts are left-padded to a multiple of it.
       refill: prompts prefilled together (and so the stopped rows decoding waits for while prompts are
         waiting); default `default_refill(slots)`.
+      compact_min: once no prompt waits, the running rows are gathered into half the slots whenever they fit,
+        down to this many slots (one more decoding program per width); `slots` or more: never.
       bar: a tqdm-like progress bar updated by one per finished prompt.
-      stats: if a dict, filled with "steps" (decode steps run), "slot_steps" (steps x slots) and "row_steps"
-        (steps of active rows; their ratio is the slot occupancy).
+      stats: if a dict, filled with "steps" (decode steps run), "slot_steps" (steps x the slots decoded at each
+        step) and "row_steps" (steps of active rows; their ratio is the slot occupancy).
     Returns:
       each prompt's generated ids, up to and including its stop token.
     """
     if not ids:
         return []
     refill = default_refill(slots) if refill is None else refill
-    if min(slots, chunk, max_new_tokens, refill) < 1 or refill > slots:
-        raise ValueError("slots, chunk, max_new_tokens and refill must be >= 1, refill at most slots")
+    if min(slots, chunk, max_new_tokens, refill, compact_min) < 1 or refill > slots:
+        raise ValueError("slots, chunk, max_new_tokens, refill and compact_min must be >= 1, refill at most slots")
     if intervention is None:  # as data, so that baseline and interventions share the compiled programs
         intervention = Intervention.none(cfg)
     per_layer = isinstance(params.layers, tuple)
@@ -185,7 +205,7 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
     waiting = list(range(len(ids)))[::-1]  # pop() takes them in input order
     owner: list[int | None] = [None] * slots
     results: list[list[int]] = [[] for _ in ids]
-    steps = row_steps = 0
+    steps = row_steps = slot_steps = 0
 
     def admit(free: list[int]):
         """Prefill waiting prompts into the `free` slots, `refill` prompts per group (padded with dropped rows,
@@ -212,16 +232,33 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
 
     admit(list(range(slots)))
     while any(o is not None for o in owner):
+        running = [s for s, o in enumerate(owner) if o is not None]
+        width = len(owner)
+        if not waiting and len(running) <= width // 2 and width // 2 >= compact_min:
+            while len(running) <= width // 2 and width // 2 >= compact_min:
+                width //= 2
+            # the running rows first, then stopped slots as inactive padding
+            keep = running + [s for s, o in enumerate(owner) if o is None][:width - len(running)]
+            cache, state = _compact(cache, state, jnp.asarray(keep, jnp.int32))
+            owner = [owner[s] for s in keep]
+            running = list(range(len(running)))
         before = np.asarray(state.count)
-        # Back to the host once `refill` slots can take waiting prompts (prefilled together), or when all stopped.
-        target = min(len(waiting), refill) if waiting else slots + 1
+        # Back to the host once `refill` slots can take waiting prompts (prefilled together), once the running rows
+        # fit in half the slots, or when all stopped.
+        if waiting:
+            target = min(len(waiting), refill)
+        elif width // 2 >= compact_min:
+            target = len(running) - width // 2
+        else:
+            target = width + 1
         cache, state = decode(params, cfg, cache, state, jnp.asarray(target, jnp.int32),
                               intervention, stop_ids=stop_ids, stop_pairs=stop_pairs)
         active, count = np.asarray(state.active), np.asarray(state.count)
         progressed = count - np.where([o is not None for o in owner], before, count)
         steps += int(progressed.max(initial=0))
+        slot_steps += int(progressed.max(initial=0)) * width
         row_steps += int(progressed.sum())
-        finished = [s for s in range(slots) if owner[s] is not None and not active[s]]
+        finished = [s for s in running if not active[s]]
         if finished:
             out = np.asarray(state.out)
             for s in finished:
@@ -232,5 +269,5 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
             if waiting:
                 admit(finished)
     if stats is not None:
-        stats.update(steps=steps, slot_steps=steps * slots, row_steps=row_steps)
+        stats.update(steps=steps, slot_steps=slot_steps, row_steps=row_steps)
     return results
