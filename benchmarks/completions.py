@@ -7,7 +7,7 @@ with the decoding weights in bfloat16 and int8: tokens/s, share of completions i
 (substring judge) change. The last line is one JSON record with "ratio" (refusal_jax fp32 tokens/s over the
 reference's) and "identical" (every fp32 completion equal to the reference's).
 
-    python benchmarks/completions.py [--n-prompts 64] [--max-new-tokens 256] [--slots 32] [--run-dir RUN]
+    python benchmarks/completions.py [--n-prompts 64] [--max-new-tokens 256] [--slots 64] [--run-dir RUN]
 
 The direction: a run directory's direction.npy / direction_metadata.json (`--run-dir`), else a quick
 difference in means at the last position of layer 2L/3 over 32 + 32 reference train prompts.
@@ -37,7 +37,8 @@ def parse():
     p.add_argument("--n-prompts", type=int, default=64, help="JailbreakBench prompts (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="greedy tokens per completion (default: %(default)s)")
-    p.add_argument("--slots", type=int, default=32, help="refusal_jax continuous-batching slots (default: %(default)s)")
+    p.add_argument("--slots", type=int, default=64,
+                   help="refusal_jax continuous-batching slots (default: %(default)s, the fastest measured here)")
     p.add_argument("--ref-batch-size", type=int, default=8, help="reference generate() batch (default: %(default)s)")
     p.add_argument("--run-dir", type=Path, default=None, help="take direction.npy and its layer from this run")
     p.add_argument("--dtypes", default="float32,bfloat16,int8",
@@ -75,7 +76,6 @@ def quick_direction(m, data_dir: Path):
 
 def main():
     args = parse()
-    import jax
     from jax import monitoring
 
     import refusal_jax
@@ -83,7 +83,7 @@ def main():
     from refusal_jax.convert import bundled
     from refusal_jax.evaluation import judge
     from refusal_jax.model.batching import bucketed, encode, pad_id
-    from refusal_jax.model.continuous import default_refill
+    from refusal_jax.model.continuous import DEFAULT_CHUNK, DEFAULT_COMPACT_MIN, default_refill
     from refusal_jax.model.generate import cut_at_stop, generate_ids, stop_token_ids
     from refusal_jax.prompts import datasets, templates
 
@@ -132,7 +132,8 @@ def main():
 
     record = {"benchmark": "completions", "machine": machine(), "model": args.model, "n_prompts": len(prompts),
               "prompt_tokens": sum(n_prompt_tokens), "max_new_tokens": args.max_new_tokens, "slots": args.slots,
-              "prefill_chunk": 32, "refill": default_refill(args.slots), "ref_batch_size": args.ref_batch_size,
+              "prefill_chunk": DEFAULT_CHUNK, "refill": default_refill(args.slots),
+              "compact_min": DEFAULT_COMPACT_MIN, "ref_batch_size": args.ref_batch_size,
               "direction_layer": layer,
               "direction_source": str(args.run_dir) if args.run_dir else "quick mean difference"}
     results: dict[str, dict] = {}

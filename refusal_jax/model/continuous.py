@@ -61,11 +61,17 @@ class Slots:
                    count=jnp.zeros((slots,), jnp.int32), out=jnp.full((slots, max_new_tokens), pad, jnp.int32))
 
 
+DEFAULT_CHUNK = 32  # prompt tokens per prefill call
+
+
 def cache_length(prompt_lengths: Sequence[int], max_new_tokens: int, chunk: int, round_to: int = 64) -> int:
     """Cache slots per row: the longest prompt in whole chunks plus `max_new_tokens`, rounded up to `round_to` so
     that sets of prompts of similar lengths share compiled programs."""
     longest = -(-max(prompt_lengths) // chunk) * chunk
     return -(-(longest + max_new_tokens) // round_to) * round_to
+
+
+DEFAULT_COMPACT_MIN = 8  # narrowest width a draining set is gathered into (8 slots step as fast as 4 here)
 
 
 def default_refill(slots: int) -> int:
@@ -168,8 +174,8 @@ def programs(default_dot: bool):
 def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
              intervention: Intervention | None = None, *, slots: int, max_new_tokens: int,
              stop_ids: tuple[int, ...] = (), stop_pairs: tuple[tuple[int, int], ...] = (), pad: int = 0,
-             chunk: int = 32, refill: int | None = None, compact_min: int = 8, bar=None,
-             stats: dict | None = None) -> list[list[int]]:
+             chunk: int = DEFAULT_CHUNK, refill: int | None = None, compact_min: int = DEFAULT_COMPACT_MIN,
+             bar=None, stats: dict | None = None) -> list[list[int]]:
     """Greedy completions of token-id prompts with continuous batching, in input order.
 
     Args:
@@ -180,7 +186,7 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
       refill: prompts prefilled together (and so the stopped rows decoding waits for while prompts are
         waiting); default `default_refill(slots)`.
       compact_min: once no prompt waits, the running rows are gathered into half the slots whenever they fit,
-        down to this many slots (one more decoding program per width); `slots` or more: never.
+        down to this many slots (one more decoding program per width); above slots // 2: never.
       bar: a tqdm-like progress bar updated by one per finished prompt.
       stats: if a dict, filled with "steps" (decode steps run), "slot_steps" (steps x the slots decoded at each
         step) and "row_steps" (steps of active rows; their ratio is the slot occupancy).
