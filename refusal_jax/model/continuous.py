@@ -17,8 +17,9 @@ every call with the same sizes:
 
 Once no prompt waits, the set drains: the rows still running (often the long completions of the last prompts
 admitted) would keep paying a full-width step. When they fit in half the slots, they are gathered into a batch of
-half the width (`_compact`, down to `compact_min` slots), and decoding goes on with that width's program: on the
-bundled model on a 2-core CPU, a decoding step takes ~0.40 s with 32 slots, ~0.20 s with 16, ~0.16 s with 8.
+half the width (`_compact`, down to `compact_min` slots), and decoding goes on with that width's program (compiled
+once per width): on the bundled model on a 2-core CPU, a decoding step takes ~0.40 s with 32 slots, ~0.20 s with
+16, ~0.16 s with 8.
 
 Greedy fp32 output equals the static path's (`model.generate.greedy_generate`) for every prompt
 (tests/test_continuous.py).
