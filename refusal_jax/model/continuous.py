@@ -85,17 +85,23 @@ def _rows(tree, per_layer: bool, fn):
     return jax.tree.map(lambda a: fn(a, 0 if per_layer else 1), tree)
 
 
+def _take_rows(cache: KVCache, rows: jax.Array) -> KVCache:
+    """Cache rows `rows` [K] (an index past the last row reads the last one)."""
+    per_layer = isinstance(cache.k, tuple)
+    take = lambda a, ax: jnp.take(a, rows, axis=ax, mode="clip")  # noqa: E731
+    return KVCache(k=_rows(cache.k, per_layer, take), v=_rows(cache.v, per_layer, take), mask=take(cache.mask, 0),
+                   lengths=take(cache.lengths, 0), index=take(cache.index, 0))
+
+
 def _prefill_chunk(params: Params, cfg: ModelConfig, cache: KVCache, slots: Slots, rows: jax.Array,
                    tokens: jax.Array, mask: jax.Array, first: jax.Array, intervention: Intervention | None):
     """One chunk [K, C] of K left-padded prompts into cache rows `rows` [K] (rows are reset when `first`; a row
     index past the last slot marks a padding entry, computed and dropped); each row's next token is the argmax
     after the chunk (meaningful after the last chunk)."""
     per_layer = isinstance(cache.k, tuple)
-    take = lambda a, ax: jnp.take(a, rows, axis=ax, mode="clip")  # noqa: E731
-    row = KVCache(k=_rows(cache.k, per_layer, take), v=_rows(cache.v, per_layer, take),
-                  mask=jnp.where(first, False, take(cache.mask, 0)),
-                  lengths=jnp.where(first, 0, take(cache.lengths, 0)),
-                  index=jnp.where(first, 0, take(cache.index, 0)))
+    row = _take_rows(cache, rows)
+    row = row.replace(mask=jnp.where(first, False, row.mask), lengths=jnp.where(first, 0, row.lengths),
+                      index=jnp.where(first, 0, row.index))
     out = forward_unjitted(params, cfg, tokens, mask, intervention, row, logits="last")
 
     def put(big, small, ax):
@@ -151,12 +157,7 @@ def _decode(params: Params, cfg: ModelConfig, cache: KVCache, slots: Slots, free
 @jax.jit
 def _compact(cache: KVCache, slots: Slots, keep: jax.Array) -> tuple[KVCache, Slots]:
     """The slots `keep` [B'] of cache and state, in that order, as a batch of B' rows."""
-    per_layer = isinstance(cache.k, tuple)
-    take = lambda a, ax: jnp.take(a, keep, axis=ax)  # noqa: E731
-    rows = lambda a: take(a, 0)  # noqa: E731
-    cache = KVCache(k=_rows(cache.k, per_layer, take), v=_rows(cache.v, per_layer, take), mask=rows(cache.mask),
-                    lengths=rows(cache.lengths), index=rows(cache.index))
-    return cache, jax.tree.map(rows, slots)
+    return _take_rows(cache, keep), jax.tree.map(lambda a: jnp.take(a, keep, axis=0), slots)
 
 
 @functools.cache
@@ -241,10 +242,9 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
     while any(o is not None for o in owner):
         running = [s for s, o in enumerate(owner) if o is not None]
         width = len(owner)
-        if not waiting and len(running) <= width // 2 and width // 2 >= compact_min:
-            while len(running) <= width // 2 and width // 2 >= compact_min:
-                width //= 2
-            # the running rows first, then stopped slots as inactive padding
+        while not waiting and len(running) <= width // 2 and width // 2 >= compact_min:
+            width //= 2
+        if width < len(owner):  # the running rows first, then stopped slots as inactive padding
             keep = running + [s for s, o in enumerate(owner) if o is None][:width - len(running)]
             cache, state = _compact(cache, state, jnp.asarray(keep, jnp.int32))
             owner = [owner[s] for s in keep]
@@ -262,8 +262,9 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
                               intervention, stop_ids=stop_ids, stop_pairs=stop_pairs)
         active, count = np.asarray(state.active), np.asarray(state.count)
         progressed = count - np.where([o is not None for o in owner], before, count)
-        steps += int(progressed.max(initial=0))
-        slot_steps += int(progressed.max(initial=0)) * width
+        ran = int(progressed.max(initial=0))
+        steps += ran
+        slot_steps += ran * width
         row_steps += int(progressed.sum())
         finished = [s for s in running if not active[s]]
         if finished:
