@@ -21,8 +21,14 @@ half the width (`_compact`, down to `compact_min` slots), and decoding goes on w
 once per width): on the bundled model on a 2-core CPU, a decoding step takes ~0.40 s with 32 slots, ~0.20 s with
 16, ~0.16 s with 8.
 
-Greedy fp32 output equals the static path's (`model.generate.greedy_generate`) for every prompt
-(tests/test_continuous.py).
+Per-row interventions: every row carries an index into a small stacked table of interventions (`stack`, leaves
+[V, ...]), so baseline and intervention prompts decode in one pool (`generate(..., variants=...)`) and a server
+mixes variants in one batch (`Engine`). With more than one entry the forward pass is vmapped over rows, each row
+gathering its own entry; the table is data, so one program serves every mix. Rows can also sample (temperature,
+top-p, a per-row key) and stop at their own token limit (`Engine`).
+
+Greedy fp32 output equals the static path's (`model.generate.greedy_generate`) for every prompt, and a pooled run
+equals each set run alone (tests/test_continuous.py).
 """
 
 from __future__ import annotations
@@ -45,21 +51,115 @@ from refusal_jax.model.transformer import Intervention, KVCache, forward_unjitte
 class Slots:
     """Device state of the slots besides the KV cache.
 
-    next_token: [B] int32 the token chosen for each row and not yet recorded in `out`.
-    active:     [B] bool the slot holds a row that has not stopped.
-    count:      [B] int32 tokens recorded in `out` for the slot's row.
-    out:        [B, M] int32 the row's generated tokens (the first `count`).
+    next_token:  [B] int32 the token chosen for each row and not yet recorded in `out`.
+    active:      [B] bool the slot holds a row that has not stopped.
+    count:       [B] int32 tokens recorded in `out` for the slot's row.
+    out:         [B, M] int32 the row's generated tokens (the first `count`).
+    variant:     [B] int32 the row's entry in the intervention table.
+    limit:       [B] int32 the row's token limit (at most M).
+    temperature: [B] float32 0: greedy; else the row samples from softmax(logits / temperature).
+    top_p:       [B] float32 sampling keeps the most probable tokens whose probabilities sum to top_p.
+    key:         [B, 2] uint32 the row's PRNG key; the token after `count` recorded ones uses fold_in(key, count).
     """
 
     next_token: jax.Array
     active: jax.Array
     count: jax.Array
     out: jax.Array
+    variant: jax.Array
+    limit: jax.Array
+    temperature: jax.Array
+    top_p: jax.Array
+    key: jax.Array
 
     @classmethod
     def init(cls, slots: int, max_new_tokens: int, pad: int) -> "Slots":
         return cls(next_token=jnp.zeros((slots,), jnp.int32), active=jnp.zeros((slots,), bool),
-                   count=jnp.zeros((slots,), jnp.int32), out=jnp.full((slots, max_new_tokens), pad, jnp.int32))
+                   count=jnp.zeros((slots,), jnp.int32), out=jnp.full((slots, max_new_tokens), pad, jnp.int32),
+                   variant=jnp.zeros((slots,), jnp.int32), limit=jnp.full((slots,), max_new_tokens, jnp.int32),
+                   temperature=jnp.zeros((slots,), jnp.float32), top_p=jnp.ones((slots,), jnp.float32),
+                   key=jnp.zeros((slots, 2), jnp.uint32))
+
+
+@struct.dataclass
+class RowSettings:
+    """What prefill writes into the slots of the rows it admits, one entry per row ([K]): see `Slots`."""
+
+    variant: jax.Array
+    limit: jax.Array
+    temperature: jax.Array
+    top_p: jax.Array
+    key: jax.Array
+
+    @classmethod
+    def greedy(cls, variants: Sequence[int], limit: int) -> "RowSettings":
+        k = len(variants)
+        return cls(variant=np.asarray(variants, np.int32), limit=np.full((k,), limit, np.int32),
+                   temperature=np.zeros((k,), np.float32), top_p=np.ones((k,), np.float32),
+                   key=np.zeros((k, 2), np.uint32))
+
+
+def stack(cfg: ModelConfig, interventions: Sequence[Intervention | None]) -> Intervention:
+    """The interventions as one table (every leaf [V, ...]); None is no intervention. Ablation bases of different
+    ranks are padded with zero rows (no-ops)."""
+    ivs = [Intervention.none(cfg) if iv is None else iv for iv in interventions]
+    if not ivs:
+        raise ValueError("no interventions to stack")
+    rank = max(iv.ablate_basis.shape[0] for iv in ivs)
+    ivs = [iv.replace(ablate_basis=jnp.pad(jnp.asarray(iv.ablate_basis, jnp.float32),
+                                           ((0, rank - iv.ablate_basis.shape[0]), (0, 0)))) for iv in ivs]
+    return jax.tree.map(lambda *a: jnp.stack([jnp.asarray(x, jnp.float32) for x in a]), *ivs)
+
+
+def _forward_rows(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array, table: Intervention,
+                  variant: jax.Array, cache: KVCache):
+    """(last-position logits [B, V], updated cache) of `forward_unjitted` with row b under table[variant[b]].
+
+    A one-entry table is applied to the whole batch as it is; otherwise the forward pass is vmapped over rows
+    (tokens [B, T] -> [1, T] per row, the cache rows on their batch axis), each row gathering its own entry.
+    """
+    if table.add_coeffs.shape[0] == 1:
+        out = forward_unjitted(params, cfg, tokens, mask, jax.tree.map(lambda a: a[0], table), cache, logits="last")
+        return out.logits, out.cache
+    ax = 0 if isinstance(cache.k, tuple) else 1
+    rows = jax.tree.map(lambda a: a[variant], table)
+
+    def one(tok, m, iv, k, v, kmask, length, index):
+        row = KVCache(k=jax.tree.map(lambda a: jnp.expand_dims(a, ax), k),
+                      v=jax.tree.map(lambda a: jnp.expand_dims(a, ax), v),
+                      mask=kmask[None], lengths=length[None], index=index)
+        out = forward_unjitted(params, cfg, tok[None], m[None], iv, row, logits="last")
+        c = out.cache
+        return (out.logits[0], jax.tree.map(lambda a: jnp.squeeze(a, ax), c.k),
+                jax.tree.map(lambda a: jnp.squeeze(a, ax), c.v), c.mask[0], c.lengths[0], c.index)
+
+    logits, k, v, kmask, lengths, index = jax.vmap(
+        one, in_axes=(0, 0, 0, ax, ax, 0, 0, 0), out_axes=(0, ax, ax, 0, 0, 0))(
+        tokens, mask, rows, cache.k, cache.v, cache.mask, cache.lengths, cache.index)
+    return logits, KVCache(k=k, v=v, mask=kmask, lengths=lengths, index=index)
+
+
+def _choose(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, key: jax.Array, count: jax.Array,
+            sample: bool) -> jax.Array:
+    """[B] int32 next tokens from logits [B, V]: the argmax (first maximal index, as torch.argmax) where the row's
+    temperature is 0, else a draw from the row's tempered, top-p-truncated distribution with fold_in(key, count)."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if not sample:
+        return greedy
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+
+    def nucleus(scaled):  # the smallest logit each row keeps: its top tokens until their mass reaches top_p
+        desc = -jnp.sort(-scaled, axis=-1)
+        probs = jax.nn.softmax(desc, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        keep = jnp.maximum(jnp.sum(before < top_p[:, None], axis=-1), 1)
+        return jnp.take_along_axis(desc, (keep - 1)[:, None], axis=-1)
+
+    floor = jax.lax.cond(jnp.any(top_p < 1), nucleus, lambda x: jnp.full((x.shape[0], 1), -jnp.inf), scaled)
+    scaled = jnp.where(scaled >= floor, scaled, -jnp.inf)
+    keys = jax.vmap(jax.random.fold_in)(key, count.astype(jnp.uint32))
+    drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
 
 
 DEFAULT_CHUNK = 32  # prompt tokens per prefill call
@@ -94,63 +194,70 @@ def _take_rows(cache: KVCache, rows: jax.Array) -> KVCache:
 
 
 def _prefill_chunk(params: Params, cfg: ModelConfig, cache: KVCache, slots: Slots, rows: jax.Array,
-                   tokens: jax.Array, mask: jax.Array, first: jax.Array, intervention: Intervention | None):
+                   tokens: jax.Array, mask: jax.Array, first: jax.Array, table: Intervention, settings: RowSettings,
+                   *, sample: bool = False):
     """One chunk [K, C] of K left-padded prompts into cache rows `rows` [K] (rows are reset when `first`; a row
-    index past the last slot marks a padding entry, computed and dropped); each row's next token is the argmax
-    after the chunk (meaningful after the last chunk)."""
+    index past the last slot marks a padding entry, computed and dropped); each row's settings are written and its
+    next token is chosen after the chunk (meaningful after the last chunk)."""
     per_layer = isinstance(cache.k, tuple)
     row = _take_rows(cache, rows)
     row = row.replace(mask=jnp.where(first, False, row.mask), lengths=jnp.where(first, 0, row.lengths),
                       index=jnp.where(first, 0, row.index))
-    out = forward_unjitted(params, cfg, tokens, mask, intervention, row, logits="last")
+    logits, new = _forward_rows(params, cfg, tokens, mask, table, settings.variant, row)
 
     def put(big, small, ax):
         small = small.astype(big.dtype)
         return big.at[rows].set(small, mode="drop") if ax == 0 else big.at[:, rows].set(small, mode="drop")
 
-    new = out.cache
     cache = KVCache(k=jax.tree.map(lambda b, s: put(b, s, 0 if per_layer else 1), cache.k, new.k),
                     v=jax.tree.map(lambda b, s: put(b, s, 0 if per_layer else 1), cache.v, new.v),
                     mask=put(cache.mask, new.mask, 0), lengths=put(cache.lengths, new.lengths, 0),
                     index=put(cache.index, new.index, 0))
-    nxt = jnp.argmax(out.logits, axis=-1).astype(jnp.int32)
+    zeros = jnp.zeros_like(rows)
+    nxt = _choose(logits, settings.temperature, settings.top_p, settings.key, zeros, sample)
     slots = Slots(next_token=put(slots.next_token, nxt, 0), active=put(slots.active, jnp.ones_like(rows, bool), 0),
-                  count=put(slots.count, jnp.zeros_like(rows), 0), out=slots.out)
+                  count=put(slots.count, zeros, 0), out=slots.out, variant=put(slots.variant, settings.variant, 0),
+                  limit=put(slots.limit, jnp.minimum(settings.limit, slots.out.shape[1]), 0),
+                  temperature=put(slots.temperature, settings.temperature, 0),
+                  top_p=put(slots.top_p, settings.top_p, 0), key=put(slots.key, settings.key, 0))
     return cache, slots
 
 
 def _decode(params: Params, cfg: ModelConfig, cache: KVCache, slots: Slots, free_target: jax.Array,
-            intervention: Intervention | None, *, stop_ids: tuple[int, ...],
-            stop_pairs: tuple[tuple[int, int], ...] = ()):
-    """Greedy steps of every slot until `free_target` rows have stopped or none is active.
+            table: Intervention, max_steps: jax.Array | None = None, *, stop_ids: tuple[int, ...],
+            stop_pairs: tuple[tuple[int, int], ...] = (), sample: bool = False):
+    """Decoding steps of every slot until `free_target` rows have stopped, none is active or `max_steps` steps ran.
 
     Each step records every active row's next token, stops rows at a stop token, a stop pair (previous, next) or at
-    the out buffer's end, and runs the still-active rows one token further (stopped slots ride along masked: their
+    the row's limit, and runs the still-active rows one token further (stopped slots ride along masked: their
     keys are never attended).
     """
     B, M = slots.out.shape
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     rows = jnp.arange(B)
+    max_steps = jnp.asarray(2**30 if max_steps is None else max_steps, jnp.int32)
 
     def cond(state):
-        _, slots, freed = state
-        return (freed < free_target) & jnp.any(slots.active)
+        _, slots, freed, step = state
+        return (freed < free_target) & jnp.any(slots.active) & (step < max_steps)
 
     def body(state):
-        cache, s, freed = state
+        cache, s, freed, step = state
         col = jnp.minimum(s.count, M - 1)
         out = s.out.at[rows, col].set(jnp.where(s.active, s.next_token, s.out[rows, col]))
         count = s.count + s.active
         prev = s.out[rows, jnp.maximum(col - 1, 0)]
         pair = ends_pair(prev, s.next_token, s.count > 0, stop_pairs)
-        stopped = s.active & (jnp.isin(s.next_token, stops) | pair | (count >= M))
+        stopped = s.active & (jnp.isin(s.next_token, stops) | pair | (count >= s.limit))
         active = s.active & ~stopped
-        fwd = forward_unjitted(params, cfg, s.next_token[:, None], active[:, None].astype(jnp.int32), intervention,
-                               cache, logits="last")
-        nxt = jnp.argmax(fwd.logits, axis=-1).astype(jnp.int32)  # first maximal index, as torch.argmax
-        return fwd.cache, Slots(next_token=nxt, active=active, count=count, out=out), freed + stopped.sum()
+        logits, cache = _forward_rows(params, cfg, s.next_token[:, None], active[:, None].astype(jnp.int32), table,
+                                      s.variant, cache)
+        nxt = _choose(logits, s.temperature, s.top_p, s.key, count, sample)
+        s = s.replace(next_token=nxt, active=active, count=count, out=out)
+        return cache, s, freed + stopped.sum(), step + 1
 
-    cache, slots, _ = jax.lax.while_loop(cond, body, (cache, slots, jnp.zeros((), jnp.int32)))
+    cache, slots, _, _ = jax.lax.while_loop(cond, body, (cache, slots, jnp.zeros((), jnp.int32),
+                                                          jnp.zeros((), jnp.int32)))
     return cache, slots
 
 
@@ -167,14 +274,28 @@ def programs(default_dot: bool):
     on CPU (XLA's default dot instead of YNNPACK's fusions: a 32-slot step of the bundled model takes 0.31-0.37 s
     against 0.37-0.45 s at cache lengths 128-640). bfloat16 and int8 weights keep the fusions, which take them
     as they are, and so does prefill, whose matmuls have `refill` x `chunk` rows."""
-    prefill = jax.jit(_prefill_chunk, static_argnames=("cfg",), donate_argnames=("cache", "slots"))
-    decode = jax.jit(_decode, static_argnames=("cfg", "stop_ids", "stop_pairs"), donate_argnames=("cache", "slots"),
-                     compiler_options=CPU_DECODE_OPTIONS if default_dot else None)
+    prefill = jax.jit(_prefill_chunk, static_argnames=("cfg", "sample"), donate_argnames=("cache", "slots"))
+    decode = jax.jit(_decode, static_argnames=("cfg", "stop_ids", "stop_pairs", "sample"),
+                     donate_argnames=("cache", "slots"), compiler_options=CPU_DECODE_OPTIONS if default_dot else None)
     return prefill, decode
 
 
+def uses_default_dot(params: Params) -> bool:
+    """Whether decoding `params` is compiled with CPU_DECODE_OPTIONS (float32 per-layer weights on CPU)."""
+    per_layer = isinstance(params.layers, tuple)
+    q = params.layers[0].q if per_layer else params.layers.q
+    return per_layer and jax.default_backend() == "cpu" and getattr(q, "dtype", None) == jnp.float32
+
+
+@jax.jit
+def _release(slots: Slots, drop: jax.Array) -> Slots:
+    """The rows `drop` [B] bool stopped (their slots free for new prompts)."""
+    return slots.replace(active=slots.active & ~drop)
+
+
 def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
-             intervention: Intervention | None = None, *, slots: int, max_new_tokens: int,
+             intervention: Intervention | Sequence[Intervention | None] | None = None, *, slots: int,
+             max_new_tokens: int, variants: Sequence[int] | None = None,
              stop_ids: tuple[int, ...] = (), stop_pairs: tuple[tuple[int, int], ...] = (), pad: int = 0,
              chunk: int = DEFAULT_CHUNK, refill: int | None = None, compact_min: int = DEFAULT_COMPACT_MIN,
              bar=None, stats: dict | None = None) -> list[list[int]]:
@@ -183,6 +304,9 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
     Args:
       params: laid out for decoding (`generate.decoding_params`) or stacked.
       ids: prompt token ids (templated, with any BOS).
+      intervention: one for every prompt (None: none); or, with `variants`, a sequence of them (a table).
+      variants: each prompt's index into the `intervention` sequence: prompts under different interventions
+        decode in one pool, each as it would alone.
       slots: rows decoded together (the batch size of a step).
       chunk: prompt tokens per prefill call; prompts are left-padded to a multiple of it.
       refill: prompts prefilled together (and so the stopped rows decoding waits for while prompts are
@@ -200,12 +324,16 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
     refill = default_refill(slots) if refill is None else refill
     if min(slots, chunk, max_new_tokens, refill, compact_min) < 1 or refill > slots:
         raise ValueError("slots, chunk, max_new_tokens, refill and compact_min must be >= 1, refill at most slots")
-    if intervention is None:  # as data, so that baseline and interventions share the compiled programs
-        intervention = Intervention.none(cfg)
+    if variants is None:  # as data, so that baseline and interventions share the compiled programs
+        table, variants = stack(cfg, [intervention]), [0] * len(ids)
+    else:
+        if isinstance(intervention, Intervention) or intervention is None:
+            raise ValueError("variants index a sequence of interventions")
+        table, variants = stack(cfg, list(intervention)), [int(v) for v in variants]
+        if len(variants) != len(ids) or not all(0 <= v < table.add_coeffs.shape[0] for v in variants):
+            raise ValueError("variants must give each prompt an index into the interventions")
     per_layer = isinstance(params.layers, tuple)
-    q = params.layers[0].q if per_layer else params.layers.q
-    default_dot = per_layer and jax.default_backend() == "cpu" and getattr(q, "dtype", None) == jnp.float32
-    prefill, decode = programs(default_dot)
+    prefill, decode = programs(uses_default_dot(params))
     S = cache_length([len(x) for x in ids], max_new_tokens, chunk)
     cache = KVCache.init(cfg, slots, S, params.embed.dtype, per_layer=per_layer)
     cache = cache.replace(index=jnp.zeros((slots,), jnp.int32))
@@ -234,9 +362,11 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
             rows[:len(group)] = group
             for r, seq in enumerate(seqs):
                 tokens[r, n - len(seq):], mask[r, n - len(seq):] = seq, 1
+            settings = RowSettings.greedy([variants[owner[s]] for s in group] + [0] * (refill - len(group)),
+                                          max_new_tokens)
             for c in range(0, n, chunk):
                 cache, state = prefill(params, cfg, cache, state, jnp.asarray(rows), tokens[:, c:c + chunk],
-                                       mask[:, c:c + chunk], jnp.asarray(c == 0), intervention)
+                                       mask[:, c:c + chunk], jnp.asarray(c == 0), table, settings)
 
     admit(list(range(slots)))
     while any(o is not None for o in owner):
@@ -259,7 +389,7 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
         else:
             target = width + 1
         cache, state = decode(params, cfg, cache, state, jnp.asarray(target, jnp.int32),
-                              intervention, stop_ids=stop_ids, stop_pairs=stop_pairs)
+                              table, stop_ids=stop_ids, stop_pairs=stop_pairs)
         active, count = np.asarray(state.active), np.asarray(state.count)
         progressed = count - np.where([o is not None for o in owner], before, count)
         ran = int(progressed.max(initial=0))
