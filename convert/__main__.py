@@ -32,7 +32,7 @@ def main(argv=None):
     from refusal_jax.convert.loading import convert_source
     from refusal_jax.runs import outputs
 
-    out = outputs.check_target(args.out, overwrite=args.overwrite, sources=[args.src])
+    out = outputs.check_target(args.out, overwrite=args.overwrite, sources=[args.src], kind="checkpoint")
     t0 = time.perf_counter()
     cfg, params, tokenizer = convert_source(args.src, dtype=args.dtype, strict_config=not args.no_strict_config,
                                             progress=not args.no_progress)

@@ -27,11 +27,12 @@ import secrets
 from pathlib import Path
 
 from refusal_jax.errors import CheckpointError, ChecksumError
+from refusal_jax.runs import outputs
+from refusal_jax.runs.outputs import CACHE_ENV
 from refusal_jax.runs.progress import byte_bar
 from refusal_jax.runs.rundir import sha256_file
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
-CACHE_ENV = "REFUSAL_JAX_CACHE"
 _CHUNK = 8 << 20
 
 
@@ -122,10 +123,7 @@ def is_known_model(name: str) -> bool:
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """The directory assembled models live in: the argument, else $REFUSAL_JAX_CACHE, else ~/.cache/refusal_jax."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "refusal_jax"
+    return Path(cache_dir).expanduser() if cache_dir is not None else outputs.model_cache_root()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,9 +304,7 @@ def _model_path(spec: ModelSpec, cache: Path, progress: bool) -> Path:
     stamp = _stamp_path(spec, cache)
     if spec.parts:
         target = cache / spec.filename
-        from refusal_jax.runs.outputs import clean_stale_partials
-
-        clean_stale_partials(target)  # assemblies of processes that were killed
+        outputs.clean_stale_partials(target)  # assemblies of processes that were killed
         if target.exists():
             return verify_file(target, spec.sha256, stamp=stamp, progress=progress, what=f"cached {spec.name} file")
         return _assemble(spec, target, stamp, progress)

@@ -292,7 +292,8 @@ def save_hf(
     np_dtype = np.dtype(_DTYPE_NAMES[dtype])
     from refusal_jax.runs import outputs
 
-    out_dir = outputs.check_target(out_dir, overwrite=overwrite, sources=sources, create_parents=True)
+    out_dir = outputs.check_target(out_dir, overwrite=overwrite, sources=sources, create_parents=True,
+                                   kind="hf_export")
 
     extra = dict(extra_config or {})
     tok_ids = generation_config(tokenizer)

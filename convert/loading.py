@@ -153,7 +153,7 @@ def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, 
                 cfg, params, tok = convert_source(str(src), dtype=dtype, progress=progress)
                 if not checkpoint.is_converted(converted):  # another process may have finished it meanwhile
                     checkpoint.save(converted, cfg, params, tok, source=str(bundled.model_path(str(src))),
-                                    overwrite=True)
+                                    overwrite=True, cache_entry=True)
                 del params
         distributed.barrier("bundled model converted")
         if checkpoint.is_converted(converted):
@@ -163,7 +163,8 @@ def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, 
     elif converted is not None:  # a large .gguf file: converted once, reused while the file is unchanged
         if not checkpoint.is_converted(converted):
             cfg, params, tok = convert_source(str(path), dtype=dtype, strict_config=strict_config, progress=progress)
-            checkpoint.save(converted, cfg, params, tok, source=json.dumps(_file_identity(path)), overwrite=True)
+            checkpoint.save(converted, cfg, params, tok, source=json.dumps(_file_identity(path)), overwrite=True,
+                            cache_entry=True)
         cfg, params, tok = checkpoint.load(converted, shardings=shardings)
     else:
         cfg, params, tok = convert_source(str(src), dtype=dtype, strict_config=strict_config, progress=progress,

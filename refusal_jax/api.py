@@ -14,16 +14,49 @@ The commands (`python -m refusal_jax.extract` ...) call the same functions, so t
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Iterable, Sequence
 
+import jax
 import numpy as np
 
+from refusal_jax import validate
 from refusal_jax.convert.loading import LoadedModel
 from refusal_jax.errors import DataError
 from refusal_jax.method.selection import Extraction, SelectionSettings
 from refusal_jax.prompts import templates
 from refusal_jax.prompts.chat import ChatPrompts
 from refusal_jax.runs.progress import progress_bar as _bar
+
+
+def _instructions(values, name: str) -> list[str]:
+    """A list of instruction strings; a bare string (read as one instruction per character) or non-text items are
+    a DataError."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise DataError(f"{name} must be a list of instruction strings, got a {type(values).__name__}"
+                        + (" (a string would be read as one instruction per character)"
+                           if isinstance(values, (str, bytes)) else ""))
+    values = list(values)
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise DataError(f"{name}[{i}] must be a string, got a {type(v).__name__}")
+    return values
+
+
+def _direction(direction, d_model: int) -> np.ndarray:
+    """A [D] direction or an [R, D] basis of the model's width, every entry finite; DataError otherwise."""
+    a = np.asarray(direction)
+    if a.ndim not in (1, 2) or a.shape[-1] != d_model or a.size == 0:
+        raise DataError(f"direction must have shape [{d_model}] (or [R, {d_model}] for a basis), got "
+                        f"{list(a.shape)}")
+    if not np.issubdtype(a.dtype, np.number) or not np.all(np.isfinite(a)):
+        raise DataError("direction must hold finite numbers (it has NaN, inf or non-numbers)")
+    return a
+
+
+def _finite_intervention(intervention) -> None:
+    for leaf in jax.tree.leaves(intervention):
+        if not np.all(np.isfinite(np.asarray(leaf))):
+            raise DataError("the intervention holds NaN or inf (check its direction and coefficient)")
 
 
 def _settings(settings: SelectionSettings | None, overrides: dict) -> SelectionSettings:
@@ -49,8 +82,9 @@ def extract_direction(model: LoadedModel, harmful: Sequence[str], harmless: Sequ
 
     s = _settings(settings, overrides)
     chat = ChatPrompts.for_model(model.cfg.family, model.tokenizer, s.chat_style, s.eoi_mode)
-    sets = {"harmful_train": list(harmful), "harmless_train": list(harmless),
-            "harmful_val": list(harmful_val), "harmless_val": list(harmless_val)}
+    sets = {"harmful_train": _instructions(harmful, "harmful"), "harmless_train": _instructions(harmless, "harmless"),
+            "harmful_val": _instructions(harmful_val, "harmful_val"),
+            "harmless_val": _instructions(harmless_val, "harmless_val")}
     for key, values in sets.items():
         if not values:
             raise DataError(f"the {key} set is empty")
@@ -85,9 +119,14 @@ def generate(model: LoadedModel, instructions: Sequence[str], intervention=None,
     reference template; `chat_style` as the --chat-style flag), optionally under an `Intervention`."""
     from refusal_jax.model.generate import generate_completions
 
+    instructions = _instructions(instructions, "instructions")
+    validate.integer(max_new_tokens, "max_new_tokens", low=1)
+    validate.integer(batch_size, "batch_size", low=1)
+    if intervention is not None:
+        _finite_intervention(intervention)
     fmt = templates.chat_format_for(model.cfg.family, model.tokenizer, style=chat_style)
     return generate_completions(model.params, model.cfg, model.tokenizer,
-                                templates.format_instructions(fmt, list(instructions)), intervention,
+                                templates.format_instructions(fmt, instructions), intervention,
                                 batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
 
 
@@ -98,7 +137,7 @@ def orthogonalized(model: LoadedModel, direction, *, method: str = "plain", harm
     from refusal_jax.method import edits
     from refusal_jax.method.orthogonalization import untied_config
 
-    direction = np.asarray(direction)
+    direction = _direction(direction, model.cfg.d_model)
     params = edits.edit(model.params, model.cfg, direction, method, harmless_mean)
     return LoadedModel(params, untied_config(model.cfg), model.tokenizer)
 
@@ -114,6 +153,11 @@ def evaluate_completions(model: LoadedModel | None, instructions: Sequence[str],
     """
     from refusal_jax.evaluation import judge, loss
 
+    instructions = _instructions(instructions, "instructions")
+    completions = _instructions(completions, "completions")
+    validate.integer(batch_size, "batch_size", low=1)
+    if intervention is not None:
+        _finite_intervention(intervention)
     if len(instructions) != len(completions):
         raise DataError(f"{len(instructions)} instructions but {len(completions)} completions")
     refused = [judge.is_refusal(c, curly_apostrophes=not reference_judge) for c in completions]

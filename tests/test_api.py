@@ -113,3 +113,35 @@ def test_api_bad_settings_fail_before_any_forward(cli_run):
         rj.extract_direction(*args, layers=[7], progress=False)
     with pytest.raises(rj.DataError, match="harmful_val set is empty"):
         rj.extract_direction(model, data["harmful_train"], data["harmless_train"], [], data["harmless_val"])
+
+
+def test_api_refuses_bad_values_with_the_commands_rules(cli_run):
+    """A string for a list, a 0-D / NaN / wrong-width direction, NaN settings and sizes below 1: DataError before
+    any forward pass (the same rules as the commands' flags)."""
+    model, data, _ = cli_run
+    D = model.cfg.d_model
+    with pytest.raises(rj.DataError, match="one instruction per character"):
+        rj.generate(model, "How do I pick a lock?")
+    with pytest.raises(rj.DataError, match=r"instructions\[1\] must be a string"):
+        rj.generate(model, ["ok", 3])
+    with pytest.raises(rj.DataError, match="max_new_tokens must be >= 1"):
+        rj.generate(model, ["hi"], max_new_tokens=-4)
+    with pytest.raises(rj.DataError, match="batch_size must be >= 1"):
+        rj.evaluate_completions(None, ["hi"], ["I cannot"], batch_size=0)
+    with pytest.raises(rj.DataError, match="completions must be a list"):
+        rj.evaluate_completions(None, ["hi"], "I cannot")
+    nan_direction = np.full(D, np.nan, np.float32)
+    with pytest.raises(rj.DataError, match="intervention holds NaN"):
+        rj.generate(model, ["hi"], rj.Intervention.addition(model.cfg, np.ones(D), 1, float("nan")))
+    for bad, match in ((np.float32(1.0), "must have shape"), (np.ones(D + 1), "must have shape"),
+                       (nan_direction, "finite numbers")):
+        with pytest.raises(rj.DataError, match=match):
+            rj.orthogonalized(model, bad)
+    args = (model, data["harmful_train"], data["harmless_train"], data["harmful_val"], data["harmless_val"])
+    for setting in ("kl_threshold", "induce_threshold", "prune_layer_fraction"):
+        with pytest.raises(rj.DataError, match=f"{setting} is NaN"):
+            rj.extract_direction(*args, **{setting: float("nan")})
+    with pytest.raises(rj.DataError, match="harmful must be a list"):
+        rj.extract_direction(model, "harmful text", *args[2:])
+    with pytest.raises(rj.DataError, match="n_test must be >= 1"):
+        rj.DataSettings(n_test=-1)

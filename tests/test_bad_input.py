@@ -9,13 +9,14 @@ import shutil
 import numpy as np
 import pytest
 
-from refusal_jax import compare, extract, optimize, orthogonalize, pipeline
+from refusal_jax import compare, evaluate, extract, optimize, orthogonalize, pipeline
 from refusal_jax.runs import outputs
 from refusal_jax.convert import export_gguf, gguf_writer
 from refusal_jax.convert.__main__ import main as convert_main
 
 COMMANDS = {"convert": convert_main, "extract": extract.main, "pipeline": pipeline.main, "compare": compare.main,
-            "optimize": optimize.main, "orthogonalize": orthogonalize.main, "export_gguf": export_gguf.main}
+            "optimize": optimize.main, "orthogonalize": orthogonalize.main, "export_gguf": export_gguf.main,
+            "evaluate": evaluate.main}
 LOOSE = ["--kl-threshold", "1e9", "--induce-threshold=-1e9", "--prune-layer-fraction", "0"]
 
 
@@ -41,6 +42,8 @@ def W(tmp_path_factory):
     w["gguf"] = gguf_writer.save_gguf(root / "m.gguf", cfg, params)["path"]
     np.save(root / "direction.npy", np.ones(cfg.d_model, np.float32))
     w["direction"] = root / "direction.npy"
+    np.save(root / "wide.npy", np.ones(cfg.d_model + 3, np.float32))
+    w["wide"] = root / "wide.npy"
     w["run"] = root / "run"
     extract.main(["--model", str(w["ckpt"]), "--harmful", str(w["harmful"]), "--harmless", str(w["harmless"]),
                   "--n-train", "6", "--n-val", "3", "--batch-size", "4", "--no-filter",
@@ -57,6 +60,7 @@ def W(tmp_path_factory):
     (bad / "not.gguf").write_bytes(b"PK\x03\x04 a zip file")
     (bad / "trunc.gguf").write_bytes(w["gguf"].read_bytes()[:200])
     (bad / "notes.txt").write_text("my notes\n")
+    (bad / "loop").symlink_to("loop")  # a symlink loop
     w["bad"] = bad
     return w
 
@@ -115,6 +119,33 @@ CASES = [
     ("zero-batch", "extract", lambda W, t: run_args(W, t / "r", "--batch-size", "0"), "--batch-size"),
     ("nan-kl", "extract", lambda W, t: run_args(W, t / "r") + ["--kl-threshold", "nan"], "--kl-threshold is NaN"),
     ("nan-induce", "extract", lambda W, t: run_args(W, t / "r") + ["--induce-threshold", "nan"], "NaN"),
+    ("nan-induce-relative", "extract", lambda W, t: run_args(W, t / "r") + ["--induce-relative", "nan"],
+     "--induce-relative is NaN"),
+    ("kl-negative", "extract", lambda W, t: run_args(W, t / "r") + ["--kl-threshold=-1"], "--kl-threshold must be >= 0"),
+    ("evaluate-coeff-nan", "evaluate", lambda W, t: ["--model", str(W["ckpt"]), "--intervention", "addition",
+                                                     "--direction", str(W["direction"]), "--layer", "1", "--coeff",
+                                                     "nan", "--out", str(t / "e")], "--coeff is NaN"),
+    ("evaluate-timeout-nan", "evaluate", lambda W, t: ["--model", str(W["ckpt"]), "--timeout", "nan", "--out",
+                                                       str(t / "e")], "--timeout is NaN"),
+    ("optimize-weight-inf", "optimize", lambda W, t: run_args(W, t / "r", "--direction", str(W["direction"]),
+                                                              "--layer", "1", "--retain-weight", "inf",
+                                                              selection=False), "--retain-weight must be finite"),
+    ("ortho-shard-size-nan", "orthogonalize", lambda W, t: ["--model", str(W["ckpt"]), "--direction",
+                                                            str(W["direction"]), "--shard-size", "nan", "--out",
+                                                            str(t / "o")], "--shard-size is NaN"),
+    ("evaluate-layer-99", "evaluate", lambda W, t: ["--model", str(W["ckpt"]), "--intervention", "addition",
+                                                    "--direction", str(W["direction"]), "--layer", "99", "--out",
+                                                    str(t / "e")], "--layer 99 out of range"),
+    ("optimize-layer-99", "optimize", lambda W, t: run_args(W, t / "r", "--direction", str(W["direction"]),
+                                                            "--layer", "99", selection=False), "--layer 99 out of range"),
+    ("optimize-layer-99-gguf", "optimize", lambda W, t: run_args(W, t / "r", "--direction", str(W["direction"]),
+                                                                 "--layer", "99", selection=False, model=W["gguf"]),
+     "--layer 99 out of range"),
+    ("evaluate-direction-width", "evaluate", lambda W, t: ["--model", str(W["ckpt"]), "--intervention", "ablation",
+                                                           "--direction", str(W["wide"]), "--out", str(t / "e")],
+     "direction has shape"),
+    ("ortho-direction-width", "orthogonalize", lambda W, t: ["--model", str(W["hf"]), "--direction", str(W["wide"]),
+                                                             "--out", str(t / "o")], "direction has shape"),
     ("prune-negative", "extract", lambda W, t: run_args(W, t / "r") + ["--prune-layer-fraction=-5"],
      "--prune-layer-fraction"),
     ("prune-one", "extract", lambda W, t: run_args(W, t / "r") + ["--prune-layer-fraction", "1"],
@@ -168,6 +199,18 @@ CASES = [
     ("out-is-file", "extract", lambda W, t: run_args(W, W["bad"] / "notes.txt"), "is a file"),
     ("out-missing-parent", "extract", lambda W, t: run_args(W, t / "no" / "such" / "run"), "does not exist"),
     ("out-user-dir", "extract", lambda W, t: run_args(W, W["bad"]), "not a refusal_jax run"),
+    ("out-symlink-loop", "extract", lambda W, t: run_args(W, W["bad"] / "loop"), "cannot resolve"),
+    ("out-converted-model", "extract", lambda W, t: run_args(W, W["ckpt"]), "not a refusal_jax run: it is"),
+    ("out-converted-model-overwrite", "extract", lambda W, t: run_args(W, W["ckpt"], "--overwrite"),
+     "not a refusal_jax run: it is"),
+    ("out-converted-model-pipeline", "pipeline", lambda W, t: run_args(W, W["ckpt"], "--overwrite"),
+     "not a refusal_jax run: it is"),
+    ("out-hf-model", "extract", lambda W, t: run_args(W, W["hf"], "--overwrite"), "it holds model weights"),
+    ("convert-onto-run", "convert", lambda W, t: [str(W["ckpt"]), "--out", str(W["run"]), "--overwrite"],
+     "holds a refusal_jax run output"),
+    ("ortho-onto-checkpoint", "orthogonalize", lambda W, t: ["--model", str(W["ckpt"]), "--direction",
+                                                             str(W["direction"]), "--out", str(ckpt_variant(W, t)),
+                                                             "--overwrite"], "not a hf_export"),
     ("ortho-out-file", "orthogonalize", lambda W, t: ["--model", str(W["ckpt"]), "--direction", str(W["direction"]),
                                                       "--out", str(W["bad"] / "notes.txt"), "--overwrite"], "is a file"),
     ("gguf-out-dir", "export_gguf", lambda W, t: ["--model", str(W["ckpt"]), "--out", str(W["bad"]), "--overwrite"],
@@ -291,3 +334,62 @@ def test_chat_template_rendering_is_bounded_in_time(W, tmp_path, monkeypatch, ca
         extract.main(run_args(W, tmp_path / "r", "--chat-style", "model", model=model))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "chat template took more than 0.5 s" in err and "Traceback" not in err, err
+
+
+def test_model_cache_is_never_an_output(W, tmp_path, monkeypatch, capsys):
+    """A converted cache entry cannot be a run folder nor an export's --out, with or without --overwrite."""
+    cache = tmp_path / "cache"
+    entry = cache / "converted" / "tiny-float32"
+    shutil.copytree(W["ckpt"], entry)
+    monkeypatch.setenv(outputs.CACHE_ENV, str(cache))
+    before = snapshot(cache)
+    for command, argv in (
+            ("extract", run_args(W, entry, "--overwrite")),
+            ("extract", run_args(W, cache / "new-run")),
+            ("orthogonalize", ["--model", str(W["ckpt"]), "--direction", str(W["direction"]), "--out", str(entry),
+                               "--overwrite"]),
+            ("convert", [str(W["ckpt"]), "--out", str(entry), "--overwrite"])):
+        with pytest.raises(SystemExit) as e:
+            COMMANDS[command](argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "model cache" in err and "Traceback" not in err, (command, err)
+    assert snapshot(cache) == before and not list(cache.glob("*.previous-*"))
+
+
+def test_api_save_keeps_the_commands_rule(W, tmp_path):
+    """Extraction.save writes only where the commands may: never over a user's files or into a model folder."""
+    from refusal_jax.errors import OutputError
+    from refusal_jax.method.selection import Extraction
+
+    extraction = Extraction.load(W["run"])
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "direction.npy").write_bytes(b"my own direction")
+    with pytest.raises(OutputError, match="not a refusal_jax run"):
+        extraction.save(user)
+    assert (user / "direction.npy").read_bytes() == b"my own direction"
+    with pytest.raises(OutputError, match="not a refusal_jax run: it is"):
+        extraction.save(W["ckpt"])
+    fresh = extraction.save(tmp_path / "fresh")  # a new folder becomes a run folder, and may be saved again
+    assert outputs.marker_kind(fresh) == "run"
+    again = Extraction.load(extraction.save(fresh))
+    np.testing.assert_array_equal(again.direction, extraction.direction)
+
+
+@pytest.mark.parametrize("name", ["evaluate-layer-99", "optimize-layer-99", "evaluate-direction-width",
+                                  "ortho-direction-width", "evaluate-coeff-nan", "out-converted-model-overwrite"])
+def test_refused_before_the_model_loads(W, tmp_path, monkeypatch, capsys, name):
+    """The late-validation class: these are refused from the config alone, never after loading the weights."""
+    from refusal_jax.convert import checkpoint, loading
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(checkpoint, "load", loaded)
+    monkeypatch.setattr(loading, "load_model", loaded)
+    monkeypatch.setattr(loading, "convert_source", loaded)
+    _, command, argv, culprit = next(c for c in CASES if c[0] == name)
+    with pytest.raises(SystemExit) as e:
+        COMMANDS[command](argv(W, tmp_path))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and culprit in err and "Traceback" not in err, err

@@ -14,9 +14,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from refusal_jax import validate
 from refusal_jax.errors import ConfigError, RunError
 from refusal_jax.method import directions, scoring, screening
-from refusal_jax.runs import rundir
+from refusal_jax.runs import outputs, rundir
 
 SETS = ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
 
@@ -66,6 +67,14 @@ class SelectionSettings:
     def __post_init__(self):
         if self.screen < 0:
             raise ConfigError(f"screen must be >= 0, got {self.screen}")
+        # NaN thresholds would compare false everywhere and switch their filter off: refused with the flags' rule
+        validate.real(self.kl_threshold, "kl_threshold", low=0, allow_inf=True)
+        validate.optional_real(self.induce_threshold, "induce_threshold", allow_inf=True)
+        validate.optional_real(self.induce_relative, "induce_relative")
+        validate.real(self.prune_layer_fraction, "prune_layer_fraction", low=0, high=1, high_open=True)
+        validate.integer(self.batch_size, "batch_size", low=1)
+        validate.integer(self.chunk, "chunk", low=1)
+        validate.integer(self.min_val_refused, "min_val_refused", low=0)
         for name in ("positions", "layers"):
             value = getattr(self, name)
             if value is not None and value != "middle":
@@ -178,8 +187,12 @@ class Extraction:
 
     def save(self, out, n_layers: int | None = None, **metadata) -> Path:
         """Write the reference's artifacts under `out` (atomically, file by file) and the three score plots when
-        `n_layers` is given; `metadata` goes into direction_metadata.json."""
-        out = Path(out)
+        `n_layers` is given; `metadata` goes into direction_metadata.json. `out` follows the commands' rule for
+        run folders: new, empty or a refusal_jax run, never a model folder (OutputError otherwise)."""
+        out = outputs.check_run_dir(out, flag="Extraction.save", create_parents=True)
+        out.mkdir(parents=True, exist_ok=True)
+        if outputs.marker_kind(out) is None:
+            outputs.write_marker(out, "run")
         write_filtered(out, self.prompts, self.baseline_scores)
         write_candidates(out, self.mean_diffs, self.mean_harmless)
         rundir.write_json(out / EVALUATIONS, self.evaluations)

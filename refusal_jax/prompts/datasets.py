@@ -23,6 +23,7 @@ import random
 from pathlib import Path
 from typing import Any, Iterable
 
+from refusal_jax import validate
 from refusal_jax.errors import DataError
 
 # Keys accepted for the instruction text, in order of preference (AdvBench uses `goal`, StrongREJECT-like
@@ -409,6 +410,10 @@ class DataSettings:
     n_val: int = 32
     n_test: int = 100
     seed: int = 42
+
+    def __post_init__(self):
+        for name in ("n_train", "n_val", "n_test"):
+            validate.integer(getattr(self, name), name, low=1)
 
 
 def sample_sets(s: DataSettings) -> tuple[dict[str, list], dict]:

@@ -74,6 +74,24 @@ def model_config(src: str):
     raise DataError(f"--model {src}: no such file or directory, and not a bundled model name or hub id")
 
 
+def direction_and_layer(args, layer: int | None = None) -> None:
+    """--direction's width and `layer` checked against the model's config before the model loads, when the config
+    can be read alone (else the commands check them right after the load).
+
+    Raises:
+      DataError: naming the flag.
+    """
+    from refusal_jax.method.orthogonalization import load_direction  # method imports runs: a cycle at module level
+
+    cfg = model_config(args.model)
+    if cfg is None:
+        return
+    if getattr(args, "direction", None):
+        load_direction(args.direction, cfg.d_model)
+    if layer is not None and not 0 <= layer < cfg.n_layers:
+        raise DataError(f"--layer {layer} out of range: the model has layers 0..{cfg.n_layers - 1}")
+
+
 def common_args(args) -> None:
     """The flags of `cli.add_common_args`, checked before the model loads.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import os
 import signal
@@ -12,12 +13,14 @@ import threading
 from refusal_jax.errors import RefusalJaxError
 from refusal_jax.prompts import templates
 from refusal_jax.runs import checks, distributed, presets
+from refusal_jax.validate import real_arg
 
 INTERRUPTED = "\ninterrupted: completed stages are saved; rerun the same command to resume"
 
 
 def main_wrapper(fn):
-    """Run a CLI main; a RefusalJaxError prints `error: ...` and exits 2, Ctrl-C exits 130.
+    """Run a CLI main; a RefusalJaxError or an OSError (full disk, symlink loop, permission; `os_error_message`)
+    prints one `error: ...` line and exits 2, Ctrl-C exits 130.
 
     After a real SIGINT the process ends with os._exit(130) once the message is flushed: a normal interpreter exit
     would tear Python down while XLA's threads may still run the computation that was in flight, which crashed
@@ -41,6 +44,14 @@ def main_wrapper(fn):
             message = " ".join(line.strip() for line in str(e).splitlines())  # one line, whatever the cause said
             print(f"error: {message}", file=sys.stderr)
             _exit(2)
+        except OSError as e:  # a full disk, a symlink loop, a permission: the OS's answer, not a bug of ours
+            print(f"error: {os_error_message(e)}", file=sys.stderr)
+            _exit(2)
+        except RuntimeError as e:
+            if not str(e).startswith("Symlink loop"):  # pathlib's resolve() before Python 3.13
+                raise
+            print(f"error: {e} (a symbolic link that points back to itself)", file=sys.stderr)
+            _exit(2)
         except KeyboardInterrupt:
             print(INTERRUPTED, file=sys.stderr)
             if got_signal:
@@ -53,6 +64,25 @@ def main_wrapper(fn):
                 signal.signal(signal.SIGINT, previous)
 
     return run
+
+
+_OS_ERRORS = {
+    errno.ENOSPC: "no space left on the device (free some space or write elsewhere)",
+    errno.EDQUOT: "disk quota exceeded (free some space or write elsewhere)",
+    errno.ELOOP: "too many levels of symbolic links (a symlink loop)",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENAMETOOLONG: "file name too long",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError: the path(s) it names, then errno-specific wording (or the OS's own)."""
+    what = _OS_ERRORS.get(e.errno) or e.strerror or str(e) or type(e).__name__
+    paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+    message = f"{' -> '.join(paths)}: {what}" if paths else what
+    return " ".join(message.split())
 
 
 def _exit(code: int):
@@ -214,16 +244,17 @@ def add_common_args(p: argparse.ArgumentParser, *, selection: bool = True, n_tes
     s.add_argument("--layers", type=layer_list, default=None,
                    help="sweep only these layers, e.g. 10-16 or 8,12, or 'middle' = from a quarter of the depth up "
                         "to the pruned layers " + presets.describe("layers"))
-    s.add_argument("--kl-threshold", type=float, default=None,
+    s.add_argument("--kl-threshold", type=real_arg("--kl-threshold", low=0, allow_inf=True), default=None,
                    help="discard candidates whose ablation changes the harmless val next-token distribution by a "
                         "KL above this " + presets.describe("kl_threshold"))
-    s.add_argument("--induce-threshold", type=float, default=None,
+    s.add_argument("--induce-threshold", type=real_arg("--induce-threshold", allow_inf=True), default=None,
                    help="discard candidates whose induce score (refusal score on harmless val under activation "
                         "addition) is below this; replaces --induce-relative " + presets.describe("induce_threshold"))
-    s.add_argument("--induce-relative", type=float, default=None, metavar="F",
+    s.add_argument("--induce-relative", type=real_arg("--induce-relative"), default=None, metavar="F",
                    help="induce threshold relative to the measured baselines: harmless baseline + F x (harmful "
                         "baseline - harmless baseline) " + presets.describe("induce_relative"))
-    s.add_argument("--prune-layer-fraction", type=float, default=None,
+    s.add_argument("--prune-layer-fraction",
+                   type=real_arg("--prune-layer-fraction", low=0, high=1, high_open=True), default=None,
                    help="discard candidates in this last fraction of the layers "
                         + presets.describe("prune_layer_fraction"))
 

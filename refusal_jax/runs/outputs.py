@@ -33,6 +33,7 @@ from typing import Iterable, Iterator
 from refusal_jax.errors import OutputError
 
 MARKER = ".refusal_jax_output"
+CACHE_ENV = "REFUSAL_JAX_CACHE"
 MARKER_KEY = "refusal_jax.output"  # GGUF metadata key marking a file refusal_jax wrote
 # .<name>.partial-<pid>, .<name>.tmp-<pid>[.ext] (runs), .<name>.<pid>.<hex>.partial (bundled model assembly)
 _PARTIAL = re.compile(r"^\.(?P<name>.+?)\.(?:(?:partial|tmp)-(?P<pid>\d+)(?:\.\w+)?|(?P<pid2>\d+)\.[0-9a-f]+\.partial)$")
@@ -48,6 +49,70 @@ def write_marker(directory: Path, kind: str) -> None:
 
     (Path(directory) / MARKER).write_text(json.dumps({"kind": kind, "refusal_jax_version": __version__,
                                                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+
+
+def model_cache_root() -> Path:
+    """Where assembled and converted models are cached: $REFUSAL_JAX_CACHE, else ~/.cache/refusal_jax."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "refusal_jax"
+
+
+def marker_kind(directory: Path) -> str | None:
+    """The kind recorded in a directory's marker ("run", "checkpoint", "hf_export", ...); "?" if unreadable."""
+    try:
+        record = json.loads((Path(directory) / MARKER).read_text(errors="replace")[:10_000])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return "?"
+    kind = record.get("kind") if isinstance(record, dict) else None
+    return kind if isinstance(kind, str) else "?"
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".npz")
+
+
+def model_folder(directory: Path) -> str | None:
+    """Why `directory` holds a model (and so may never be a run folder), or None.
+
+    A refusal_jax checkpoint or export (by marker or signature), a Hugging Face model folder (config.json with
+    weights), any folder with weight files (.safetensors, .gguf, ...) or an orbax `params/` tree.
+    """
+    directory = Path(directory)
+    kind = marker_kind(directory)
+    if kind not in (None, "run"):
+        return f"it is a refusal_jax {kind} output (a model, not a run)"
+    if _legacy_ours(directory) or (directory / "refusal_jax_config.json").is_file():
+        return "it is a converted refusal_jax checkpoint"
+    if (directory / "params").is_dir() and (directory / "manifest.json").is_file():
+        return "it holds a checkpoint (params/ and manifest.json)"
+    try:
+        weights = [e.name for e in directory.iterdir() if e.is_file() and e.name.endswith(_WEIGHT_SUFFIXES)]
+    except OSError:
+        weights = []
+    if weights:
+        return f"it holds model weights ({sorted(weights)[0]})"
+    return None
+
+
+def in_model_cache(path: Path) -> bool:
+    """True when `path` (resolved) is the model cache or lies inside it."""
+    try:
+        root = model_cache_root().resolve()
+    except (OSError, RuntimeError):
+        return False
+    return path == root or root in path.parents
+
+
+def resolve_output(out, flag: str = "--out") -> Path:
+    """`out` made absolute with symlinks resolved; a symlink loop or unreadable path is an OutputError."""
+    out = Path(out).expanduser()
+    if str(out) in ("", "."):
+        out = Path.cwd()
+    try:
+        return out.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise OutputError(f"{flag} {out}: cannot resolve the path ({getattr(e, 'strerror', None) or e})") from None
 
 
 def _legacy_ours(directory: Path) -> bool:
@@ -120,18 +185,23 @@ def _probe_writable(directory: Path, flag: str) -> None:
 
 
 def check_target(out, *, overwrite: bool, sources: Iterable = (), directory: bool = True, flag: str = "--out",
-                 create_parents: bool = False) -> Path:
+                 create_parents: bool = False, kind: str | None = None, cache_entry: bool = False) -> Path:
     """Validate an output path before any expensive work; returns it resolved. Nothing is written.
+
+    kind: what will be written ("checkpoint", "hf_export", ...): an existing refusal_jax output of another kind
+      (a run folder, say) is never replaced by it. cache_entry: the write is refusal_jax's own model cache (only
+      the loader writes there; any other output inside the cache is refused).
 
     Raises:
       OutputError: `out` exists and `overwrite` is False; `overwrite` is set but `out` is not a refusal_jax output
-        or is protected (the source, an ancestor of it or of the current directory); `out` is a file where a
-        directory is expected (or the reverse); its parent is missing (unless `create_parents`) or not writable.
+        of the same kind or is protected (the source, an ancestor of it or of the current directory, the model
+        cache); `out` is a file where a directory is expected (or the reverse); its parent is missing (unless
+        `create_parents`) or not writable.
     """
-    out = Path(out).expanduser()
-    if str(out) in ("", "."):
-        out = Path.cwd()
-    out = out.resolve()
+    out = resolve_output(out, flag)
+    if not cache_entry and in_model_cache(out):
+        raise OutputError(f"{flag} {out} is inside refusal_jax's model cache ({model_cache_root()}); outputs go "
+                          "elsewhere (the cache is rewritten by the loader)")
     if out.exists() or out.is_symlink():
         if directory and not out.is_dir():
             raise OutputError(f"{flag} {out} is a file, not a directory")
@@ -146,6 +216,10 @@ def check_target(out, *, overwrite: bool, sources: Iterable = (), directory: boo
         if not is_ours(out):
             raise OutputError(f"{flag} {out} exists and was not written by refusal_jax (no {MARKER if directory else MARKER_KEY} "
                               "marker): --overwrite only replaces refusal_jax outputs; choose another path")
+        old_kind = marker_kind(out) if directory else None
+        if kind and old_kind and old_kind != kind:
+            raise OutputError(f"{flag} {out} holds a refusal_jax {old_kind} output, not a {kind}: --overwrite only "
+                              f"replaces an output of the same kind; choose another path")
     return _check_parent(out, flag, create_parents)
 
 
@@ -262,18 +336,20 @@ def move_aside(out: Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_output(out, *, overwrite: bool, sources: Iterable = (), directory: bool = True, kind: str = "output",
-                  flag: str = "--out", create_parents: bool = False) -> Iterator[Path]:
+                  flag: str = "--out", create_parents: bool = False, cache_entry: bool = False) -> Iterator[Path]:
     """Write an output atomically and safely: yields the partial path to write (a fresh directory when
     `directory`), then moves any previous output aside and renames the partial into place.
 
     Checks `check_target` first (again, under the lock), cleans stale partials, removes its own partial on any
     failure or interruption, and writes the marker into a directory output.
     """
+    target_kind = kind if directory else None
     out = check_target(out, overwrite=overwrite, sources=sources, directory=directory, flag=flag,
-                       create_parents=create_parents)
+                       create_parents=create_parents, kind=target_kind, cache_entry=cache_entry)
     out.parent.mkdir(parents=True, exist_ok=True)
     with lock(out):
-        check_target(out, overwrite=overwrite, sources=sources, directory=directory, flag=flag)
+        check_target(out, overwrite=overwrite, sources=sources, directory=directory, flag=flag, kind=target_kind,
+                     cache_entry=cache_entry)
         clean_stale_partials(out)
         tmp = partial_path(out)
         if directory:
@@ -302,12 +378,19 @@ _held: dict[Path, int] = {}
 
 
 def check_run_dir(out, *, flag: str = "--out", create_parents: bool = False) -> Path:
-    """A run directory must be new, empty, or a refusal_jax run (marker or run_config.json); returns it resolved."""
-    out = Path(out).expanduser().resolve()
+    """A run directory must be new, empty, or a refusal_jax run (a "run" marker, or run_config.json without one),
+    and never a model folder or inside the model cache; returns it resolved."""
+    out = resolve_output(out, flag)
+    if in_model_cache(out):
+        raise OutputError(f"{flag} {out} is inside refusal_jax's model cache ({model_cache_root()}); a run needs a "
+                          "folder of its own")
     if out.exists():
         if not out.is_dir():
             raise OutputError(f"{flag} {out} is a file, not a directory")
-        if (any(out.iterdir()) and not (out / MARKER).is_file() and not (out / "run_config.json").is_file()):
+        why = model_folder(out)
+        if why:
+            raise OutputError(f"{flag} {out} is not a refusal_jax run: {why}; a run needs a folder of its own")
+        if (any(out.iterdir()) and marker_kind(out) != "run" and not (out / "run_config.json").is_file()):
             raise OutputError(f"{flag} {out} is a non-empty directory that is not a refusal_jax run; refusal_jax "
                               "writes runs only into a new or empty directory (or one of its own runs)")
         _probe_writable(out, flag)

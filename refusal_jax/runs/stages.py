@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from refusal_jax import validate
 from refusal_jax.errors import DataError, RunError
 from refusal_jax.evaluation import judge
 from refusal_jax.method import directions, plots, scoring, selection
@@ -283,6 +284,11 @@ class EvalSettings:
     loss_texts: tuple[str, ...] = ()
     reference_judge: bool = False
     decode_dtype: str = "float32"
+
+    def __post_init__(self):
+        validate.integer(self.max_new_tokens, "max_new_tokens", low=1)
+        validate.integer(self.gen_batch_size, "gen_batch_size", low=1)
+        validate.integer(self.loss_batch_size, "loss_batch_size", low=1)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EvalSettings:
