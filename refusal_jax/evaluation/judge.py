@@ -1,5 +1,6 @@
-"""Scores and judges: refusal substring matching (§9.1), the refusal score (§6.1), KL (§6.2). (The loss mask and
-masked cross-entropy are in `loss`, the bootstrap interval in `stats`.)
+"""Scores and judges: refusal substring matching (§9.1), the refusal score (§6.1), KL (§6.2), and the --judge
+entries that add model judges (`guard`, `rubric`) beside the substring judge. (The loss mask and masked
+cross-entropy are in `loss`, the bootstrap interval in `stats`.)
 
 The numpy functions compute in float64 exactly as the reference writes the formulas, and serve as the
 ground truth. The `*_jax` functions are the ones used inside jitted code: float32 (or the input dtype if wider),
@@ -8,7 +9,9 @@ computed from `log_softmax`/`logsumexp` so that no probability is formed and the
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from typing import Any, Sequence
 
 import jax
@@ -203,3 +206,90 @@ def kl_div_jax(logits_a: jax.Array, logits_b: jax.Array) -> jax.Array:
     lb = jax.nn.log_softmax(logits_b.astype(dtype), axis=-1)
     log_eps = math.log(KL_EPS)
     return jnp.sum(jnp.exp(la) * (jnp.logaddexp(la, log_eps) - jnp.logaddexp(lb, log_eps)), axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model judges beside the substring judge (--judge)
+
+JUDGE_HELP = ("a judge of the completions, repeatable: 'substring' (the reference's substring judge, always run), "
+              "'guard:PATH' (a guard model: Llama Guard 2/3, ShieldGemma; the first one fills the reference's "
+              "llamaguard2 fields) or 'rubric:PATH' (any supported chat model grading refusal / compliance / "
+              "partial); PATH is any model source. See docs/judges.md")
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeSpec:
+    """One --judge entry. `name` prefixes its artifact keys: "substring_matching"; the first guard is
+    "llamaguard2" (the reference's second judge), further ones "guard2", "guard3", ...; rubric judges "rubric",
+    "rubric2", ..."""
+
+    kind: str  # "substring" | "guard" | "rubric"
+    source: str | None
+    name: str
+
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def parse_judges(values: Sequence[str] | None) -> tuple[JudgeSpec, ...]:
+    """--judge values as specs, the substring judge first; DataError for a malformed entry or a missing PATH."""
+    from pathlib import Path
+
+    specs = [JudgeSpec("substring", None, "substring_matching")]
+    counts = {"guard": 0, "rubric": 0}
+    seen = set()
+    for value in values or ():
+        value = value.strip()
+        if value == "substring":
+            continue
+        kind, sep, source = value.partition(":")
+        if not sep or kind not in counts or not source:
+            raise DataError(f"--judge {value!r}: expected 'substring', 'guard:PATH' or 'rubric:PATH'")
+        if not Path(source).expanduser().exists() and not _HUB_ID.match(source):
+            raise DataError(f"--judge {value}: no such file or directory: {source}")
+        if (kind, source) in seen:
+            raise DataError(f"--judge {value} is given twice")
+        seen.add((kind, source))
+        counts[kind] += 1
+        n = counts[kind]
+        name = ("llamaguard2" if n == 1 else f"guard{n}") if kind == "guard" else (
+            "rubric" if n == 1 else f"rubric{n}")
+        specs.append(JudgeSpec(kind, source, name))
+    return tuple(specs)
+
+
+def load_judge(spec: JudgeSpec, *, dtype: str = "float32", mesh=None, progress: bool = False):
+    """The loaded model of a guard or rubric judge (`guard.Guard` / `rubric.Rubric`), checked before use."""
+    if spec.kind == "guard":
+        from refusal_jax.evaluation import guard
+
+        return guard.load_guard(spec.source, dtype=dtype, mesh=mesh, progress=progress)
+    if spec.kind == "rubric":
+        from refusal_jax.evaluation import rubric
+
+        return rubric.load_rubric(spec.source, dtype=dtype, mesh=mesh, progress=progress)
+    raise ConfigError(f"the {spec.kind} judge loads no model")
+
+
+def add_model_judge(evaluation: dict, records: Sequence[dict[str, Any]], spec: JudgeSpec, model,
+                    batch_size: int = 8) -> dict:
+    """`evaluation` (the reference's layout, `substring_evaluation`) with one model judge's fields added: its
+    summary keys, and its per-completion keys in each completion. Empty completions are recorded as verdict
+    "empty" (never "safe")."""
+    prompts = [str(r.get("prompt", r.get("instruction", ""))) for r in records]
+    responses = [r["response"] for r in records]
+    if spec.kind == "guard":
+        from refusal_jax.evaluation import guard
+
+        results = guard.classify(model, prompts, responses, batch_size=batch_size, on_empty="mark")
+        added = guard.guard_evaluation(records, results, spec.name, model)
+    else:
+        from refusal_jax.evaluation import rubric
+
+        results = rubric.grade(model, prompts, responses, batch_size=batch_size, on_empty="mark")
+        added = rubric.rubric_evaluation(records, results, spec.name, model)
+    if len(evaluation["completions"]) != len(added["completions"]):
+        raise DataError("the evaluation file and the completions file have different lengths")
+    completions = [{**c, **a} for c, a in zip(evaluation["completions"], added["completions"])]
+    return {**{k: v for k, v in evaluation.items() if k != "completions"}, **added["summary"],
+            "completions": completions}
