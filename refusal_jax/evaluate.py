@@ -88,7 +88,8 @@ def main(argv=None):
         print(summary_table(args.table, args.limit))
         return
     if args.intervention != "none":
-        checks.direction_and_layer(args, args.layer if args.intervention == "addition" else None)
+        layer = args.layer if args.layer is not None else checks.metadata_layer(args.direction or ".")
+        checks.direction_and_layer(args, layer if args.intervention == "addition" else None)
     out = args.out or Path("runs") / "evaluate" / (
         f"{Path(str(args.model)).name.removesuffix('.gguf')}-{args.intervention}")
     t0 = time.perf_counter()

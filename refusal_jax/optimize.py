@@ -65,14 +65,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _layer_from_metadata(direction_path: str) -> int | None:
-    path = Path(direction_path).expanduser()
-    meta = (path if path.is_dir() else path.parent) / "direction_metadata.json"
-    if meta.exists():
-        return int(runs.read_json(meta)["layer"])
-    return None
-
-
 def _targets(run, args, sets, dim_direction, layer) -> dict:
     """{"ablation": {"instructions", "prompt_ids", "target_ids", "texts"}, "addition": {...}}: cached in OUT."""
     from refusal_jax.model.batching import encode
@@ -130,7 +122,7 @@ def main(argv=None):
 
     checks.optimize_args(args)
     load_direction(args.direction, None)
-    layer = args.layer if args.layer is not None else _layer_from_metadata(args.direction)
+    layer = args.layer if args.layer is not None else checks.metadata_layer(args.direction)
     if layer is None:
         p.error("--layer is required (no direction_metadata.json next to --direction)")
     checks.direction_and_layer(args, layer)

@@ -105,6 +105,15 @@ def run_args(W, out, *extra, model=None, selection=True):
             "--out", str(out), *(LOOSE if selection else ()), *extra]
 
 
+def bad_metadata_run(W, tmp_path):
+    """A direction folder whose direction_metadata.json has a float layer."""
+    d = tmp_path / "dirrun"
+    d.mkdir()
+    shutil.copy(W["direction"], d / "direction.npy")
+    (d / "direction_metadata.json").write_text('{"pos": -1, "layer": 1.5}')
+    return d
+
+
 def safetensors_bytes(header, data=b""):
     import struct
 
@@ -146,6 +155,12 @@ CASES = [
      "direction has shape"),
     ("ortho-direction-width", "orthogonalize", lambda W, t: ["--model", str(W["hf"]), "--direction", str(W["wide"]),
                                                              "--out", str(t / "o")], "direction has shape"),
+    ("optimize-metadata-layer-float", "optimize", lambda W, t: run_args(W, t / "r", "--direction",
+                                                                         str(bad_metadata_run(W, t)),
+                                                                         selection=False), "'layer' is 1.5"),
+    ("evaluate-metadata-layer-float", "evaluate", lambda W, t: ["--model", str(W["ckpt"]), "--intervention",
+                                                                "addition", "--direction", str(bad_metadata_run(W, t)),
+                                                                "--out", str(t / "e")], "'layer' is 1.5"),
     ("prune-negative", "extract", lambda W, t: run_args(W, t / "r") + ["--prune-layer-fraction=-5"],
      "--prune-layer-fraction"),
     ("prune-one", "extract", lambda W, t: run_args(W, t / "r") + ["--prune-layer-fraction", "1"],
@@ -290,6 +305,10 @@ CORRUPTIONS = [
     ("mean-diffs-truncated", "generate_directions/mean_diffs.npy", None, "mean_diffs.npy: corrupt or truncated"),
     ("direction-truncated", "direction.npy", None, "direction.npy: corrupt or truncated"),
     ("metadata-empty", "direction_metadata.json", b"{}", "direction_metadata.json: corrupt artifact"),
+    ("metadata-layer-string", "direction_metadata.json", b'{"pos": -1, "layer": "x"}',
+     "direction_metadata.json: corrupt artifact ('layer' is 'x'"),
+    ("metadata-pos-list", "direction_metadata.json", b'{"pos": [1], "layer": 1}',
+     "direction_metadata.json: corrupt artifact ('pos' is [1]"),
 ]
 
 

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from refusal_jax import validate
 from refusal_jax.errors import DataError
 from refusal_jax.evaluation import humaneval
 from refusal_jax.runs import rundir as runs
@@ -90,7 +91,7 @@ class ModelSpec:
                 meta = run_dir / "direction_metadata.json"
                 if not meta.exists():
                     raise DataError(f"activation addition needs --layer (no {meta} to take it from)")
-                layer = int(runs.read_json(meta)["layer"])
+                layer = runs.read_direction_metadata(meta)["layer"]
         elif layer is not None:
             raise DataError(f"--layer applies to activation addition only, not {self.intervention!r}")
         if self.intervention in ("edit-projected", "edit-norm-preserving"):
@@ -240,8 +241,9 @@ def run_humaneval(spec: ModelSpec, out, *, limit: int | None = None, allow_code_
         from refusal_jax.errors import ConfigError
 
         raise ConfigError(humaneval.EXECUTION_REFUSED)
-    if max_new_tokens < 1 or batch_size < 1 or timeout <= 0 or workers < 1 or n_boot < 1:
-        raise DataError("--max-new-tokens, --batch-size, --workers, --n-boot must be >= 1 and --timeout > 0")
+    if max_new_tokens < 1 or batch_size < 1 or workers < 1 or n_boot < 1:
+        raise DataError("--max-new-tokens, --batch-size, --workers, --n-boot must be >= 1")
+    validate.real(timeout, "--timeout", low=0, low_open=True)
     problems = humaneval.load_problems(limit)
     spec = spec.resolved()
     out = Path(out).expanduser()

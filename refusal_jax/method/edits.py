@@ -129,9 +129,7 @@ def load_harmless_mean(path, cfg: ModelConfig, direction_path=None, pos: int | N
         d = Path(direction_path).expanduser()
         meta = (d if d.is_dir() else d.parent) / "direction_metadata.json"
         if meta.exists():
-            import json
-
-            pos = int(json.loads(meta.read_text())["pos"])
+            pos = runs.read_direction_metadata(meta)["pos"]
     try:
         return resolve_harmless_mean(arr, cfg, pos)
     except DataError as e:
@@ -165,11 +163,14 @@ def edit(params: Params, cfg: ModelConfig, direction, method: str = "plain", har
 
 
 def row_norms(params: Params) -> dict[str, np.ndarray]:
-    """Norms of every residual-writing row: {"embed": [V], "o": [L, N, H], "down": [L, F]} (float32)."""
+    """Norms of every residual-writing row: {"embed": [V], "o": [L, N, H], "down": [L, F]} (float32), plus
+    "expert_down": [L, E, X] for a mixture of experts (an MoE model without a shared expert has no "down")."""
     def n(w):
         return np.linalg.norm(np.asarray(w, np.float32), axis=-1)
 
-    return {"embed": n(params.embed), "o": n(params.layers.o), "down": n(params.layers.down)}
+    rows = {"embed": params.embed, "o": params.layers.o, "down": params.layers.down,
+            "expert_down": params.layers.expert_down}
+    return {name: n(w) for name, w in rows.items() if w is not None}
 
 
 def describe(method: str, direction, harmless_mean) -> list[str]:

@@ -214,7 +214,7 @@ class Extraction:
                    if not (out / p).exists()]
         if missing:
             raise RunError(f"{out}: not an extraction (missing {', '.join(missing)})")
-        filtered, meta = rundir.read_json(out / FILTERED), rundir.read_json(out / METADATA)
+        filtered, meta = rundir.read_json(out / FILTERED), rundir.read_direction_metadata(out / METADATA)
         diffs = np.load(out / MEAN_DIFFS)
         harmless = np.load(out / MEAN_HARMLESS) if (out / MEAN_HARMLESS).exists() else np.zeros_like(diffs)
         baselines = rundir.read_json(out / BASELINES) if (out / BASELINES).exists() else {}

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from refusal_jax.errors import DataError
+from refusal_jax.runs.rundir import read_direction_metadata
 
 MAX_NEW_TOKENS = 32768  # upper bound of every generation-length flag
 DEFAULT_MAX_PROMPT_TOKENS = 4096  # --max-prompt-tokens default: longer templated prompts are refused (or truncated)
@@ -72,6 +73,13 @@ def model_config(src: str):
     if str(src).count("/") == 1 and not str(src).startswith((".", "/", "~")):
         return None  # a hub id
     raise DataError(f"--model {src}: no such file or directory, and not a bundled model name or hub id")
+
+
+def metadata_layer(direction_path) -> int | None:
+    """The selected layer in direction_metadata.json next to a direction file (or in its run folder), if any."""
+    path = Path(direction_path).expanduser()
+    meta = (path if path.is_dir() else path.parent) / "direction_metadata.json"
+    return read_direction_metadata(meta)["layer"] if meta.exists() else None
 
 
 def direction_and_layer(args, layer: int | None = None) -> None:

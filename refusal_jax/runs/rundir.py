@@ -70,6 +70,18 @@ def read_json(path: Path, keys: tuple[str, ...] = ()) -> Any:
 _RECOMPUTE = "delete it (and the artifacts computed after it) and rerun to recompute it"
 
 
+def read_direction_metadata(path: Path) -> dict:
+    """direction_metadata.json with its "pos" (negative) and "layer" (>= 0) checked as whole numbers; a field of
+    the wrong type is a RunError naming it, never a traceback where it is used."""
+    meta = read_json(path, ("pos", "layer"))
+    for key, ok in (("pos", lambda v: v < 0), ("layer", lambda v: v >= 0)):
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
+            raise RunError(f"{path}: corrupt artifact ({key!r} is {value!r}, expected a "
+                           f"{'negative' if key == 'pos' else 'non-negative'} whole number); {_RECOMPUTE}")
+    return meta
+
+
 def read_artifact_npy(path: Path) -> np.ndarray:
     """A .npy artifact of a run; corrupt or truncated files are a RunError."""
     try:

@@ -5,7 +5,7 @@ artifacts. `python -m refusal_jax.pipeline` runs all of them; `python -m refusal
   1. generate_directions   datasets filtered by baseline refusal score, then mean_diffs.npy [n_pos, L, D]
   2. select_direction      direction_evaluations(.json/_filtered.json), 3 plots, direction.npy, direction_metadata.json
   3. completions           harmful eval set: baseline / ablation / actadd(-1); harmless test: baseline / actadd(+1)
-  4. evaluations           substring judge on every completion file
+  4. evaluations           substring judge on every completion file, and the model judges of --judge
   5. loss_evals            CE loss of on-distribution completions (and of user-supplied texts) per intervention
 
 Artifact names follow the reference (spec §11), with .npy/.json for its .pt files. The method itself is library
@@ -232,8 +232,8 @@ def stage_directions(run: Run, sets) -> np.ndarray:
 def stage_select(run: Run, sets, diffs: np.ndarray) -> tuple[int, int, np.ndarray]:
     meta_path, dir_path = run.out / selection.METADATA, run.out / selection.DIRECTION
     if runs.done(meta_path, dir_path, run.out / selection.EVALUATIONS):
-        meta = runs.read_json(meta_path, keys=("pos", "layer"))
-        return int(meta["pos"]), int(meta["layer"]), runs.read_artifact_npy(dir_path)
+        meta = runs.read_direction_metadata(meta_path)
+        return meta["pos"], meta["layer"], runs.read_artifact_npy(dir_path)
     s = run.selection
     harmful_val, harmless_val = run.batches(sets["harmful_val"]), run.batches(sets["harmless_val"])
     steps = selection.sweep_steps(diffs, run.cfg, s, len(harmful_val), len(harmless_val))
@@ -284,6 +284,7 @@ class EvalSettings:
     loss_texts: tuple[str, ...] = ()
     reference_judge: bool = False
     decode_dtype: str = "float32"
+    judges: tuple = ()  # judge.JudgeSpec of --judge; the substring judge always runs
 
     def __post_init__(self):
         validate.integer(self.max_new_tokens, "max_new_tokens", low=1)
@@ -294,7 +295,8 @@ class EvalSettings:
     def from_args(cls, args: argparse.Namespace) -> EvalSettings:
         return cls(max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
                    loss_batch_size=args.loss_batch_size, loss_texts=tuple(args.loss_texts or ()),
-                   reference_judge=args.reference_judge, decode_dtype=args.decode_dtype)
+                   reference_judge=args.reference_judge, decode_dtype=args.decode_dtype,
+                   judges=judge.parse_judges(getattr(args, "judge", None)))
 
 
 def write_completions(run: Run, path: Path, records: Sequence[dict], intervention, desc: str, *, params=None,
@@ -332,7 +334,11 @@ def stage_completions(run: Run, layer: int, direction: np.ndarray, settings: Eva
 
 
 def stage_evaluate(run: Run, completion_files: dict[str, Path], settings: EvalSettings) -> dict[str, dict]:
+    """The substring judge on every completion file, and each model judge of --judge (guard / rubric) added to
+    the same `*_evaluations.json` under its own keys (a judge added later fills in only its keys)."""
     summary = {}
+    model_judges = [j for j in settings.judges if j.kind != "substring"]
+    loaded: dict = {}
     for key, path in completion_files.items():
         out = path.with_name(path.name.replace("_completions.json", "_evaluations.json"))
         if not out.exists():
@@ -340,9 +346,25 @@ def stage_evaluate(run: Run, completion_files: dict[str, Path], settings: EvalSe
                 ev = judge.substring_evaluation(runs.read_json(path), curly_apostrophes=not settings.reference_judge)
             runs.write_json(out, ev)
         ev = runs.read_json(out, keys=("substring_matching_success_rate", "completions"))
+        missing = [j for j in model_judges if f"{j.name}_success_rate" not in ev]
+        if missing:
+            with runs.reading(path):
+                records = runs.read_json(path)
+            for j in missing:
+                if j not in loaded:  # loaded once, when a file first needs it
+                    # on one process only (stage 4 runs on process 0): no mesh across processes
+                    mesh = run.mesh if distributed.process_count() == 1 else None
+                    loaded[j] = judge.load_judge(j, dtype=run.args.dtype, mesh=mesh, progress=run.progress)
+                print(f"judging {path.name} with {j.kind}:{j.source}", flush=True)
+                ev = judge.add_model_judge(ev, records, j, loaded[j], batch_size=settings.gen_batch_size)
+            runs.write_json(out, ev)
         with runs.reading(out):
             flags = [bool(c["is_jailbreak_substring_matching"]) for c in ev["completions"]]
             summary[key] = {"refusal_rate": 1.0 - float(ev["substring_matching_success_rate"]), "n": len(flags)}
+            for j in model_judges:
+                for stat in ("success_rate", "unsafe_rate", "mean_p_unsafe", "refusal_rate"):
+                    if f"{j.name}_{stat}" in ev:
+                        summary[key][f"{j.name}_{stat}"] = ev[f"{j.name}_{stat}"]
     # Bypass where it can be seen: of the harmful prompts the baseline refuses, how many are still refused.
     refused_at = {key: [not c["is_jailbreak_substring_matching"] for c in runs.read_json(
         path.with_name(path.name.replace("_completions.json", "_evaluations.json")))["completions"]]
@@ -402,7 +424,7 @@ def run_extract(run: Run) -> tuple[int, int, np.ndarray]:
 
 def print_extract_summary(run: Run, seconds: float) -> None:
     """Baseline -> intervened scores of the selected direction, the prompts they rest on, every file written."""
-    meta = runs.read_json(run.out / "direction_metadata.json")
+    meta = runs.read_direction_metadata(run.out / "direction_metadata.json")
     filtered = runs.read_json(run.out / "datasets" / "filtered.json")
     sizes, drawn = filtered["sizes"], len(filtered.get("drawn_val", []))
     sel = run.out / "select_direction"
