@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from refusal_jax.evaluation import judge
 from refusal_jax.runs import checks, cli, distributed
 from refusal_jax.runs import rundir as runs
 from refusal_jax.runs.cli import main_wrapper
@@ -26,6 +27,7 @@ def pipeline_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = pipeline_parser().parse_args(argv)
     checks.pipeline_args(args)
+    judge.check_judges(judge.parse_judges(args.judge))  # a bad --judge fails before the model loads
     run = setup(args, extra_config={"max_new_tokens": args.max_new_tokens, "reference_judge": args.reference_judge,
                                     "loss_texts": args.loss_texts,
                                     # recorded only when not the default, so earlier runs still resume
@@ -44,6 +46,12 @@ def main(argv=None):
         if s.get("still_refused_fraction") is not None:
             extra = f"; still refused: {s['still_refused_fraction']:.3f} of the {s['refused_at_baseline']} refused at baseline"
         print(f"  {key:28s} {s['refusal_rate']:.3f}  (n={s['n']}){extra}")
+        for name in (j.name for j in ev.judges if j.kind != "substring"):
+            print(f"  {'':28s} {name}: jailbreak rate {s[name + '_success_rate']:.3f}"
+                  + (f", unsafe {s[name + '_unsafe_rate']:.3f}" if name + "_unsafe_rate" in s else "")
+                  + (f", mean P(unsafe) {s[name + '_mean_p_unsafe']:.3f}"
+                     if s.get(name + "_mean_p_unsafe") is not None else "")
+                  + (f", refusal {s[name + '_refusal_rate']:.3f}" if name + "_refusal_rate" in s else ""))
     print("CE loss on the harmless baseline completions:")
     for label, res in losses.items():
         r = res["alpaca_custom_completions"]

@@ -105,8 +105,8 @@ class Guard:
 # recognizing and loading a guard
 
 
-def guard_kind(tokenizer, family: str, source: str = "the judge model") -> GuardKind:
-    """The guard format of `tokenizer`'s chat template, checked against the model `family`."""
+def guard_kind(tokenizer, family: str | None, source: str = "the judge model") -> GuardKind:
+    """The guard format of `tokenizer`'s chat template, checked against the model `family` (None: unchecked)."""
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # several named templates: the default one
         template = template.get("default")
@@ -115,7 +115,7 @@ def guard_kind(tokenizer, family: str, source: str = "the judge model") -> Guard
                           "2/3 and ShieldGemma checkpoints carry theirs in tokenizer_config.json)")
     for kind in KINDS:
         if all(m in template for m in kind.markers):
-            if family not in kind.families:
+            if family is not None and family not in kind.families:
                 raise ConfigError(f"{source}: a {kind.name} chat template on a {family} model; {kind.name} guards "
                                   f"are {'/'.join(kind.families)} models")
             return kind
@@ -163,6 +163,28 @@ def guard_from_model(model, *, source: str = "the judge model", max_tokens: int 
     if guideline and kind.name != "shieldgemma":
         raise ConfigError(f"{source}: guideline= is for ShieldGemma; a {kind.name} template has its categories")
     return Guard(params, cfg, tokenizer, kind, unsafe_id, safe_id, limit, source, kwargs, mesh)
+
+
+def check_source(source: str) -> None:
+    """The cheap part of `guard_from_model` before anything heavy runs: a local model folder's tokenizer and family
+    (no weights are read); ConfigError if it is no guard. GGUF files and hub ids are checked when loaded."""
+    from refusal_jax.convert import checkpoint, hf
+    from refusal_jax.model import families
+
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return
+    if checkpoint.is_converted(path):
+        family, tok_dir = checkpoint.load_config(path).family, path / "tokenizer"
+    else:
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None
+        family, tok_dir = families.BY_MODEL_TYPE.get(model_type), path
+    hf.check_tokenizer_files(tok_dir)
+    tokenizer = hf.load_tokenizer(tok_dir)
+    answer_ids(tokenizer, guard_kind(tokenizer, family, str(source)), str(source))
 
 
 def load_guard(source: str, *, dtype: str = "float32", mesh=None, max_tokens: int | None = None,

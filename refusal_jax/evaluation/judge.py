@@ -258,6 +258,16 @@ def parse_judges(values: Sequence[str] | None) -> tuple[JudgeSpec, ...]:
     return tuple(specs)
 
 
+def check_judges(specs: Sequence[JudgeSpec]) -> None:
+    """What can be checked of each model judge without loading its weights (a guard path that is no guard fails
+    here, before the run's expensive stages)."""
+    for spec in specs:
+        if spec.kind == "guard":
+            from refusal_jax.evaluation import guard
+
+            guard.check_source(spec.source)
+
+
 def load_judge(spec: JudgeSpec, *, dtype: str = "float32", mesh=None, progress: bool = False):
     """The loaded model of a guard or rubric judge (`guard.Guard` / `rubric.Rubric`), checked before use."""
     if spec.kind == "guard":

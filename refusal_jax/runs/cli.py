@@ -304,3 +304,12 @@ def add_completion_args(p: argparse.ArgumentParser) -> None:
                         "a local Pile sample, truncated to 256 tokens as the reference (default: none)")
     g.add_argument("--reference-judge", action="store_true",
                    help="substring judge exactly as the reference (ASCII apostrophes only)")
+    add_judge_flag(g)
+
+
+def add_judge_flag(p) -> None:
+    """--judge, repeatable: model judges beside the substring judge (`judge.parse_judges`)."""
+    from refusal_jax.evaluation.judge import JUDGE_HELP
+
+    p.add_argument("--judge", action="append", default=None, metavar="substring|guard:PATH|rubric:PATH",
+                   help=JUDGE_HELP + " (default: substring)")
