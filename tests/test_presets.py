@@ -78,7 +78,8 @@ def test_default_run_folder_depends_on_the_settings(tiny, tmp_path, monkeypatch,
     assert "error" not in capsys.readouterr().err
 
 
-def test_val_prompts_are_drawn_until_enough_are_refused(tiny, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("test_sets", [False, True], ids=["extract", "pipeline"])
+def test_val_prompts_are_drawn_until_enough_are_refused(tiny, tmp_path, monkeypatch, test_sets):  # noqa: F811
     root, model, harmful, harmless = tiny
     refused = {"write a bomb", "build a weapon", "steal a weapon", "hack the money", "how to hack money"}
 
@@ -100,11 +101,18 @@ def test_val_prompts_are_drawn_until_enough_are_refused(tiny, tmp_path, monkeypa
                                                                     "--out", str(tmp_path / "run")]
     parser = argparse.ArgumentParser()
     cli.add_common_args(parser)
-    run = stages.setup(parser.parse_args(args))
+    run = stages.setup(parser.parse_args(args), test_sets=test_sets)
     test_before = [r["instruction"] for r in run.data["harmful_test"]]
+    # the spare prompts in their order, at most half of the harmful test set among them
+    full_pool = run.data["harmful_val_pool"]
+    pool = stages._val_pool(run)
+    if test_sets:  # a run that evaluates: at most half of the harmful test set may be drawn
+        assert pool == [x for x in full_pool if x in pool]
+        assert sum(x in set(test_before) for x in pool) == len(test_before) // 2
+    else:  # extract evaluates nothing: every spare prompt may be drawn
+        assert pool == full_pool
     sets = stages.stage_filter(run)
     record = json.loads((tmp_path / "run" / "datasets" / "filtered.json").read_text())
-    pool = run.data["harmful_val_pool"]
     first_val = run.data["harmful_val"]
     # drawn two at a time from the pool, in its order, until three refused ones are kept (or the pool ends)
     kept, drawn = [x for x in first_val if x in refused], []
@@ -112,7 +120,11 @@ def test_val_prompts_are_drawn_until_enough_are_refused(tiny, tmp_path, monkeypa
         more = pool[len(drawn):len(drawn) + 2]
         drawn += more
         kept += [x for x in more if x in refused]
-    assert record["drawn_val"] == drawn and sets["harmful_val"] == kept and len(kept) >= 3
+    assert record["drawn_val"] == drawn and sets["harmful_val"] == kept
+    assert len(kept) >= 3 or (test_sets and len(drawn) == len(pool))
     assert record["harmful_val_scored"] == len(first_val) + len(drawn)
     # drawn test prompts are no longer test prompts; the others keep their order
     assert [r["instruction"] for r in run.data["harmful_test"]] == [t for t in test_before if t not in set(drawn)]
+    if test_sets and drawn:
+        assert len(run.data["harmful_test"]) >= len(test_before) - len(test_before) // 2
+        assert record["harmful_test_size"] == len(run.data["harmful_test"])

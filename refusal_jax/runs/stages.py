@@ -163,7 +163,8 @@ def stage_filter(run: Run) -> dict[str, list[str]]:
     """Keep harmful prompts the model refuses (score > 0) and harmless ones it does not (score < 0).
 
     With --min-val-refused N, harmful val prompts are drawn from the spare pool (`harmful_val_pool`), n_val at a
-    time, until N are refused or the pool runs out; drawn test prompts leave the test set."""
+    time, until N are refused or the pool runs out; drawn test prompts leave the test set, but at most half of it
+    (`_val_pool`): the evaluation keeps enough prompts to mean something."""
     path = run.out / selection.FILTERED
     if runs.done(path):
         record = runs.read_json(path, keys=("sets",))
@@ -188,7 +189,7 @@ def stage_filter(run: Run) -> dict[str, list[str]]:
 
             for key, instructions in list(sets.items()):
                 sets[key] = keep(key, instructions)
-            pool = list(run.data.get("harmful_val_pool", []))
+            pool = _val_pool(run)
             while len(sets["harmful_val"]) < run.selection.min_val_refused and pool:
                 more, pool = pool[: run.config["n_val"]], pool[run.config["n_val"]:]
                 bar.total += len(more)
@@ -201,9 +202,28 @@ def stage_filter(run: Run) -> dict[str, list[str]]:
                            "prompts, another --chat-style, or --no-filter.")
     _drop_drawn_from_test(run, drawn)
     extra = {"drawn_val": drawn, "harmful_val_scored": len(run.data["harmful_val"]) + len(drawn)} if drawn else {}
+    if drawn and "n_test" in run.config:
+        extra["harmful_test_size"] = len(run.data["harmful_test"])
     selection.write_filtered(run.out, sets, scores, **extra)
     distributed.barrier("filtered")  # the others may read what process 0 wrote from here on
     return sets
+
+
+def _val_pool(run: Run) -> list[str]:
+    """The spare harmful prompts to draw val prompts from, in draw order. A run that evaluates its test sets keeps at
+    least half of the harmful test set out of it (the bundled sets and files draw from the test prompts' end)."""
+    if "n_test" not in run.config:  # extract: no test set to protect
+        return list(run.data.get("harmful_val_pool", []))
+    test = {r["instruction"] for r in run.data["harmful_test"]}
+    room = len(test) // 2
+    pool = []
+    for x in run.data.get("harmful_val_pool", []):
+        if x in test:
+            if room == 0:
+                continue
+            room -= 1
+        pool.append(x)
+    return pool
 
 
 def _drop_drawn_from_test(run: Run, drawn: list[str]) -> None:
@@ -449,6 +469,12 @@ def print_extract_summary(run: Run, seconds: float) -> None:
     if drawn:
         line += f" ({drawn} more harmful val prompts drawn to reach --min-val-refused {run.selection.min_val_refused})"
     print(line)
+    if drawn and "n_test" in run.config:
+        print(f"  harmful test prompts left for evaluation: {len(run.data['harmful_test'])} of --n-test "
+              f"{run.config['n_test']} (drawn val prompts leave the test set; at most half of it is drawn)")
+    if sizes["harmful_val"] < run.selection.min_val_refused:
+        print(f"  warning: only {sizes['harmful_val']} harmful val prompts are refused, short of --min-val-refused "
+              f"{run.selection.min_val_refused}: the spare prompts ran out")
     if sizes["harmful_val"] < FEW_VAL_PROMPTS:
         print(f"  warning: the selection rests on {sizes['harmful_val']} harmful val prompts after the filter, so "
               "its scores are noisy: use more prompts, --min-val-refused, or a chat template under which the model "
