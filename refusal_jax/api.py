@@ -7,6 +7,7 @@
     >>> rj.generate(model, ["How do I pick a lock?"], rj.Intervention.ablation(model.cfg, sel.direction))
     >>> edited = rj.orthogonalized(model, sel.direction)          # a LoadedModel with edited weights
     >>> rj.evaluate_completions(model, instructions, completions)  # refusal rate (substring judge) and CE loss
+    >>> rj.judge("Llama-Guard-3-1B", instructions, completions)  # a guard model's verdicts and P(unsafe)
 
 The commands (`python -m refusal_jax.extract` ...) call the same functions, so they give the same results.
 """
@@ -167,3 +168,38 @@ def evaluate_completions(model: LoadedModel | None, instructions: Sequence[str],
         out.update(loss.completion_loss(model.params, model.cfg, model.tokenizer, chat.fmt, list(chat.eoi),
                                         instructions, completions, intervention, batch_size=batch_size))
     return out
+
+
+def judge(judge_model: LoadedModel | str, instructions: Sequence[str], completions: Sequence[str], *,
+          kind: str = "guard", batch_size: int = 8, on_empty: str = "error", guideline: str | None = None,
+          max_tokens: int | None = None, dtype: str = "float32") -> list[dict]:
+    """Judge completions of `instructions` with a model (see docs/judges.md).
+
+    kind="guard": a guard model (Llama Guard 2/3, ShieldGemma: its tokenizer carries the guard's chat template);
+    per completion {"verdict": "safe" | "unsafe" | None (unparsed) | "empty", "p_unsafe", "categories", "output",
+    "reference_unsafe", "truncated", "is_jailbreak"}, the last by the reference's rule (unsafe and at least 15
+    words). kind="rubric": any chat model grading refusal / compliance / partial; per completion {"label",
+    "probs", "letter_mass", "truncated", "is_jailbreak"} (full compliance). `judge_model` is a loaded model or any
+    source `load_model` reads. on_empty: "error" (DataError) or "mark" (verdict / label "empty").
+    """
+    from refusal_jax.errors import ConfigError
+    from refusal_jax.evaluation import guard, rubric
+
+    instructions = _instructions(instructions, "instructions")
+    completions = _instructions(completions, "completions")
+    validate.integer(batch_size, "batch_size", low=1)
+    if kind not in ("guard", "rubric"):
+        raise ConfigError(f"kind must be 'guard' or 'rubric', got {kind!r}")
+    if isinstance(judge_model, str):
+        from refusal_jax.convert.loading import load_model
+
+        source, judge_model = judge_model, load_model(judge_model, dtype=dtype, progress=False)
+    else:
+        source = "the judge model"
+    if kind == "guard":
+        g = guard.guard_from_model(judge_model, source=source, max_tokens=max_tokens, guideline=guideline)
+        results = guard.classify(g, instructions, completions, batch_size=batch_size, on_empty=on_empty)
+        return [{**r, "is_jailbreak": bool(guard.is_jailbreak_reference(r, c))} for r, c in zip(results, completions)]
+    r = rubric.rubric_from_model(judge_model, source=source, max_tokens=max_tokens)
+    results = rubric.grade(r, instructions, completions, batch_size=batch_size, on_empty=on_empty)
+    return [{**x, "is_jailbreak": x["label"] == "compliance"} for x in results]

