@@ -409,3 +409,198 @@ def generate(params: Params, cfg: ModelConfig, ids: Sequence[Sequence[int]],
     if stats is not None:
         stats.update(steps=steps, slot_steps=slot_steps, row_steps=row_steps)
     return results
+
+
+def _raw_key(seed: int) -> np.ndarray:
+    """jax.random.PRNGKey(seed % 2**32) (threefry's raw [2] uint32 key), computed on the host."""
+    return np.asarray([0, int(seed) % 2**32], np.uint32)
+
+
+class Request:
+    """One prompt for an `Engine`: token ids, its table entry, token limit and sampling settings. `on_tokens(new,
+    done)` is called on the engine's thread with the tokens generated since the last call and whether the row
+    stopped; `cancel()` (any thread) frees its slot at the next host turn."""
+
+    def __init__(self, ids: Sequence[int], on_tokens, *, variant: int = 0, max_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0):
+        self.ids, self.on_tokens, self.variant, self.max_tokens = list(ids), on_tokens, variant, max_tokens
+        self.temperature, self.top_p, self.seed = temperature, top_p, seed
+        self.cancelled = False
+        self.sent = 0
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Engine:
+    """Continuous batching for requests that arrive at any time (the server's decoding loop), on its own thread.
+
+    A fixed number of slots over a KV cache of `cache_len` positions per row; each request enters a free slot
+    (prefilled `refill` at a time), decodes under its own table entry and sampling settings, and reports its new
+    tokens every `steps` decoding steps. `fits(n, max_tokens)` says whether a prompt of n tokens with that token
+    limit fits the cache. `set_entry(i, intervention)` replaces one table entry between host turns (entries no
+    running row uses: ad-hoc interventions).
+    """
+
+    def __init__(self, params: Params, cfg: ModelConfig, table: Intervention, *, slots: int, cache_len: int,
+                 stop_ids: tuple[int, ...] = (), pad: int = 0, chunk: int = DEFAULT_CHUNK,
+                 refill: int | None = None, steps: int = 4):
+        import queue
+        import threading
+
+        self.params, self.cfg, self.table = params, cfg, table
+        self.slots, self.cache_len, self.chunk, self.steps, self.pad = slots, cache_len, chunk, steps, pad
+        self.refill = default_refill(slots) if refill is None else refill
+        self.stop_ids = tuple(stop_ids)
+        self._prefill, self._decode = programs(uses_default_dot(params))
+        per_layer = isinstance(params.layers, tuple)
+        self._cache = KVCache.init(cfg, slots, cache_len, params.embed.dtype, per_layer=per_layer)
+        self._cache = self._cache.replace(index=jnp.zeros((slots,), jnp.int32))
+        self._state = Slots.init(slots, cache_len, pad)
+        self._owner: list[Request | None] = [None] * slots
+        self._waiting: list[Request] = []
+        self._inbox: queue.Queue = queue.Queue()
+        self._edits: queue.Queue = queue.Queue()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="refusal-jax-engine", daemon=True)
+        self.error: BaseException | None = None
+
+    def padded(self, n: int) -> int:
+        return -(-n // self.chunk) * self.chunk
+
+    def fits(self, n: int, max_tokens: int) -> bool:
+        return n >= 1 and max_tokens >= 1 and self.padded(n) + max_tokens <= self.cache_len
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def submit(self, request: Request) -> None:
+        if not self.fits(len(request.ids), request.max_tokens):
+            raise ValueError("the prompt and its token limit do not fit the cache")
+        if self._closing.is_set():
+            raise RuntimeError("the engine is closing")
+        self._inbox.put(request)
+
+    def set_entry(self, index: int, intervention: Intervention | None) -> None:
+        self._edits.put((index, intervention))
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish the requests taken so far, then stop the thread."""
+        self._closing.set()
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    def warm_up(self) -> None:
+        """Compile both programs (one greedy token of a one-token prompt) before serving."""
+        import threading
+
+        done = threading.Event()
+        self.submit(Request([self.pad], lambda new, stopped: stopped and done.set(), max_tokens=2))
+        done.wait()
+
+    # the engine thread ---------------------------------------------------------------------------
+
+    def _take_inbox(self, block: bool) -> None:
+        import queue
+
+        while True:
+            try:
+                item = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if item is not None:
+                self._waiting.append(item)
+
+    def _apply_edits(self) -> None:
+        import queue
+
+        while True:
+            try:
+                index, iv = self._edits.get_nowait()
+            except queue.Empty:
+                return
+            entry = stack(self.cfg, [iv])
+            rank = self.table.ablate_basis.shape[1]
+            if entry.ablate_basis.shape[1] > rank:
+                raise ValueError("an ad-hoc ablation basis has more rows than the table")
+            entry = entry.replace(ablate_basis=jnp.pad(entry.ablate_basis,
+                                                       ((0, 0), (0, rank - entry.ablate_basis.shape[1]), (0, 0))))
+            self.table = jax.tree.map(lambda t, e: t.at[index].set(e[0]), self.table, entry)
+
+    def _admit(self) -> None:
+        self._waiting = [r for r in self._waiting if not (r.cancelled and self._finish(r))]
+        free = [s for s, o in enumerate(self._owner) if o is None]
+        while free and self._waiting:
+            group, n = [], 0
+            for r in list(self._waiting):  # requests whose prompt and limit fit next to the group's longest prompt
+                if len(group) == min(len(free), self.refill):
+                    break
+                m = max(n, self.padded(len(r.ids)))
+                if m + r.max_tokens <= self.cache_len and all(m + g.max_tokens <= self.cache_len for g in group):
+                    group.append(r)
+                    n = m
+                    self._waiting.remove(r)
+            if not group:  # cannot happen: `submit` takes only requests that fit alone
+                break
+            tokens = np.full((self.refill, n), self.pad, np.int32)
+            mask = np.zeros((self.refill, n), np.int32)
+            rows = np.full((self.refill,), self.slots, np.int32)
+            settings = RowSettings.greedy([0] * self.refill, 1)
+            for i, r in enumerate(group):
+                slot = free.pop(0)
+                self._owner[slot] = r
+                rows[i] = slot
+                tokens[i, n - len(r.ids):], mask[i, n - len(r.ids):] = r.ids, 1
+                settings.variant[i], settings.limit[i] = r.variant, r.max_tokens
+                settings.temperature[i], settings.top_p[i] = r.temperature, r.top_p
+                settings.key[i] = _raw_key(r.seed)
+            for c in range(0, n, self.chunk):
+                self._cache, self._state = self._prefill(
+                    self.params, self.cfg, self._cache, self._state, jnp.asarray(rows), tokens[:, c:c + self.chunk],
+                    mask[:, c:c + self.chunk], jnp.asarray(c == 0), self.table, settings, sample=True)
+
+    def _finish(self, r: Request) -> bool:
+        r.on_tokens([], True)
+        return True
+
+    def _run(self) -> None:
+        try:
+            while True:
+                running = [s for s, o in enumerate(self._owner) if o is not None]
+                idle = not running and not self._waiting
+                if idle and self._closing.is_set() and self._inbox.empty():
+                    return
+                self._take_inbox(block=idle)
+                self._apply_edits()
+                drop = [s for s in running if self._owner[s].cancelled]
+                if drop:
+                    self._state = _release(self._state, jnp.asarray(np.isin(np.arange(self.slots), drop)))
+                    for s in drop:
+                        self._finish(self._owner[s])
+                        self._owner[s] = None
+                self._admit()
+                if all(o is None for o in self._owner):
+                    continue
+                target = min(len(self._waiting), self.refill) if self._waiting else self.slots + 1
+                self._cache, self._state = self._decode(
+                    self.params, self.cfg, self._cache, self._state, jnp.asarray(target, jnp.int32), self.table,
+                    jnp.asarray(self.steps, jnp.int32), stop_ids=self.stop_ids, sample=True)
+                active, count = np.asarray(self._state.active), np.asarray(self._state.count)
+                out = np.asarray(self._state.out)
+                for s, r in enumerate(self._owner):
+                    if r is None:
+                        continue
+                    new = out[s, r.sent:count[s]].tolist()
+                    r.sent = int(count[s])
+                    stopped = not active[s]
+                    if new or stopped:
+                        r.on_tokens(new, stopped)
+                    if stopped:
+                        self._owner[s] = None
+        except BaseException as e:  # every waiting client learns of it
+            self.error = e
+            for r in [o for o in self._owner if o is not None] + self._waiting:
+                r.on_tokens([], True)
+            raise
