@@ -359,25 +359,19 @@ def stage_evaluate(run: Run, completion_files: dict[str, Path], settings: EvalSe
     summary = {}
     model_judges = [j for j in settings.judges if j.kind != "substring"]
     loaded: dict = {}
+
+    def model_for(j):  # each judge model loaded once, when a file first needs it
+        if j not in loaded:
+            # on one process only (stage 4 runs on process 0): no mesh across processes
+            mesh = run.mesh if distributed.process_count() == 1 else None
+            loaded[j] = judge.load_judge(j, dtype=run.args.dtype, mesh=mesh, progress=run.progress)
+        print(f"judging with {j.kind}:{j.source}", flush=True)
+        return loaded[j]
+
     for key, path in completion_files.items():
-        out = path.with_name(path.name.replace("_completions.json", "_evaluations.json"))
-        if not out.exists():
-            with runs.reading(path):
-                ev = judge.substring_evaluation(runs.read_json(path), curly_apostrophes=not settings.reference_judge)
-            runs.write_json(out, ev)
-        ev = runs.read_json(out, keys=("substring_matching_success_rate", "completions"))
-        missing = [j for j in model_judges if f"{j.name}_success_rate" not in ev]
-        if missing:
-            with runs.reading(path):
-                records = runs.read_json(path)
-            for j in missing:
-                if j not in loaded:  # loaded once, when a file first needs it
-                    # on one process only (stage 4 runs on process 0): no mesh across processes
-                    mesh = run.mesh if distributed.process_count() == 1 else None
-                    loaded[j] = judge.load_judge(j, dtype=run.args.dtype, mesh=mesh, progress=run.progress)
-                print(f"judging {path.name} with {j.kind}:{j.source}", flush=True)
-                ev = judge.add_model_judge(ev, records, j, loaded[j], batch_size=settings.gen_batch_size)
-            runs.write_json(out, ev)
+        out = judge.evaluations_path(path)
+        ev = judge.evaluate_file(path, settings.judges, model_for, curly_apostrophes=not settings.reference_judge,
+                                 batch_size=settings.gen_batch_size)
         with runs.reading(out):
             flags = [bool(c["is_jailbreak_substring_matching"]) for c in ev["completions"]]
             summary[key] = {"refusal_rate": 1.0 - float(ev["substring_matching_success_rate"]), "n": len(flags)}
