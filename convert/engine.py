@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from refusal_jax.model.config import ModelConfig
+from refusal_jax.convert.dtypes import cast, check_fits
 from refusal_jax.errors import CheckpointError
 from refusal_jax.model.params import ParamSpec, Params, axis_sizes, from_flat, param_shapes, present_params
 
@@ -153,7 +154,7 @@ def fill_params(
         if fold and _is_norm(field):
             value = value + np.float32(1.0)
         # Cast on assignment: no intermediate copy of the tensor in the target dtype (peak memory).
-        (target if layer is None else target[layer])[...] = transform(value)
+        (target if layer is None else target[layer])[...] = check_fits(transform(value), target.dtype, name, source)
         if on_tensor:
             on_tensor(name)
 
@@ -253,7 +254,7 @@ def to_hf_tensors(
         out_dtype = np.dtype(dtype) if dtype is not None else value.dtype
         if unfold and _is_norm(short):
             value = value.astype(np.float32) - np.float32(1.0)
-        value = np.ascontiguousarray(inverse[field](value).astype(out_dtype, copy=False))
+        value = np.ascontiguousarray(cast(inverse[field](value), out_dtype, hf_name))
         assert value.shape == hf_shape, (hf_name, value.shape, hf_shape)
         yield hf_name, value
 

@@ -226,21 +226,77 @@ def _open_reader(path: Path):
     if magic != b"GGUF":
         what = "an empty file" if size == 0 else f"it starts with {magic!r}, not b'GGUF'"
         raise CheckpointError(f"{path} is not a GGUF file ({what})")
+    class CheckedReader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs, fields):  # the layout is checked before any tensor view is made
+            check_tensor_layout(path, [_info_of_field(f) for f in fields], int(start_offs), int(self.alignment),
+                                size)
+            super()._build_tensors(start_offs, fields)
+
     try:
-        reader = gguf.GGUFReader(path)
+        reader = CheckedReader(path)
+    except CheckpointError:
+        raise
     except Exception as e:  # gguf raises ValueError/KeyError/IndexError/struct errors on damaged headers
         raise CheckpointError(
             f"{path}: corrupt or truncated GGUF file ({size} bytes): gguf could not parse it "
             f"({type(e).__name__}: {e})"
         ) from None
-    # GGUFReader maps tensor data lazily, so a file cut inside the data section parses; check its extent here.
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise CheckpointError(
-                f"{path}: truncated GGUF file: tensor {t.name} ends at byte {end} but the file has {size} bytes"
-            )
+    # Again from the parsed tensors, in case a gguf version builds them without `_build_tensors`.
+    check_tensor_layout(path, [(t.name, [int(d) for d in t.shape], int(t.tensor_type),
+                                int(t.data_offset) - int(reader.data_offset)) for t in reader.tensors],
+                        int(reader.data_offset), int(reader.alignment), size)
     return reader
+
+
+def _info_of_field(field) -> tuple[str, list[int], int, int]:
+    """(name, ggml ne, raw type, data offset) of one tensor-info field of GGUFReader."""
+    _, name, _, dims, raw_type, offset = field.parts
+    return bytes(name).decode("utf-8", "replace"), [int(d) for d in dims], int(raw_type[0]), int(offset[0])
+
+
+GGML_MAX_DIMS = 4
+
+
+def check_tensor_layout(path: Path, infos, data_start: int, alignment: int, file_size: int) -> None:
+    """The checks of llama.cpp's gguf loader (`gguf_init_from_file_impl`, `llama_tensor_weight`) on the tensor
+    infos [(name, ne, raw ggml type, offset in the data section)], in file order: at most 4 dimensions, a known
+    type whose block size divides ne[0], each offset a multiple of `general.alignment` and equal to the sum of
+    the padded sizes before it (tensors packed in order: no overlap, no gap), every tensor inside the file.
+    Raises a CheckpointError naming the first bad tensor; nothing is allocated."""
+    import gguf
+
+    previous, expected = None, 0
+    for name, ne, raw_type, offset in infos:
+        where = f"{path}: tensor {name}"
+        if len(ne) > GGML_MAX_DIMS:
+            raise CheckpointError(f"{where} has {len(ne)} dimensions (ggml allows {GGML_MAX_DIMS})")
+        try:
+            qtype = gguf.GGMLQuantizationType(raw_type)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise CheckpointError(f"{where} has unknown ggml type {raw_type}") from None
+        n = math.prod(ne)
+        if n >= 2**63:
+            raise CheckpointError(f"{where} has shape {ne} with more than 2^63 elements")
+        if ne and ne[0] % block:
+            raise CheckpointError(f"{where}: its first dimension {ne[0]} is not a multiple of the {qtype.name} "
+                                  f"block size {block}")
+        n_bytes = n // block * type_size
+        if offset % alignment:
+            raise CheckpointError(f"{where}: data offset {offset} is not a multiple of general.alignment "
+                                  f"{alignment}")
+        if offset < expected:
+            raise CheckpointError(f"{where}: data offset {offset} overlaps tensor {previous}, which ends at "
+                                  f"{expected} (with padding)")
+        if offset > expected:
+            after = f"after tensor {previous}" if previous is not None else "at the start of the data"
+            raise CheckpointError(f"{where}: data offset {offset} leaves {offset - expected} unused bytes {after} "
+                                  f"(expected {expected}: llama.cpp requires tensors packed in file order)")
+        end = data_start + offset + n_bytes
+        if end > file_size:
+            raise CheckpointError(f"{path}: corrupt or truncated GGUF file: tensor {name} ends at byte {end}, "
+                                  f"the file has {file_size} bytes")
+        previous, expected = name, offset + -(-n_bytes // alignment) * alignment
 
 
 def _field_value(field) -> Any:

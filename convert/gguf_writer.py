@@ -48,7 +48,7 @@ from typing import Any, Callable
 import numpy as np
 
 from refusal_jax.model.config import ModelConfig
-from refusal_jax.convert import engine
+from refusal_jax.convert import dtypes, engine
 from refusal_jax.convert.gguf import _GLOBAL_NAMES, _layer_names, permute_qk
 from refusal_jax.errors import CheckpointError, ConfigError
 from refusal_jax.model import families
@@ -370,6 +370,7 @@ def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_s
             got_name, gname, value = next(it)
             if got_name != hf_name or value.shape != shape:
                 raise CheckpointError(f"tensor {got_name} {value.shape} does not match the plan ({hf_name} {shape})")
+            dtypes.check_fits(value, dtypes.GGUF_FLOAT.get(q.name, value.dtype), gname)  # no inf written
             w.write_tensor_data(_encode(value, q))
             if on_tensor:
                 on_tensor(gname)

@@ -45,6 +45,7 @@ def read_header(path: Path) -> tuple[dict, int]:
     data_start = 8 + n
     for name, info in header.items():
         _check_entry(path, name, info, size - data_start)
+    _check_layout(path, header, size - data_start)
     return header, data_start
 
 
@@ -73,6 +74,31 @@ def _check_entry(path: Path, name: str, info, data_size: int) -> None:
     expected *= np.dtype(_DTYPES[info["dtype"]]).itemsize
     if end - begin != expected:
         raise CheckpointError(f"{path}: tensor {name} has {end - begin} bytes for shape {shape}")
+
+
+def _check_layout(path: Path, header: dict, data_size: int) -> None:
+    """The tensors tile the data region exactly, as the `safetensors` library requires (`Metadata::validate`):
+    sorted by offset, each begins where the previous one ends (no overlap, no gap), the first at 0, the last at
+    the end of the file. Overlapping tensors would silently alias each other's bytes; a gap or trailing bytes
+    mean a damaged or hand-edited file."""
+    order = sorted(header, key=lambda k: tuple(header[k]["data_offsets"]))
+    for before, name in zip(order, order[1:]):  # overlaps first: aliased weights are the worse damage
+        (_, end), (begin, stop) = header[before]["data_offsets"], header[name]["data_offsets"]
+        if begin < end:
+            raise CheckpointError(f"{path}: tensor {name} (data bytes {begin}-{stop}) overlaps tensor {before} "
+                                  f"(which ends at {end})")
+    previous, expected = None, 0
+    for name in order:
+        begin, end = header[name]["data_offsets"]
+        if begin > expected:
+            after = f"after tensor {previous}" if previous is not None else "at the start of the data"
+            raise CheckpointError(f"{path}: tensor {name} begins at data byte {begin}, leaving {begin - expected} "
+                                  f"unused bytes {after} (safetensors packs tensors without gaps)")
+        previous, expected = name, end
+    if expected != data_size:
+        raise CheckpointError(f"{path}: {data_size - expected} bytes after the last tensor "
+                              f"{previous if previous is not None else '(none)'}: the header covers {expected} of "
+                              f"the {data_size} data bytes")
 
 
 def numel(paths) -> int:

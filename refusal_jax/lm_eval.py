@@ -13,7 +13,9 @@ From Python: `refusal_jax.lm_eval.register()`, then `lm_eval.simple_evaluate(mod
 model_args: pretrained (any refusal_jax model source, default the bundled model), intervention (none, ablation,
 addition, edit-plain, edit-projected, edit-norm-preserving), direction, layer, coeff, harmless_mean, dtype
 (`refusal_jax.evaluation.capabilities.ModelSpec`), batch_size (default 8), max_length (context window, default 2048),
-max_gen_toks (default 256). The intervention is active in every forward pass.
+max_gen_toks (default 256). The intervention is active in every forward pass. Bad model_args (an unknown or
+repeated key, a value of the wrong type, an unknown intervention, a missing direction or model) are refused with
+one `error:` line before any model is loaded (`check_model_args`).
 
   loglikelihood          one forward over context + continuation (left-padded, length-bucketed batches, jit);
                          log-softmax only over the continuation positions, in 16-position chunks, so no
@@ -29,6 +31,7 @@ Inside this module `import lm_eval` is an absolute import: it is the lm-evaluati
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -118,7 +121,98 @@ def score_tokens(params, cfg, pad: int, pairs, intervention=None, *, batch_size:
 def _batch_size(value) -> int:
     if value is None or (isinstance(value, str) and value.startswith("auto")):
         return 8
-    return int(value)
+    return _int("batch_size", value, low=1)
+
+
+# model_args keys: ours (RefusalJaxLM's parameters), and the ones lm-eval adds itself
+MODEL_ARGS = ("pretrained", "intervention", "direction", "layer", "coeff", "harmless_mean", "dtype", "batch_size",
+              "max_length", "max_gen_toks", "add_bos_token", "progress")
+_HARNESS_ARGS = ("device", "max_batch_size")
+
+
+def _int(key: str, value, *, low: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
+        raise ConfigError(f"model_args {key}={value}: not an integer")
+    value = int(value)
+    if low is not None and value < low:
+        raise ConfigError(f"model_args {key}={value}: must be >= {low}")
+    return value
+
+
+def _float(key: str, value) -> float:
+    try:
+        out = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        out = None
+    if out is None or not math.isfinite(out):
+        raise ConfigError(f"model_args {key}={value}: not a finite number")
+    return out
+
+
+def _bool(key: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1"):
+        return True
+    if str(value).lower() in ("false", "0"):
+        return False
+    raise ConfigError(f"model_args {key}={value}: not true or false")
+
+
+def parse_model_args(text: str | None) -> dict[str, Any]:
+    """'key=value,key=value' -> {key: value} as lm-eval parses it ("true" -> True, "8" -> 8), refusing an item
+    without '=', an empty key and a repeated key (lm-eval keeps the last value of a repeated key, with at most a
+    log line; which one the user meant is unknowable)."""
+    from lm_eval.utils import handle_arg_string
+
+    out: dict[str, Any] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ConfigError(f"model_args: expected key=value, got {item!r}")
+        if key in out:
+            raise ConfigError(f"model_args: {key} is given twice ({key}={out[key]} and {key}={value})")
+        out[key] = handle_arg_string(value)
+    return out
+
+
+def check_model_args(args: dict) -> dict:
+    """The model_args checked and typed, and the intervention resolved (`ModelSpec.resolved`: direction and harmless
+    mean files read, the layer taken from the direction's run), before any model is loaded. Returns the keyword
+    arguments of `RefusalJaxLM` (plus "spec"). Raises ConfigError / DataError / CheckpointError: one line each."""
+    from pathlib import Path
+
+    from refusal_jax.convert import bundled
+    from refusal_jax.errors import CheckpointError
+    from refusal_jax.evaluation.capabilities import ModelSpec
+
+    unknown = sorted(set(args) - set(MODEL_ARGS) - set(_HARNESS_ARGS) - {"loaded"})
+    if unknown:
+        raise ConfigError(f"unknown model_args {', '.join(unknown)}; refusal_jax takes {', '.join(MODEL_ARGS)}")
+    pretrained = str(args.get("pretrained", "qwen2.5-coder-0.5b-instruct"))
+    path = Path(pretrained).expanduser()
+    hub_id = pretrained.count("/") == 1 and not pretrained.startswith((".", "/", "~"))
+    if args.get("loaded") is None and not path.exists() and not bundled.is_known_model(pretrained) and not hub_id:
+        raise CheckpointError(f"model_args pretrained={pretrained}: no such file or directory, and not a bundled "
+                              f"model name ({', '.join(sorted(bundled.MODELS))}) or a hub id (owner/name)")
+    optional = {k: args.get(k) for k in ("direction", "harmless_mean")}
+    spec = ModelSpec(
+        model=pretrained, intervention=str(args.get("intervention", "none")),
+        direction=None if optional["direction"] is None else str(optional["direction"]),
+        layer=None if args.get("layer") is None else _int("layer", args["layer"], low=0),
+        coeff=_float("coeff", args.get("coeff", 1.0)),
+        harmless_mean=None if optional["harmless_mean"] is None else str(optional["harmless_mean"]),
+        dtype=str(args.get("dtype", "float32")))
+    typed = {"spec": spec.resolved() if args.get("loaded") is None else spec,
+             "batch_size": _batch_size(args.get("batch_size", 8)),
+             "max_length": _int("max_length", args.get("max_length", 2048), low=2),
+             "max_gen_toks": _int("max_gen_toks", args.get("max_gen_toks", 256), low=1),
+             "add_bos_token": _bool("add_bos_token", args.get("add_bos_token", False)),
+             "progress": _bool("progress", args.get("progress", True))}
+    return typed
 
 
 if TemplateLM is not None:
@@ -137,24 +231,27 @@ class RefusalJaxLM(_Base):
                  **unused):
         _require()
         super().__init__()
-        from refusal_jax.evaluation.capabilities import ModelSpec
-
-        self.spec = ModelSpec(model=str(pretrained), intervention=str(intervention),
-                              direction=None if direction is None else str(direction),
-                              layer=None if layer is None else int(layer), coeff=float(coeff),
-                              harmless_mean=None if harmless_mean is None else str(harmless_mean), dtype=str(dtype))
-        if int(max_length) < 2 or int(max_gen_toks) < 1:
-            raise ConfigError("max_length must be >= 2 and max_gen_toks >= 1")
+        args = dict(pretrained=pretrained, intervention=intervention, direction=direction, layer=layer, coeff=coeff,
+                    harmless_mean=harmless_mean, dtype=dtype, batch_size=batch_size, max_length=max_length,
+                    max_gen_toks=max_gen_toks, add_bos_token=add_bos_token, progress=progress, loaded=loaded, **unused)
+        typed = check_model_args({k: v for k, v in args.items() if v is not None or k in unused})
+        self.spec, progress = typed["spec"], typed["progress"]
         self.loaded = loaded or self.spec.load(progress)
         self.params, self.cfg, self.tokenizer = self.loaded.params, self.loaded.cfg, self.loaded.tokenizer
         self.intervention = self.loaded.intervention
-        self.batch_size = _batch_size(batch_size)
-        self.max_length, self.max_gen_toks = int(max_length), int(max_gen_toks)
-        self.add_bos_token = bool(add_bos_token)
+        self.batch_size = typed["batch_size"]
+        self.max_length, self.max_gen_toks = typed["max_length"], typed["max_gen_toks"]
+        self.add_bos_token = typed["add_bos_token"]
         self.progress = progress
         self._decoding = None
         self._token_texts: list[str] | None = None
         self._stop_cache: dict[tuple[str, ...], tuple] = {}
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "RefusalJaxLM":
+        """lm-eval's `simple_evaluate(model_args="k=v,...")`: as lm-eval's own, but a repeated key is refused."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**parse_model_args(arg_string), **extra)
 
     # -- tokenization (TemplateLM) --------------------------------------------------------------------------
 
@@ -290,22 +387,51 @@ def register() -> type:
     return RefusalJaxLM
 
 
+def _cli_model_args(argv: list[str]) -> str | None:
+    """The --model_args of an lm-eval command line that runs this model, joined with commas (None otherwise).
+    lm-eval's parser merges repeated keys with only a log line, so they are checked here, before it runs."""
+    model, values, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--model", "-M") and i + 1 < len(argv):
+            model, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--model="):
+            model = arg.split("=", 1)[1]
+        elif arg in ("--model_args", "-a"):
+            i += 1
+            while i < len(argv) and not argv[i].startswith("-"):
+                values.append(argv[i])
+                i += 1
+            continue
+        elif arg.startswith("--model_args="):
+            values.append(arg.split("=", 1)[1])
+        i += 1
+    if model != MODEL_NAME or any(v.lstrip().startswith("{") for v in values):  # JSON model_args: lm-eval's
+        return None
+    return ",".join(values)
+
+
 def main(argv=None) -> None:
-    """Register the model, then run lm-eval's command line with `argv` (default: this command's arguments)."""
+    """Register the model, then run lm-eval's command line with `argv` (default: this command's arguments).
+    A RefusalJaxError (bad model_args, a damaged model file, ...) is one `error:` line and exit status 2."""
     import sys
 
+    from refusal_jax.errors import RefusalJaxError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         register()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    from lm_eval.__main__ import cli_evaluate
+        model_args = _cli_model_args(argv)
+        if model_args is not None:
+            check_model_args(parse_model_args(model_args))  # before lm-eval loads its tasks and the model
+        from lm_eval.__main__ import cli_evaluate
 
-    if argv is not None:
         sys.argv = ["lm-eval", *argv]
-    else:
-        sys.argv = ["lm-eval", *sys.argv[1:]]
-    cli_evaluate()
+        cli_evaluate()
+    except RefusalJaxError as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

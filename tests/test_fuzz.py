@@ -155,3 +155,70 @@ def test_gguf_mutated_and_truncated(tmp_path, gguf_bytes, data):
     path = tmp_path / "m.gguf"
     path.write_bytes(bytes(raw[:cut]))
     bounded(read_gguf, path, strict=data.draw(st.booleans()))
+
+
+# ------------------------------------------------------------------------------------------------
+# tensor layouts: the safetensors reader agrees with the reference library; an accepted GGUF layout is sound
+
+_ST_SIZES = {"F32": 4, "F16": 2, "I8": 1}
+st_entries = st.lists(st.tuples(st.sampled_from(sorted(_ST_SIZES)), st.lists(st.integers(0, 3), max_size=2),
+                                st.integers(0, 40), st.integers(-4, 8)), min_size=1, max_size=3)
+
+
+@FUZZ
+@given(entries=st_entries, extra=st.integers(-8, 8))
+def test_safetensors_layout_agrees_with_the_reference(tmp_path, entries, extra):
+    """Random offsets near the right ones (begin, and a size error): refusal_jax accepts a file exactly when the
+    `safetensors` library does, and then reads the same arrays."""
+    import numpy as np
+    from safetensors.numpy import load
+
+    header, end = {}, 0
+    for i, (dtype, shape, begin, size_error) in enumerate(entries):
+        size = int(np.prod(shape)) * _ST_SIZES[dtype] + size_error
+        header[f"t{i}"] = {"dtype": dtype, "shape": shape, "data_offsets": [begin, begin + size]}
+        end = max(end, begin + size)
+    blob = json.dumps(header).encode()
+    raw = struct.pack("<Q", len(blob)) + blob + bytes(range(256))[: max(0, end + extra)]
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(raw)
+    try:
+        theirs = load(raw)
+    except Exception:
+        theirs = None
+    ours = bounded(lambda: dict(safetensors_io.iter_file(path)))
+    assert isinstance(ours, RefusalJaxError) == (theirs is None), (header, len(raw), ours)
+    if theirs is not None:
+        assert sorted(ours) == sorted(theirs)
+        for name in ours:
+            np.testing.assert_array_equal(np.asarray(ours[name]), theirs[name])
+
+
+@FUZZ
+@given(tensors=st.lists(st.tuples(st.sampled_from([0, 1, 8]), st.lists(st.integers(1, 96), min_size=1, max_size=3),
+                                  st.integers(0, 12)), min_size=1, max_size=3),
+       alignment=st.sampled_from([8, 16, 32]), cut=st.integers(0, 64))
+def test_accepted_gguf_layout_is_sound(tmp_path, tensors, alignment, cut):
+    """Random types, shapes and offsets (in units of 16 bytes): when the reader accepts the file, every tensor is
+    aligned, inside the file and disjoint from every other."""
+    import gguf
+    import numpy as np
+
+    from refusal_jax.convert.gguf import _open_reader
+    from tests.test_containers import gguf_file
+
+    infos = [(f"t{i}", ne, t, 16 * k) for i, (t, ne, k) in enumerate(tensors)]
+    path = gguf_file(tmp_path / "m.gguf", infos, alignment=alignment)
+    path.write_bytes(path.read_bytes()[: max(0, path.stat().st_size - cut)])
+    reader = bounded(_open_reader, path)
+    if isinstance(reader, RefusalJaxError):
+        return
+    size, spans = path.stat().st_size, []
+    for t in reader.tensors:
+        block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        begin = int(t.data_offset)
+        end = begin + int(np.prod([int(d) for d in t.shape])) // block * type_size
+        assert (begin - int(reader.data_offset)) % alignment == 0 and end <= size
+        spans.append((begin, end))
+    spans.sort()
+    assert all(a_end <= b_begin for (_, a_end), (b_begin, _) in zip(spans, spans[1:]))

@@ -6,6 +6,7 @@ through lm_eval.simple_evaluate and through `python -m refusal_jax.lm_eval`."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -197,3 +198,76 @@ def test_command_line_runs_lm_eval(models, tmp_path):
     acc = json.loads(files[0].read_text())["results"]["tiny_mc"]["acc,none"]
     lm = rj_lm_eval.RefusalJaxLM(pretrained=str(tiny), progress=False)
     assert acc == pytest.approx(_expected_acc(lm, hf, docs))
+
+
+# ------------------------------------------------------------------------------------------------
+# bad model_args: one error line, before any model is loaded
+
+BAD_MODEL_ARGS = [
+    ("missing-direction", "intervention=ablation", "intervention 'ablation' needs a direction"),
+    ("unknown-intervention", "intervention=bogus", "unknown intervention 'bogus'"),
+    ("bad-model-path", "pretrained=/nonexistent/model-dir", "pretrained=/nonexistent/model-dir: no such file"),
+    ("duplicated-key", "intervention=none,coeff=1,intervention=ablation", "intervention is given twice"),
+    ("unknown-key", "directon=runs/x", "unknown model_args directon"),
+    ("missing-direction-file", "intervention=ablation,direction=/nonexistent/direction.npy", "direction.npy"),
+    ("nan-coeff", "intervention=addition,coeff=nan", "coeff=nan: not a finite number"),
+    ("bad-layer", "layer=middle", "layer=middle: not an integer"),
+    ("negative-batch", "batch_size=-3", "batch_size=-3: must be >= 1"),
+    ("no-equals", "pretrained", "expected key=value"),
+]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if anything starts loading a model."""
+    from refusal_jax.convert import loading
+    from refusal_jax.evaluation import capabilities
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the model_args were checked")
+
+    monkeypatch.setattr(capabilities.ModelSpec, "load", refuse)
+    monkeypatch.setattr(loading, "load_model", refuse)
+
+
+@pytest.mark.parametrize("case,model_args,match", BAD_MODEL_ARGS, ids=[c[0] for c in BAD_MODEL_ARGS])
+def test_bad_model_args_are_one_error_line_before_loading(case, model_args, match, no_model_load, capsys):
+    with pytest.raises(SystemExit) as e:
+        rj_lm_eval.main(["--model", "refusal_jax", "--model_args", model_args, "--tasks", "arc_easy"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert match in lines[0], lines
+
+
+@pytest.mark.parametrize("case,model_args,match", BAD_MODEL_ARGS, ids=[c[0] for c in BAD_MODEL_ARGS])
+def test_bad_model_args_raise_a_short_error_from_python(case, model_args, match, no_model_load):
+    from refusal_jax.errors import RefusalJaxError
+
+    with pytest.raises(RefusalJaxError, match=re.escape(match)) as e:
+        rj_lm_eval.RefusalJaxLM.create_from_arg_string(model_args, {"batch_size": None, "device": None})
+    assert "\n" not in str(e.value)
+
+
+def test_duplicated_key_through_simple_evaluate(no_model_load):
+    import lm_eval
+
+    from refusal_jax.errors import ConfigError
+
+    rj_lm_eval.register()
+    with pytest.raises(ConfigError, match="direction is given twice"):
+        lm_eval.simple_evaluate(model="refusal_jax", tasks=["arc_easy"],
+                                model_args="intervention=ablation,direction=a.npy,direction=b.npy")
+
+
+def test_bad_model_args_on_the_real_command_line():
+    """`python -m refusal_jax.lm_eval` (lm-eval's own parser, which merges a repeated key with a log line): one
+    error line and exit status 2, no traceback."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "refusal_jax.lm_eval", "--model", "refusal_jax", "--model_args",
+         "intervention=ablation", "direction=a.npy", "direction=b.npy", "--tasks", "arc_easy"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: model_args: direction is given twice (direction=a.npy and "
+                                                "direction=b.npy)"]
