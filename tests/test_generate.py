@@ -66,3 +66,20 @@ def test_stop_tokens_end_sequences():
     first = list(free[0]).index(stop)
     assert got[0, first] == stop and (got[0, first + 1:] == -7).all()
     assert cut_at_stop([1, 2, 3, 4], (3,)) == [1, 2, 3]
+
+
+def test_generate_sets_pooled_equal_each_set_alone():
+    """Three sets of templated prompts (baseline, ablation, addition) decoded in one pool give exactly the texts
+    `generate_completions` gives set by set."""
+    from refusal_jax.model.generate import generate_completions, generate_sets
+    from tests.tiny_chat import HARMFUL, HARMLESS, chat_tokenizer
+
+    tok = chat_tokenizer()
+    cfg = tiny_config("qwen2", vocab_size=len(tok), n_layers=2)
+    params = init_random(cfg, jax.random.key(0), scale=0.5)
+    r = np.random.default_rng(0).normal(size=cfg.d_model) * 3
+    wrap = lambda xs: [f"<|im_start|>user {x}<|im_end|> <|im_start|>assistant" for x in xs]  # noqa: E731
+    sets = [(wrap(HARMFUL[:5]), None), (wrap(HARMFUL[5:9]), Intervention.ablation(cfg, r)),
+            (wrap(HARMLESS[:6]), Intervention.addition(cfg, r, 1, 2.0))]
+    alone = [generate_completions(params, cfg, tok, p, iv, batch_size=3, max_new_tokens=8) for p, iv in sets]
+    assert generate_sets(params, cfg, tok, sets, batch_size=3, max_new_tokens=8) == alone

@@ -56,29 +56,35 @@ def test_pipeline_runs_all_stages_and_resumes(tiny, tmp_path, capsys):
 
 
 def test_interrupted_stage_resumes(tiny, tmp_path, monkeypatch):
+    """Stage 3 decodes its five sets in one pool: an interruption writes nothing partial, and a rerun generates
+    only the sets whose files are missing (resume is per set)."""
     out = tmp_path / "run"
     args = base_args(tiny, out, n_test=True) + ["--max-new-tokens", "3", "--gen-batch-size", "2"]
     import refusal_jax.model.generate as gen
 
-    real = gen.generate_completions
-    calls = {"n": 0}
+    real = gen.generate_sets
+    calls = []
 
     def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
+        calls.append(len(a[3]))
+        if len(calls) == 1:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(gen, "generate_completions", flaky)
+    monkeypatch.setattr(gen, "generate_sets", flaky)
     with pytest.raises(SystemExit) as e:
         pipeline.main(args)
     assert e.value.code == 130
-    done = sorted(p.name for p in (out / "completions").glob("*_completions.json"))
-    assert len(done) == 2  # the two finished files are kept; nothing partial was written
+    assert not list((out / "completions").glob("*_completions.json"))  # nothing partial was written
     assert not list(out.rglob(".*tmp*"))
-    monkeypatch.setattr(gen, "generate_completions", real)
-    mtimes = {p: p.stat().st_mtime_ns for p in (out / "completions").glob("*.json")}
     pipeline.main(args)
+    files = sorted((out / "completions").glob("*_completions.json"))
+    assert len(files) == 5 and calls == [5, 5]
+    for p in files[:2]:
+        p.unlink()
+    mtimes = {p: p.stat().st_mtime_ns for p in files[2:]}
+    pipeline.main(args)
+    assert calls == [5, 5, 2]
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
     assert len(list((out / "completions").glob("*_completions.json"))) == 5
 

@@ -248,3 +248,47 @@ def generate_completions(params: Params, cfg: ModelConfig, tokenizer, prompts: S
                        max_new_tokens=max_new_tokens, progress=progress, desc=desc, mesh=mesh, continuous=continuous,
                        decode_dtype=decode_dtype)
     return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
+
+
+def generate_sets(params: Params, cfg: ModelConfig, tokenizer, sets: Sequence[tuple[Sequence[str], Intervention | None]],
+                  *, batch_size: int = 8, max_new_tokens: int = 512, progress: bool = False,
+                  desc: str = "generating", mesh=None, continuous: bool = True, decode_dtype: str = "float32",
+                  stats: dict | None = None) -> list[list[str]]:
+    """Greedy completions of several sets of templated prompts, each set under its own intervention, as
+    `generate_completions` gives them set by set.
+
+    With continuous batching (and no mesh) all sets decode in one pool: every row carries its set's intervention
+    (`continuous.generate(variants=...)`), so the slots freed by one set's short completions take the next set's
+    prompts instead of each set draining alone. Otherwise the sets run one after the other.
+    """
+    if not (continuous and mesh is None):
+        return [generate_completions(params, cfg, tokenizer, prompts, iv, batch_size=batch_size,
+                                     max_new_tokens=max_new_tokens, progress=progress, desc=desc, mesh=mesh,
+                                     continuous=continuous, decode_dtype=decode_dtype) for prompts, iv in sets]
+    from refusal_jax.model import continuous as cb
+
+    prompts = [p for ps, _ in sets for p in ps]
+    if not prompts:
+        return [[] for _ in sets]
+    ids = encode(tokenizer, prompts)
+    variants = [v for v, (ps, _) in enumerate(sets) for _ in ps]
+    stops = stop_token_ids(tokenizer)
+    params = decoding_params(params, dtype=decode_dtype)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(ids), desc=desc, unit="prompt")
+    try:
+        out = cb.generate(params, cfg, ids, [iv for _, iv in sets], variants=variants,
+                          slots=min(batch_size, len(ids)), max_new_tokens=max_new_tokens, stop_ids=stops,
+                          pad=pad_id(tokenizer), bar=bar, stats=stats)
+    finally:
+        if bar is not None:
+            bar.close()
+    texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
+    result, start = [], 0
+    for ps, _ in sets:
+        result.append(texts[start:start + len(ps)])
+        start += len(ps)
+    return result
