@@ -376,9 +376,25 @@ def main(argv=None):
     n_eval = args.n_eval or len(run.data["harmful_test"])
     records = {"harmful": run.data["harmful_test"][:n_eval], "harmless": run.data["harmless_test"][:n_eval]}
     results, harmless_baseline, base_logits = {}, None, None
+    # a new --optimized is a new row
+    stems = {m.name: f"rdo-{optimized_hash[:12]}" if m.name == "rdo" else None for m in methods}
+    # The completions of every method that keeps the model's weights, decoded in one continuous pool (each set
+    # as it alone would give it); evaluate_method then reads them back.
+    pooled = []
+    for m in methods:
+        stem = stems[m.name] or m.name
+        if m.edit is not None or (root / "results" / f"{stem}.json").exists():
+            continue
+        pooled.append((root / "completions" / f"{stem}_harmful.json", records["harmful"], m.bypass,
+                       f"{m.name}: harmful"))
+        if m.name == "baseline" or m.induce is not None:
+            pooled.append((root / "completions" / f"{stem}_harmless.json", records["harmless"],
+                           None if m.name == "baseline" else m.induce, f"{m.name}: harmless"))
+    stages.write_completion_sets(run, pooled, settings=stages.EvalSettings(
+        max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size))
     for i, m in enumerate(methods):
         print(f"[{i + 1}/{len(methods)}] {m.name}: {m.description}", flush=True)
-        stem = f"rdo-{optimized_hash[:12]}" if m.name == "rdo" else None  # a new --optimized is a new row
+        stem = stems[m.name]
         results[m.name] = evaluate_method(run, args, m, records, base_logits, harmless_baseline, stem)
         if args.humaneval:
             results[m.name]["humaneval_passed"] = humaneval_passed(run, args, m, stem or m.name)

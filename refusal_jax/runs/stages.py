@@ -344,13 +344,41 @@ def stage_completions(run: Run, layer: int, direction: np.ndarray, settings: Eva
     jobs = [(harmful_name, "baseline", None), (harmful_name, "ablation", ivs["ablation"]),
             (harmful_name, "actadd", ivs["actadd"](-1.0)),
             ("harmless", "baseline", None), ("harmless", "actadd", ivs["actadd"](1.0))]
-    written = {}
+    written, sets = {}, []
     for dataset, label, iv in jobs:
         path = run.out / "completions" / f"{dataset}_{label}_completions.json"
         written[f"{dataset}_{label}"] = path
         records = run.data["harmful_test" if dataset != "harmless" else "harmless_test"]
-        write_completions(run, path, records, iv, f"{dataset} {label}", settings=settings)
+        sets.append((path, records, iv, f"{dataset} {label}"))
+    write_completion_sets(run, sets, settings=settings)  # the five sets in one continuous pool
     return written
+
+
+def write_completion_sets(run: Run, sets: Sequence[tuple[Path, Sequence[dict], Any, str]], *,
+                          settings: EvalSettings) -> list[list[str]]:
+    """`write_completions` of several (path, records, intervention, desc) sets, decoded in one continuous pool
+    (`generate.generate_sets`: every row under its set's intervention, each set's completions as it alone would
+    give them). Resume stays per set: a set whose file is complete is read back, not generated again."""
+    from refusal_jax.model.generate import generate_sets
+
+    out: list = [None] * len(sets)
+    for i, (path, *_) in enumerate(sets):
+        if runs.done(path):
+            with runs.reading(path):
+                out[i] = [str(r["response"]) for r in runs.read_json(path)]
+    todo = [i for i, o in enumerate(out) if o is None]
+    if todo:
+        texts = generate_sets(run.params, run.cfg, run.tokenizer,
+                              [(run.prompts([r["instruction"] for r in sets[i][1]]), sets[i][2]) for i in todo],
+                              batch_size=settings.gen_batch_size, max_new_tokens=settings.max_new_tokens,
+                              progress=run.progress, desc=", ".join(sets[i][3] for i in todo), mesh=run.mesh,
+                              decode_dtype=settings.decode_dtype)
+        for i, t in zip(todo, texts):
+            runs.write_json(sets[i][0], [{"category": r.get("category"), "prompt": r["instruction"], "response": x}
+                                         for r, x in zip(sets[i][1], t)])
+            out[i] = t
+        distributed.barrier("completions")
+    return out
 
 
 def stage_evaluate(run: Run, completion_files: dict[str, Path], settings: EvalSettings) -> dict[str, dict]:
