@@ -1,18 +1,23 @@
-"""Every code block of README.md is executed, doctest-style, so the README cannot drift from the code.
+"""Every code block of README.md and docs/*.md is executed, doctest-style, so the documentation cannot drift from
+the code. (docs/_*.md are scratch files awaiting a merge and are not checked.)
 
 * ```python blocks run as written in a fresh interpreter, in a scratch directory, with three substitutions
   (the real model would take minutes): the bundled model's name (`qwen2.5-coder-0.5b-instruct`) is replaced by
   the directory of a tiny random ChatML model (tests/tiny_chat.py, with a chat template), and a file the block
   loads with `np.load("<name>.npy")` that does not exist is created first with random values of the tiny model's
   d_model; a random model refuses nothing, so `extract_direction` runs there without the refusal filter and with
-  open thresholds. Whatever python blocks the README holds are run, each in its own process.
+  open thresholds. Whatever python blocks the README and the docs hold are run, each in its own process (so
+  keep them few; an illustration that needs a real model is a ```text block).
 * ```bash blocks: each command line (after joining `\\` continuations and expanding VAR="..." assignments made
   earlier in the block) is checked as far as it can be without the hours some of them take:
-  `python -m refusal_jax.*` commands and `benchmarks/*.py` scripts are run up to their argument parsing (the
+  `python -m refusal_jax.*` commands, `refusal-jax COMMAND` (the console script, resolved through
+  refusal_jax.__main__.COMMANDS) and `benchmarks/*.py` scripts are run up to their argument parsing (the
   program's own argparse parser, intercepted at parse_args), so a renamed or removed flag or a bad value fails
   here; `./run.sh` / `./test.sh` must be executable scripts of the repository; `python3 -m venv`, `pip install`
   and `python -m pytest` lines (what ./test.sh runs) are recognised and left to CI (.ci/run).
   Any other command fails the test: a new kind of line must get a rule here.
+* The README stays at most README_MAX_LINES lines, no page labels a number with the work period that measured it (a number
+  carries its date, machine and command instead).
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+DOCS = sorted(p for p in (REPO / "docs").glob("*.md") if not p.name.startswith("_"))
 BUNDLED = "qwen2.5-coder-0.5b-instruct"
+README_MAX_LINES = 350
 
 
 def code_blocks(text: str) -> list[tuple[str, str, int]]:
@@ -41,16 +48,39 @@ def code_blocks(text: str) -> list[tuple[str, str, int]]:
     return out
 
 
-BLOCKS = code_blocks(README.read_text())
-PYTHON = [(code, line) for lang, code, line in BLOCKS if lang == "python"]
-BASH = [(code, line) for lang, code, line in BLOCKS if lang in ("bash", "sh", "shell")]
+def where(path: Path, line: int) -> str:
+    return f"{path.relative_to(REPO)}:{line}"
+
+
+# (language, code, "file:line") of every block of the README and the docs
+BLOCKS = [(lang, code, where(path, line)) for path in (README, *DOCS) for lang, code, line in code_blocks(path.read_text())]
+PYTHON = [(code, at) for lang, code, at in BLOCKS if lang == "python"]
+BASH = [(code, at) for lang, code, at in BLOCKS if lang in ("bash", "sh", "shell")]
 
 
 def test_every_block_is_covered():
     langs = {lang for lang, _, _ in BLOCKS}
-    # text blocks are diagrams (not run); every other block must have a rule
-    assert langs <= {"python", "bash", "sh", "shell", "text"}, f"README block languages without a rule here: {langs}"
-    assert PYTHON and BASH
+    # text blocks are diagrams and illustrations (not run); every other block must have a rule
+    assert langs <= {"python", "bash", "sh", "shell", "text"}, f"block languages without a rule here: {langs}"
+    assert any(at.startswith("README.md:") for _, at in PYTHON) and any(at.startswith("README.md:") for _, at in BASH)
+
+
+def test_readme_is_short():
+    # the README is for users (what it is, the two commands, results, commands, a Python example, families, links);
+    # the deep material lives in docs/
+    n = len(README.read_text().splitlines())
+    assert n <= README_MAX_LINES, f"README.md has {n} lines, more than {README_MAX_LINES}: move detail into docs/"
+
+
+# spelt in two parts so that a search of the repository for the word finds no page, this test included
+WORK_LOG_WORD = "sess" + "ion"
+
+
+def test_no_work_log_words():
+    # a number carries its date, machine and command, never the label of the work period that measured it
+    for path in (README, *DOCS):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            assert not re.search(rf"\b{WORK_LOG_WORD}s?\b", line, flags=re.I), f"{where(path, i)}: {line.strip()}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,8 +100,8 @@ def tiny_model(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("code,line", PYTHON, ids=[f"README.md:{line}" for _, line in PYTHON])
-def test_python_block_runs(code, line, tiny_model, tmp_path):
+@pytest.mark.parametrize("code,at", PYTHON, ids=[at for _, at in PYTHON])
+def test_python_block_runs(code, at, tiny_model, tmp_path):
     from refusal_jax.convert.checkpoint import load_config
 
     code = code.replace(f'"{BUNDLED}"', repr(str(tiny_model)))
@@ -93,7 +123,7 @@ def test_python_block_runs(code, line, tiny_model, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
-    assert res.returncode == 0, f"README.md:{line} failed:\n{res.stderr[-4000:]}"
+    assert res.returncode == 0, f"{at} failed:\n{res.stderr[-4000:]}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,14 +192,20 @@ def check_command(words: list[str], capsys) -> None:
         if words[0] == "./run.sh" and len(words) > 1:  # its arguments go to python -m refusal_jax.extract
             check_command([".venv/bin/python", "-m", "refusal_jax.extract", *words[1:]], capsys)
         return
-    assert words[0] in (".venv/bin/python", "python"), f"no rule for README command {words}"
+    if words[0] in ("refusal-jax", ".venv/bin/refusal-jax"):  # the console script: COMMAND -> its module
+        from refusal_jax.__main__ import COMMANDS
+
+        assert len(words) > 1 and words[1] in COMMANDS, f"unknown refusal-jax command in {words}"
+        check_command([".venv/bin/python", "-m", COMMANDS[words[1]][0], *words[2:]], capsys)
+        return
+    assert words[0] in (".venv/bin/python", "python"), f"no rule for the command {words}"
     if words[1] == "-m":
         module = words[2]
-        assert module.startswith("refusal_jax."), f"no rule for README command {words}"
+        assert module.startswith("refusal_jax."), f"no rule for the command {words}"
         parse_only([module, *words[3:]], lambda: runpy.run_module(module, run_name="__main__", alter_sys=True))
     else:
         script = REPO / words[1]
-        assert script.is_file() and script.parent.name == "benchmarks", f"no rule for README command {words}"
+        assert script.is_file() and script.parent.name == "benchmarks", f"no rule for the command {words}"
         sys.path.insert(0, str(script.parent))
         try:
             parse_only([str(script), *words[2:]], lambda: runpy.run_path(str(script), run_name="__main__"))
@@ -178,16 +214,16 @@ def check_command(words: list[str], capsys) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
-@pytest.mark.parametrize("code,line", BASH, ids=[f"README.md:{line}" for _, line in BASH])
-def test_bash_block_commands_parse(code, line, capsys, monkeypatch):
+@pytest.mark.parametrize("code,at", BASH, ids=[at for _, at in BASH])
+def test_bash_block_commands_parse(code, at, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     cmds = commands(code)
-    assert cmds, f"README.md:{line}: empty block"
+    assert cmds, f"{at}: empty block"
     for words in cmds:
         try:
             check_command(words, capsys)
         except SystemExit as e:
-            pytest.fail(f"README.md:{line}: {' '.join(words)} exited {e.code}: {capsys.readouterr().err[-2000:]}")
+            pytest.fail(f"{at}: {' '.join(words)} exited {e.code}: {capsys.readouterr().err[-2000:]}")
 
 
 def test_bash_parsing_of_this_file():
