@@ -33,7 +33,7 @@ def _layouts(cfg: ModelConfig, spec: ParamSpec) -> tuple[tuple[int, ...], Callab
     """(HF shape, HF -> ours, ours -> HF) of one parameter (per layer: without the "layers" axis), derived from
     its axes: HF's tensor is our axes in `hf_axes` order with each group flattened."""
     sizes = axis_sizes(cfg)
-    ours = tuple(a for a in spec.axes if a != "layers")
+    ours = tuple(a for a in spec.axes if a != "layers" and not (spec.per_expert and a == "experts"))
     hf_order = tuple(a for group in spec.hf_axes for a in group)
     assert sorted(hf_order) == sorted(ours), (spec, ours)
     hf_shape = tuple(math.prod(sizes[a] for a in group) for group in spec.hf_axes)
@@ -44,13 +44,20 @@ def _layouts(cfg: ModelConfig, spec: ParamSpec) -> tuple[tuple[int, ...], Callab
             lambda w: w.transpose(to_hf).reshape(hf_shape))
 
 
-def layer_table(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...], Callable[[np.ndarray], np.ndarray]]]:
-    """HF per-layer tensor suffix -> (our field, expected HF shape, transform to our layout), from PARAM_SPEC."""
+def layer_table(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...], Callable[[np.ndarray], np.ndarray],
+                                                    int | None]]:
+    """HF per-layer tensor suffix -> (our field, expected HF shape, transform to our layout, expert index or None),
+    from PARAM_SPEC. Per-expert tensors (MoE) appear once per expert and fill that expert's slice of the field."""
     table = {}
     for name, spec in present_params(cfg).items():
         if name.startswith("layers."):
             hf_shape, to_ours, _ = _layouts(cfg, spec)
-            table[spec.hf(cfg)] = (name.split(".", 1)[1], hf_shape, to_ours)
+            field = name.split(".", 1)[1]
+            if spec.per_expert:
+                for e in range(cfg.n_experts):
+                    table[spec.hf(cfg).format(e=e)] = (field, hf_shape, to_ours, e)
+            else:
+                table[spec.hf(cfg)] = (field, hf_shape, to_ours, None)
     return table
 
 
@@ -88,8 +95,7 @@ def check_sizes(cfg: ModelConfig, source_numel: int, source: str) -> None:
         need += n
     if need > 2 * source_numel + (1 << 20):
         raise CheckpointError(
-            f"{source}: the config describes {need:,} parameters (n_layers={cfg.n_layers}, d_model={cfg.d_model}, "
-            f"d_ff={cfg.d_ff}, vocab={cfg.vocab_size}) but the checkpoint's tensors hold {source_numel:,}: the "
+            f"{source}: the config describes {need:,} parameters (n_layers={cfg.n_layers}, {describe_shapes(cfg)}) but the checkpoint's tensors hold {source_numel:,}: the "
             "config does not match the weights")
 
 
@@ -132,8 +138,10 @@ def fill_params(
         m = _LAYER_RE.fullmatch(name)
         if m and int(m.group(1)) < cfg.n_layers and m.group(2) in layers:
             layer = int(m.group(1))
-            field, hf_shape, transform = layers[m.group(2)]
+            field, hf_shape, transform, expert = layers[m.group(2)]
             target = flat[f"layers.{field}"]
+            if expert is not None:
+                layer = (layer, expert)
         elif name in globals_:
             layer = None
             field, hf_shape, transform = globals_[name]
@@ -146,8 +154,7 @@ def fill_params(
         seen.add(name)
         if tuple(array.shape) != hf_shape:
             raise CheckpointError(f"{source}: tensor {name} has shape {tuple(array.shape)}, expected {hf_shape} "
-                                  f"for this config ({cfg.architecture}, d_model={cfg.d_model}, heads={cfg.n_heads}/"
-                                  f"{cfg.n_kv_heads}, head_dim={cfg.head_dim}, d_ff={cfg.d_ff}, vocab={cfg.vocab_size})")
+                                  f"for this config ({describe_shapes(cfg)})")
         value = np.asarray(array, dtype=np.float32)  # no copy for a float32 (memory-mapped) source
         if not _all_finite(value):
             raise CheckpointError(f"{source}: tensor {name} contains NaN or infinite values")
@@ -161,6 +168,15 @@ def fill_params(
     expected = {f"model.layers.{i}.{s}" for i in range(cfg.n_layers) for s in layers} | set(globals_)
     check_tensor_names(source, cfg, sorted(expected - seen), sorted(unexpected))
     return from_flat(flat)
+
+
+def describe_shapes(cfg: ModelConfig) -> str:
+    """The config sizes a tensor shape follows from, for shape-mismatch messages."""
+    text = (f"{cfg.architecture}, d_model={cfg.d_model}, heads={cfg.n_heads}/{cfg.n_kv_heads}, "
+            f"head_dim={cfg.head_dim}, d_ff={cfg.d_ff}, vocab={cfg.vocab_size}")
+    if cfg.moe:
+        text += f", experts={cfg.n_experts} (top {cfg.n_experts_per_tok}) of width {cfg.d_expert}"
+    return text
 
 
 def check_tensor_names(source, cfg: ModelConfig, missing: list[str], unexpected: list[str]) -> None:
@@ -188,7 +204,8 @@ def numpy_dtype(name: str):
 # The inverse: Params -> Hugging Face-named tensors (export of edited models)
 
 def hf_tensor_plan(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], str, int | None]]:
-    """Every HF tensor of `cfg` in checkpoint order: (hf_name, HF shape, our field, layer index or None).
+    """Every HF tensor of `cfg` in checkpoint order: (hf_name, HF shape, our field, index or None). The index of
+    a per-layer tensor is its layer, of a per-expert tensor (layer, expert): either indexes the stacked field.
 
     Tied configs have no lm_head.weight. Built from `layer_table`/`global_table`, so it names exactly the
     tensors `fill_params` expects.
@@ -200,8 +217,8 @@ def hf_tensor_plan(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], str, in
 
     plan = [glob("model.embed_tokens.weight")]
     for i in range(cfg.n_layers):
-        for suffix, (field, shape, _) in layers.items():
-            plan.append((f"model.layers.{i}.{suffix}", shape, f"layers.{field}", i))
+        for suffix, (field, shape, _, expert) in layers.items():
+            plan.append((f"model.layers.{i}.{suffix}", shape, f"layers.{field}", i if expert is None else (i, expert)))
     plan.append(glob("model.norm.weight"))
     if "lm_head.weight" in globals_:
         plan.append(glob("lm_head.weight"))

@@ -163,9 +163,35 @@ def to_hf_config(cfg: ModelConfig, *, extra: Mapping[str, Any] | None = None) ->
                 if sliding == [(i + 1) % p != 0 for i in range(cfg.n_layers)]:
                     hf["sliding_window_pattern"] = p
                     break
-    elif any(sliding):
+    elif any(sliding) and cfg.family not in ("qwen2_moe", "qwen3_moe", "mixtral"):
         raise ConfigError(f"{cfg.family} has no sliding-window attention; this config slides layers {sliding}")
 
+    if cfg.moe:  # mixtures of experts, in each family's own keys (Mixtral / OLMoE experts are intermediate_size wide)
+        hf["num_local_experts" if cfg.family == "mixtral" else "num_experts"] = cfg.n_experts
+        hf["num_experts_per_tok"] = cfg.n_experts_per_tok
+        if cfg.family in ("mixtral", "olmoe"):
+            hf["intermediate_size"] = cfg.d_expert
+        else:
+            hf["moe_intermediate_size"] = cfg.d_expert
+            hf["decoder_sparse_step"], hf["mlp_only_layers"] = 1, []
+        if cfg.family != "mixtral":
+            hf["norm_topk_prob"] = cfg.norm_topk_prob
+        if cfg.shared_expert:
+            hf["shared_expert_intermediate_size"] = cfg.d_ff
+        if cfg.family == "qwen2_moe":
+            hf["qkv_bias"] = True
+    if cfg.family in ("qwen2_moe", "qwen3_moe"):
+        if any(sliding) and not all(sliding):
+            raise ConfigError(f"{cfg.family} export writes a sliding window for every layer or none")
+        hf["use_sliding_window"] = any(sliding)
+        hf["sliding_window"] = window
+        if cfg.family == "qwen2_moe":
+            hf["max_window_layers"] = cfg.n_layers
+            hf["layer_types"] = layer_types
+    elif cfg.family == "mixtral":
+        if any(sliding) and not all(sliding):
+            raise ConfigError("Mixtral applies its sliding window to every layer; this config slides only some")
+        hf["sliding_window"] = window
     if cfg.family in ("gemma2", "gemma3"):
         hf["query_pre_attn_scalar"] = _query_pre_attn_scalar(cfg)
         hf["final_logit_softcapping"] = cfg.final_softcap

@@ -173,5 +173,9 @@ def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, 
         raise CheckpointError(f"{src}: no tokenizer found")
     if mesh is None and on_device:
         params = jax.device_put(params)
+    if mesh is not None:  # a mixture of experts runs each device's experts where they are
+        from refusal_jax.model import sharding
+
+        cfg = sharding.fit_config(cfg, mesh, *([rules] if rules else []))
     return LoadedModel(params, cfg, tok)
 

@@ -36,11 +36,13 @@ class ShardedSource:
 
 
 def _plan(cfg: ModelConfig) -> dict[str, list[tuple[str, int | None, tuple[int, ...], Callable]]]:
-    """Our field -> the HF tensors that fill it: (hf_name, layer or None, HF shape, transform to our layout)."""
+    """Our field -> the HF tensors that fill it: (hf_name, index or None, HF shape, transform to our layout); the
+    index is (layer,) or, for a per-expert tensor, (layer, expert)."""
     plan: dict[str, list] = {}
-    for suffix, (field, hf_shape, transform) in engine.layer_table(cfg).items():
-        plan[f"layers.{field}"] = [(f"model.layers.{i}.{suffix}", i, hf_shape, transform)
-                                   for i in range(cfg.n_layers)]
+    for suffix, (field, hf_shape, transform, expert) in engine.layer_table(cfg).items():
+        plan.setdefault(f"layers.{field}", []).extend(
+            (f"model.layers.{i}.{suffix}", (i,) if expert is None else (i, expert), hf_shape, transform)
+            for i in range(cfg.n_layers))
     for hf_name, (field, hf_shape, transform) in engine.global_table(cfg).items():
         plan[field] = [(hf_name, None, hf_shape, transform)]
     return plan
@@ -84,9 +86,7 @@ def place_params(source: ShardedSource, shardings: Params, *, dtype=np.float32,
             array = source.loaders[hf_name]()
             if tuple(array.shape) != hf_shape:
                 raise CheckpointError(f"{source.name}: tensor {hf_name} has shape {tuple(array.shape)}, expected "
-                                      f"{hf_shape} for this config ({cfg.architecture}, d_model={cfg.d_model}, "
-                                      f"heads={cfg.n_heads}/{cfg.n_kv_heads}, head_dim={cfg.head_dim}, "
-                                      f"d_ff={cfg.d_ff}, vocab={cfg.vocab_size})")
+                                      f"{hf_shape} for this config ({engine.describe_shapes(cfg)})")
             value = np.asarray(array, dtype=np.float32)
             if not engine._all_finite(value):
                 raise CheckpointError(f"{source.name}: tensor {hf_name} contains NaN or infinite values")
@@ -96,8 +96,8 @@ def place_params(source: ShardedSource, shardings: Params, *, dtype=np.float32,
             for key, (index, buffer) in buffers.items():
                 if layer is None:
                     buffer[...] = value[index]  # cast on assignment
-                elif key[0][0] <= layer < key[0][1]:
-                    buffer[layer - key[0][0]] = value[index[1:]]
+                elif all(a <= i < b for i, (a, b) in zip(layer, key)):  # this shard holds the (layer, expert) slice
+                    buffer[tuple(i - a for i, (a, _) in zip(layer, key))] = value[index[len(layer):]]
             del array, value
             if on_tensor:
                 on_tensor(hf_name)

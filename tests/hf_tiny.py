@@ -36,12 +36,27 @@ MORE_FAMILIES = {
                                        sliding_attention=dict(rope_type="default", rope_theta=50.0)))),
 }
 
+# Mixtures of experts (tests/test_moe.py): 8 experts (Mixtral 4), top 2-3, one with renormalised top-k weights,
+# Qwen2-MoE with its gated shared expert, OLMoE with its all-heads q/k norm.
+MOE_FAMILIES = {
+    "qwen3_moe": dict(arch="Qwen3MoeForCausalLM", config="Qwen3MoeConfig",
+                      extra=dict(head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=40)),
+    "qwen2_moe": dict(arch="Qwen2MoeForCausalLM", config="Qwen2MoeConfig",
+                      extra=dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=40,
+                                 shared_expert_intermediate_size=56, norm_topk_prob=True)),
+    "mixtral": dict(arch="MixtralForCausalLM", config="MixtralConfig",
+                    extra=dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)),
+    "olmoe": dict(arch="OlmoeForCausalLM", config="OlmoeConfig",
+                  extra=dict(num_experts=8, num_experts_per_tok=3, intermediate_size=40, eos_token_id=None,
+                             pad_token_id=None)),
+}
+
 
 def make_hf_model(family: str, seed: int = 0, **overrides):
     import torch
     import transformers
 
-    spec = {**FAMILIES, **MORE_FAMILIES}[family]
+    spec = {**FAMILIES, **MORE_FAMILIES, **MOE_FAMILIES}[family]
     kwargs = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
     if family == "llama":
@@ -57,6 +72,8 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))  # non-trivial norms catch mapping mistakes
             elif "bias" in name:
                 p.copy_(0.1 * torch.randn_like(p))
+            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+                p.copy_(0.5 * torch.randn_like(p))  # routers start at zero (all experts tied); spread the choices
     return model
 
 

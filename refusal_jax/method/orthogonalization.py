@@ -1,7 +1,7 @@
 """Weight orthogonalization: a Params -> Params edit equivalent to directional ablation at inference time.
 
 Every matrix that writes into the residual stream (token embedding, attention output projections, MLP down
-projections) loses its component along r̂: W <- W - (W r̂) r̂ᵀ on the d_model axis. Then no block can write r̂ into
+projections; in a mixture of experts every routed expert's down projection and the shared expert's) loses its component along r̂: W <- W - (W r̂) r̂ᵀ on the d_model axis. Then no block can write r̂ into
 the residual, which is what hook-based ablation enforces (paper App. E).
 
 Gemma-2/3 apply an RMSNorm *after* attention/MLP and before the residual add; projecting o/down does not remove
@@ -35,7 +35,9 @@ def _unit_basis(direction) -> np.ndarray:
     return d.astype(np.float32)
 
 
-EDITED_FIELDS = ("embed", "layers.o", "layers.down")  # the matrices whose rows write into the residual stream
+# the matrices whose rows write into the residual stream (those a config has: an MoE model without a shared expert
+# has no dense down)
+EDITED_FIELDS = ("embed", "layers.o", "layers.down", "layers.expert_down")
 
 
 def project_rows(w, basis, *, preserve_norm: bool = False, xp=jnp):
@@ -82,10 +84,13 @@ def edit_weights(params: Params, cfg: ModelConfig, basis, *, preserve_norm: bool
     optionally rescaling rows to their original norms. The LM head is untied (keeps the original embedding)."""
     b = np.asarray(basis, np.float32)
     _check_editable(cfg, b)
-    layers = params.layers.replace(
-        o=project_rows(params.layers.o, _field_basis("layers.o", b), preserve_norm=preserve_norm),  # [L, N, H, D]
-        down=project_rows(params.layers.down, _field_basis("layers.down", b), preserve_norm=preserve_norm),
-    )
+    edited = {}
+    for field in EDITED_FIELDS[1:]:  # o [L, N, H, D], down [L, F, D], expert_down [L, E, X, D]
+        name = field.split(".", 1)[1]
+        w = getattr(params.layers, name)
+        if w is not None:
+            edited[name] = project_rows(w, _field_basis(field, b), preserve_norm=preserve_norm)
+    layers = params.layers.replace(**edited)
     lm_head = params.lm_head if params.lm_head is not None else params.embed.T  # untie, see module docstring
     return params.replace(embed=project_rows(params.embed, _field_basis("embed", b), preserve_norm=preserve_norm),
                           layers=layers, lm_head=lm_head)
@@ -103,10 +108,10 @@ def streaming_edit(cfg: ModelConfig, basis, *, preserve_norm: bool = False, chun
     b = np.asarray(basis, np.float32)
     _check_editable(cfg, b)
 
-    def edit(field: str, layer: int | None, w):
+    def edit(field: str, layer: int | tuple[int, int] | None, w):
         if field not in EDITED_FIELDS:
             return w
-        fb = _field_basis(field, b, layer)
+        fb = _field_basis(field, b, layer[0] if isinstance(layer, tuple) else layer)  # (layer, expert): one expert
         w = np.asarray(w)
         rows = w.reshape(-1, w.shape[-1])
         out = np.empty(rows.shape, w.dtype)
@@ -164,7 +169,7 @@ def load_direction(path, d_model: int | None):
     return arr
 
 
-SITE_NAMES = {"embed": "embed", "layers.o": "o_proj", "layers.down": "down_proj"}
+SITE_NAMES = {"embed": "embed", "layers.o": "o_proj", "layers.down": "down_proj", "layers.expert_down": "experts.down_proj"}
 
 
 def max_projection(w, direction, chunk_bytes: int = 16 << 20) -> float:
@@ -178,6 +183,8 @@ def max_projection(w, direction, chunk_bytes: int = 16 << 20) -> float:
 
 
 def residual_write_norms(params: Params, direction) -> dict[str, float]:
-    """max |W r̂| over every residual-writing matrix (embedding, o_proj, down_proj): 0 after orthogonalization."""
-    fields = {"embed": params.embed, "layers.o": params.layers.o, "layers.down": params.layers.down}
-    return {SITE_NAMES[f]: max_projection(w, direction) for f, w in fields.items()}
+    """max |W r̂| over every residual-writing matrix (embedding, o_proj, down_proj, experts' down_proj): 0 after
+    orthogonalization."""
+    fields = {"embed": params.embed, "layers.o": params.layers.o, "layers.down": params.layers.down,
+              "layers.expert_down": params.layers.expert_down}
+    return {SITE_NAMES[f]: max_projection(w, direction) for f, w in fields.items() if w is not None}

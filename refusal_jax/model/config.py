@@ -65,6 +65,18 @@ class ModelConfig:
     sliding_window: int | None = None
     # Per layer: True where the layer attends within `sliding_window` only.
     sliding_layers: tuple[bool, ...] = ()
+    # Mixture of experts (every block): n_experts SwiGLU experts of width d_expert, n_experts_per_tok chosen per
+    # token by softmax(router); norm_topk_prob renormalises the chosen probabilities to sum to 1. Qwen2-MoE adds
+    # a shared expert of width d_ff (the dense gate/up/down) scaled by sigmoid(shared_gate). 0 experts = dense.
+    n_experts: int = 0
+    n_experts_per_tok: int = 0
+    d_expert: int = 0
+    norm_topk_prob: bool = False
+    shared_expert: bool = False
+    qk_norm_flat: bool = False  # OLMoE: q/k RMSNorm over all heads at once ([N*H] / [K*H] weights)
+    # Expert parallelism: the experts run as this many groups of n_experts / expert_groups, one per shard of the
+    # "experts" axis (`sharding.fit_config` sets it from the mesh); 1 = one group. Results do not depend on it.
+    expert_groups: int = 1
 
     def __post_init__(self):
         if not self.sliding_layers:
@@ -84,6 +96,15 @@ class ModelConfig:
         return self.family in families.FAMILIES and families.FAMILIES[self.family].gemma
 
     @property
+    def moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
+    def dense_mlp(self) -> bool:
+        """The block has the dense gate/up/down weights: a dense model, or an MoE model's shared expert."""
+        return not self.moe or self.shared_expert
+
+    @property
     def q_scale(self) -> float:
         return self.query_scale if self.query_scale is not None else self.head_dim**-0.5
 
@@ -91,7 +112,9 @@ class ModelConfig:
     def n_params(self) -> int:
         d, h = self.d_model, self.head_dim
         attn = d * h * (2 * self.n_heads + 2 * self.n_kv_heads)
-        mlp = 3 * d * self.d_ff
+        mlp = 3 * d * self.d_ff if self.dense_mlp else 0
+        if self.moe:
+            mlp += 3 * d * self.d_expert * self.n_experts + d * self.n_experts + (d if self.shared_expert else 0)
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.n_layers * (attn + mlp) + emb
 
@@ -154,6 +177,10 @@ _IGNORED_KEYS = {
     "attention_bias", "mlp_bias", "tie_word_embeddings", "query_pre_attn_scalar", "final_logit_softcapping",
     "attn_logit_softcapping", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "use_bidirectional_attention",
+    # mixtures of experts: read (and checked) in `_moe_fields`; the router's training-only knobs change nothing
+    "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+    "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef",
+    "router_jitter_noise", "clip_qkv", "qkv_bias",
 }
 
 
@@ -267,6 +294,20 @@ def check_config(cfg: "ModelConfig") -> "ModelConfig":
         raise ConfigError(f"malformed config: {len(cfg.sliding_layers)} sliding_layers for {cfg.n_layers} layers")
     if cfg.sliding_window is not None and cfg.sliding_window < 1:
         raise ConfigError(f"malformed config value sliding_window={cfg.sliding_window!r}")
+    if cfg.moe:
+        for name in ("n_experts_per_tok", "d_expert"):
+            v = getattr(cfg, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"malformed config value {name}={v!r}: must be a positive integer for an MoE model")
+        if not isinstance(cfg.expert_groups, int) or cfg.expert_groups < 1 or cfg.n_experts % cfg.expert_groups:
+            raise ConfigError(f"malformed config: expert_groups={cfg.expert_groups!r} does not divide "
+                              f"n_experts={cfg.n_experts}")
+        if cfg.n_experts_per_tok > cfg.n_experts:
+            raise ConfigError(f"malformed config: num_experts_per_tok={cfg.n_experts_per_tok} selects more experts "
+                              f"than the {cfg.n_experts} that exist")
+    elif cfg.n_experts < 0 or cfg.n_experts_per_tok or cfg.shared_expert:
+        raise ConfigError(f"malformed config: n_experts={cfg.n_experts!r} with n_experts_per_tok="
+                          f"{cfg.n_experts_per_tok!r} / shared_expert={cfg.shared_expert!r}")
     return cfg
 
 
@@ -325,8 +366,8 @@ def _from_hf_config(hf: Mapping[str, Any], *, strict: bool) -> ModelConfig:
         raise ConfigError("unsupported config attribute use_bidirectional_attention=True")
 
     layer_types = hf.get("layer_types")
-    if family == "mistral":
-        # MistralModel ignores layer_types (it warns and points to Ministral): every layer slides iff
+    if family in ("mistral", "mixtral"):
+        # MistralModel (and MixtralModel) ignores layer_types (it warns and points to Ministral): every layer slides iff
         # sliding_window is set.
         layer_types = None
     if layer_types is not None:
@@ -339,7 +380,9 @@ def _from_hf_config(hf: Mapping[str, Any], *, strict: bool) -> ModelConfig:
     elif family in ("qwen2", "qwen3") and hf.get("use_sliding_window") and hf.get("sliding_window"):
         start = int(hf.get("max_window_layers", 28))  # transformers' default for both
         sliding = tuple(i >= start for i in range(n_layers))
-    elif family == "mistral" and hf.get("sliding_window"):
+    elif family == "qwen3_moe" and hf.get("use_sliding_window") and hf.get("sliding_window"):
+        sliding = (True,) * n_layers  # Qwen3MoeConfig: every layer or none
+    elif family in ("mistral", "mixtral") and hf.get("sliding_window"):
         sliding = (True,) * n_layers
     elif family == "gemma2":
         sliding = tuple(i % 2 == 0 for i in range(n_layers))
@@ -348,10 +391,14 @@ def _from_hf_config(hf: Mapping[str, Any], *, strict: bool) -> ModelConfig:
         sliding = tuple((i + 1) % pattern != 0 for i in range(n_layers))
     else:
         sliding = (False,) * n_layers
-    if family in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not hf.get("use_sliding_window", False):
         # Qwen configs carry a sliding_window value that is unused unless use_sliding_window is set.
         sliding = (False,) * n_layers
     window = hf.get("sliding_window") if any(sliding) else None
+
+    moe = _moe_fields(hf, spec, n_layers)
+    if spec.qkv_bias and hf.get("qkv_bias") is False:
+        raise ConfigError(f"unsupported config attribute qkv_bias=False for {family} (its attention has biases)")
 
     rope, rope_local = _ropes(hf, family)
     query_scale = None
@@ -367,7 +414,7 @@ def _from_hf_config(hf: Mapping[str, Any], *, strict: bool) -> ModelConfig:
         n_heads=n_heads,
         n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
         head_dim=int(hf.get("head_dim") or d_model // n_heads),
-        d_ff=int(req("intermediate_size")),
+        d_ff=int(hf["shared_expert_intermediate_size"] if spec.shared_expert else req("intermediate_size")),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope=rope,
         rope_local=rope_local,
@@ -382,6 +429,47 @@ def _from_hf_config(hf: Mapping[str, Any], *, strict: bool) -> ModelConfig:
         query_scale=query_scale,
         sliding_window=int(window) if window else None,
         sliding_layers=sliding,
+        **moe,
+    )
+
+
+def _moe_fields(hf: Mapping[str, Any], spec: "families.Family", n_layers: int) -> dict[str, Any]:
+    """The MoE fields of ModelConfig from an HF config (empty for a dense family); a ConfigError names what is not
+    implemented: dense layers between the sparse ones (decoder_sparse_step, mlp_only_layers), clip_qkv."""
+    moe_keys = ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+                "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers", "clip_qkv")
+    if not spec.moe:
+        present = [k for k in moe_keys if hf.get(k) not in (None, [], 0)]
+        if present:
+            raise ConfigError(f"unsupported config attribute(s) {', '.join(present)} for the dense family {spec.name}")
+        return {}
+    if hf.get("clip_qkv") is not None:
+        raise ConfigError(f"unsupported config attribute clip_qkv={hf['clip_qkv']!r}")
+    if int(hf.get("decoder_sparse_step", 1)) != 1:
+        raise ConfigError(f"unsupported config attribute decoder_sparse_step={hf['decoder_sparse_step']!r}: every "
+                          "block must be sparse (1)")
+    if hf.get("mlp_only_layers"):
+        raise ConfigError(f"unsupported config attribute mlp_only_layers={hf['mlp_only_layers']!r}: every block "
+                          "must be sparse")
+    n_experts = hf.get("num_local_experts", hf.get("num_experts"))
+    if n_experts is None:
+        raise ConfigError("config.json lacks required attribute 'num_experts' (or 'num_local_experts')")
+    if "num_experts_per_tok" not in hf:
+        raise ConfigError("config.json lacks required attribute 'num_experts_per_tok'")
+    # Mixtral and OLMoE experts are intermediate_size wide; Qwen-MoE names the width moe_intermediate_size.
+    d_expert = hf.get("intermediate_size") if spec.name in ("mixtral", "olmoe") else hf.get("moe_intermediate_size")
+    if d_expert is None:
+        raise ConfigError("config.json lacks required attribute 'moe_intermediate_size'")
+    if spec.shared_expert and "shared_expert_intermediate_size" not in hf:
+        raise ConfigError("config.json lacks required attribute 'shared_expert_intermediate_size'")
+    return dict(
+        n_experts=int(n_experts),
+        n_experts_per_tok=int(hf["num_experts_per_tok"]),
+        d_expert=int(d_expert),
+        # Mixtral always renormalises the top-k probabilities; Qwen-MoE and OLMoE when the config says so.
+        norm_topk_prob=True if spec.name == "mixtral" else bool(hf.get("norm_topk_prob", False)),
+        shared_expert=spec.shared_expert,
+        qk_norm_flat=spec.qk_norm_flat,
     )
 
 

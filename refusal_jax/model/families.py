@@ -25,6 +25,12 @@ class Family:
     qkv_bias, qk_norm, post_norms: block structure. gemma: embeddings scaled by sqrt(d_model), RMSNorm weights
       applied as (1 + w) (stored folded), tied embeddings by default.
     hf_export: a Hugging Face safetensors export is supported.
+    moe: a mixture-of-experts family (config keys num_experts / num_local_experts, num_experts_per_tok).
+    moe_names: HF names of the MoE block and of each expert's (gate, up, down) projections:
+      "model.layers.{i}.{block}.experts.{e}.{gate}.weight"; the router is "{block}.gate.weight".
+    shared_expert: Qwen2-MoE's always-on expert ("{block}.shared_expert.*"), scaled by a sigmoid gate
+      ("{block}.shared_expert_gate.weight").
+    qk_norm_flat: OLMoE's q/k RMSNorm over all heads together (weights [N*H] / [K*H]), before the head split.
     """
 
     name: str
@@ -41,6 +47,10 @@ class Family:
     post_norms: bool = False
     gemma: bool = False
     hf_export: bool = True
+    moe: bool = False
+    moe_names: tuple[str, str, str, str] = ("mlp", "gate_proj", "up_proj", "down_proj")
+    shared_expert: bool = False
+    qk_norm_flat: bool = False
 
 
 _CHATML_END = ("<|im_end|>", "<|endoftext|>")
@@ -64,6 +74,15 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            gguf_export_arch="gemma2", post_norms=True, gemma=True),
     Family("gemma3", "Gemma3ForCausalLM", "gemma3_text", "gemma", end_of_turn=_GEMMA_END, gguf_arch="gemma3",
            gguf_export_arch="gemma3", qk_norm=True, post_norms=True, gemma=True),
+    # mixtures of experts: every block's MLP is a routed set of SwiGLU experts
+    Family("mixtral", "MixtralForCausalLM", "mixtral", None, end_of_turn=("</s>",), moe=True,
+           moe_names=("block_sparse_moe", "w1", "w3", "w2")),
+    Family("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2_moe", "chatml", ("I", "As"), _CHATML_END, qkv_bias=True,
+           moe=True, shared_expert=True),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", "chatml", ("I", "As"), _CHATML_END, qk_norm=True,
+           moe=True),
+    Family("olmoe", "OlmoeForCausalLM", "olmoe", None, end_of_turn=("<|endoftext|>",), qk_norm=True, moe=True,
+           qk_norm_flat=True),
 )}
 
 # Derived views, keyed the way each reader looks a family up.

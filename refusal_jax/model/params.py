@@ -3,7 +3,8 @@ decoding on CPU, split into per-layer copies by `unstack_layers`).
 
 Axis letters (used in every einsum of the project):
   B batch, T query positions, S key positions, D d_model, N query heads, K kv heads, G query heads per kv head,
-  H head_dim, F MLP width, V vocabulary, L layers.
+  H head_dim, F MLP width, V vocabulary, L layers; mixtures of experts: E experts, X one expert's MLP width,
+  A top-k assignments (token, chosen expert).
 
 Norm weights are stored as the multiplier actually applied (Gemma's `1 + w` is folded in by the converter).
 Optional tensors are None when the architecture has none (a None leaf is an empty pytree node).
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from refusal_jax.model import families
 from refusal_jax.model.config import ModelConfig
 
 
@@ -30,16 +32,23 @@ class LayerParams:
     v: jax.Array  # [L, D, K, H]
     o: jax.Array  # [L, N, H, D]
     mlp_norm: jax.Array  # [L, D]
-    gate: jax.Array  # [L, D, F]
-    up: jax.Array  # [L, D, F]
-    down: jax.Array  # [L, F, D]
+    gate: jax.Array | None = None  # [L, D, F]; None for an MoE model without a shared expert
+    up: jax.Array | None = None  # [L, D, F]
+    down: jax.Array | None = None  # [L, F, D]
     q_bias: jax.Array | None = None  # [L, N, H]
     k_bias: jax.Array | None = None  # [L, K, H]
     v_bias: jax.Array | None = None  # [L, K, H]
     q_norm: jax.Array | None = None  # [L, H]
     k_norm: jax.Array | None = None  # [L, H]
+    q_heads_norm: jax.Array | None = None  # [L, N, H] OLMoE: one RMSNorm over all query heads together
+    k_heads_norm: jax.Array | None = None  # [L, K, H]
     post_attn_norm: jax.Array | None = None  # [L, D]
     post_mlp_norm: jax.Array | None = None  # [L, D]
+    router: jax.Array | None = None  # [L, D, E] mixture of experts: the router's logits
+    expert_gate: jax.Array | None = None  # [L, E, D, X]
+    expert_up: jax.Array | None = None  # [L, E, D, X]
+    expert_down: jax.Array | None = None  # [L, E, X, D]
+    shared_gate: jax.Array | None = None  # [L, D] Qwen2-MoE: the shared expert's output times sigmoid(h . w)
 
 
 @struct.dataclass
@@ -61,12 +70,14 @@ class ParamSpec:
               Linear is [out, in]: q is [(heads, head_dim), (embed)]); conversion in both directions is the
               reshape + transpose between the two orders (`convert.engine`).
     present:  the config flag that makes it present (None = always).
+    per_expert: one HF tensor per expert (hf_name has an "{e}" field; hf_axes leave out "experts").
     """
 
     axes: tuple[str, ...]
     hf_name: str | Callable[[ModelConfig], str]
     hf_axes: tuple[tuple[str, ...], ...]
     present: Callable[[ModelConfig], bool] | None = None
+    per_expert: bool = False
 
     def hf(self, cfg: ModelConfig) -> str:
         return self.hf_name(cfg) if callable(self.hf_name) else self.hf_name
@@ -90,7 +101,35 @@ def _post_norms(cfg):
 
 
 def _qk_norm(cfg):
-    return cfg.qk_norm
+    return cfg.qk_norm and not cfg.qk_norm_flat
+
+
+def _qk_norm_flat(cfg):
+    return cfg.qk_norm_flat
+
+
+def _dense_mlp(cfg):
+    return cfg.dense_mlp
+
+
+def _moe(cfg):
+    return cfg.moe
+
+
+def _shared_expert(cfg):
+    return cfg.shared_expert
+
+
+def _moe_name(part: int, template: str):
+    """HF name of an MoE tensor: `template` with {block} / {proj} from the family's moe_names."""
+    def name(cfg):
+        names = families.FAMILIES[cfg.family].moe_names
+        return template.format(block=names[0], proj=names[part], e="{e}")
+    return name
+
+
+def _mlp_name(proj: str):
+    return lambda cfg: f"mlp.shared_expert.{proj}.weight" if cfg.shared_expert else f"mlp.{proj}.weight"
 
 
 # Every Params field ("embed", "layers.q", ...; per-layer fields get a leading "layers" axis) in HF checkpoint
@@ -102,9 +141,20 @@ PARAM_SPEC: dict[str, ParamSpec] = {
     "layers.k": _linear("self_attn.k_proj.weight", ("kv_heads", "head_dim"), ("embed",)),
     "layers.v": _linear("self_attn.v_proj.weight", ("kv_heads", "head_dim"), ("embed",)),
     "layers.o": _linear("self_attn.o_proj.weight", ("embed",), ("heads", "head_dim")),
-    "layers.gate": _linear("mlp.gate_proj.weight", ("mlp",), ("embed",)),
-    "layers.up": _linear("mlp.up_proj.weight", ("mlp",), ("embed",)),
-    "layers.down": _linear("mlp.down_proj.weight", ("embed",), ("mlp",)),
+    "layers.gate": _linear(_mlp_name("gate_proj"), ("mlp",), ("embed",), _dense_mlp),
+    "layers.up": _linear(_mlp_name("up_proj"), ("mlp",), ("embed",), _dense_mlp),
+    "layers.down": _linear(_mlp_name("down_proj"), ("embed",), ("mlp",), _dense_mlp),
+    "layers.router": _linear(_moe_name(0, "{block}.gate.weight"), ("experts",), ("embed",), _moe),
+    "layers.expert_gate": dataclasses.replace(_linear(_moe_name(1, "{block}.experts.{e}.{proj}.weight"),
+                                                      ("expert_mlp",), ("embed",), _moe),
+                                              axes=("experts", "embed", "expert_mlp"), per_expert=True),
+    "layers.expert_up": dataclasses.replace(_linear(_moe_name(2, "{block}.experts.{e}.{proj}.weight"),
+                                                    ("expert_mlp",), ("embed",), _moe),
+                                            axes=("experts", "embed", "expert_mlp"), per_expert=True),
+    "layers.expert_down": dataclasses.replace(_linear(_moe_name(3, "{block}.experts.{e}.{proj}.weight"),
+                                                      ("embed",), ("expert_mlp",), _moe),
+                                              axes=("experts", "expert_mlp", "embed"), per_expert=True),
+    "layers.shared_gate": _linear("mlp.shared_expert_gate.weight", (), ("embed",), _shared_expert),
     "layers.post_attn_norm": _vector("post_attention_layernorm.weight", ("embed",), _post_norms),
     "layers.mlp_norm": _vector(lambda cfg: "pre_feedforward_layernorm.weight" if cfg.post_norms
                                else "post_attention_layernorm.weight", ("embed",)),
@@ -114,6 +164,8 @@ PARAM_SPEC: dict[str, ParamSpec] = {
     "layers.v_bias": _vector("self_attn.v_proj.bias", ("kv_heads", "head_dim"), _qkv_bias),
     "layers.q_norm": _vector("self_attn.q_norm.weight", ("head_dim",), _qk_norm),
     "layers.k_norm": _vector("self_attn.k_norm.weight", ("head_dim",), _qk_norm),
+    "layers.q_heads_norm": _vector("self_attn.q_norm.weight", ("heads", "head_dim"), _qk_norm_flat),
+    "layers.k_heads_norm": _vector("self_attn.k_norm.weight", ("kv_heads", "head_dim"), _qk_norm_flat),
     "final_norm": _vector("model.norm.weight", ("embed",)),
     "lm_head": _linear("lm_head.weight", ("vocab",), ("embed",), lambda cfg: not cfg.tie_embeddings),
 }
@@ -130,7 +182,8 @@ def present_params(cfg: ModelConfig) -> dict[str, ParamSpec]:
 def axis_sizes(cfg: ModelConfig) -> dict[str, int]:
     """Size of every logical axis of the parameters under `cfg`."""
     return {"vocab": cfg.vocab_size, "embed": cfg.d_model, "layers": cfg.n_layers, "heads": cfg.n_heads,
-            "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "mlp": cfg.d_ff}
+            "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "mlp": cfg.d_ff, "experts": cfg.n_experts,
+            "expert_mlp": cfg.d_expert}
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -80,7 +80,8 @@ def lower_precision(params, dtype: str):
         return quantize_int8(w, contracted, stacked)
 
     def layer(lp, stacked):
-        return lp.replace(**{name: convert(getattr(lp, name), n, stacked) for name, n in LAYER_MATMULS.items()})
+        return lp.replace(**{name: convert(getattr(lp, name), n, stacked) for name, n in LAYER_MATMULS.items()
+                             if getattr(lp, name) is not None})  # an MoE model without a shared expert: no MLP
 
     layers = tuple(layer(lp, False) for lp in params.layers) if per_layer else layer(params.layers, True)
     return params.replace(layers=layers, lm_head=convert(params.lm_head, 1, False))

@@ -14,7 +14,14 @@ Logical axes (the names used in every spec below) and the mesh axes they map to 
   kv_heads    key/value heads K           -> "model"
   mlp         MLP width F                 -> "model"
   vocab       vocabulary V                -> "model"
+  experts     experts E (MoE)             -> "expert"
+  expert_mlp  one expert's MLP width X    -> "model"
   embed, layers, head_dim, seq            -> replicated
+
+Expert parallelism ("data=2,expert=4,model=1"): every expert weight [L, E, ...] is split over "expert", so a
+device holds E / expert experts, and `fit_config` sets the config's expert_groups to the axis size: the MoE
+block then runs each group of experts where its weights are (a vmap over the groups that GSPMD partitions
+over "expert") on the tokens routed to it, and adds the groups' outputs (one all-reduce per MoE block).
 
 A rule may name one mesh axis, a tuple of mesh axes (the dimension is split over their product), or None.
 A rule naming a mesh axis the mesh does not have is treated as replicated, so `make_mesh("auto")` (all devices
@@ -59,7 +66,8 @@ from refusal_jax.errors import ConfigError
 from refusal_jax.model.transformer import Intervention, KVCache
 from refusal_jax.model.params import PARAM_AXES, Params, from_flat, param_shapes, to_flat
 
-LOGICAL_AXES = ("batch", "candidates", "heads", "kv_heads", "mlp", "vocab", "embed", "layers", "head_dim", "seq")
+LOGICAL_AXES = ("batch", "candidates", "heads", "kv_heads", "mlp", "vocab", "experts", "expert_mlp", "embed", "layers",
+                "head_dim", "seq")
 
 MeshAxes = str | tuple[str, ...] | None
 
@@ -74,6 +82,8 @@ class MeshRules:
     kv_heads: MeshAxes = "model"
     mlp: MeshAxes = "model"
     vocab: MeshAxes = "model"
+    experts: MeshAxes = "expert"
+    expert_mlp: MeshAxes = "model"
     embed: MeshAxes = None
     layers: MeshAxes = None
     head_dim: MeshAxes = None
@@ -181,6 +191,16 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: MeshRules = DEFAULT_RUL
     """A Params-shaped pytree of NamedSharding for the fields `cfg` uses (others None), per PARAM_AXES."""
     return from_flat({name: sharding_for(shape, PARAM_AXES[name], mesh, rules)
                       for name, shape in param_shapes(cfg).items()})
+
+
+def fit_config(cfg: ModelConfig, mesh: Mesh, rules: MeshRules = DEFAULT_RULES) -> ModelConfig:
+    """`cfg` with expert_groups = the number of shards of its experts on `mesh` (1 for dense models or experts
+    not split), so that each device runs the experts it holds."""
+    if not cfg.moe:
+        return cfg
+    spec = spec_for((cfg.n_layers, cfg.n_experts), ("layers", "experts"), mesh, rules)[1]
+    names = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return dataclasses.replace(cfg, expert_groups=math.prod(mesh.shape[n] for n in names))
 
 
 def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh, rules: MeshRules = DEFAULT_RULES) -> Params:

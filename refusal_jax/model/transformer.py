@@ -228,6 +228,9 @@ def _attention(lp: LayerParams, cfg: ModelConfig, h, cos, sin, k_cache, v_cache,
     if lp.q_norm is not None:
         q = apply_norm(cfg, q, lp.q_norm)
         k = apply_norm(cfg, k, lp.k_norm)
+    if lp.q_heads_norm is not None:  # OLMoE: one RMSNorm over all heads together
+        q = apply_norm(cfg, q.reshape(B, T, -1), lp.q_heads_norm.reshape(-1)).reshape(q.shape)
+        k = apply_norm(cfg, k.reshape(B, T, -1), lp.k_heads_norm.reshape(-1)).reshape(k.shape)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if k_cache is not None:
         k, v = _write_cache(k_cache, k, write_index), _write_cache(v_cache, v, write_index)
@@ -249,6 +252,106 @@ def _mlp(lp: LayerParams, cfg: ModelConfig, h):
     up = matmul("btd,df->btf", h, lp.up)
     act = jax.nn.silu(gate) if cfg.mlp_activation == "silu" else jax.nn.gelu(gate, approximate=True)
     return matmul("btf,fd->btd", act * up, lp.down)
+
+
+def _mlp_block(lp: LayerParams, cfg: ModelConfig, h):
+    """What the MLP sub-block computes (before any post-norm): the dense MLP, or the routed experts plus any
+    shared expert."""
+    if not cfg.moe:
+        return _mlp(lp, cfg, h)
+    B, T, D = h.shape
+    weights, experts = route(lp.router, cfg, h)
+    x, weights, experts = h.reshape(B * T, D), weights.reshape(B * T, -1), experts.reshape(B * T, -1)
+    G = cfg.expert_groups
+    if G == 1:
+        out = moe_experts(lp, cfg, x, weights, experts)
+    else:  # expert parallelism: group g holds experts g*E/G.. (one shard of the "experts" axis), partial sums added
+        fields = ("expert_gate", "expert_up", "expert_down")
+        grouped = {f: getattr(lp, f).reshape(G, -1, *getattr(lp, f).shape[1:]) for f in fields}
+        offsets = jnp.arange(G) * (cfg.n_experts // G)
+        out = jax.vmap(lambda w, off: moe_experts(lp.replace(**w), cfg, x, weights, experts, off))(
+            grouped, offsets).sum(0)
+    out = out.reshape(B, T, D)
+    if cfg.shared_expert:  # Qwen2-MoE: the shared expert, scaled by a sigmoid gate of its own
+        gate = jax.nn.sigmoid(jnp.einsum("btd,d->bt", h, lp.shared_gate.astype(h.dtype)))
+        out = out + gate[..., None] * _mlp(lp, cfg, h)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# mixture of experts
+
+
+def route(router: jax.Array, cfg: ModelConfig, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The router's choice for h [..., D]: (weights [..., k] in h's dtype, expert ids [..., k] int32), as
+    transformers computes it: softmax over all experts in float32, the top k, optionally renormalised."""
+    logits = jnp.einsum("...d,de->...e", h, router.astype(h.dtype))
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    top_p, top_e = jax.lax.top_k(probs, cfg.n_experts_per_tok)
+    if cfg.norm_topk_prob:
+        top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+    return top_p.astype(h.dtype), top_e.astype(jnp.int32)
+
+
+def expert_block_rows(n_tokens: int, cfg: ModelConfig) -> int:
+    """Rows per block of the grouped expert matmul: about the mean rows per expert (a power of two, 8..128), so
+    padding each expert's group to whole blocks wastes little."""
+    mean = max(1, n_tokens * cfg.n_experts_per_tok // cfg.n_experts)  # with expert_groups: per group, the same
+    return int(min(128, max(8, 1 << (mean.bit_length() - 1))))
+
+
+def moe_experts(lp: LayerParams, cfg: ModelConfig, x: jax.Array, weights: jax.Array, experts: jax.Array,
+                expert_offset: int | jax.Array = 0) -> jax.Array:
+    """sum_k weights[n, k] * expert[experts[n, k]](x[n]) for x [N, D]: a grouped matmul compiled once per shape.
+
+    The A = N*k (token, expert) assignments are sorted by expert and each expert's group padded to whole blocks
+    of b rows (`expert_block_rows`); a scan over the blocks (at most A/b + min(E, A) of them, a static bound)
+    runs one [b, D] x [D, X] SwiGLU per block with that block's expert's weights and skips the empty tail.
+    FLOPs: those of the A chosen assignments plus the padding (< b rows per used expert), never the E/k-fold
+    cost of running every expert on every token; memory: the [A + E*b, D] sorted rows.
+
+    With `expert_offset` (expert parallelism) the weights hold experts offset..offset+E_local-1 only and
+    assignments to other experts contribute nothing here.
+    """
+    N, D = x.shape
+    E_local = lp.expert_gate.shape[0]
+    k = experts.shape[1]
+    A = N * k
+    b = expert_block_rows(N, cfg)
+    local = experts.reshape(A) - expert_offset
+    mine = (local >= 0) & (local < E_local)
+    local = jnp.where(mine, local, E_local)  # other experts' assignments: sorted last, never computed
+    order = jnp.argsort(local, stable=True)
+    sizes = jnp.bincount(local, length=E_local + 1)[:E_local]
+    padded = (sizes + b - 1) // b * b
+    start, padded_end = jnp.cumsum(sizes) - sizes, jnp.cumsum(padded)
+    sorted_e = local[order]
+    dest = jnp.where(sorted_e < E_local, (padded_end - padded)[jnp.minimum(sorted_e, E_local - 1)]
+                     + jnp.arange(A) - start[jnp.minimum(sorted_e, E_local - 1)], -1)
+    n_blocks = -(-(A + min(E_local, A) * (b - 1)) // b)
+    P = n_blocks * b
+    row_src = jnp.full((P,), A, jnp.int32).at[jnp.where(dest >= 0, dest, P)].set(order.astype(jnp.int32),
+                                                                                   mode="drop")
+    x_pad = jnp.concatenate([x, jnp.zeros((1, D), x.dtype)])  # row N: the padding rows' input
+    rows = x_pad[row_src // k].reshape(n_blocks, b, D)
+    w_row = jnp.concatenate([weights.reshape(A), jnp.zeros((1,), weights.dtype)])[row_src]
+    first = jnp.arange(n_blocks) * b
+    block_e = jnp.minimum(jnp.searchsorted(padded_end, first, side="right"), E_local - 1)
+    used = first < padded_end[-1]
+
+    def block(_, xs):
+        xb, e, on = xs
+
+        def run(xb):
+            gate = jnp.einsum("bd,dx->bx", xb, lp.expert_gate[e].astype(xb.dtype))
+            up = jnp.einsum("bd,dx->bx", xb, lp.expert_up[e].astype(xb.dtype))
+            return jnp.einsum("bx,xd->bd", jax.nn.silu(gate) * up, lp.expert_down[e].astype(xb.dtype))
+
+        return None, jax.lax.cond(on, run, jnp.zeros_like, xb)
+
+    _, out = jax.lax.scan(block, None, (rows, block_e, used))
+    out = out.reshape(P, D) * w_row[:, None]
+    return jnp.zeros((N + 1, D), x.dtype).at[row_src // k].add(out)[:N]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,8 +459,8 @@ def forward_unjitted(
             lp, cfg, apply_norm(cfg, x, lp.attn_norm), c, s, k_cache, v_cache, ok, index)
         attn = _residual_write(cfg, attn, lp.post_attn_norm, basis, ablate_on, offsets, 1)
         x = x + attn
-        mlp = _residual_write(cfg, _mlp(lp, cfg, apply_norm(cfg, x, lp.mlp_norm)), lp.post_mlp_norm, basis, ablate_on,
-                              offsets, 2)
+        mlp = _residual_write(cfg, _mlp_block(lp, cfg, apply_norm(cfg, x, lp.mlp_norm)), lp.post_mlp_norm, basis,
+                              ablate_on, offsets, 2)
         x = x + mlp
         saved = {
             "resid_pre": sl(resid_pre) if "resid_pre" in capture else None,
