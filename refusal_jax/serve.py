@@ -11,8 +11,9 @@ ad-hoc intervention on the loaded direction: {"intervention": {"kind": "ablation
 "coefficient": C}}.
 
 Endpoints: GET /v1/models, POST /v1/chat/completions (messages through the model's own chat template; max_tokens,
-temperature (default 0: greedy, as the project's commands), top_p, seed, stop, stream with server-sent events, usage), GET /health. Completions are
-decoded with special tokens skipped and stripped, as `refusal_jax.generate` returns them. Docs: docs/serving.md.
+temperature (default 0: greedy, as the project's commands), top_p, seed, stop, stream with server-sent events,
+usage), GET /health. Completions are decoded with special tokens skipped and stripped, as `refusal_jax.generate`
+returns them. Docs: docs/serving.md.
 """
 
 from __future__ import annotations
@@ -499,7 +500,8 @@ def build_app(server: Server):
                     sent = ready
             yield chunk({}, text.finish_reason(job["max_tokens"]))
             if job["include_usage"]:
-                yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage()})}\n\n"
+                last = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage()}
+                yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream")

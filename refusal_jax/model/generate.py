@@ -250,10 +250,10 @@ def generate_completions(params: Params, cfg: ModelConfig, tokenizer, prompts: S
     return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
 
 
-def generate_sets(params: Params, cfg: ModelConfig, tokenizer, sets: Sequence[tuple[Sequence[str], Intervention | None]],
-                  *, batch_size: int = 8, max_new_tokens: int = 512, progress: bool = False,
-                  desc: str = "generating", mesh=None, continuous: bool = True, decode_dtype: str = "float32",
-                  stats: dict | None = None) -> list[list[str]]:
+def generate_sets(params: Params, cfg: ModelConfig, tokenizer,
+                  sets: Sequence[tuple[Sequence[str], Intervention | None]], *, batch_size: int = 8,
+                  max_new_tokens: int = 512, progress: bool = False, desc: str = "generating", mesh=None,
+                  continuous: bool = True, decode_dtype: str = "float32", stats: dict | None = None) -> list[list[str]]:
     """Greedy completions of several sets of templated prompts, each set under its own intervention, as
     `generate_completions` gives them set by set.
 
