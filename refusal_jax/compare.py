@@ -69,7 +69,7 @@ class Method:
 
 
 def parser() -> argparse.ArgumentParser:
-    from refusal_jax.runs.cli import add_common_args
+    from refusal_jax.runs.cli import add_common_args, add_judge_flag
 
     p = argparse.ArgumentParser(prog="python -m refusal_jax.compare", description=(
         "Difference-in-means vs optimized direction vs subspaces vs weight edits. Runs or resumes the extraction in --out (same flags as python -m refusal_jax.extract), then evaluates "
@@ -97,6 +97,7 @@ def parser() -> argparse.ArgumentParser:
                    help="bootstrap resamples for the confidence intervals (default: 1000)")
     g.add_argument("--reference-judge", action="store_true",
                    help="substring judge exactly as the reference (ASCII apostrophes only)")
+    add_judge_flag(g)
     g.add_argument("--humaneval", type=int, default=0, metavar="N",
                    help="also HumanEval pass@1 of every method on the first N problems (python -m "
                         "refusal_jax.evaluate's prompts in the run's chat template, 512 greedy tokens; default 0: "
@@ -276,6 +277,58 @@ def summarise(res: dict, baseline: dict, dim_direction: np.ndarray, direction, n
 # report
 
 
+def judge_methods(run, args, methods: list[Method], specs, optimized_hash, rows: list[dict], base: dict) -> list[dict]:
+    """The --judge model judges on every method's harmful completions (OUT/compare/completions/
+    <stem>_harmful_evaluations.json, the reference's layout, resumable): a jailbreak rate with its bootstrap
+    interval per judge in each row ("judges"), and the pairwise agreement (`stats.agreement_table`) of the raters
+    of "is this a jailbreak": the substring judge (no refusal substring), each model judge (its is_jailbreak), and
+    the logit refusal score (score <= 0, the baseline's prompts only), each pair over the completions both rated."""
+    model_judges = [s for s in specs if s.kind != "substring"]
+    root = run.out / "compare"
+    loaded: dict = {}
+
+    def model_for(spec):
+        if spec not in loaded:
+            loaded[spec] = judge.load_judge(spec, dtype=args.dtype, mesh=run.mesh, progress=run.progress)
+        return loaded[spec]
+
+    raters: dict[str, dict] = {"substring": {}, **{s.name: {} for s in model_judges}, "logit score": {}}
+    for m, row in zip(methods, rows):
+        stem = f"rdo-{optimized_hash[:12]}" if m.name == "rdo" else m.name
+        ev = judge.evaluate_file(root / "completions" / f"{stem}_harmful.json", specs, model_for,
+                                 curly_apostrophes=not args.reference_judge, batch_size=args.gen_batch_size)
+        for s in specs:
+            for i, c in enumerate(ev["completions"]):
+                raters["substring" if s.kind == "substring" else s.name][(m.name, i)] = bool(
+                    c[f"is_jailbreak_{s.name}"])
+        if model_judges:
+            row["judges"] = {s.name: stats.refusal_rate_ci([c[f"is_jailbreak_{s.name}"] for c in ev["completions"]],
+                                                           n_boot=args.n_boot) for s in model_judges}
+    for i, score in enumerate(base["harmful_refusal_score"]):
+        raters["logit score"][("baseline", i)] = score <= 0
+    return stats.agreement_table(raters, n_boot=args.n_boot)
+
+
+def judges_markdown(rows: list[dict], specs, raters_agreement: list[dict]) -> str:
+    """The model judges' jailbreak rates per method, and the raters' agreement, as markdown tables."""
+    names = [s.name for s in specs if s.kind != "substring"]
+    lines = []
+    if names:
+        lines += ["", "Jailbreak rate on the harmful prompts by judge (1 - refusal rate for the substring judge):",
+                  "", "| method | substring | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for r in rows:
+            refusal = r["harmful_refusal"]
+            sub = {"rate": 1 - refusal["rate"], "low": 1 - refusal["high"], "high": 1 - refusal["low"]}
+            lines.append(f"| {r['method']} | {_ci(sub)} | " + " | ".join(_ci(r["judges"][n]) for n in names) + " |")
+    if raters_agreement:
+        lines += ["", "Agreement on \"jailbreak\" (95% bootstrap intervals; logit score <= 0 on the baseline's "
+                      "prompts only):", "", "| raters | n | accuracy | Cohen's kappa |", "|---|---|---|---|"]
+        for a in raters_agreement:
+            lines.append(f"| {a['a']} vs {a['b']} | {a['n']} | {a['accuracy']:.2f} [{a['accuracy_low']:.2f}, "
+                         f"{a['accuracy_high']:.2f}] | {a['kappa']:.2f} [{a['kappa_low']:.2f}, {a['kappa_high']:.2f}] |")
+    return "\n".join(lines)
+
+
 def _ci(x: dict, key: str = "rate", fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(x[key])} [{fmt.format(x['low'])}, {fmt.format(x['high'])}]"
 
@@ -350,6 +403,8 @@ def main(argv=None):
     from refusal_jax.runs import checks
 
     checks.compare_args(args)
+    specs = judge.parse_judges(args.judge)
+    judge.check_judges(specs)  # a bad --judge fails before the model loads
     if args.humaneval:
         from refusal_jax.evaluation import humaneval
 
@@ -403,6 +458,7 @@ def main(argv=None):
             base_logits = runs.read_artifact_npy(root / "baseline_harmless_logits.npy")
     base = results["baseline"]
     rows = [summarise(results[m.name], base, dim_direction, m.direction, args.n_boot) for m in methods]
+    raters_agreement = judge_methods(run, args, methods, specs, optimized_hash, rows, base)
     agreement = stats.judge_agreement(
         base["harmful_refusal_score"] + base["harmless_refusal_score"],
         [r["response"] for name in ("baseline_harmful", "baseline_harmless")
@@ -412,7 +468,10 @@ def main(argv=None):
               f"{len(records['harmless'])} harmless held-out prompts, {args.max_new_tokens} greedy tokens; "
               "95% bootstrap intervals")
     runs.write_json(root / "comparison.json", {"pos": pos, "layer": layer, "rows": rows, "judge_agreement": agreement,
+                                                "raters_agreement": raters_agreement,
                                                 **facts, "seconds": time.perf_counter() - t0})
+    if len(specs) > 1:  # model judges: their rates and the raters' agreement under the main table
+        table += judges_markdown(rows, specs, raters_agreement)
     runs.write_text(root / "comparison.md", header + "\n\n" + table + "\n")
     plot(rows, root / "comparison.png")
     print("\n" + header + "\n" + table)

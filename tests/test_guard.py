@@ -163,7 +163,7 @@ def _hf_p_unsafe(model, ids, unsafe_id, safe_id, pair):
 
 
 def test_llama_guard_3_prompt_is_the_tokenizers_chat_template(llama_guard_3):
-    path, _, tok, g = llama_guard_3
+    _, _, tok, g = llama_guard_3
     assert g.kind.name == "llama-guard"
     nn = tok.encode("\n\n", add_special_tokens=False)
     for prompt, response in CONVERSATIONS:
@@ -456,3 +456,29 @@ def test_api_judge_and_the_evaluate_command(llama_guard_3, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--completions", str(tmp_path / "other.json"), "--judge", f"guard:{path}"])
     assert "non-empty list" in capsys.readouterr().err
+
+
+def test_compare_reports_the_guard_and_the_raters_agreement(llama_guard_3, tmp_path):
+    import json
+
+    from refusal_jax import compare
+    from tests.test_pipeline_cli import base_args
+    from tests.tiny_chat import save_tiny_chat_model, write_sets
+
+    model = save_tiny_chat_model(tmp_path / "model")
+    harmful, harmless = write_sets(tmp_path)
+    out = tmp_path / "run"
+    compare.main(base_args((tmp_path, model, harmful, harmless), out, n_test=True) + [
+        "--k-max", "0", "--edits", "plain", "--max-new-tokens", "3", "--gen-batch-size", "3", "--n-boot", "50",
+        "--judge", f"guard:{llama_guard_3[0]}"])
+    report = json.loads((out / "compare" / "comparison.json").read_text())
+    assert [r["method"] for r in report["rows"]] == ["baseline", "dim", "edit-plain"]
+    for r in report["rows"]:
+        ev = json.loads((out / "compare" / "completions" / f"{r['method']}_harmful_evaluations.json").read_text())
+        assert r["judges"]["llamaguard2"]["rate"] == ev["llamaguard2_success_rate"]
+    pairs = {(a["a"], a["b"]): a for a in report["raters_agreement"]}
+    assert set(pairs) == {("substring", "llamaguard2"), ("substring", "logit score"), ("llamaguard2", "logit score")}
+    assert pairs[("substring", "llamaguard2")]["n"] == 3 * 3  # every method's harmful completions
+    assert pairs[("substring", "logit score")]["n"] == 3  # the baseline's prompts only
+    md = (out / "compare" / "comparison.md").read_text()
+    assert "| substring vs llamaguard2 | 9 |" in md and "| method | substring | llamaguard2 |" in md

@@ -252,3 +252,26 @@ def test_bootstrap_ci():
         stats.bootstrap_ci([1.0, float("nan")])
     with pytest.raises(ConfigError):
         stats.bootstrap_ci([1.0], alpha=1.5)
+
+
+def test_agreement_with_bootstrap_intervals():
+    a = [True, True, False, False]
+    b = [True, False, False, False]
+    out = stats.agreement(a, b, n_boot=500)
+    # p_o = 3/4, p_e = 1/2 * 1/4 + 1/2 * 3/4 = 1/2: kappa = (3/4 - 1/2) / (1 - 1/2) = 1/2
+    assert out["accuracy"] == 0.75 and out["kappa"] == pytest.approx(0.5) and out["n"] == 4
+    assert out["accuracy_low"] <= 0.75 <= out["accuracy_high"] and out["kappa_low"] <= 0.5 <= out["kappa_high"]
+    assert (out["rate_a"], out["rate_b"]) == (0.5, 0.25)
+    # the interval is the percentile interval of the statistic over resampled items
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 4, size=(500, 4))
+    acc = (np.asarray(a)[idx] == np.asarray(b)[idx]).mean(1)
+    assert out["accuracy_low"] == pytest.approx(np.quantile(acc, 0.025))
+    same = stats.agreement([True, False] * 5, [True, False] * 5)
+    assert same["accuracy"] == 1.0 and same["kappa"] == 1.0
+    constant = stats.agreement([True] * 5, [True] * 5)
+    assert math.isnan(constant["kappa"]) and math.isnan(constant["kappa_low"])  # undefined, never 0 or 1
+    with pytest.raises(DataError):
+        stats.agreement([True], [True, False])
+    table = stats.agreement_table({"x": {1: True, 2: False, 3: True}, "y": {2: False, 3: False}, "z": {9: True}})
+    assert [(t["a"], t["b"], t["n"]) for t in table] == [("x", "y", 2)]  # pairs over common items only

@@ -358,11 +358,11 @@ def classify(guard: Guard, prompts: Sequence[str], responses: Sequence[str], *, 
     for i, (p, r) in enumerate(zip(prompts, responses)):
         if not isinstance(p, str) or not isinstance(r, str):
             raise DataError(f"completion {i}: prompt and response must be strings")
-    empty = [i for i, r in enumerate(responses) if not r.strip()]
+    empty = {i for i, r in enumerate(responses) if not r.strip()}
     if empty and on_empty == "error":
-        raise DataError(f"{len(empty)} empty completion(s) (first: #{empty[0]}): a guard cannot judge an empty "
+        raise DataError(f"{len(empty)} empty completion(s) (first: #{min(empty)}): a guard cannot judge an empty "
                         "response (pass on_empty='mark' to record them as verdict 'empty')")
-    todo = [i for i in range(len(responses)) if i not in set(empty)]
+    todo = [i for i in range(len(responses)) if i not in empty]
     results: list[dict] = [{"verdict": "empty", "p_unsafe": None, "categories": [], "output": None,
                             "reference_unsafe": None, "truncated": False} for _ in responses]
     if not todo:

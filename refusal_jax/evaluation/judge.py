@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -233,8 +234,6 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 def parse_judges(values: Sequence[str] | None) -> tuple[JudgeSpec, ...]:
     """--judge values as specs, the substring judge first; DataError for a malformed entry or a missing PATH."""
-    from pathlib import Path
-
     specs = [JudgeSpec("substring", None, "substring_matching")]
     counts = {"guard": 0, "rubric": 0}
     seen = set()
@@ -245,7 +244,9 @@ def parse_judges(values: Sequence[str] | None) -> tuple[JudgeSpec, ...]:
         kind, sep, source = value.partition(":")
         if not sep or kind not in counts or not source:
             raise DataError(f"--judge {value!r}: expected 'substring', 'guard:PATH' or 'rubric:PATH'")
-        if not Path(source).expanduser().exists() and not _HUB_ID.match(source):
+        from refusal_jax.convert import bundled
+
+        if not Path(source).expanduser().exists() and not _HUB_ID.match(source) and not bundled.is_known_model(source):
             raise DataError(f"--judge {value}: no such file or directory: {source}")
         if (kind, source) in seen:
             raise DataError(f"--judge {value} is given twice")
@@ -305,11 +306,9 @@ def add_model_judge(evaluation: dict, records: Sequence[dict[str, Any]], spec: J
             "completions": completions}
 
 
-def evaluations_path(completions_path) -> "Path":
+def evaluations_path(completions_path) -> Path:
     """Where the judgements of a completions file go: X_completions.json -> X_evaluations.json (the reference's
     names), any other X.json -> X_evaluations.json."""
-    from pathlib import Path
-
     p = Path(completions_path)
     stem = p.name.removesuffix(".json").removesuffix("_completions")
     return p.with_name(f"{stem}_evaluations.json")

@@ -11,6 +11,8 @@
   from two disjoint random halves (a stricter check that needs no full-data reference).
 * `judge_agreement`: agreement of the logit refusal score (score > 0 = "refuses") with the substring judge of
   the completion (`judge.is_refusal`): accuracy, Cohen's kappa and the 2x2 table.
+* `agreement` / `agreement_table`: accuracy and Cohen's kappa of any two binary raters (substring, guard and rubric
+  judges, the logit refusal score), each with a percentile-bootstrap interval over items.
 
 Cohen's kappa: κ = (p_o - p_e) / (1 - p_e), p_o the observed agreement, p_e the agreement expected from the
 two raters' marginal rates. When p_e = 1 (both raters say the same thing about every item) κ is undefined:
@@ -195,3 +197,44 @@ def judge_agreement(scores: Sequence[float], completions: Sequence[str], *, thre
         "confusion": {"both_refuse": int(np.sum(by_score & by_text)), "score_only": int(np.sum(by_score & ~by_text)),
                       "substring_only": int(np.sum(~by_score & by_text)), "neither": int(np.sum(~by_score & ~by_text))},
     }
+
+
+def agreement(a: Sequence[bool], b: Sequence[bool], *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """Accuracy (share of items the two raters agree on) and Cohen's kappa of two binary raters, each with a
+    percentile-bootstrap interval over items. Kappa's interval is taken over the resamples where it is defined
+    (NaN when none is).
+
+    Returns {"n", "accuracy", "accuracy_low", "accuracy_high", "kappa", "kappa_low", "kappa_high", "rate_a",
+    "rate_b"} (rate_*: each rater's share of True)."""
+    x, y = np.asarray(a, bool).reshape(-1), np.asarray(b, bool).reshape(-1)
+    if x.size == 0 or x.shape != y.shape:
+        raise DataError(f"need two equally long non-empty judgement lists, got {x.size} and {y.size}")
+    if n_boot < 1 or not 0 < alpha < 1:
+        raise ConfigError(f"need n_boot >= 1 and 0 < alpha < 1, got {n_boot}, {alpha}")
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
+    xs, ys = x[idx], y[idx]
+    acc = (xs == ys).mean(1)
+    px, py = xs.mean(1), ys.mean(1)
+    pe = px * py + (1 - px) * (1 - py)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kappas = np.where(pe < 1, (acc - pe) / (1 - pe), np.nan)
+    q = [alpha / 2, 1 - alpha / 2]
+    k_low, k_high = np.nanquantile(kappas, q) if np.isfinite(kappas).any() else (np.nan, np.nan)
+    a_low, a_high = np.quantile(acc, q)
+    return {"n": int(x.size), "accuracy": float(np.mean(x == y)), "accuracy_low": float(a_low),
+            "accuracy_high": float(a_high), "kappa": cohens_kappa(x, y), "kappa_low": float(k_low),
+            "kappa_high": float(k_high), "rate_a": float(x.mean()), "rate_b": float(y.mean())}
+
+
+def agreement_table(raters: dict[str, dict], *, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """Pairwise `agreement` of raters given as {rater: {item: bool}}, each pair over the items both rated (pairs
+    with no common item are left out). Returns [{"a", "b", **agreement}] in the raters' order."""
+    names = list(raters)
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            common = [k for k in raters[a] if k in raters[b]]
+            if common:
+                out.append({"a": a, "b": b, **agreement([raters[a][k] for k in common], [raters[b][k] for k in common],
+                                                        n_boot=n_boot, seed=seed)})
+    return out
