@@ -467,3 +467,27 @@ def test_generic_exception_is_never_taken_for_a_full_disk():
     mapped = checkpoint._os_error(ValueError("[OS error 122: Disk quota exceeded]"), "/x")
     assert isinstance(mapped, OSError) and mapped.errno == errno.EDQUOT and mapped.filename == "/x"
     assert issubclass(ChecksumError, RefusalJaxError)
+
+
+def test_extract_full_disk_is_one_line(tmp_path, monkeypatch, capsys, converted_tiny):
+    """A full disk while extract writes its artifacts: one error line (the completed stages stay resumable)."""
+    from refusal_jax import extract
+    from tests.tiny_chat import write_sets
+
+    ckpt, _ = converted_tiny
+    harmful, harmless = write_sets(tmp_path)
+    full = OSError(errno.ENOSPC, "No space left on device")
+
+    def save(file, *args, **kwargs):
+        full.filename = str(file)
+        raise full
+
+    monkeypatch.setattr(np, "save", save)
+    with pytest.raises(SystemExit) as e:
+        extract.main(["--model", str(ckpt), "--harmful", str(harmful), "--harmless", str(harmless), "--chat-style",
+                      "model", "--n-train", "4", "--n-val", "2", "--batch-size", "4", "--no-filter", "--no-progress",
+                      "--layers", "0", "--positions=-1", "--kl-threshold", "1e9", "--induce-threshold=-1e9",
+                      "--prune-layer-fraction", "0", "--out", str(tmp_path / "run")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert "no space left on the device" in lines[0] and "generate_directions" in lines[0], lines
