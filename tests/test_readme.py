@@ -16,6 +16,7 @@ the code. (docs/_*.md are scratch files awaiting a merge and are not checked.)
   here; `./run.sh` / `./test.sh` must be executable scripts of the repository; `python3 -m venv`, `pip install`
   and `python -m pytest` lines (what ./test.sh runs) are recognised and left to CI (.ci/run).
   Any other command fails the test: a new kind of line must get a rule here.
+* ```json blocks must parse as JSON; ```text blocks (diagrams, illustrations, terminal transcripts) are not run.
 * The README stays at most README_MAX_LINES lines, no page labels a number with the work period that measured it (a number
   carries its date, machine and command instead).
 """
@@ -23,6 +24,7 @@ the code. (docs/_*.md are scratch files awaiting a merge and are not checked.)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import runpy
@@ -56,13 +58,22 @@ def where(path: Path, line: int) -> str:
 BLOCKS = [(lang, code, where(path, line)) for path in (README, *DOCS) for lang, code, line in code_blocks(path.read_text())]
 PYTHON = [(code, at) for lang, code, at in BLOCKS if lang == "python"]
 BASH = [(code, at) for lang, code, at in BLOCKS if lang in ("bash", "sh", "shell")]
+JSON = [(code, at) for lang, code, at in BLOCKS if lang == "json"]
 
 
 def test_every_block_is_covered():
     langs = {lang for lang, _, _ in BLOCKS}
     # text blocks are diagrams and illustrations (not run); every other block must have a rule
-    assert langs <= {"python", "bash", "sh", "shell", "text"}, f"block languages without a rule here: {langs}"
+    assert langs <= {"python", "bash", "sh", "shell", "text", "json"}, f"block languages without a rule here: {langs}"
     assert any(at.startswith("README.md:") for _, at in PYTHON) and any(at.startswith("README.md:") for _, at in BASH)
+
+
+@pytest.mark.parametrize("code,at", JSON, ids=[at for _, at in JSON])
+def test_json_block_parses(code, at):
+    try:
+        json.loads(code)
+    except json.JSONDecodeError as e:
+        pytest.fail(f"{at}: not JSON ({e}); an illustration that is not JSON belongs in a ```text block")
 
 
 def test_readme_is_short():
