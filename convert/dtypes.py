@@ -53,3 +53,35 @@ def check_fits(value: np.ndarray, dtype, name: str, source: str | None = None) -
 def cast(value: np.ndarray, dtype, name: str, source: str | None = None) -> np.ndarray:
     """`value.astype(dtype)` (no copy when it already has it), refusing a finite value that would become inf."""
     return check_fits(value, dtype, name, source).astype(dtype, copy=False)
+
+
+# GGUF block types (32 values a block) whose scale, and minimum, are stored as float16 (gguf.quants): the scale is
+# amax / levels (symmetric types) or (max - min) / levels with the minimum stored too.
+_GGUF_BLOCKS = {"Q8_0": (127, False), "Q4_0": (8, False), "Q5_0": (16, False), "Q4_1": (15, True),
+                "Q5_1": (31, True)}
+GGUF_BLOCK = 32
+
+
+def check_gguf(value: np.ndarray, type_name: str, name: str, source: str | None = None) -> np.ndarray:
+    """`value` unchanged, after checking that writing it as GGUF type `type_name` ("F16", "Q8_0", ...) stores no
+    infinity: F16 / BF16 values, or the float16 per-block scales (and minima) of the block-quantized types.
+    Per-block extremes take 2/32 of the tensor's size; other types pass unchecked."""
+    if type_name in GGUF_FLOAT:
+        return check_fits(value, GGUF_FLOAT[type_name], name, source)
+    if type_name not in _GGUF_BLOCKS or value.size == 0 or value.shape[-1] % GGUF_BLOCK:
+        return value
+    levels, with_min = _GGUF_BLOCKS[type_name]
+    blocks = np.asarray(value, np.float32).reshape(-1, GGUF_BLOCK)
+    hi, lo = blocks.max(axis=1), blocks.min(axis=1)
+    scales = (hi.astype(np.float64) - lo) / levels if with_min else np.maximum(np.abs(hi), np.abs(lo)) / levels
+    limit = _largest(np.float16)
+    with np.errstate(over="ignore"):
+        bad = np.isinf(scales.astype(np.float16)) | (np.isinf(lo.astype(np.float16)) if with_min else False)
+    if bad.any():
+        where = f"{source}: " if source else ""
+        largest = float(np.max(np.abs(blocks[int(np.argmax(bad))])))
+        raise CheckpointError(
+            f"{where}tensor {name} has a block with max |value| {largest:.6g}, too large for {type_name}: its "
+            f"float16 scale{' or minimum' if with_min else ''} would overflow (largest finite {limit:.6g}) to "
+            "infinity; write it as f32 or bf16")
+    return value

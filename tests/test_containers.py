@@ -337,6 +337,38 @@ def test_exports_refuse_an_overflowing_weight(tmp_path):
         gguf_writer.save_gguf(tmp_path / "m.gguf", cfg, params, tensor_type="f16")
     assert not (tmp_path / "m.gguf").exists()
     export_hf.save_hf(tmp_path / "hf32", cfg, params, None, dtype="bfloat16")  # fits bfloat16
+    flat["layers.down"][0, 0, 0] = 0.0
+    flat["layers.q"] = flat["layers.q"].copy()
+    flat["layers.q"][0, 0, 0, 0] = 1e7  # Q8_0 (rows of 32): a block scale of 1e7 / 127 > 65504
+    with pytest.raises(CheckpointError, match="attn_q.weight has a block with max \\|value\\| 1e\\+07, too large "
+                                              "for Q8_0"):
+        gguf_writer.save_gguf(tmp_path / "q.gguf", cfg, from_flat(flat), tensor_type="q8_0")
+    assert not (tmp_path / "q.gguf").exists()
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "F16", "BF16"])
+def test_gguf_check_agrees_with_gguf_quantization(type_name):
+    """Around each type's limit, the check refuses a tensor exactly when gguf's own quantizer would store a
+    non-finite value (its float16 block scale or minimum, or the F16 value itself)."""
+    import warnings
+
+    import gguf
+
+    qtype = getattr(gguf.GGMLQuantizationType, type_name)
+    rng = np.random.default_rng(0)
+    for amplitude in np.geomspace(3e4, 3e6, 25).tolist() + [3.39e38, 3.4e38]:
+        value = rng.uniform(-1, 1, (3, 64)).astype(np.float32)
+        value[1, 37] = amplitude
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            stored = gguf.quants.dequantize(gguf.quants.quantize(value, qtype), qtype)
+        try:
+            dtypes.check_gguf(value, type_name, "w")
+            accepted = True
+        except CheckpointError as e:
+            accepted = False
+            assert str(e).startswith("tensor w has"), e
+        assert accepted == bool(np.all(np.isfinite(stored))), (type_name, amplitude)
 
 
 # ------------------------------------------------------------------------------------------------
