@@ -318,7 +318,8 @@ def read_gguf(path: str | Path, *, strict: bool = True) -> GGUFSource:
       strict: refuse `{arch}.*` metadata keys this reader does not know (they may change the forward pass);
         False only warns.
     Raises:
-      CheckpointError: not a GGUF file, corrupt or truncated, unknown tensor names, missing token embedding.
+      CheckpointError: not a GGUF file, corrupt or truncated, a tensor layout llama.cpp would refuse (overlapping,
+        misaligned or out-of-bounds data, see `check_tensor_layout`), unknown tensor names, missing token embedding.
       ConfigError: unknown architecture, or metadata describing a computation refusal_jax does not implement.
     """
     path = Path(path)

@@ -414,7 +414,8 @@ def _cli_model_args(argv: list[str]) -> str | None:
 
 def main(argv=None) -> None:
     """Register the model, then run lm-eval's command line with `argv` (default: this command's arguments).
-    A RefusalJaxError (bad model_args, a damaged model file, ...) is one `error:` line and exit status 2."""
+    A RefusalJaxError (bad model_args, a damaged model file, ...) or an OSError is one `error:` line and exit
+    status 2."""
     import sys
 
     from refusal_jax.errors import RefusalJaxError
@@ -431,6 +432,11 @@ def main(argv=None) -> None:
         cli_evaluate()
     except RefusalJaxError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a full disk under --output_path, a symlink loop, a permission
+        from refusal_jax.runs.cli import os_error_message
+
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -271,3 +271,19 @@ def test_bad_model_args_on_the_real_command_line():
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == ["error: model_args: direction is given twice (direction=a.npy and "
                                                 "direction=b.npy)"]
+
+
+def test_os_error_under_lm_eval_is_one_line(monkeypatch, capsys):
+    import errno
+
+    import lm_eval.__main__
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/results/out.json")
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", full)
+    with pytest.raises(SystemExit) as e:
+        rj_lm_eval.main(["--model", "refusal_jax", "--tasks", "arc_easy"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: /results/out.json: no space left on the device (free some space or write elsewhere)"]
