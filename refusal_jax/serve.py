@@ -12,7 +12,7 @@ ad-hoc intervention on the loaded direction: {"intervention": {"kind": "ablation
 
 Endpoints: GET /v1/models, POST /v1/chat/completions (messages through the model's own chat template; max_tokens,
 temperature (default 0: greedy, as the project's commands), top_p, seed, stop, stream with server-sent events,
-usage), GET /health. Completions are decoded with special tokens skipped and stripped, as `refusal_jax.generate`
+usage), GET /health (rows running, requests waiting). Completions are decoded with special tokens skipped and stripped, as `refusal_jax.generate`
 returns them. Docs: docs/serving.md.
 """
 
@@ -426,7 +426,7 @@ def build_app(server: Server):
         return await run_guarded(request, lambda r: _async(JSONResponse(server.models())))
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", **server.engine.load()})
 
     async def chat(request: Request):
         return await run_guarded(request, _chat)

@@ -180,11 +180,24 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served):
 def test_disconnect_frees_the_slot_and_sigterm_finishes_running_requests(served):
     """A streaming client that leaves after its first token frees its slot; then SIGTERM while 4 requests run:
     each gets its whole completion and the server exits 0."""
+    import urllib.request
+
     client, proc = served["client"], served["proc"]
-    for _ in range(6):  # more abandoned streams than slots: a slot that stayed taken would block the next ones
-        stream = _chat(client, "tiny", PROMPTS[0], stream=True)
+
+    def health():
+        with urllib.request.urlopen(f"http://127.0.0.1:{served['port']}/health", timeout=30) as r:
+            return json.loads(r.read())
+
+    before = health()["released"]
+    for _ in range(6):  # more abandoned streams than slots, each asking for all the cache has room for
+        stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                                temperature=0, stream=True)
         next(iter(stream))
         stream.close()
+    deadline = time.time() + 60
+    while health()["running"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert health()["running"] == 0 and health()["released"] > before  # the slots were freed, not run out
     want = _expected(served, None)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(_chat, client, "tiny", PROMPTS[i]) for i in range(4)]

@@ -464,6 +464,12 @@ class Engine:
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="refusal-jax-engine", daemon=True)
         self.error: BaseException | None = None
+        self.released = 0  # rows stopped by `Request.cancel` (a client gone, a stop string)
+
+    def load(self) -> dict:
+        """Rows running and requests waiting now, and rows released by cancellation so far."""
+        return {"running": sum(o is not None for o in self._owner), "waiting": len(self._waiting),
+                "released": self.released}
 
     def padded(self, n: int) -> int:
         return -(-n // self.chunk) * self.chunk
@@ -580,6 +586,7 @@ class Engine:
                     for s in drop:
                         self._finish(self._owner[s])
                         self._owner[s] = None
+                    self.released += len(drop)
                 self._admit()
                 if all(o is None for o in self._owner):
                     continue
