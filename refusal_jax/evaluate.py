@@ -88,6 +88,9 @@ def parser() -> argparse.ArgumentParser:
     cli.add_judge_flag(j)
     j.add_argument("--reference-judge", action="store_true",
                    help="substring judge exactly as the reference (ASCII apostrophes only)")
+    j.add_argument("--mesh", default=None,
+                   help="shard the judge models over devices, e.g. 'data=4,model=2' or 'auto' (as the pipeline's "
+                        "--mesh; default: one device)")
     o.add_argument("--table", nargs="+", default=None, metavar="RUN_DIR",
                    help="instead of evaluating, print the markdown table of these run folders' HumanEval summaries "
                         "(with --limit as they were run); the first is the reference row")
@@ -132,11 +135,16 @@ def judge_files(args) -> None:
     for f in files:
         if not f.is_file():
             raise DataError(f"--completions: no such file: {f}")
+    mesh = None
+    if args.mesh:
+        from refusal_jax.model import sharding
+
+        mesh = sharding.make_mesh(args.mesh)
     loaded: dict = {}
 
     def model_for(spec):
         if spec not in loaded:
-            loaded[spec] = judge.load_judge(spec, dtype=args.dtype, progress=not args.no_progress)
+            loaded[spec] = judge.load_judge(spec, dtype=args.dtype, mesh=mesh, progress=not args.no_progress)
         return loaded[spec]
 
     t0 = time.perf_counter()

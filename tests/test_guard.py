@@ -452,6 +452,14 @@ def test_api_judge_and_the_evaluate_command(llama_guard_3, tmp_path, capsys):
     ev = json.loads((tmp_path / "harmful_baseline_evaluations.json").read_text())
     assert ev["llamaguard2_mean_p_unsafe"] == pytest.approx(np.mean([r["p_unsafe"] for r in want]), rel=1e-5)
     assert "substring_matching_success_rate" in ev and "llamaguard2 " in capsys.readouterr().out
+    # sharded over a mesh (one CPU device here): the same probabilities and outputs
+    sharded = tmp_path / "sharded_completions.json"
+    sharded.write_text(comp.read_text())
+    evaluate.main(["--completions", str(sharded), "--judge", f"guard:{path}", "--no-progress", "--mesh", "auto"])
+    ev2 = json.loads((tmp_path / "sharded_evaluations.json").read_text())
+    for c1, c2 in zip(ev["completions"], ev2["completions"]):
+        assert c2["llamaguard2_p_unsafe"] == pytest.approx(c1["llamaguard2_p_unsafe"], rel=1e-5)
+        assert c2["llamaguard2_output"] == c1["llamaguard2_output"]
     (tmp_path / "other.json").write_text("[]")
     with pytest.raises(SystemExit):
         evaluate.main(["--completions", str(tmp_path / "other.json"), "--judge", f"guard:{path}"])
