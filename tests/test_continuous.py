@@ -150,3 +150,52 @@ def test_pooled_sets_equal_each_set_alone(family, per_layer):
     order = [4, 3, 2, 1, 0]
     assert continuous.generate(params, cfg, ids, [ivs[o] for o in order], variants=[order.index(v) for v in variants],
                                slots=4, max_new_tokens=max_new, stop_ids=stops, chunk=8) == alone
+
+
+def test_engine_requests_arriving_over_time_equal_the_pool():
+    """The server's engine: requests of two variants arrive one by one, the batch grows from 2 to 8 slots and
+    shrinks again as they finish, a sampled request with a seed repeats itself, and every greedy request gets
+    the tokens of the pooled batch run."""
+    import threading
+    import time
+
+    cfg = tiny_config("llama", n_layers=2)
+    params = decoding_params(init_random(cfg, jax.random.key(0), scale=0.4))
+    ivs = [None, interventions(cfg)["ablation"]]
+    ids = prompts(cfg.vocab_size, 13, seed=1)
+    variants = [i % 2 for i in range(len(ids))]
+    want = continuous.generate(params, cfg, ids, ivs, variants=variants, slots=3, max_new_tokens=10, stop_ids=(3,),
+                               chunk=8)
+    engine = continuous.Engine(params, cfg, continuous.stack(cfg, ivs), slots=8, cache_len=64, stop_ids=(3,),
+                               chunk=8, min_width=2).start()
+    assert engine.widths == [2, 4, 8]
+    widths = set()
+
+    def submit(seq, variant, **kw):
+        got, done = [], threading.Event()
+
+        def on_tokens(new, stopped):
+            got.extend(new)
+            widths.add(len(engine._owner))
+            if stopped:
+                done.set()
+
+        engine.submit(continuous.Request(seq, on_tokens, variant=variant, max_tokens=10, **kw))
+        return got, done
+
+    try:
+        runs = []
+        for i, seq in enumerate(ids):
+            runs.append(submit(seq, variants[i]))
+            time.sleep(0.01 if i < 9 else 0.3)
+        for _, done in runs:
+            assert done.wait(120)
+        assert [got for got, _ in runs] == want
+        assert widths >= {2, 8}, widths
+        sampled = [submit(ids[0], 1, temperature=1.0, top_p=0.9, seed=5) for _ in range(2)]
+        for _, done in sampled:
+            assert done.wait(120)
+        assert sampled[0][0] == sampled[1][0]
+    finally:
+        engine.close(60)
+    assert engine.error is None and engine.load()["running"] == 0

@@ -267,6 +267,19 @@ def _compact(cache: KVCache, slots: Slots, keep: jax.Array) -> tuple[KVCache, Sl
     return _take_rows(cache, keep), jax.tree.map(lambda a: jnp.take(a, keep, axis=0), slots)
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _grow(cache: KVCache, slots: Slots, extra: int) -> tuple[KVCache, Slots]:
+    """cache and state with `extra` empty slots after the existing ones."""
+    per_layer = isinstance(cache.k, tuple)
+
+    def pad(a, ax):
+        return jnp.pad(a, [(0, extra) if i == ax else (0, 0) for i in range(a.ndim)])
+
+    cache = KVCache(k=_rows(cache.k, per_layer, pad), v=_rows(cache.v, per_layer, pad), mask=pad(cache.mask, 0),
+                    lengths=pad(cache.lengths, 0), index=pad(cache.index, 0))
+    return cache, jax.tree.map(lambda a: pad(a, 0), slots)
+
+
 @functools.cache
 def programs(default_dot: bool):
     """(prefill, decode) jitted with the cache and slot state donated. default_dot: compile the decoding program
@@ -435,29 +448,36 @@ class Request:
 class Engine:
     """Continuous batching for requests that arrive at any time (the server's decoding loop), on its own thread.
 
-    A fixed number of slots over a KV cache of `cache_len` positions per row; each request enters a free slot
+    Up to `slots` rows over a KV cache of `cache_len` positions per row; each request enters a free slot
     (prefilled `refill` at a time), decodes under its own table entry and sampling settings, and reports its new
-    tokens every `steps` decoding steps. `fits(n, max_tokens)` says whether a prompt of n tokens with that token
+    tokens every `steps` decoding steps. The batch is as wide as the requests need: `min_width` slots, doubled
+    (up to `slots`) when running and waiting requests outnumber them, halved when the running rows fit in half
+    (`_compact`), so a lone client does not pay a full-width step (one program per width, compiled by
+    `warm_up`). `fits(n, max_tokens)` says whether a prompt of n tokens with that token
     limit fits the cache. `set_entry(i, intervention)` replaces one table entry between host turns (entries no
     running row uses: ad-hoc interventions).
     """
 
     def __init__(self, params: Params, cfg: ModelConfig, table: Intervention, *, slots: int, cache_len: int,
                  stop_ids: tuple[int, ...] = (), pad: int = 0, chunk: int = DEFAULT_CHUNK,
-                 refill: int | None = None, steps: int = 4):
+                 refill: int | None = None, steps: int = 4, min_width: int = DEFAULT_COMPACT_MIN):
         import queue
         import threading
 
         self.params, self.cfg, self.table = params, cfg, table
         self.slots, self.cache_len, self.chunk, self.steps, self.pad = slots, cache_len, chunk, steps, pad
-        self.refill = default_refill(slots) if refill is None else refill
+        self.widths = sorted({min(slots, max(1, min_width) * 2**k) for k in range(32)
+                              if min(slots, max(1, min_width) * 2**k) <= slots})
+        self.refill = min(default_refill(slots) if refill is None else refill, self.widths[0])
         self.stop_ids = tuple(stop_ids)
         self._prefill, self._decode = programs(uses_default_dot(params))
+        width = self.widths[0]
         per_layer = isinstance(params.layers, tuple)
-        self._cache = KVCache.init(cfg, slots, cache_len, params.embed.dtype, per_layer=per_layer)
-        self._cache = self._cache.replace(index=jnp.zeros((slots,), jnp.int32))
-        self._state = Slots.init(slots, cache_len, pad)
-        self._owner: list[Request | None] = [None] * slots
+        self._cache = KVCache.init(cfg, width, cache_len, params.embed.dtype, per_layer=per_layer)
+        self._cache = self._cache.replace(index=jnp.zeros((width,), jnp.int32))
+        self._state = Slots.init(width, cache_len, pad)
+        self._owner: list[Request | None] = [None] * width
+        self._pinned: int | None = None  # a width held by warm_up
         self._waiting: list[Request] = []
         self._inbox: queue.Queue = queue.Queue()
         self._edits: queue.Queue = queue.Queue()
@@ -498,12 +518,29 @@ class Engine:
         self._thread.join(timeout)
 
     def warm_up(self) -> None:
-        """Compile both programs (one greedy token of a one-token prompt) before serving."""
+        """Compile the programs of every width (two greedy tokens of a one-token prompt each) before serving."""
         import threading
 
-        done = threading.Event()
-        self.submit(Request([self.pad], lambda new, stopped: stopped and done.set(), max_tokens=2))
-        done.wait()
+        for width in self.widths:
+            self._pinned = width
+            done = threading.Event()
+            self.submit(Request([self.pad], lambda new, stopped: stopped and done.set(), max_tokens=2))
+            done.wait()
+        self._pinned = None
+
+    def _resize(self) -> None:
+        """Grow the batch to the narrowest width that holds the running and waiting requests, or shrink it to the
+        narrowest that holds the running rows once none waits."""
+        running = [s for s, o in enumerate(self._owner) if o is not None]
+        need = len(running) + len(self._waiting)
+        width = self._pinned or next((w for w in self.widths if w >= need), self.widths[-1])
+        if width > len(self._owner):
+            self._cache, self._state = _grow(self._cache, self._state, width - len(self._owner))
+            self._owner += [None] * (width - len(self._owner))
+        elif width < len(self._owner) and len(running) <= width and (not self._waiting or self._pinned):
+            keep = running + [s for s, o in enumerate(self._owner) if o is None][:width - len(running)]
+            self._cache, self._state = _compact(self._cache, self._state, jnp.asarray(keep, jnp.int32))
+            self._owner = [self._owner[s] for s in keep]
 
     # the engine thread ---------------------------------------------------------------------------
 
@@ -552,7 +589,7 @@ class Engine:
                 break
             tokens = np.full((self.refill, n), self.pad, np.int32)
             mask = np.zeros((self.refill, n), np.int32)
-            rows = np.full((self.refill,), self.slots, np.int32)
+            rows = np.full((self.refill,), len(self._owner), np.int32)  # past the last slot: padding, dropped
             settings = RowSettings.greedy([0] * self.refill, 1)
             for i, r in enumerate(group):
                 slot = free.pop(0)
@@ -582,15 +619,16 @@ class Engine:
                 self._apply_edits()
                 drop = [s for s in running if self._owner[s].cancelled]
                 if drop:
-                    self._state = _release(self._state, jnp.asarray(np.isin(np.arange(self.slots), drop)))
+                    self._state = _release(self._state, jnp.asarray(np.isin(np.arange(len(self._owner)), drop)))
                     for s in drop:
                         self._finish(self._owner[s])
                         self._owner[s] = None
                     self.released += len(drop)
+                self._resize()
                 self._admit()
                 if all(o is None for o in self._owner):
                     continue
-                target = min(len(self._waiting), self.refill) if self._waiting else self.slots + 1
+                target = min(len(self._waiting), self.refill) if self._waiting else len(self._owner) + 1
                 self._cache, self._state = self._decode(
                     self.params, self.cfg, self._cache, self._state, jnp.asarray(target, jnp.int32), self.table,
                     jnp.asarray(self.steps, jnp.int32), stop_ids=self.stop_ids, sample=True)
