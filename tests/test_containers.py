@@ -8,6 +8,7 @@ import errno
 import json
 import struct
 import tracemalloc
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -511,6 +512,7 @@ def test_extract_full_disk_is_one_line(tmp_path, monkeypatch, capsys, converted_
     full = OSError(errno.ENOSPC, "No space left on device")
 
     def save(file, *args, **kwargs):
+        Path(file).write_bytes(b"\x93NUMPY half")  # the disk fills up halfway through the file
         full.filename = str(file)
         raise full
 
@@ -523,3 +525,8 @@ def test_extract_full_disk_is_one_line(tmp_path, monkeypatch, capsys, converted_
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
     assert "no space left on the device" in lines[0] and "generate_directions" in lines[0], lines
+    # the line names the artifact, not its temporary file, and no temporary file is left behind
+    named = Path(lines[0].split(":")[1].strip())
+    assert named.suffix == ".npy" and not named.name.startswith("."), lines
+    hidden = [p.name for p in (tmp_path / "run").rglob(".*") if p.name not in (".lock", ".refusal_jax_output")]
+    assert not hidden, hidden

@@ -25,17 +25,30 @@ from refusal_jax.errors import RunError
 RUN_CONFIG = "run_config.json"
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _tmp(path: Path, suffix: str = "") -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+
+
+def _write_atomically(path: Path, write, suffix: str = "") -> None:
+    """`write(tmp)` then rename onto `path` (process 0 only: see `done`). A failed write (a full disk, say) leaves
+    no temporary file behind, and its OSError names the artifact, not the temporary file."""
+    if not distributed.is_main_process():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path, suffix)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError) and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
 
 
 def write_text(path: Path, text: str) -> None:
-    if not distributed.is_main_process():  # several processes: only process 0 writes (see `done`)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -112,21 +125,11 @@ def read_npy(path: Path, what: str) -> np.ndarray:
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
-    if not distributed.is_main_process():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path).with_suffix(".npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    _write_atomically(path, lambda tmp: np.save(tmp, array), ".npy")  # np.save appends .npy to other names
 
 
 def save_figure(fig, path: Path) -> None:
-    if not distributed.is_main_process():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path).with_suffix(".png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    _write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"), ".png")
 
 
 def config_hash(config: dict) -> str:
