@@ -394,3 +394,25 @@ def test_family_end_of_turn_tokens_match_chat_templates_and_stop_generation():
     stops = stop_token_ids(tok)
     assert tok.convert_tokens_to_ids("<|im_end|>") in stops and tok.eos_token_id in stops
     assert all(tok.convert_ids_to_tokens(i) in END_OF_TURN or i == tok.eos_token_id for i in stops)
+
+
+def test_chat_template_memory_is_bounded(monkeypatch):
+    """A template that builds a huge string fails with a ConfigError once it has added TEMPLATE_MEMORY of address
+    space, instead of taking the machine's memory; the process's limit is restored and normal templates render."""
+    import resource
+
+    from refusal_jax.prompts import templates
+
+    monkeypatch.setattr(templates, "TEMPLATE_MEMORY", 64 << 20)
+    # doubles a string 28 times: 256 MiB if nothing stopped it (kept small in case the bound ever breaks)
+    huge = ("{% set ns = namespace(s='x') %}{% for i in range(28) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+            "{{ ns.s|length }}{{ messages[0]['content'] }}")
+    specials = ["<|endoftext|>", "<|im_end|>", "<|im_start|>"]
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    with pytest.raises(ConfigError, match="needed more than 64 MiB to render one user turn"):
+        templates.model_template(_word_tokenizer(specials, _WORDS, chat_template=huge))
+    assert resource.getrlimit(resource.RLIMIT_AS) == before
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    text = templates.model_template(_word_tokenizer(specials, _WORDS, chat_template=chatml))
+    assert text == "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"

@@ -22,7 +22,9 @@ Tokenizers are Hugging Face tokenizers (duck-typed: `__call__`, `encode`, `decod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -160,15 +162,46 @@ def model_template(tokenizer: Any) -> str:
 
 TEMPLATE_SECONDS = 10.0  # a chat template that renders one user turn for longer than this is refused
 TEMPLATE_MAX_CHARS = 1 << 20
+TEMPLATE_MEMORY = 256 << 20  # bytes of address space a chat template may add while rendering one user turn
 
 
 class _TemplateTimeout(Exception):
     pass
 
 
+@contextlib.contextmanager
+def _bounded_memory(extra: int):
+    """Cap this process's address space (the soft RLIMIT_AS) at its current size + `extra` bytes for the duration,
+    so that a template building a huge string fails with MemoryError instead of taking the machine's memory.
+    The soft limit goes back to what it was afterwards (a process may raise its soft limit up to the hard one).
+    A no-op where the limit or /proc/self/statm is unavailable (not Linux), or already tighter."""
+    try:
+        import resource
+
+        with open("/proc/self/statm") as f:
+            size = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError, AttributeError):
+        yield
+        return
+    cap = size + int(extra)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    if soft != resource.RLIM_INFINITY and soft <= cap:
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 def _render_bounded(tokenizer: Any) -> str:
-    """Render the model's chat template for one user turn, bounded in time (SIGALRM, main thread only) and size;
-    any failure of the template (syntax error, raise_exception, sandbox violation) is a ConfigError."""
+    """Render the model's chat template for one user turn, bounded in time (SIGALRM, main thread only), memory
+    (`_bounded_memory`: TEMPLATE_MEMORY more address space, in-process, so a normal template costs two setrlimit
+    calls rather than a subprocess) and size; any failure of the template (syntax error, raise_exception, sandbox
+    violation) is a ConfigError."""
     import signal
     import threading
 
@@ -185,7 +218,11 @@ def _render_bounded(tokenizer: Any) -> str:
         previous = signal.signal(signal.SIGALRM, on_alarm)
         signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
     try:
-        text = render()
+        with _bounded_memory(TEMPLATE_MEMORY):
+            text = render()
+    except MemoryError:
+        raise ConfigError(f"the model's chat template needed more than {TEMPLATE_MEMORY >> 20} MiB to render one "
+                          "user turn; refusing it (pass --chat-style to use a built-in template)") from None
     except _TemplateTimeout:
         raise ConfigError(f"the model's chat template took more than {TEMPLATE_SECONDS:g} s to render one user "
                           "turn; refusing it (pass --chat-style to use a built-in template)") from None
