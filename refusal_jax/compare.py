@@ -174,8 +174,9 @@ def _last_logits(params, cfg, batches, intervention) -> np.ndarray:
     from refusal_jax.model.batching import in_input_order
     from refusal_jax.method.scoring import last_logits
 
-    return in_input_order(batches, lambda b: np.asarray(last_logits(params, cfg, b.tokens, b.mask, intervention),
-                                                        np.float32))
+    # in_input_order gathers each batch's (possibly multi-process) logits to the host
+    return in_input_order(batches, lambda b: last_logits(params, cfg, b.tokens, b.mask, intervention)).astype(
+        np.float32)
 
 
 def evaluate_method(run, args, method: Method, records: dict[str, list], base_logits: np.ndarray | None,

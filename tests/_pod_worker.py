@@ -31,11 +31,51 @@ def cli(log, command, argv):
             f.write(f"{distributed.process_index()} {dst}\n")
 
     runs.os.replace = logged  # only runs' module-level reference: orbax and others are unaffected
+    spans(log + ".spans")
     if command == "extract":
         from refusal_jax.extract import main
     else:
         from refusal_jax.pipeline import main
     main(argv)
+
+
+# Every batched forward pass of the commands, by the module attribute its callers look up, and where its inputs are.
+BATCHED = {
+    "refusal_jax.method.scoring": {"evaluate_interventions": "batches", "evaluate_additions": "batches"},
+    "refusal_jax.method.directions": {"mean_activations": "batches"},
+    "refusal_jax.method.screening": {"site_moments": "batches"},
+    "refusal_jax.model.generate": {"greedy_generate": "tokens"},
+}
+
+
+def spans(path):
+    """Log "<process index> <module>.<function>" to `path` whenever one of `BATCHED` runs on token arrays that span
+    several processes (not fully addressable), so the test knows the run took the code paths it must check: any
+    host read of such an array (np.asarray, float(), .item()) raises in the run itself."""
+    import functools
+    import importlib
+    import inspect
+
+    from refusal_jax.runs import distributed
+
+    def spanning(value) -> bool:
+        arrays = [b.tokens for b in value] if isinstance(value, (list, tuple)) else [value]
+        return any(not getattr(a, "is_fully_addressable", True) for a in arrays)
+
+    for module_name, functions in BATCHED.items():
+        module = importlib.import_module(module_name)
+        for name, arg in functions.items():
+            fn = getattr(module, name)
+            signature = inspect.signature(getattr(fn, "__wrapped__", fn))
+
+            @functools.wraps(fn)
+            def spy(*args, __fn=fn, __sig=signature, __arg=arg, __name=f"{module_name}.{name}", **kwargs):
+                if spanning(__sig.bind_partial(*args, **kwargs).arguments.get(__arg)):
+                    with open(path, "a") as f:
+                        f.write(f"{distributed.process_index()} {__name}\n")
+                return __fn(*args, **kwargs)
+
+            setattr(module, name, spy)
 
 
 def load(mesh_spec, sources):

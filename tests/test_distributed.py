@@ -1,11 +1,16 @@
 """Several processes and parameters that are never whole on one device, on CPU.
 
 Two processes with 2 simulated CPU devices each join over 127.0.0.1 (JAX's coordination service, gloo
-collectives) and run the real pipeline command on a tiny random model; the results must match one process with 4
-devices and one device (relative error <= 1e-5 against the largest magnitude; generated tokens identical), and
-every artifact must be written exactly once, by process 0. Loading with `--mesh data=1,model=4` must give each
-device 1/4 of every large weight on the converted-checkpoint path (orbax restore into shardings) and on the
-direct-conversion paths (safetensors, GGUF), without any placement moving a whole weight. Killing one of two
+collectives) and run the real extract and pipeline commands with their default settings (the refusal filter,
+extra val prompts drawn, the first-order screening pass, relative thresholds; only the sizes are small) on a tiny
+model trained to refuse (tests/tiny_refusing.py). The results must match one process with 4 devices and one device
+(relative error <= 1e-5 against the largest magnitude; same selected candidate; generated tokens identical), and
+every artifact must be written exactly once, by process 0. Every set is sized so that each batch divides over
+the data axis, which spans the two processes: every batched pass (filter, means, screening, sweep, generation)
+then runs on arrays no single process holds, and any host read of one (np.asarray, float(), .item()) fails the
+run; the worker records that each of these passes did see such arrays. Loading with `--mesh data=1,model=4` must
+give each device 1/4 of every large weight on the converted-checkpoint path (orbax restore into shardings) and on
+the direct-conversion paths (safetensors, GGUF), without any placement moving a whole weight. Killing one of two
 processes must make the other exit non-zero with a clear message within 60 s.
 
 Everything runs in subprocesses (tests/_pod_worker.py): XLA_FLAGS must set the device count before jax starts.
@@ -26,10 +31,13 @@ import pytest
 
 from refusal_jax import extract
 from tests.tiny_chat import save_tiny_chat_model, write_sets
+from tests.tiny_refusing import save_refusing_model
+from tests.tiny_refusing import write_sets as write_refusing_sets
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_pod_worker.py")
 TOL = 1e-5
+KL_TOL = 1e-4
 LOOSE = ["--kl-threshold", "1e9", "--induce-threshold=-1e9", "--prune-layer-fraction", "0"]
 COMPLETIONS = ("harmful_baseline", "harmful_ablation", "harmful_actadd", "harmless_baseline", "harmless_actadd")
 
@@ -60,6 +68,7 @@ def finish(procs, timeout=600):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    """A random tiny model with loose thresholds (for the tests that only need a run to be going)."""
     root = tmp_path_factory.mktemp("pod")
     model = save_tiny_chat_model(root / "model")
     harmful, harmless = write_sets(root)
@@ -69,24 +78,54 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(tiny):
-    """The pipeline (extract's two stages, then completions, evaluation, loss) three ways: 2 processes x 2 devices
-    (mesh data=2 x model=2 spanning both), 1 process x 4 devices (data=4), 1 device."""
-    root, args = tiny
-    args = args + ["--max-new-tokens", "4", "--gen-batch-size", "2"]
-    port, out = free_port(), {}
+def trained(tmp_path_factory):
+    """The tiny model trained to refuse, its prompt files, and the commands' arguments: the defaults, with small
+    sizes. 8 + 8 train and 4 + 4 val prompts, all kept by the filter; harmful val prompts are drawn up to the
+    default 16 refused; 4 + 4 test prompts; default batch sizes (32 for forward passes: one batch per set)."""
+    root = tmp_path_factory.mktemp("pod_default")
+    model = save_refusing_model(root / "model")
+    harmful, harmless = write_refusing_sets(root)
+    args = ["--model", model, "--harmful", harmful, "--harmless", harmless, "--n-train", "8", "--n-val", "4",
+            "--no-progress"]
+    return root, [str(a) for a in args]
+
+
+def three_ways(root, command, args) -> tuple[dict, float]:
+    """`command args` as 2 processes x 2 devices (mesh data=2 x model=2 spanning both), 1 process x 4 devices
+    (data=4) and 1 device; the run folders by name and the 2-process wall time."""
+    port = free_port()
     t0 = time.perf_counter()
-    procs = [worker("cli", root / "log2", "pipeline", *args, "--out", root / "two", "--mesh", "data=2,model=2",
-                    "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2, "--process-id", i, devices=2)
-             for i in range(2)]
+    procs = [worker("cli", root / f"{command}.log2", command, *args, "--out", root / f"{command}_two",
+                    "--mesh", "data=2,model=2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2,
+                    "--process-id", i, devices=2) for i in range(2)]
     finish(procs)
     two_s = time.perf_counter() - t0
-    finish([worker("cli", root / "log4", "pipeline", *args, "--out", root / "four", "--mesh", "data=4", devices=4)])
-    finish([worker("cli", root / "log1", "pipeline", *args, "--out", root / "one", devices=1)])
-    for name in ("two", "four", "one"):
-        out[name] = root / name
-    print(f"2-process pipeline: {two_s:.1f} s wall")
+    finish([worker("cli", root / f"{command}.log4", command, *args, "--out", root / f"{command}_four",
+                   "--mesh", "data=4", devices=4)])
+    finish([worker("cli", root / f"{command}.log1", command, *args, "--out", root / f"{command}_one", devices=1)])
+    print(f"2-process {command}: {two_s:.1f} s wall")
+    return {name: root / f"{command}_{name}" for name in ("two", "four", "one")}, two_s
+
+
+@pytest.fixture(scope="module")
+def runs(trained):
+    """The pipeline with its defaults (extract's two stages, then completions, evaluation, loss) three ways."""
+    root, args = trained
+    out, two_s = three_ways(root, "pipeline", args + ["--n-test", "4", "--max-new-tokens", "4"])
     return out, root, two_s
+
+
+@pytest.fixture(scope="module")
+def extract_runs(trained):
+    """The extract command with its defaults, 2 processes x 2 devices and 1 device."""
+    root, args = trained
+    port = free_port()
+    procs = [worker("cli", root / "extract.log2", "extract", *args, "--out", root / "extract_two",
+                    "--mesh", "data=2,model=2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2,
+                    "--process-id", i, devices=2) for i in range(2)]
+    finish(procs)
+    finish([worker("cli", root / "extract.log1", "extract", *args, "--out", root / "extract_one", devices=1)])
+    return {"two": root / "extract_two", "one": root / "extract_one"}, root
 
 
 def rel(a, b) -> float:
@@ -94,20 +133,68 @@ def rel(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-@pytest.mark.parametrize("name", ["two", "four"])
-def test_extract_matches_one_device(runs, name):
-    out, _, _ = runs
-    got, ref = out[name], out["one"]
+def assert_same_extraction(got: Path, ref: Path):
+    """Same prompts kept, candidates, every score (exact and first-order), selection and direction."""
+    filtered = "datasets/filtered.json"
+    assert json.loads((got / filtered).read_text())["sets"] == json.loads((ref / filtered).read_text())["sets"]
     diffs = "generate_directions/mean_diffs.npy"
     assert rel(np.load(got / diffs), np.load(ref / diffs)) <= TOL
     evals = "select_direction/direction_evaluations.json"
     ev, ev_ref = json.loads((got / evals).read_text()), json.loads((ref / evals).read_text())
-    assert [(e["position"], e["layer"]) for e in ev] == [(e["position"], e["layer"]) for e in ev_ref]
+    assert [(e["position"], e["layer"], e["evaluated"]) for e in ev] == \
+        [(e["position"], e["layer"], e["evaluated"]) for e in ev_ref]
+    exact = [i for i, e in enumerate(ev_ref) if e["evaluated"]]
+    assert exact
     for key in ("refusal_score", "steering_score", "kl_div_score"):
+        # KL of sharply peaked distributions (the trained model's) keeps fewer float32 digits: measured 1.02e-5
+        tol = KL_TOL if key == "kl_div_score" else TOL
+        assert rel([ev[i][key] for i in exact], [ev_ref[i][key] for i in exact]) <= tol, key
+    for key in ("first_order_refusal_score", "first_order_steering_score"):  # the screening pass
         assert rel([e[key] for e in ev], [e[key] for e in ev_ref]) <= TOL, key
     meta, meta_ref = (json.loads((d / "direction_metadata.json").read_text()) for d in (got, ref))
     assert (meta["pos"], meta["layer"]) == (meta_ref["pos"], meta_ref["layer"])
     assert rel(np.load(got / "direction.npy"), np.load(ref / "direction.npy")) <= TOL
+
+
+# The batched passes the default commands make (tests/_pod_worker.py BATCHED), each of which must have run on
+# token arrays spanning both processes in both processes.
+SPANNING_EXTRACT = {"refusal_jax.method.scoring.evaluate_interventions",
+                    "refusal_jax.method.scoring.evaluate_additions",
+                    "refusal_jax.method.directions.mean_activations",
+                    "refusal_jax.method.screening.site_moments"}
+
+
+def spanning(log: Path) -> dict[str, set[str]]:
+    seen = collections.defaultdict(set)
+    for line in Path(f"{log}.spans").read_text().splitlines():
+        proc, name = line.split(" ", 1)
+        seen[proc].add(name)
+    return seen
+
+
+def test_default_extract_two_processes_equals_one(extract_runs):
+    out, root = extract_runs
+    assert_same_extraction(out["two"], out["one"])
+    meta = json.loads((out["one"] / "direction_metadata.json").read_text())
+    filtered = json.loads((out["one"] / "datasets/filtered.json").read_text())
+    # the defaults really ran: the filter kept prompts, val prompts were drawn, a candidate passed every filter
+    assert filtered["sizes"]["harmful_val"] == 16 and filtered.get("drawn_val")
+    assert meta["n_survivors"] >= 1 and meta["kl_div_score"] <= 0.1
+    seen = spanning(root / "extract.log2")
+    assert set(seen) == {"0", "1"} and all(SPANNING_EXTRACT <= names for names in seen.values()), seen
+
+
+@pytest.mark.parametrize("name", ["two", "four"])
+def test_extract_matches_one_device(runs, name):
+    out, _, _ = runs
+    assert_same_extraction(out[name], out["one"])
+
+
+def test_default_pipeline_spans_both_processes(runs):
+    _, root, _ = runs
+    seen = spanning(root / "pipeline.log2")
+    want = SPANNING_EXTRACT | {"refusal_jax.model.generate.greedy_generate"}
+    assert set(seen) == {"0", "1"} and all(want <= names for names in seen.values()), seen
 
 
 @pytest.mark.parametrize("name", ["two", "four"])
@@ -126,7 +213,7 @@ def test_completions_same_tokens_as_one_device(runs, name):
 
 def test_two_processes_write_every_artifact_once_from_process_0(runs):
     out, root, two_s = runs
-    lines = [ln.split(" ", 1) for ln in (root / "log2").read_text().splitlines()]
+    lines = [ln.split(" ", 1) for ln in (root / "pipeline.log2").read_text().splitlines()]
     assert {proc for proc, _ in lines} == {"0"}
     counts = collections.Counter(path for _, path in lines)
     assert counts and max(counts.values()) == 1, counts.most_common(3)
@@ -135,7 +222,7 @@ def test_two_processes_write_every_artifact_once_from_process_0(runs):
             "select_direction/ablation_scores.png"} <= written
     # the one-process run writes the same set of files
     single = {Path(ln.split(" ", 1)[1]).relative_to(out["one"]).as_posix()
-              for ln in (root / "log1").read_text().splitlines()}
+              for ln in (root / "pipeline.log1").read_text().splitlines()}
     assert written == single
 
 

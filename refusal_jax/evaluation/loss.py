@@ -14,7 +14,8 @@ import numpy as np
 from refusal_jax.evaluation import judge
 from refusal_jax.prompts import templates
 from refusal_jax.errors import DataError
-from refusal_jax.model.batching import bucketed, encode, in_input_order, pad_id
+from refusal_jax.model.batching import ForwardCost, bucketed, encode, in_input_order, pad_id
+from refusal_jax.runs.distributed import to_host
 from refusal_jax.model.transformer import forward_unjitted
 
 
@@ -52,7 +53,8 @@ def completion_nll(params, cfg, tokenizer, fmt: templates.ChatFormat, eoi: Seque
                         jnp.asarray(loss_mask.argmax(axis=1), jnp.int32))
         return (s, k, lg) if prompt_logits else (s, k)
 
-    out = in_input_order(list(bucketed(ids, batch_size, pad_id(tokenizer))), per_batch)
+    cost = ForwardCost.for_model(cfg, all_logits=True)  # long completions run in smaller batches
+    out = in_input_order(list(bucketed(ids, batch_size, pad_id(tokenizer), cost=cost)), per_batch)
     nll, count = out[0].astype(np.float64), out[1].astype(np.int64)
     return (nll, count, out[2].astype(np.float32)) if prompt_logits else (nll, count)
 
@@ -71,12 +73,12 @@ def text_loss(params, cfg, tokenizer, texts: Sequence[str], intervention=None, *
     """CE loss of raw texts (no template), each truncated to `max_length` tokens, every real token scored."""
     ids = [x[:max_length] for x in encode(tokenizer, list(texts))]
     total, n = 0.0, 0
-    for batch in bucketed(ids, batch_size, pad_id(tokenizer)):
+    for batch in bucketed(ids, batch_size, pad_id(tokenizer), cost=ForwardCost.for_model(cfg, all_logits=True)):
         loss_mask = batch.mask * batch.weight[:, None].astype(np.int32)
         loss_mask[:, -1] = 0
         s, k, _ = _nll(params, cfg, batch.tokens, batch.mask, loss_mask, intervention,
                        jnp.zeros(len(batch.tokens), jnp.int32))
-        total, n = total + float(np.sum(s, dtype=np.float64)), n + int(np.sum(k))
+        total, n = total + float(np.sum(to_host(s), dtype=np.float64)), n + int(np.sum(to_host(k)))
     return _summarise(total, n)
 
 

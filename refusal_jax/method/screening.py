@@ -36,9 +36,10 @@ import numpy as np
 from refusal_jax.errors import RunError
 from refusal_jax.evaluation import judge
 from refusal_jax.method import directions
-from refusal_jax.model.batching import Batch
+from refusal_jax.model.batching import Batch, ForwardCost, memory_budget
 from refusal_jax.model.config import ModelConfig
 from refusal_jax.model.transformer import forward_unjitted
+from refusal_jax.runs.distributed import to_host
 
 SITE_SETS = ("writes", "all")
 # rows of FirstOrder.ablation_moments
@@ -83,12 +84,17 @@ class FirstOrder:
 def _site_moments_impl(params, cfg: ModelConfig, tokens, mask, weight, refusal_ids, micro: int):
     """One batch: (Σ_b w_b score_b, [4, D, D] Σ g hᵀ per site kind, [L, D] Σ_t g at resid_pre), float32.
 
-    The batch runs as B / micro micro-batches in sequence (`lax.map`), so the backward pass keeps one micro-batch
-    of saved activations at a time.
+    The batch runs as ceil(B / micro) micro-batches in sequence (`lax.map`), so the backward pass keeps one
+    micro-batch of saved activations at a time.
     """
-    B, T = tokens.shape
     L, D = cfg.n_layers, cfg.d_model
     dtype = params.embed.dtype
+    # Filler rows (copies of row 0, weight 0) up to a multiple of the micro-batch, added here on the device: the
+    # tokens may be a global array sharded over processes, which no host may read whole.
+    extra = -tokens.shape[0] % micro
+    tokens, mask = (jnp.concatenate([a, jnp.repeat(a[:1], extra, axis=0)]) for a in (tokens, mask))
+    weight = jnp.concatenate([jnp.asarray(weight, jnp.float32), jnp.zeros((extra,), jnp.float32)])
+    B, T = tokens.shape
 
     def one(args):
         tok, msk, w = args
@@ -117,19 +123,12 @@ def _site_moments_impl(params, cfg: ModelConfig, tokens, mask, weight, refusal_i
 _site_moments = jax.jit(_site_moments_impl, static_argnames=("cfg", "refusal_ids", "micro"))
 
 
-def _padded(batch: Batch, micro: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """The batch's arrays with filler rows (weight 0, copies of row 0) up to a multiple of the micro-batch."""
-    B = batch.tokens.shape[0]
-    micro = max(1, min(micro, B))
-    extra = -B % micro
-    pick = np.concatenate([np.arange(B), np.zeros(extra, int)])
-    weight = np.concatenate([np.asarray(batch.weight, np.float32), np.zeros(extra, np.float32)])
-    return np.asarray(batch.tokens)[pick], np.asarray(batch.mask)[pick], weight, micro
-
-
 def site_moments(params, cfg: ModelConfig, batches: Sequence[Batch], refusal_ids, *, micro: int = 8,
                  on_step=None) -> tuple[float, np.ndarray, np.ndarray]:
-    """Mean refusal score, [4, D, D] −Σ g hᵀ / n per site kind and [L, D] Σ_t g(resid_pre) / n over `batches`."""
+    """Mean refusal score, [4, D, D] −Σ g hᵀ / n per site kind and [L, D] Σ_t g(resid_pre) / n over `batches`.
+
+    Each batch runs `micro` rows at a time, fewer for long prompts: halved until the backward pass's estimate
+    (`batching.ForwardCost`) fits the memory budget (`batching.memory_budget`)."""
     refusal_ids = tuple(int(i) for i in refusal_ids)
     n = float(sum(float(b.weight.sum()) for b in batches))
     if n == 0:
@@ -137,12 +136,18 @@ def site_moments(params, cfg: ModelConfig, batches: Sequence[Batch], refusal_ids
     total = 0.0
     moments = np.zeros((len(SITE_KINDS), cfg.d_model, cfg.d_model))
     adds = np.zeros((cfg.n_layers, cfg.d_model))
+    cost = ForwardCost.for_model(cfg, np.dtype(params.embed.dtype).itemsize, backward=True)
+    budget = memory_budget()
     for batch in batches:
-        tokens, mask, weight, m = _padded(batch, micro)
-        t, mom, add = _site_moments(params, cfg, tokens, mask, weight, refusal_ids, m)
-        total += float(t)
-        moments += np.asarray(mom, np.float64)
-        adds += np.asarray(add, np.float64)
+        B, T = batch.tokens.shape
+        m = max(1, min(micro, B))
+        while m > 1 and cost(m, T) > budget:  # a backward pass keeps every layer: fewer rows at a time
+            m //= 2
+        t, mom, add = _site_moments(params, cfg, batch.tokens, batch.mask, np.asarray(batch.weight, np.float32),
+                                    refusal_ids, m)
+        total += float(to_host(t))  # outputs may be global arrays too: gathered on every host
+        moments += to_host(mom).astype(np.float64)
+        adds += to_host(add).astype(np.float64)
         if on_step:
             on_step(1)
     return total / n, -moments / n, adds / n

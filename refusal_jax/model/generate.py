@@ -8,7 +8,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from refusal_jax.model.batching import bucketed, encode, pad_id
+from refusal_jax.model.batching import ForwardCost, bucketed, encode, pad_id
 from refusal_jax.model.config import ModelConfig
 from refusal_jax.model.families import END_OF_TURN
 from refusal_jax.runs.distributed import to_host
@@ -220,7 +220,11 @@ def generate_ids(params: Params, cfg: ModelConfig, tokenizer, prompts: Sequence[
             if bar is not None:
                 bar.close()
     out: list[list[int]] = [[] for _ in prompts]
-    batches = list(bucketed(ids, batch_size, pad, bucket))
+    # long prompts decode in smaller batches within the memory budget (attention over prompt + new tokens)
+    forward_cost = ForwardCost.for_model(cfg)
+    parallel = dict(mesh.shape).get("data", 1) if mesh is not None else 1
+    batches = list(bucketed(ids, batch_size, pad, bucket, cost=lambda b, t: forward_cost(b, t + max_new_tokens),
+                            parallel=parallel))
     if progress:
         from tqdm.auto import tqdm
 

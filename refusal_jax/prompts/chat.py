@@ -29,13 +29,17 @@ class ChatPrompts:
     def texts(self, instructions: Sequence[str], outputs: Sequence[str] | None = None) -> list[str]:
         return templates.format_instructions(self.fmt, list(instructions), outputs)
 
-    def batches(self, instructions: Sequence[str], batch_size: int) -> list[Batch]:
+    def batches(self, instructions: Sequence[str], batch_size: int, *, cost=None, budget: int | None = None,
+                parallel: int = 1) -> list[Batch]:
         """Left-padded batches of the templated instructions, grouped by length; a set smaller than `batch_size`
-        gets one smaller batch rather than filler rows. Raises RunError when a prompt does not end with eoi."""
+        gets one smaller batch rather than filler rows. With a `cost` (`batching.ForwardCost`), batches of long
+        prompts are made smaller to fit the memory `budget` (`batching.plan`). Raises RunError when a prompt does
+        not end with eoi."""
         ids = encode(self.tokenizer, self.texts(instructions))
         eoi = list(self.eoi)
         for seq, text in zip(ids, instructions):
             if seq[-len(eoi):] != eoi:
                 raise RunError(f"templated prompt does not end with the post-instruction tokens {eoi}: {text[:60]!r}"
                                " (try --eoi-mode)")
-        return list(bucketed(ids, min(batch_size, len(ids)), pad_id(self.tokenizer)))
+        return list(bucketed(ids, min(batch_size, len(ids)), pad_id(self.tokenizer), cost=cost, budget=budget,
+                             parallel=parallel))

@@ -180,6 +180,10 @@ def add_common_args(p: argparse.ArgumentParser, *, selection: bool = True, n_tes
                         "model) or 'auto' (all devices on data); parameters are placed shard by shard, see "
                         "refusal_jax.model.sharding (default: one device; with several processes: auto)")
     distributed.add_args(p)
+    g.add_argument("--memory-budget", default="auto", metavar="SIZE",
+                   help="memory one forward batch may use, e.g. 8GB or 512MiB: batches of long prompts are split "
+                        "to fit (slower instead of running out of memory); see docs/pods.md (default: auto = half the memory "
+                        "available at the start)")
     g.add_argument("--preset", default=presets.DEFAULT_PRESET, choices=sorted(presets.PRESETS),
                    help="sizes and thresholds for every flag marked 'preset' that is not given: 'cpu' = a run of a "
                         "few minutes on a CPU (see README); 'reference' = the reference pipeline's sizes and "

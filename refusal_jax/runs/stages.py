@@ -78,7 +78,14 @@ class Run:
         return self.chat.texts(instructions, outputs)
 
     def batches(self, instructions: Sequence[str], batch_size: int | None = None):
-        batches = self.chat.batches(instructions, batch_size or self.selection.batch_size)
+        from refusal_jax.model.batching import ForwardCost
+
+        # planned for the heaviest use of these batches: the sweep's `chunk` candidates vmapped over one batch
+        cost = ForwardCost.for_model(self.cfg, np.dtype(self.params.embed.dtype).itemsize,
+                                     copies=max(1, self.selection.chunk))
+        parallel = dict(self.mesh.shape).get("data", 1) if self.mesh is not None else 1
+        batches = self.chat.batches(instructions, batch_size or self.selection.batch_size, cost=cost,
+                                    parallel=parallel)
         if self.mesh is not None:
             from refusal_jax.model import sharding
 
@@ -119,6 +126,9 @@ def setup(args, extra_config: dict | None = None, test_sets: bool = True) -> Run
     presets.apply(args)
     checks.common_args(args)  # every flag and path, before anything is loaded
     distributed.init_from_args(args)  # several processes join before any device is used
+    from refusal_jax.model import batching
+
+    batching.set_memory_budget(getattr(args, "memory_budget", None))  # every batch plan from here on
     progress = not args.no_progress and distributed.is_main_process()
     if args.mesh is None and distributed.process_count() > 1:
         args.mesh = "auto"  # a mesh over every process's devices (prompts data-parallel)
