@@ -44,6 +44,10 @@ def _rope_parameters(rope: RopeConfig) -> dict[str, Any]:
     if rope.rope_type == "llama3":
         out.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,
                    original_max_position_embeddings=rope.original_max_position_embeddings)
+    if rope.rope_type == "yarn":
+        out.update(factor=rope.factor, beta_fast=rope.beta_fast, beta_slow=rope.beta_slow, truncate=rope.truncate,
+                   original_max_position_embeddings=rope.original_max_position_embeddings,
+                   attention_factor=rope.attention_factor)
     return out
 
 
@@ -163,18 +167,18 @@ def to_hf_config(cfg: ModelConfig, *, extra: Mapping[str, Any] | None = None) ->
                 if sliding == [(i + 1) % p != 0 for i in range(cfg.n_layers)]:
                     hf["sliding_window_pattern"] = p
                     break
-    elif any(sliding) and cfg.family not in ("qwen2_moe", "qwen3_moe", "mixtral"):
+    elif any(sliding) and cfg.family not in ("qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss"):
         raise ConfigError(f"{cfg.family} has no sliding-window attention; this config slides layers {sliding}")
 
     if cfg.moe:  # mixtures of experts, in each family's own keys (Mixtral / OLMoE experts are intermediate_size wide)
-        hf["num_local_experts" if cfg.family == "mixtral" else "num_experts"] = cfg.n_experts
+        hf["num_local_experts" if cfg.family in ("mixtral", "gpt_oss") else "num_experts"] = cfg.n_experts
         hf["num_experts_per_tok"] = cfg.n_experts_per_tok
-        if cfg.family in ("mixtral", "olmoe"):
+        if cfg.family in ("mixtral", "olmoe", "gpt_oss"):
             hf["intermediate_size"] = cfg.d_expert
         else:
             hf["moe_intermediate_size"] = cfg.d_expert
             hf["decoder_sparse_step"], hf["mlp_only_layers"] = 1, []
-        if cfg.family != "mixtral":
+        if cfg.family not in ("mixtral", "gpt_oss"):
             hf["norm_topk_prob"] = cfg.norm_topk_prob
         if cfg.shared_expert:
             hf["shared_expert_intermediate_size"] = cfg.d_ff
@@ -188,6 +192,11 @@ def to_hf_config(cfg: ModelConfig, *, extra: Mapping[str, Any] | None = None) ->
         if cfg.family == "qwen2_moe":
             hf["max_window_layers"] = cfg.n_layers
             hf["layer_types"] = layer_types
+    elif cfg.family == "gpt_oss":
+        hf["attention_bias"] = True
+        hf["swiglu_alpha"], hf["swiglu_limit"] = cfg.swiglu_alpha, cfg.swiglu_limit
+        hf["sliding_window"] = cfg.sliding_window
+        hf["layer_types"] = layer_types
     elif cfg.family == "mixtral":
         if any(sliding) and not all(sliding):
             raise ConfigError("Mixtral applies its sliding window to every layer; this config slides only some")

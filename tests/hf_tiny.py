@@ -46,6 +46,11 @@ MOE_FAMILIES = {
                                  shared_expert_intermediate_size=56, norm_topk_prob=True)),
     "mixtral": dict(arch="MixtralForCausalLM", config="MixtralConfig",
                     extra=dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)),
+    # gpt-oss: sliding / full layers alternating (window 4), YaRN RoPE, attention sinks, biases, fused experts; a
+    # small swiglu_limit so that the clamps act on these tiny activations
+    "gpt_oss": dict(arch="GptOssForCausalLM", config="GptOssConfig",
+                    extra=dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=40,
+                               sliding_window=4, swiglu_limit=0.05)),
     "olmoe": dict(arch="OlmoeForCausalLM", config="OlmoeConfig",
                   extra=dict(num_experts=8, num_experts_per_tok=3, intermediate_size=40, eos_token_id=None,
                              pad_token_id=None)),
@@ -72,7 +77,7 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))  # non-trivial norms catch mapping mistakes
             elif "bias" in name:
                 p.copy_(0.1 * torch.randn_like(p))
-            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight")):
                 p.copy_(0.5 * torch.randn_like(p))  # routers start at zero (all experts tied); spread the choices
     return model
 

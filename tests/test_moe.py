@@ -1,4 +1,4 @@
-"""Mixtures of experts (Qwen3-MoE, Qwen2-MoE with its gated shared expert, Mixtral, OLMoE): parity with
+"""Mixtures of experts (Qwen3-MoE, Qwen2-MoE with its gated shared expert, Mixtral, OLMoE, gpt-oss): parity with
 transformers on logits, every hidden state and the experts each token is routed to; weight orthogonalization of
 every expert = inference-time ablation; continuous batching = static generation; HF export read back by
 transformers; configs and checkpoints that disagree are refused before anything large is built."""
@@ -47,7 +47,13 @@ def test_config_matches_hf(converted):
     assert cfg.n_experts == getattr(hf, "num_local_experts", None) or cfg.n_experts == hf.num_experts
     assert cfg.n_experts_per_tok == hf.num_experts_per_tok
     assert cfg.d_expert == getattr(hf, "moe_intermediate_size", hf.intermediate_size)
-    assert cfg.norm_topk_prob == (family == "mixtral" or bool(hf.norm_topk_prob))
+    assert cfg.norm_topk_prob == (family in ("mixtral", "gpt_oss") or bool(hf.norm_topk_prob))
+    gpt_oss = family == "gpt_oss"
+    assert cfg.attn_sinks == cfg.o_bias == cfg.expert_bias == cfg.fused_experts == gpt_oss
+    if gpt_oss:
+        assert cfg.sliding_layers == tuple(t == "sliding_attention" for t in hf.layer_types) and any(cfg.sliding_layers)
+        assert cfg.rope.rope_type == "yarn" and cfg.rope.attention_factor > 1
+        assert cfg.swiglu_limit == hf.swiglu_limit and cfg.swiglu_alpha == hf.swiglu_alpha
     assert cfg.shared_expert == (family == "qwen2_moe") == cfg.dense_mlp
     assert cfg.qk_norm_flat == (family == "olmoe")
 
@@ -73,7 +79,8 @@ def test_logits_hidden_states_and_routing_match(converted):
     assert len(router_logits) == cfg.n_layers
     for layer in range(cfg.n_layers):
         h = apply_norm(cfg, out.resid_pre[layer] + out.attn_out[layer], params.layers.mlp_norm[layer])
-        _, ours = route(params.layers.router[layer], cfg, h)
+        bias = None if params.layers.router_bias is None else params.layers.router_bias[layer]
+        _, ours = route(params.layers.router[layer], cfg, h, bias)
         theirs = torch.topk(router_logits[layer].reshape(*tokens.shape, -1), cfg.n_experts_per_tok).indices.numpy()
         np.testing.assert_array_equal(np.sort(np.asarray(ours), -1)[real], np.sort(theirs, -1)[real],
                                       err_msg=f"{family} layer {layer}: different experts chosen")
@@ -89,6 +96,8 @@ def test_orthogonalized_equals_ablation(converted):
     edited = orthogonalize(params, cfg, r)
     assert max(residual_write_norms(edited, r).values()) < 1e-5
     assert "experts.down_proj" in residual_write_norms(params, r)
+    if family == "gpt_oss":  # the biases that write into the residual stream are edited too
+        assert {"o_proj.bias", "experts.down_proj.bias"} <= set(residual_write_norms(params, r))
     got = forward(edited, dataclasses.replace(cfg, tie_embeddings=False), tokens, mask, capture=("mlp_out",))
     real = mask.astype(bool)
     unit = r / np.linalg.norm(r)
@@ -210,10 +219,11 @@ def test_checkpoint_that_disagrees_with_config_is_refused(converted, tmp_path):
     hf = json.loads((src / "config.json").read_text())
     key = "num_local_experts" if "num_local_experts" in hf else "num_experts"
     (src / "config.json").write_text(json.dumps({**hf, key: cfg.n_experts + 1}))
-    with pytest.raises(CheckpointError, match=rf"gate\.weight has shape \({cfg.n_experts}, \d+\), expected "
+    with pytest.raises(CheckpointError, match=rf"tensor model\.layers\.0\.\S+ has shape \({cfg.n_experts}, .*expected "
                                               rf"\({cfg.n_experts + 1}, .*experts={cfg.n_experts + 1} \(top"):
         load_hf(str(src), with_tokenizer=False)
-    width = "intermediate_size" if family in ("mixtral", "olmoe") else "moe_intermediate_size"
+    width = "intermediate_size" if family in ("mixtral", "olmoe", "gpt_oss") else "moe_intermediate_size"
     (src / "config.json").write_text(json.dumps({**hf, width: cfg.d_expert + 4}))
-    with pytest.raises(CheckpointError, match=r"experts\.0\.\w+\.weight has shape .* experts=.* of width"):
+    with pytest.raises(CheckpointError,
+                       match=r"experts\.(0\.\w+\.weight|gate_up_proj|down_proj) has shape .* experts=.* of width"):
         load_hf(str(src), with_tokenizer=False)

@@ -35,9 +35,9 @@ def _unit_basis(direction) -> np.ndarray:
     return d.astype(np.float32)
 
 
-# the matrices whose rows write into the residual stream (those a config has: an MoE model without a shared expert
-# has no dense down)
-EDITED_FIELDS = ("embed", "layers.o", "layers.down", "layers.expert_down")
+# the matrices whose rows write into the residual stream, and the biases added with them (those a config has: an
+# MoE model without a shared expert has no dense down; only gpt-oss has biases there)
+EDITED_FIELDS = ("embed", "layers.o", "layers.down", "layers.expert_down", "layers.o_bias", "layers.expert_down_bias")
 
 
 def project_rows(w, basis, *, preserve_norm: bool = False, xp=jnp):
@@ -85,7 +85,7 @@ def edit_weights(params: Params, cfg: ModelConfig, basis, *, preserve_norm: bool
     b = np.asarray(basis, np.float32)
     _check_editable(cfg, b)
     edited = {}
-    for field in EDITED_FIELDS[1:]:  # o [L, N, H, D], down [L, F, D], expert_down [L, E, X, D]
+    for field in EDITED_FIELDS[1:]:  # o [L, N, H, D], down [L, F, D], expert_down [L, E, X, D], biases [L, (E,) D]
         name = field.split(".", 1)[1]
         w = getattr(params.layers, name)
         if w is not None:
@@ -169,7 +169,8 @@ def load_direction(path, d_model: int | None):
     return arr
 
 
-SITE_NAMES = {"embed": "embed", "layers.o": "o_proj", "layers.down": "down_proj", "layers.expert_down": "experts.down_proj"}
+SITE_NAMES = {"embed": "embed", "layers.o": "o_proj", "layers.down": "down_proj", "layers.expert_down": "experts.down_proj",
+              "layers.o_bias": "o_proj.bias", "layers.expert_down_bias": "experts.down_proj.bias"}
 
 
 def max_projection(w, direction, chunk_bytes: int = 16 << 20) -> float:
@@ -186,5 +187,6 @@ def residual_write_norms(params: Params, direction) -> dict[str, float]:
     """max |W r̂| over every residual-writing matrix (embedding, o_proj, down_proj, experts' down_proj): 0 after
     orthogonalization."""
     fields = {"embed": params.embed, "layers.o": params.layers.o, "layers.down": params.layers.down,
-              "layers.expert_down": params.layers.expert_down}
+              "layers.expert_down": params.layers.expert_down, "layers.o_bias": params.layers.o_bias,
+              "layers.expert_down_bias": params.layers.expert_down_bias}
     return {SITE_NAMES[f]: max_projection(w, direction) for f, w in fields.items() if w is not None}

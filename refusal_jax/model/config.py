@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Mapping
 
 from refusal_jax.errors import ConfigError
@@ -21,7 +22,7 @@ CONFIG_FORMAT_VERSION = 1
 # name or path.
 ARCHITECTURES = families.BY_ARCHITECTURE
 MODEL_TYPES = families.BY_MODEL_TYPE
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +34,11 @@ class RopeConfig:
     factor: float = 1.0  # linear and llama3
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
-    original_max_position_embeddings: int = 8192  # llama3
+    original_max_position_embeddings: int = 8192  # llama3, yarn
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
+    attention_factor: float = 1.0  # yarn: cos and sin are scaled by it (0.1 ln(factor) + 1 unless given)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +82,15 @@ class ModelConfig:
     # Expert parallelism: the experts run as this many groups of n_experts / expert_groups, one per shard of the
     # "experts" axis (`sharding.fit_config` sets it from the mesh); 1 = one group. Results do not depend on it.
     expert_groups: int = 1
+    # gpt-oss: biases on o_proj, the router and the experts, per-head attention sinks (a learned logit in every
+    # softmax), experts' gate/up stored fused and interleaved, and the clamped SwiGLU
+    # (up + 1) * gate * sigmoid(swiglu_alpha * gate) with gate <= swiglu_limit, |up| <= swiglu_limit.
+    o_bias: bool = False
+    attn_sinks: bool = False
+    expert_bias: bool = False
+    fused_experts: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.0
 
     def __post_init__(self):
         if not self.sliding_layers:
@@ -180,7 +194,7 @@ _IGNORED_KEYS = {
     # mixtures of experts: read (and checked) in `_moe_fields`; the router's training-only knobs change nothing
     "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
     "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef",
-    "router_jitter_noise", "clip_qkv", "qkv_bias",
+    "router_jitter_noise", "clip_qkv", "qkv_bias", "swiglu_alpha", "swiglu_limit",
 }
 
 
@@ -213,6 +227,19 @@ def _rope_from_params(p: Mapping[str, Any] | None, theta: float, where: str) -> 
         return RopeConfig(theta=theta)
     if rope_type == "linear":
         return RopeConfig(theta=theta, rope_type="linear", factor=float(p["factor"]))
+    if rope_type == "yarn":
+        for key in ("mscale", "mscale_all_dim", "partial_rotary_factor"):
+            if p.get(key) not in (None, 1, 1.0):
+                raise ConfigError(f"unsupported config attribute {where}.{key}={p[key]!r}")
+        factor = float(p["factor"])
+        attention = p.get("attention_factor")
+        return RopeConfig(
+            theta=theta, rope_type="yarn", factor=factor,
+            original_max_position_embeddings=int(p["original_max_position_embeddings"]),
+            beta_fast=float(p.get("beta_fast") or 32.0), beta_slow=float(p.get("beta_slow") or 1.0),
+            truncate=bool(p.get("truncate", True)),
+            attention_factor=float(attention) if attention is not None else
+            (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0))
     return RopeConfig(
         theta=theta,
         rope_type="llama3",
@@ -353,6 +380,8 @@ def _from_hf_config(hf: Mapping[str, Any], *, strict: bool) -> ModelConfig:
         act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
     else:
         act = hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+    if family == "gpt_oss":
+        act = "silu"  # its experts' clamped SwiGLU is fixed by swiglu_alpha / swiglu_limit, not hidden_act
     if act in ("gelu_pytorch_tanh", "gelu_tanh") or (family == "gemma" and act == "gelu"):
         # Gemma-1 configs say "gelu" but HF (and the original JAX code) run the tanh approximation.
         act = "gelu_tanh"
@@ -360,7 +389,7 @@ def _from_hf_config(hf: Mapping[str, Any], *, strict: bool) -> ModelConfig:
         raise ConfigError(f"unsupported config attribute hidden_act={act!r} (supported: silu, gelu_pytorch_tanh)")
 
     for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
+        if hf.get(key) and not (spec.name == "gpt_oss" and key == "attention_bias"):
             raise ConfigError(f"unsupported config attribute {key}=True (biases on o_proj / MLP are not implemented)")
     if hf.get("use_bidirectional_attention"):
         raise ConfigError("unsupported config attribute use_bidirectional_attention=True")
@@ -437,7 +466,8 @@ def _moe_fields(hf: Mapping[str, Any], spec: "families.Family", n_layers: int) -
     """The MoE fields of ModelConfig from an HF config (empty for a dense family); a ConfigError names what is not
     implemented: dense layers between the sparse ones (decoder_sparse_step, mlp_only_layers), clip_qkv."""
     moe_keys = ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
-                "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers", "clip_qkv")
+                "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers", "clip_qkv", "swiglu_alpha",
+                "swiglu_limit")
     if not spec.moe:
         present = [k for k in moe_keys if hf.get(k) not in (None, [], 0)]
         if present:
@@ -456,18 +486,26 @@ def _moe_fields(hf: Mapping[str, Any], spec: "families.Family", n_layers: int) -
         raise ConfigError("config.json lacks required attribute 'num_experts' (or 'num_local_experts')")
     if "num_experts_per_tok" not in hf:
         raise ConfigError("config.json lacks required attribute 'num_experts_per_tok'")
-    # Mixtral and OLMoE experts are intermediate_size wide; Qwen-MoE names the width moe_intermediate_size.
-    d_expert = hf.get("intermediate_size") if spec.name in ("mixtral", "olmoe") else hf.get("moe_intermediate_size")
+    # Mixtral, OLMoE and gpt-oss experts are intermediate_size wide; Qwen-MoE names it moe_intermediate_size.
+    d_expert = (hf.get("intermediate_size") if spec.name in ("mixtral", "olmoe", "gpt_oss")
+                else hf.get("moe_intermediate_size"))
     if d_expert is None:
         raise ConfigError("config.json lacks required attribute 'moe_intermediate_size'")
     if spec.shared_expert and "shared_expert_intermediate_size" not in hf:
         raise ConfigError("config.json lacks required attribute 'shared_expert_intermediate_size'")
+    gpt_oss = spec.name == "gpt_oss"
+    if gpt_oss and not hf.get("attention_bias", True):
+        raise ConfigError("unsupported config attribute attention_bias=False for gpt_oss")
     return dict(
+        o_bias=gpt_oss, attn_sinks=gpt_oss, expert_bias=gpt_oss, fused_experts=gpt_oss,
+        swiglu_limit=float(hf.get("swiglu_limit", 7.0)) if gpt_oss else None,
+        swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)) if gpt_oss else 1.0,
         n_experts=int(n_experts),
         n_experts_per_tok=int(hf["num_experts_per_tok"]),
         d_expert=int(d_expert),
-        # Mixtral always renormalises the top-k probabilities; Qwen-MoE and OLMoE when the config says so.
-        norm_topk_prob=True if spec.name == "mixtral" else bool(hf.get("norm_topk_prob", False)),
+        # Mixtral always renormalises the top-k probabilities (gpt-oss: a softmax over the top-k logits, the same);
+        # Qwen-MoE and OLMoE when the config says so.
+        norm_topk_prob=True if spec.name in ("mixtral", "gpt_oss") else bool(hf.get("norm_topk_prob", False)),
         shared_expert=spec.shared_expert,
         qk_norm_flat=spec.qk_norm_flat,
     )

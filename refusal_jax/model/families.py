@@ -27,7 +27,7 @@ class Family:
     hf_export: a Hugging Face safetensors export is supported.
     moe: a mixture-of-experts family (config keys num_experts / num_local_experts, num_experts_per_tok).
     moe_names: HF names of the MoE block and of each expert's (gate, up, down) projections:
-      "model.layers.{i}.{block}.experts.{e}.{gate}.weight"; the router is "{block}.gate.weight".
+      "model.layers.{i}.{block}.experts.{e}.{gate}.weight"; the router is "{block}.{moe_router}.weight".
     shared_expert: Qwen2-MoE's always-on expert ("{block}.shared_expert.*"), scaled by a sigmoid gate
       ("{block}.shared_expert_gate.weight").
     qk_norm_flat: OLMoE's q/k RMSNorm over all heads together (weights [N*H] / [K*H]), before the head split.
@@ -49,6 +49,7 @@ class Family:
     hf_export: bool = True
     moe: bool = False
     moe_names: tuple[str, str, str, str] = ("mlp", "gate_proj", "up_proj", "down_proj")
+    moe_router: str = "gate"
     shared_expert: bool = False
     qk_norm_flat: bool = False
 
@@ -83,6 +84,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            moe=True),
     Family("olmoe", "OlmoeForCausalLM", "olmoe", None, end_of_turn=("<|endoftext|>",), qk_norm=True, moe=True,
            qk_norm_flat=True),
+    # gpt-oss (harmony chat format, from the tokenizer): biases everywhere, attention sinks, fused experts
+    Family("gpt_oss", "GptOssForCausalLM", "gpt_oss", None, end_of_turn=("<|return|>", "<|end|>", "<|call|>"),
+           qkv_bias=True, moe=True, moe_router="router"),
 )}
 
 # Derived views, keyed the way each reader looks a family up.

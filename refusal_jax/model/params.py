@@ -49,6 +49,12 @@ class LayerParams:
     expert_up: jax.Array | None = None  # [L, E, D, X]
     expert_down: jax.Array | None = None  # [L, E, X, D]
     shared_gate: jax.Array | None = None  # [L, D] Qwen2-MoE: the shared expert's output times sigmoid(h . w)
+    o_bias: jax.Array | None = None  # [L, D] gpt-oss: o_proj's bias (written into the residual stream)
+    sinks: jax.Array | None = None  # [L, N] gpt-oss: each head's sink logit, one more column of its softmax
+    router_bias: jax.Array | None = None  # [L, E]
+    expert_gate_up: jax.Array | None = None  # [L, E, D, 2X] gpt-oss: gate and up interleaved (gate at even columns)
+    expert_gate_up_bias: jax.Array | None = None  # [L, E, 2X]
+    expert_down_bias: jax.Array | None = None  # [L, E, D] (written into the residual stream, times the gate weight)
 
 
 @struct.dataclass
@@ -71,6 +77,7 @@ class ParamSpec:
               reshape + transpose between the two orders (`convert.engine`).
     present:  the config flag that makes it present (None = always).
     per_expert: one HF tensor per expert (hf_name has an "{e}" field; hf_axes leave out "experts").
+    fused:    the spec used instead for checkpoints that store all experts in one tensor (gpt-oss).
     """
 
     axes: tuple[str, ...]
@@ -78,6 +85,7 @@ class ParamSpec:
     hf_axes: tuple[tuple[str, ...], ...]
     present: Callable[[ModelConfig], bool] | None = None
     per_expert: bool = False
+    fused: "ParamSpec | None" = None
 
     def hf(self, cfg: ModelConfig) -> str:
         return self.hf_name(cfg) if callable(self.hf_name) else self.hf_name
@@ -90,6 +98,11 @@ def _linear(name: str, out: tuple[str, ...], in_: tuple[str, ...], present=None)
 
 def _vector(name, axes: tuple[str, ...], present=None) -> ParamSpec:
     return ParamSpec(axes, name, (axes,), present)
+
+
+def _same_layout(name, axes: tuple[str, ...], present=None) -> ParamSpec:
+    """A tensor stored in our layout, dimension for dimension (gpt-oss's fused expert tensors)."""
+    return ParamSpec(axes, name, tuple((a,) for a in axes), present)
 
 
 def _qkv_bias(cfg):
@@ -116,6 +129,26 @@ def _moe(cfg):
     return cfg.moe
 
 
+def _per_expert(cfg):
+    return cfg.moe and not cfg.fused_experts
+
+
+def _fused_experts(cfg):
+    return cfg.fused_experts
+
+
+def _expert_bias(cfg):
+    return cfg.expert_bias
+
+
+def _o_bias(cfg):
+    return cfg.o_bias
+
+
+def _sinks(cfg):
+    return cfg.attn_sinks
+
+
 def _shared_expert(cfg):
     return cfg.shared_expert
 
@@ -124,7 +157,8 @@ def _moe_name(part: int, template: str):
     """HF name of an MoE tensor: `template` with {block} / {proj} from the family's moe_names."""
     def name(cfg):
         names = families.FAMILIES[cfg.family].moe_names
-        return template.format(block=names[0], proj=names[part], e="{e}")
+        return template.format(block=names[0], proj=names[part], e="{e}",
+                           router=families.FAMILIES[cfg.family].moe_router)
     return name
 
 
@@ -144,16 +178,25 @@ PARAM_SPEC: dict[str, ParamSpec] = {
     "layers.gate": _linear(_mlp_name("gate_proj"), ("mlp",), ("embed",), _dense_mlp),
     "layers.up": _linear(_mlp_name("up_proj"), ("mlp",), ("embed",), _dense_mlp),
     "layers.down": _linear(_mlp_name("down_proj"), ("embed",), ("mlp",), _dense_mlp),
-    "layers.router": _linear(_moe_name(0, "{block}.gate.weight"), ("experts",), ("embed",), _moe),
+    "layers.router": _linear(_moe_name(0, "{block}.{router}.weight"), ("experts",), ("embed",), _moe),
+    "layers.router_bias": _vector(_moe_name(0, "{block}.{router}.bias"), ("experts",), _expert_bias),
     "layers.expert_gate": dataclasses.replace(_linear(_moe_name(1, "{block}.experts.{e}.{proj}.weight"),
-                                                      ("expert_mlp",), ("embed",), _moe),
+                                                      ("expert_mlp",), ("embed",), _per_expert),
                                               axes=("experts", "embed", "expert_mlp"), per_expert=True),
     "layers.expert_up": dataclasses.replace(_linear(_moe_name(2, "{block}.experts.{e}.{proj}.weight"),
-                                                    ("expert_mlp",), ("embed",), _moe),
+                                                    ("expert_mlp",), ("embed",), _per_expert),
                                             axes=("experts", "embed", "expert_mlp"), per_expert=True),
+    # gpt-oss stores each layer's experts as one tensor, already in our [E, in, out] layout
+    "layers.expert_gate_up": _same_layout("mlp.experts.gate_up_proj", ("experts", "embed", "expert_mlp2"),
+                                     _fused_experts),
+    "layers.expert_gate_up_bias": _same_layout("mlp.experts.gate_up_proj_bias", ("experts", "expert_mlp2"),
+                                          _expert_bias),
     "layers.expert_down": dataclasses.replace(_linear(_moe_name(3, "{block}.experts.{e}.{proj}.weight"),
                                                       ("embed",), ("expert_mlp",), _moe),
-                                              axes=("experts", "expert_mlp", "embed"), per_expert=True),
+                                              axes=("experts", "expert_mlp", "embed"), per_expert=True,
+                                              fused=_same_layout("mlp.experts.down_proj",
+                                                            ("experts", "expert_mlp", "embed"), _moe)),
+    "layers.expert_down_bias": _same_layout("mlp.experts.down_proj_bias", ("experts", "embed"), _expert_bias),
     "layers.shared_gate": _linear("mlp.shared_expert_gate.weight", (), ("embed",), _shared_expert),
     "layers.post_attn_norm": _vector("post_attention_layernorm.weight", ("embed",), _post_norms),
     "layers.mlp_norm": _vector(lambda cfg: "pre_feedforward_layernorm.weight" if cfg.post_norms
@@ -164,26 +207,34 @@ PARAM_SPEC: dict[str, ParamSpec] = {
     "layers.v_bias": _vector("self_attn.v_proj.bias", ("kv_heads", "head_dim"), _qkv_bias),
     "layers.q_norm": _vector("self_attn.q_norm.weight", ("head_dim",), _qk_norm),
     "layers.k_norm": _vector("self_attn.k_norm.weight", ("head_dim",), _qk_norm),
+    "layers.o_bias": _vector("self_attn.o_proj.bias", ("embed",), _o_bias),
+    "layers.sinks": _vector("self_attn.sinks", ("heads",), _sinks),
     "layers.q_heads_norm": _vector("self_attn.q_norm.weight", ("heads", "head_dim"), _qk_norm_flat),
     "layers.k_heads_norm": _vector("self_attn.k_norm.weight", ("kv_heads", "head_dim"), _qk_norm_flat),
     "final_norm": _vector("model.norm.weight", ("embed",)),
     "lm_head": _linear("lm_head.weight", ("vocab",), ("embed",), lambda cfg: not cfg.tie_embeddings),
 }
-PARAM_SPEC = {name: (dataclasses.replace(spec, axes=("layers", *spec.axes)) if name.startswith("layers.") else spec)
-              for name, spec in PARAM_SPEC.items()}
+def _with_layers(spec: ParamSpec) -> ParamSpec:
+    fused = _with_layers(spec.fused) if spec.fused else None
+    return dataclasses.replace(spec, axes=("layers", *spec.axes), fused=fused)
+
+
+PARAM_SPEC = {name: (_with_layers(spec) if name.startswith("layers.") else spec) for name, spec in PARAM_SPEC.items()}
 PARAM_AXES: dict[str, tuple[str, ...]] = {name: spec.axes for name, spec in PARAM_SPEC.items()}
 
 
 def present_params(cfg: ModelConfig) -> dict[str, ParamSpec]:
-    """The PARAM_SPEC entries this config uses, in HF checkpoint order."""
-    return {name: spec for name, spec in PARAM_SPEC.items() if spec.present is None or spec.present(cfg)}
+    """The PARAM_SPEC entries this config uses, in HF checkpoint order (fused variants where the config's
+    checkpoints store all experts in one tensor)."""
+    return {name: (spec.fused if spec.fused and cfg.fused_experts else spec) for name, spec in PARAM_SPEC.items()
+            if spec.present is None or spec.present(cfg)}
 
 
 def axis_sizes(cfg: ModelConfig) -> dict[str, int]:
     """Size of every logical axis of the parameters under `cfg`."""
     return {"vocab": cfg.vocab_size, "embed": cfg.d_model, "layers": cfg.n_layers, "heads": cfg.n_heads,
             "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "mlp": cfg.d_ff, "experts": cfg.n_experts,
-            "expert_mlp": cfg.d_expert}
+            "expert_mlp": cfg.d_expert, "expert_mlp2": 2 * cfg.d_expert}
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -66,8 +66,8 @@ from refusal_jax.errors import ConfigError
 from refusal_jax.model.transformer import Intervention, KVCache
 from refusal_jax.model.params import PARAM_AXES, Params, from_flat, param_shapes, to_flat
 
-LOGICAL_AXES = ("batch", "candidates", "heads", "kv_heads", "mlp", "vocab", "experts", "expert_mlp", "embed", "layers",
-                "head_dim", "seq")
+LOGICAL_AXES = ("batch", "candidates", "heads", "kv_heads", "mlp", "vocab", "experts", "expert_mlp", "expert_mlp2",
+                "embed", "layers", "head_dim", "seq")
 
 MeshAxes = str | tuple[str, ...] | None
 
@@ -84,6 +84,7 @@ class MeshRules:
     vocab: MeshAxes = "model"
     experts: MeshAxes = "expert"
     expert_mlp: MeshAxes = "model"
+    expert_mlp2: MeshAxes = None  # gpt-oss's interleaved gate/up columns: kept whole
     embed: MeshAxes = None
     layers: MeshAxes = None
     head_dim: MeshAxes = None

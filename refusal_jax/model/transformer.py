@@ -169,6 +169,23 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    elif rope.rope_type == "yarn":  # transformers' _compute_yarn_parameters (torch float32 arithmetic)
+        base, dim, old = rope.theta, head_dim, rope.original_max_position_embeddings
+
+        def correction_dim(rotations):
+            return dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+        if rope.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+        extrapolation = (1 - ramp).astype(np.float32)
+        pos = (base ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)).astype(np.float32)
+        inv = ((1.0 / (np.float32(rope.factor) * pos)) * (1 - extrapolation)
+               + (1.0 / pos) * extrapolation).astype(np.float32)
     return inv
 
 
@@ -177,6 +194,8 @@ def rope_tables(rope: RopeConfig, head_dim: int, positions: jax.Array) -> tuple[
     inv = jnp.asarray(rope_inv_freq(rope, head_dim))
     freqs = positions.astype(jnp.float32)[..., None] * inv  # [B, T, H/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
+    if rope.attention_factor != 1.0:  # YaRN scales cos and sin
+        return jnp.cos(emb) * rope.attention_factor, jnp.sin(emb) * rope.attention_factor
     return jnp.cos(emb), jnp.sin(emb)
 
 
@@ -239,12 +258,20 @@ def _attention(lp: LayerParams, cfg: ModelConfig, h, cos, sin, k_cache, v_cache,
     if cfg.attn_softcap:
         scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
     scores = jnp.where(key_ok[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(h.dtype)
+    if lp.sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(h.dtype)
+    else:  # gpt-oss: each head's sink logit is one more softmax column, dropped after the softmax
+        sink = jnp.broadcast_to(lp.sinks.reshape(K, G).astype(jnp.float32)[None, :, :, None, None],
+                                (*scores.shape[:-1], 1))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1].astype(h.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(h.dtype))
     # Heads flattened on both sides (E = N*H): with [B, T, N, H] XLA:CPU may transpose the whole o weight to
     # match the activation's layout on every call, instead of the small activation.
     o = lp.o.reshape(cfg.n_heads * H, -1)
-    return matmul("bte,ed->btd", out.reshape(B, T, cfg.n_heads * H), o), k, v
+    out = matmul("bte,ed->btd", out.reshape(B, T, cfg.n_heads * H), o)
+    if lp.o_bias is not None:
+        out = out + lp.o_bias.astype(out.dtype)
+    return out, k, v
 
 
 def _mlp(lp: LayerParams, cfg: ModelConfig, h):
@@ -260,13 +287,13 @@ def _mlp_block(lp: LayerParams, cfg: ModelConfig, h):
     if not cfg.moe:
         return _mlp(lp, cfg, h)
     B, T, D = h.shape
-    weights, experts = route(lp.router, cfg, h)
+    weights, experts = route(lp.router, cfg, h, lp.router_bias)
     x, weights, experts = h.reshape(B * T, D), weights.reshape(B * T, -1), experts.reshape(B * T, -1)
     G = cfg.expert_groups
     if G == 1:
         out = moe_experts(lp, cfg, x, weights, experts)
     else:  # expert parallelism: group g holds experts g*E/G.. (one shard of the "experts" axis), partial sums added
-        fields = ("expert_gate", "expert_up", "expert_down")
+        fields = [f for f in EXPERT_FIELDS if getattr(lp, f) is not None]
         grouped = {f: getattr(lp, f).reshape(G, -1, *getattr(lp, f).shape[1:]) for f in fields}
         offsets = jnp.arange(G) * (cfg.n_experts // G)
         out = jax.vmap(lambda w, off: moe_experts(lp.replace(**w), cfg, x, weights, experts, off))(
@@ -282,15 +309,45 @@ def _mlp_block(lp: LayerParams, cfg: ModelConfig, h):
 # mixture of experts
 
 
-def route(router: jax.Array, cfg: ModelConfig, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+# the per-expert weights (leading axis E after the layer axis), split over the "experts" axis
+EXPERT_FIELDS = ("expert_gate", "expert_up", "expert_down", "expert_gate_up", "expert_gate_up_bias",
+                 "expert_down_bias")
+
+
+def route(router: jax.Array, cfg: ModelConfig, h: jax.Array, bias: jax.Array | None = None
+          ) -> tuple[jax.Array, jax.Array]:
     """The router's choice for h [..., D]: (weights [..., k] in h's dtype, expert ids [..., k] int32), as
     transformers computes it: softmax over all experts in float32, the top k, optionally renormalised."""
     logits = jnp.einsum("...d,de->...e", h, router.astype(h.dtype))
+    if bias is not None:
+        logits = logits + bias.astype(logits.dtype)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     top_p, top_e = jax.lax.top_k(probs, cfg.n_experts_per_tok)
     if cfg.norm_topk_prob:
         top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
     return top_p.astype(h.dtype), top_e.astype(jnp.int32)
+
+
+def _expert(lp: LayerParams, cfg: ModelConfig, e: jax.Array, x: jax.Array) -> jax.Array:
+    """Expert e (a traced index into the E axis) on rows x [b, D]."""
+    if lp.expert_gate_up is not None:  # gpt-oss: gate and up interleaved in one matmul, with biases
+        gate_up = jnp.einsum("bd,dy->by", x, lp.expert_gate_up[e].astype(x.dtype))
+        if lp.expert_gate_up_bias is not None:
+            gate_up = gate_up + lp.expert_gate_up_bias[e].astype(x.dtype)
+        gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
+    else:
+        gate = jnp.einsum("bd,dx->bx", x, lp.expert_gate[e].astype(x.dtype))
+        up = jnp.einsum("bd,dx->bx", x, lp.expert_up[e].astype(x.dtype))
+    if cfg.swiglu_limit is not None:  # gpt-oss's clamped SwiGLU
+        gate = jnp.minimum(gate, cfg.swiglu_limit)
+        up = jnp.clip(up, -cfg.swiglu_limit, cfg.swiglu_limit)
+        act = (up + 1) * (gate * jax.nn.sigmoid(gate * cfg.swiglu_alpha))
+    else:
+        act = jax.nn.silu(gate) * up
+    out = jnp.einsum("bx,xd->bd", act, lp.expert_down[e].astype(x.dtype))
+    if lp.expert_down_bias is not None:
+        out = out + lp.expert_down_bias[e].astype(x.dtype)
+    return out
 
 
 def expert_block_rows(n_tokens: int, cfg: ModelConfig) -> int:
@@ -314,7 +371,7 @@ def moe_experts(lp: LayerParams, cfg: ModelConfig, x: jax.Array, weights: jax.Ar
     assignments to other experts contribute nothing here.
     """
     N, D = x.shape
-    E_local = lp.expert_gate.shape[0]
+    E_local = lp.expert_down.shape[0]
     k = experts.shape[1]
     A = N * k
     b = expert_block_rows(N, cfg)
@@ -343,9 +400,7 @@ def moe_experts(lp: LayerParams, cfg: ModelConfig, x: jax.Array, weights: jax.Ar
         xb, e, on = xs
 
         def run(xb):
-            gate = jnp.einsum("bd,dx->bx", xb, lp.expert_gate[e].astype(xb.dtype))
-            up = jnp.einsum("bd,dx->bx", xb, lp.expert_up[e].astype(xb.dtype))
-            return jnp.einsum("bx,xd->bd", jax.nn.silu(gate) * up, lp.expert_down[e].astype(xb.dtype))
+            return _expert(lp, cfg, e, xb)
 
         return None, jax.lax.cond(on, run, jnp.zeros_like, xb)
 
