@@ -80,6 +80,7 @@ def extract_direction(model: LoadedModel, harmful: Sequence[str], harmless: Sequ
     `kl_threshold=0.2`, `filter=False`, `chat_style="model"`.
     """
     from refusal_jax.method import directions, selection
+    from refusal_jax.model.batching import ForwardCost
 
     s = _settings(settings, overrides)
     chat = ChatPrompts.for_model(model.cfg.family, model.tokenizer, s.chat_style, s.eoi_mode)
@@ -91,7 +92,8 @@ def extract_direction(model: LoadedModel, harmful: Sequence[str], harmless: Sequ
             raise DataError(f"the {key} set is empty")
     params, cfg = model.params, model.cfg
     directions.candidate_grid(cfg, len(chat.eoi), s.positions, s.layer_list(cfg.n_layers))  # bad ones fail here
-    batches = lambda xs: chat.batches(xs, s.batch_size)  # noqa: E731
+    cost = ForwardCost.for_model(cfg, np.dtype(params.embed.dtype).itemsize, copies=max(1, s.chunk))
+    batches = lambda xs: chat.batches(xs, s.batch_size, cost=cost)  # noqa: E731  (long prompts: smaller batches)
     scores: dict = {}
     if s.filter:
         with _bar(sum(map(len, sets.values())), "filtering by baseline refusal score", progress) as bar:

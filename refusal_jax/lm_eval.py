@@ -86,7 +86,7 @@ def score_tokens(params, cfg, pad: int, pairs, intervention=None, *, batch_size:
                  max_length: int = 2048, on_step=None) -> list[tuple[float, bool]]:
     """(sum log p(continuation | context), continuation is greedy) for each (context ids, continuation ids) pair,
     in input order. Context + continuation is cut to its last max_length + 1 tokens, as lm-eval's HF model does."""
-    from refusal_jax.model.batching import bucketed
+    from refusal_jax.model.batching import ForwardCost, bucketed
 
     inputs, conts = [], []
     for ctx, cont in pairs:
@@ -96,7 +96,7 @@ def score_tokens(params, cfg, pad: int, pairs, intervention=None, *, batch_size:
         inputs.append(seq[:-1])
         conts.append((seq[1:], min(len(cont), len(seq) - 1)))
     out: list[Any] = [None] * len(pairs)
-    for batch in bucketed(inputs, batch_size, pad):
+    for batch in bucketed(inputs, batch_size, pad, cost=ForwardCost.for_model(cfg)):  # long contexts: smaller batches
         rows = [int(i) for i in batch.index if i >= 0]
         K = -(-max(conts[i][1] for i in rows) // _CHUNK) * _CHUNK  # <= the padded length, a multiple of 16 too
         targets = np.zeros((len(batch.index), K), np.int32)
@@ -335,7 +335,7 @@ class RefusalJaxLM(_Base):
         return self._stop_cache[until]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from refusal_jax.model.batching import bucketed
+        from refusal_jax.model.batching import ForwardCost, bucketed
         from refusal_jax.model.generate import cut_at_stop, decoding_params, greedy_generate, stop_token_ids
 
         if self._decoding is None:
@@ -358,7 +358,8 @@ class RefusalJaxLM(_Base):
             stops = tuple(sorted(set(stop_token_ids(self.tokenizer)) | set(until_ids)))
             keep = max(1, self.max_length - max_new)
             ids = [self.tok_encode(specs[i][0])[-keep:] for i in idx]
-            for batch in bucketed(ids, self.batch_size, pad):
+            cost = ForwardCost.for_model(self.cfg)
+            for batch in bucketed(ids, self.batch_size, pad, cost=lambda b, t, m=max_new: cost(b, t + m)):
                 gen = np.asarray(greedy_generate(self._decoding, self.cfg, batch.tokens, batch.mask,
                                                  self.intervention, max_new_tokens=max_new, stop_ids=stops,
                                                  stop_pairs=pairs, pad=pad))
