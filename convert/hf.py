@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from refusal_jax.model.config import ModelConfig, from_hf_config
-from refusal_jax.convert import engine, safetensors_io
+from refusal_jax.convert import engine, mxfp4, safetensors_io
 from refusal_jax.errors import CheckpointError, ConfigError
 from refusal_jax.model.params import Params
 
@@ -77,8 +77,10 @@ def load_hf(
         params = qwen1.fill_params(cfg, model_dir, dtype=dtype, on_tensor=on_tensor)
         return cfg, params, (qwen1.load_tokenizer(model_dir) if with_tokenizer else None)
     engine.check_sizes(cfg, safetensors_io.numel(safetensors_io.model_files(model_dir)), str(model_dir))
-    params = engine.fill_params(cfg, safetensors_io.iter_model(model_dir), dtype=dtype, on_tensor=on_tensor,
-                                source=str(model_dir))
+    tensors = safetensors_io.iter_model(model_dir)
+    if mxfp4.check_quantization(read_hf_config(model_dir), cfg.family):  # gpt-oss release: experts dequantized
+        tensors = mxfp4.dequantized(tensors, str(model_dir))
+    params = engine.fill_params(cfg, tensors, dtype=dtype, on_tensor=on_tensor, source=str(model_dir))
     tokenizer = load_tokenizer(model_dir) if with_tokenizer else None
     return cfg, params, tokenizer
 
@@ -96,6 +98,13 @@ def sharded_source(model_dir: Path, *, strict: bool = True):
             if name in loaders:
                 duplicates.append(name)
             loaders[name] = (lambda a=array: a)
+    if mxfp4.check_quantization(read_hf_config(model_dir), cfg.family):  # each pair dequantized when placed
+        for name in [n for n in loaders if n.endswith("_blocks")]:
+            base = name[: -len("_blocks")]
+            if base + "_scales" not in loaders:
+                raise CheckpointError(f"{model_dir}: MXFP4 tensor {name} has no {base}_scales")
+            blocks, scales = loaders.pop(name), loaders.pop(base + "_scales")
+            loaders[base] = (lambda b=base, x=blocks, y=scales: mxfp4.dequantize(b, x(), y()))
     return ShardedSource(str(model_dir), cfg, loaders, lambda: load_tokenizer(model_dir), duplicates=tuple(duplicates))
 
 

@@ -227,3 +227,54 @@ def test_checkpoint_that_disagrees_with_config_is_refused(converted, tmp_path):
     with pytest.raises(CheckpointError,
                        match=r"experts\.(0\.\w+\.weight|gate_up_proj|down_proj) has shape .* experts=.* of width"):
         load_hf(str(src), with_tokenizer=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# gpt-oss's MXFP4 release
+
+
+def test_gpt_oss_mxfp4_release_is_dequantized_on_load(tmp_path):
+    """Experts stored as MXFP4 blocks / scales (the released gpt-oss layout, random codes here) load as
+    transformers' own dequantizer reads them, bit for bit, on both loading paths; the model then gives the logits
+    of the transformers model holding those dequantized weights."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from refusal_jax.convert import hf as hf_reader, mxfp4, placement, safetensors_io
+    from refusal_jax.model import sharding as shd
+    from tests.hf_tiny import make_hf_model
+
+    model = make_hf_model("gpt_oss", intermediate_size=64)  # MXFP4 blocks run along inputs of 32
+    model.save_pretrained(tmp_path / "bf")
+    tensors = {name: np.array(a) for name, a in safetensors_io.iter_model(tmp_path / "bf")}
+    rng = np.random.default_rng(0)
+    for i, layer in enumerate(model.model.layers):
+        for proj in ("gate_up_proj", "down_proj"):
+            name = f"model.layers.{i}.mlp.experts.{proj}"
+            E, d_in, d_out = tensors.pop(name).shape
+            blocks = rng.integers(0, 256, (E, d_out, d_in // 32, 16), dtype=np.uint8)
+            scales = rng.integers(120, 124, (E, d_out, d_in // 32), dtype=np.uint8)
+            tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+            ref = convert_moe_packed_tensors(torch.tensor(blocks), torch.tensor(scales), dtype=torch.float32)
+            with torch.no_grad():
+                getattr(layer.mlp.experts, proj).copy_(ref)
+    src = tmp_path / "mxfp4"
+    src.mkdir()
+    safetensors_io.write_file(src / "model.safetensors", tensors)
+    config = json.loads((tmp_path / "bf" / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "mxfp4"}}))
+
+    cfg, params, _ = load_hf(str(src), with_tokenizer=False)
+    want = model.model.layers[1].mlp.experts
+    np.testing.assert_array_equal(np.asarray(params.layers.expert_gate_up[1]), want.gate_up_proj.detach().numpy())
+    np.testing.assert_array_equal(np.asarray(params.layers.expert_down[1]), want.down_proj.detach().numpy())
+    placed = placement.place_params(hf_reader.sharded_source(src), shd.param_shardings(cfg, shd.make_mesh("auto")))
+    for name, value in to_flat(params).items():
+        np.testing.assert_array_equal(np.asarray(to_flat(placed)[name]), np.asarray(value), err_msg=name)
+    tokens, mask = left_padded_batch(cfg.vocab_size, lengths=LENGTHS)
+    ref_logits, _ = hf_forward(model, tokens, mask)
+    assert _rel_err(forward(params, cfg, tokens, mask).logits, ref_logits, mask.astype(bool)) <= TOL
+
+    with pytest.raises(CheckpointError, match="down_proj_blocks has no .*down_proj_scales"):
+        list(mxfp4.dequantized([("x.down_proj_blocks", np.zeros((1, 2, 1, 16), np.uint8))], "src"))
+    with pytest.raises(CheckpointError, match="do not pair up"):
+        mxfp4.dequantize("x", np.zeros((1, 2, 1, 16), np.uint8), np.zeros((1, 2, 2), np.uint8))

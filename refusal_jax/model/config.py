@@ -195,6 +195,7 @@ _IGNORED_KEYS = {
     "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
     "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef",
     "router_jitter_noise", "clip_qkv", "qkv_bias", "swiglu_alpha", "swiglu_limit",
+    "quantization_config",  # checked in _from_hf_config: gpt-oss's MXFP4 only
 }
 
 
@@ -350,7 +351,10 @@ def _from_hf_config(hf: Mapping[str, Any], *, strict: bool) -> ModelConfig:
         from refusal_jax.model.qwen1_config import qwen2_style_config
 
         hf = qwen2_style_config(hf, strict=strict)
-    if "quantization_config" in hf:
+    quant = hf.get("quantization_config")
+    if family == "gpt_oss" and isinstance(quant, Mapping) and quant.get("quant_method") == "mxfp4":
+        pass  # its experts are dequantized on load (refusal_jax.convert.mxfp4); the forward pass is unchanged
+    elif "quantization_config" in hf:
         raise ConfigError(
             f"unsupported config attribute quantization_config={hf['quantization_config'].get('quant_method', '?')!r}: "
             "convert an unquantized checkpoint (or a GGUF file, which refusal_jax dequantizes)"
