@@ -12,25 +12,38 @@ from pathlib import Path
 
 import pytest
 
-MESHES = ["data=2,expert=4,model=1", "data=1,expert=8,model=1", "data=2,expert=2,model=2"]
+# the fast suite runs one mesh that splits all three axes; the slow one the others too
+FAST_MESH = "data=2,expert=2,model=2"
+MESHES = [FAST_MESH, pytest.param("data=2,expert=4,model=1", marks=pytest.mark.slow),
+          pytest.param("data=1,expert=8,model=1", marks=pytest.mark.slow)]
 TOL = 1e-5
+_RESULTS: dict = {}
 
 
-@pytest.fixture(scope="module")
+def _run(mesh: str, tmp_path_factory) -> dict:
+    """The worker's result for `mesh` (one subprocess per mesh, each run once per test module)."""
+    if mesh not in _RESULTS:
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+        here = Path(__file__)
+        proc = subprocess.run([sys.executable, str(here), str(tmp_path_factory.mktemp("moe_ckpt")), mesh], env=env,
+                              capture_output=True, text=True, timeout=900, cwd=here.parents[1])
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            pytest.fail(f"worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        result = json.loads(lines[-1][len("RESULT "):])
+        assert result["devices"] == 8
+        _RESULTS[mesh] = result["meshes"][mesh]
+    return _RESULTS[mesh]
+
+
+@pytest.fixture
 def run8(tmp_path_factory):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    here = Path(__file__)
-    proc = subprocess.run([sys.executable, str(here), str(tmp_path_factory.mktemp("moe_ckpt")), *MESHES], env=env,
-                          capture_output=True, text=True, timeout=900, cwd=here.parents[1])
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        pytest.fail(f"worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return lambda mesh: _run(mesh, tmp_path_factory)
 
 
 @pytest.mark.parametrize("mesh", MESHES)
 def test_expert_sharded_equals_one_device(run8, mesh):
-    r = run8["meshes"][mesh]
+    r = run8(mesh)
     assert r["expert_groups"] == r["mesh"]["expert"]
     bad = {k: v for k, v in r["diff"].items() if not v <= TOL}
     assert not bad, f"{mesh}: differences from one device above {TOL}: {bad}"
@@ -38,7 +51,7 @@ def test_expert_sharded_equals_one_device(run8, mesh):
 
 @pytest.mark.parametrize("mesh", MESHES)
 def test_each_device_holds_its_experts_only(run8, mesh):
-    r = run8["meshes"][mesh]
+    r = run8(mesh)
     ways = r["mesh"]["expert"]
     assert r["expert_bytes_per_device"] * ways * r["mesh"]["model"] == r["expert_bytes_total"]
     assert r["experts_per_device"] == 8 // ways
