@@ -3,9 +3,9 @@
 Two processes with 2 simulated CPU devices each join over 127.0.0.1 (JAX's coordination service, gloo
 collectives) and run the real extract and pipeline commands with their default settings (the refusal filter,
 extra val prompts drawn, the first-order screening pass, relative thresholds; only the sizes are small) on a tiny
-model trained to refuse (tests/tiny_refusing.py). The results must match one process with 4 devices and one device
-(relative error <= 1e-5 against the largest magnitude; same selected candidate; generated tokens identical), and
-every artifact must be written exactly once, by process 0. Every set is sized so that each batch divides over
+model trained to refuse (tests/tiny_refusing.py). The results must match one device (and, marked slow, one process
+with 4 devices): relative error <= 1e-5 against the largest magnitude (1e-4 for KL); same selected candidate;
+generated tokens identical; and every artifact must be written exactly once, by process 0. Every set is sized so that each batch divides over
 the data axis, which spans the two processes: every batched pass (filter, means, screening, sweep, generation)
 then runs on arrays no single process holds, and any host read of one (np.asarray, float(), .item()) fails the
 run; the worker records that each of these passes did see such arrays. Loading with `--mesh data=1,model=4` must
@@ -90,42 +90,56 @@ def trained(tmp_path_factory):
     return root, [str(a) for a in args]
 
 
-def three_ways(root, command, args) -> tuple[dict, float]:
-    """`command args` as 2 processes x 2 devices (mesh data=2 x model=2 spanning both), 1 process x 4 devices
-    (data=4) and 1 device; the run folders by name and the 2-process wall time."""
+PIPELINE_SIZES = ["--n-test", "4", "--max-new-tokens", "4"]
+
+
+def two_processes(root, command, args, name="two") -> Path:
+    """`command args` as 2 processes x 2 devices (mesh data=2 x model=2 spanning both); its run folder."""
     port = free_port()
     t0 = time.perf_counter()
-    procs = [worker("cli", root / f"{command}.log2", command, *args, "--out", root / f"{command}_two",
+    procs = [worker("cli", root / f"{command}.log2", command, *args, "--out", root / f"{command}_{name}",
                     "--mesh", "data=2,model=2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2,
                     "--process-id", i, devices=2) for i in range(2)]
     finish(procs)
-    two_s = time.perf_counter() - t0
-    finish([worker("cli", root / f"{command}.log4", command, *args, "--out", root / f"{command}_four",
-                   "--mesh", "data=4", devices=4)])
-    finish([worker("cli", root / f"{command}.log1", command, *args, "--out", root / f"{command}_one", devices=1)])
-    print(f"2-process {command}: {two_s:.1f} s wall")
-    return {name: root / f"{command}_{name}" for name in ("two", "four", "one")}, two_s
+    print(f"2-process {command}: {time.perf_counter() - t0:.1f} s wall")
+    return root / f"{command}_{name}"
+
+
+def one_process(root, command, args, name, devices, *mesh) -> Path:
+    finish([worker("cli", root / f"{command}.log_{name}", command, *args, "--out", root / f"{command}_{name}",
+                   *mesh, devices=devices)])
+    return root / f"{command}_{name}"
 
 
 @pytest.fixture(scope="module")
 def runs(trained):
-    """The pipeline with its defaults (extract's two stages, then completions, evaluation, loss) three ways."""
+    """The pipeline with its defaults (extract's two stages, then completions, evaluation, loss) as 2 processes and
+    on 1 device."""
     root, args = trained
-    out, two_s = three_ways(root, "pipeline", args + ["--n-test", "4", "--max-new-tokens", "4"])
-    return out, root, two_s
+    args = args + PIPELINE_SIZES
+    out = {"two": two_processes(root, "pipeline", args), "one": one_process(root, "pipeline", args, "one", 1)}
+    return out, root
+
+
+@pytest.fixture(scope="module")
+def four_devices(trained):
+    """The same pipeline as 1 process x 4 devices (data=4)."""
+    root, args = trained
+    return one_process(root, "pipeline", args + PIPELINE_SIZES, "four", 4, "--mesh", "data=4")
+
+
+def run_folders(runs, name, request) -> dict:
+    out = dict(runs[0])
+    if name == "four":
+        out["four"] = request.getfixturevalue("four_devices")
+    return out
 
 
 @pytest.fixture(scope="module")
 def extract_runs(trained):
     """The extract command with its defaults, 2 processes x 2 devices and 1 device."""
     root, args = trained
-    port = free_port()
-    procs = [worker("cli", root / "extract.log2", "extract", *args, "--out", root / "extract_two",
-                    "--mesh", "data=2,model=2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2,
-                    "--process-id", i, devices=2) for i in range(2)]
-    finish(procs)
-    finish([worker("cli", root / "extract.log1", "extract", *args, "--out", root / "extract_one", devices=1)])
-    return {"two": root / "extract_two", "one": root / "extract_one"}, root
+    return {"two": two_processes(root, "extract", args), "one": one_process(root, "extract", args, "one", 1)}, root
 
 
 def rel(a, b) -> float:
@@ -184,22 +198,26 @@ def test_default_extract_two_processes_equals_one(extract_runs):
     assert set(seen) == {"0", "1"} and all(SPANNING_EXTRACT <= names for names in seen.values()), seen
 
 
-@pytest.mark.parametrize("name", ["two", "four"])
-def test_extract_matches_one_device(runs, name):
-    out, _, _ = runs
+# 1 process x 4 devices is one more pipeline run: slow
+WAYS = ["two", pytest.param("four", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name", WAYS)
+def test_extract_matches_one_device(runs, name, request):
+    out = run_folders(runs, name, request)
     assert_same_extraction(out[name], out["one"])
 
 
 def test_default_pipeline_spans_both_processes(runs):
-    _, root, _ = runs
+    _, root = runs
     seen = spanning(root / "pipeline.log2")
     want = SPANNING_EXTRACT | {"refusal_jax.model.generate.greedy_generate"}
     assert set(seen) == {"0", "1"} and all(want <= names for names in seen.values()), seen
 
 
-@pytest.mark.parametrize("name", ["two", "four"])
-def test_completions_same_tokens_as_one_device(runs, name):
-    out, _, _ = runs
+@pytest.mark.parametrize("name", WAYS)
+def test_completions_same_tokens_as_one_device(runs, name, request):
+    out = run_folders(runs, name, request)
     for stem in COMPLETIONS:
         path = f"completions/{stem}_completions.json"
         got, ref = (json.loads((out[n] / path).read_text()) for n in (name, "one"))
@@ -212,7 +230,7 @@ def test_completions_same_tokens_as_one_device(runs, name):
 
 
 def test_two_processes_write_every_artifact_once_from_process_0(runs):
-    out, root, two_s = runs
+    out, root = runs
     lines = [ln.split(" ", 1) for ln in (root / "pipeline.log2").read_text().splitlines()]
     assert {proc for proc, _ in lines} == {"0"}
     counts = collections.Counter(path for _, path in lines)
@@ -222,7 +240,7 @@ def test_two_processes_write_every_artifact_once_from_process_0(runs):
             "select_direction/ablation_scores.png"} <= written
     # the one-process run writes the same set of files
     single = {Path(ln.split(" ", 1)[1]).relative_to(out["one"]).as_posix()
-              for ln in (root / "pipeline.log1").read_text().splitlines()}
+              for ln in (root / "pipeline.log_one").read_text().splitlines()}
     assert written == single
 
 
