@@ -100,7 +100,8 @@ def two_processes(root, command, args, name="two") -> Path:
     procs = [worker("cli", root / f"{command}.log2", command, *args, "--out", root / f"{command}_{name}",
                     "--mesh", "data=2,model=2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2,
                     "--process-id", i, devices=2) for i in range(2)]
-    finish(procs)
+    for _, err in finish(procs):  # a clean exit: the peer watch stops before JAX shuts the service down
+        assert "stopped responding" not in err and "error:" not in err, err[-2000:]
     print(f"2-process {command}: {time.perf_counter() - t0:.1f} s wall")
     return root / f"{command}_{name}"
 
@@ -327,8 +328,10 @@ def test_killed_process_ends_the_other_within_60s(tiny, tmp_path, victim):
                 p.communicate()
     assert survivor.returncode != 0
     assert elapsed <= 60, elapsed
-    # ours (the peer watch) or JAX's own (the client losing the coordination service at process 0)
-    assert ("stopped responding" in err or "another task died" in err or "process 0 died" in err), err[-2000:]
+    # ours (the peer watch, or a barrier the dead process never reached) or JAX's own (the client losing the
+    # coordination service at process 0); which comes first depends on where the survivor was
+    assert any(m in err for m in ("stopped responding", "another task died", "process 0 died",
+                                  "did not reach barrier")), err[-2000:]
 
 
 def test_incomplete_process_flags_exit_2(tiny, tmp_path, capsys):

@@ -15,6 +15,7 @@ dies, JAX's own client ends the others at once with its "another task died" mess
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import pickle
 import sys
@@ -197,18 +198,23 @@ def _watch_peers(heartbeat_timeout_s: int) -> None:
         return
     client, me = _client(), jax.process_index()
     interval = max(1.0, heartbeat_timeout_s / 4)
+    stop = threading.Event()
+    # At a normal exit JAX's own atexit handler shuts the client down, after which the service no longer lists the
+    # processes: stop watching first (atexit runs the handlers registered last first, and this one is registered
+    # after jax.distributed.initialize registered its own).
+    atexit.register(stop.set)
 
     def watch():
-        while True:
-            time.sleep(interval)
+        while not stop.wait(interval):
             try:
                 live = client.get_live_nodes(list(range(n)))
             except Exception as e:  # the service itself is gone (process 0 died)
-                _die(f"process {me}: lost the coordination service at process 0 ({type(e).__name__}); "
-                     "process 0 died or is unreachable")
+                if not stop.is_set():
+                    _die(f"process {me}: lost the coordination service at process 0 ({type(e).__name__}); "
+                         "process 0 died or is unreachable")
                 return
             missing = sorted(set(range(n)) - set(live))
-            if missing:
+            if missing and not stop.is_set():
                 _die(f"process {me}: process(es) {missing} stopped responding (died or hung); giving up")
                 return
 
