@@ -21,7 +21,8 @@ from refusal_jax.model import continuous  # noqa: E402
 from refusal_jax.model.config import from_hf_config, tiny_config  # noqa: E402
 from refusal_jax.model.generate import decoding_params  # noqa: E402
 from refusal_jax.model.params import init_random, to_flat  # noqa: E402
-from refusal_jax.model.transformer import apply_norm, expert_block_rows, moe_experts, route  # noqa: E402
+from refusal_jax.model.transformer import (  # noqa: E402
+    apply_norm, expert_block_rows, expert_capacity, moe_experts, route)
 from tests.hf_tiny import MOE_FAMILIES, hf_forward, left_padded_batch, save_and_convert  # noqa: E402
 from tests.test_continuous import prompts, static  # noqa: E402
 
@@ -155,7 +156,8 @@ def test_grouped_dispatch_equals_every_expert_on_every_token():
     x = rng.standard_normal((N, cfg.d_model)).astype(np.float32)
     experts = np.stack([np.zeros(N, int), rng.choice([1, 3, 4], N)], 1).astype(np.int32)  # 2 and 5 unused
     weights = rng.random((N, 2)).astype(np.float32)
-    assert expert_block_rows(N, cfg) == 8 and N > 8  # expert 0's 40 rows span 5 blocks
+    assert expert_block_rows(N, cfg) == 16 and expert_capacity(N, cfg) == 0  # expert 0's 40 rows: 3 blocks
+    assert expert_capacity(1024, cfg) == 432  # 1.25 x 341.3 rows per expert, rounded up to a multiple of 8
 
     def expert(e, v):
         g, u = v @ np.asarray(lp.expert_gate[e]), v @ np.asarray(lp.expert_up[e])
@@ -163,11 +165,14 @@ def test_grouped_dispatch_equals_every_expert_on_every_token():
 
     want = sum(weights[:, j, None] * np.stack([expert(e, x[n]) for n, e in enumerate(experts[:, j])])
                for j in range(2))
-    got = np.asarray(jax.jit(moe_experts, static_argnums=1)(lp, cfg, x, weights, experts))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # blocks only (few rows per expert), a batched capacity of 8 rows with overflow, and one holding every row
+    for capacity in (None, 8, 48):
+        run = jax.jit(lambda lp, x, w, e, c=capacity: moe_experts(lp, cfg, x, w, e, capacity=c))
+        np.testing.assert_allclose(np.asarray(run(lp, x, weights, experts)), want, rtol=1e-5, atol=1e-5,
+                                   err_msg=f"capacity {capacity}")
     # experts 3..5 alone (one device's shard under expert parallelism): only their assignments count
     shard = lp.replace(**{f: getattr(lp, f)[3:] for f in ("expert_gate", "expert_up", "expert_down")})
-    part = np.asarray(moe_experts(shard, cfg, x, weights, experts, expert_offset=3))
+    part = np.asarray(moe_experts(shard, cfg, x, weights, experts, expert_offset=3, capacity=8))
     mine = experts >= 3
     want_part = sum(np.where(mine[:, j, None], weights[:, j, None], 0) *
                     np.stack([expert(e, x[n]) for n, e in enumerate(experts[:, j])]) for j in range(2))

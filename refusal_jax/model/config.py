@@ -215,11 +215,15 @@ def detect_family(hf: Mapping[str, Any]) -> str:
     )
 
 
-def _rope_from_params(p: Mapping[str, Any] | None, theta: float, where: str) -> RopeConfig:
+# RoPE types checked against transformers only for some families (YaRN: gpt-oss's)
+ROPE_TYPE_FAMILIES = {"yarn": ("gpt_oss",)}
+
+
+def _rope_from_params(p: Mapping[str, Any] | None, theta: float, where: str, family: str = "") -> RopeConfig:
     if not p:
         return RopeConfig(theta=float(theta))
     rope_type = p.get("rope_type", p.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    if rope_type not in SUPPORTED_ROPE_TYPES or family not in ROPE_TYPE_FAMILIES.get(rope_type, (family,)):
         raise ConfigError(
             f"unsupported config attribute {where}.rope_type={rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
         )
@@ -261,15 +265,17 @@ def _ropes(hf: Mapping[str, Any], family: str) -> tuple[RopeConfig, RopeConfig |
     local_theta = float(hf.get("rope_local_base_freq", 10000.0))
     params = hf.get("rope_parameters")
     if isinstance(params, Mapping) and ("full_attention" in params or "sliding_attention" in params):
-        full = _rope_from_params(params.get("full_attention"), default_theta, "rope_parameters.full_attention")
+        full = _rope_from_params(params.get("full_attention"), default_theta, "rope_parameters.full_attention",
+                                 family)
         local = params.get("sliding_attention")
         if family == "gemma3":
-            local_rope = _rope_from_params(local, local_theta, "rope_parameters.sliding_attention")
+            local_rope = _rope_from_params(local, local_theta, "rope_parameters.sliding_attention", family)
         else:
-            local_rope = _rope_from_params(local, default_theta, "rope_parameters.sliding_attention") if local else None
+            local_rope = (_rope_from_params(local, default_theta, "rope_parameters.sliding_attention", family)
+                          if local else None)
         return full, local_rope
     rope = _rope_from_params(params if params else hf.get("rope_scaling"), default_theta,
-                             "rope_parameters" if params else "rope_scaling")
+                             "rope_parameters" if params else "rope_scaling", family)
     local = None
     if family == "gemma3":
         local = RopeConfig(theta=local_theta)

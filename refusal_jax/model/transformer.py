@@ -328,44 +328,64 @@ def route(router: jax.Array, cfg: ModelConfig, h: jax.Array, bias: jax.Array | N
     return top_p.astype(h.dtype), top_e.astype(jnp.int32)
 
 
-def _expert(lp: LayerParams, cfg: ModelConfig, e: jax.Array, x: jax.Array) -> jax.Array:
-    """Expert e (a traced index into the E axis) on rows x [b, D]."""
-    if lp.expert_gate_up is not None:  # gpt-oss: gate and up interleaved in one matmul, with biases
-        gate_up = jnp.einsum("bd,dy->by", x, lp.expert_gate_up[e].astype(x.dtype))
-        if lp.expert_gate_up_bias is not None:
-            gate_up = gate_up + lp.expert_gate_up_bias[e].astype(x.dtype)
-        gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
+def _expert_weights(lp: LayerParams, e=None) -> tuple:
+    """The expert weights (gate, up, gate_up, gate_up_bias, down, down_bias; absent ones None), of expert e (a
+    traced index) or of all experts (leading E axis)."""
+    names = ("expert_gate", "expert_up", "expert_gate_up", "expert_gate_up_bias", "expert_down", "expert_down_bias")
+    return tuple(None if getattr(lp, n) is None else getattr(lp, n) if e is None else getattr(lp, n)[e]
+                 for n in names)
+
+
+def _swiglu_experts(cfg: ModelConfig, x: jax.Array, w: tuple) -> jax.Array:
+    """Rows x [..., b, D] through the experts whose weights are w (`_expert_weights`: one expert, x [b, D]; or all
+    experts at once, x [E, b, D])."""
+    gate_w, up_w, gate_up_w, gate_up_b, down_w, down_b = w
+    if gate_up_w is not None:  # gpt-oss: gate and up interleaved in one matmul, with biases
+        gate_up = jnp.einsum("...bd,...dy->...by", x, gate_up_w.astype(x.dtype))
+        if gate_up_b is not None:
+            gate_up = gate_up + gate_up_b[..., None, :].astype(x.dtype)
+        gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
     else:
-        gate = jnp.einsum("bd,dx->bx", x, lp.expert_gate[e].astype(x.dtype))
-        up = jnp.einsum("bd,dx->bx", x, lp.expert_up[e].astype(x.dtype))
+        gate = jnp.einsum("...bd,...dx->...bx", x, gate_w.astype(x.dtype))
+        up = jnp.einsum("...bd,...dx->...bx", x, up_w.astype(x.dtype))
     if cfg.swiglu_limit is not None:  # gpt-oss's clamped SwiGLU
         gate = jnp.minimum(gate, cfg.swiglu_limit)
         up = jnp.clip(up, -cfg.swiglu_limit, cfg.swiglu_limit)
         act = (up + 1) * (gate * jax.nn.sigmoid(gate * cfg.swiglu_alpha))
     else:
         act = jax.nn.silu(gate) * up
-    out = jnp.einsum("bx,xd->bd", act, lp.expert_down[e].astype(x.dtype))
-    if lp.expert_down_bias is not None:
-        out = out + lp.expert_down_bias[e].astype(x.dtype)
+    out = jnp.einsum("...bx,...xd->...bd", act, down_w.astype(x.dtype))
+    if down_b is not None:
+        out = out + down_b[..., None, :].astype(x.dtype)
     return out
 
 
 def expert_block_rows(n_tokens: int, cfg: ModelConfig) -> int:
-    """Rows per block of the grouped expert matmul: about the mean rows per expert (a power of two, 8..128), so
-    padding each expert's group to whole blocks wastes little."""
-    mean = max(1, n_tokens * cfg.n_experts_per_tok // cfg.n_experts)  # with expert_groups: per group, the same
-    return int(min(128, max(8, 1 << (mean.bit_length() - 1))))
+    """Rows per block of the overflow pass (`moe_experts`): the mean rows per expert rounded up to a power of
+    two, 8..128 (fewer, larger blocks beat less padding on XLA:CPU, where each block copies its expert's weights)."""
+    mean = max(1, -(-n_tokens * cfg.n_experts_per_tok // cfg.n_experts))  # with expert_groups: per group, the same
+    return int(min(128, max(8, 1 << (mean - 1).bit_length())))
+
+
+def expert_capacity(n_tokens: int, cfg: ModelConfig) -> int:
+    """Rows per expert of the batched pass of `moe_experts`: 1.25 x the mean rows per expert (a multiple of 8),
+    or 0 (no batched pass) below 16 rows per expert, where reading every expert's weights would cost more than
+    the rows."""
+    mean = n_tokens * cfg.n_experts_per_tok / cfg.n_experts
+    return 0 if mean < 16 else int(-(-int(1.25 * mean) // 8) * 8)
 
 
 def moe_experts(lp: LayerParams, cfg: ModelConfig, x: jax.Array, weights: jax.Array, experts: jax.Array,
-                expert_offset: int | jax.Array = 0) -> jax.Array:
-    """sum_k weights[n, k] * expert[experts[n, k]](x[n]) for x [N, D]: a grouped matmul compiled once per shape.
+                expert_offset: int | jax.Array = 0, *, capacity: int | None = None) -> jax.Array:
+    """sum_k weights[n, k] * expert[experts[n, k]](x[n]) for x [N, D]: grouped matmuls compiled once per shape.
 
-    The A = N*k (token, expert) assignments are sorted by expert and each expert's group padded to whole blocks
-    of b rows (`expert_block_rows`); a scan over the blocks (at most A/b + min(E, A) of them, a static bound)
-    runs one [b, D] x [D, X] SwiGLU per block with that block's expert's weights and skips the empty tail.
-    FLOPs: those of the A chosen assignments plus the padding (< b rows per used expert), never the E/k-fold
-    cost of running every expert on every token; memory: the [A + E*b, D] sorted rows.
+    The A = N*k (token, expert) assignments are sorted by expert. The first C rows of each expert (C =
+    `expert_capacity`, about 1.25 x the mean) go through one batched [E, C, D] x [E, D, X] SwiGLU; the rows
+    beyond an expert's capacity (all rows when C = 0, i.e. few tokens) are padded per expert to whole blocks of b
+    rows (`expert_block_rows`) and a scan over the blocks (a static bound of A/b + min(E, A)) runs one
+    [b, D] x [D, X] SwiGLU per block with that block's expert's weights, skipping empty blocks. Exact for any
+    routing; FLOPs: the A chosen rows plus the padding (the empty capacity slots, < b rows per overflowing
+    expert), never the E/k-fold cost of running every expert on every token; memory: [E*C + A + E*b, D] rows.
 
     With `expert_offset` (expert parallelism) the weights hold experts offset..offset+E_local-1 only and
     assignments to other experts contribute nothing here.
@@ -374,39 +394,49 @@ def moe_experts(lp: LayerParams, cfg: ModelConfig, x: jax.Array, weights: jax.Ar
     E_local = lp.expert_down.shape[0]
     k = experts.shape[1]
     A = N * k
-    b = expert_block_rows(N, cfg)
+    C = expert_capacity(N, cfg) if capacity is None else capacity
     local = experts.reshape(A) - expert_offset
     mine = (local >= 0) & (local < E_local)
     local = jnp.where(mine, local, E_local)  # other experts' assignments: sorted last, never computed
     order = jnp.argsort(local, stable=True)
-    sizes = jnp.bincount(local, length=E_local + 1)[:E_local]
-    padded = (sizes + b - 1) // b * b
-    start, padded_end = jnp.cumsum(sizes) - sizes, jnp.cumsum(padded)
     sorted_e = local[order]
-    dest = jnp.where(sorted_e < E_local, (padded_end - padded)[jnp.minimum(sorted_e, E_local - 1)]
-                     + jnp.arange(A) - start[jnp.minimum(sorted_e, E_local - 1)], -1)
-    n_blocks = -(-(A + min(E_local, A) * (b - 1)) // b)
+    sizes = jnp.bincount(local, length=E_local + 1)[:E_local]
+    start = jnp.cumsum(sizes) - sizes
+    e_clip = jnp.minimum(sorted_e, E_local - 1)
+    rank = jnp.arange(A) - start[e_clip]  # position of each sorted assignment within its expert's group
+    x_pad = jnp.concatenate([x, jnp.zeros((1, D), x.dtype)])  # row N: the padding rows' input
+    w_pad = jnp.concatenate([weights.reshape(A), jnp.zeros((1,), weights.dtype)])
+    out = jnp.zeros((N + 1, D), x.dtype)
+
+    if C:  # batched pass over every expert's first C rows
+        slot = jnp.where((sorted_e < E_local) & (rank < C), e_clip * C + rank, E_local * C)
+        src = jnp.full((E_local * C,), A, jnp.int32).at[slot].set(order.astype(jnp.int32), mode="drop")
+        rows = _swiglu_experts(cfg, x_pad[src // k].reshape(E_local, C, D), _expert_weights(lp))
+        out = out.at[src // k].add(rows.reshape(E_local * C, D) * w_pad[src][:, None])
+
+    # block pass over the rows beyond each expert's capacity
+    b = 8 if C else expert_block_rows(N, cfg)
+    over = jnp.maximum(sizes - C, 0)
+    padded = (over + b - 1) // b * b
+    padded_end = jnp.cumsum(padded)
+    dest = jnp.where((sorted_e < E_local) & (rank >= C), (padded_end - padded)[e_clip] + rank - C, -1)
+    max_over = A - C if C else A  # a static bound on the overflow rows (an expert holds at most N of them)
+    n_blocks = -(-(max(max_over, 0) + min(E_local, A) * (b - 1)) // b)
     P = n_blocks * b
     row_src = jnp.full((P,), A, jnp.int32).at[jnp.where(dest >= 0, dest, P)].set(order.astype(jnp.int32),
                                                                                    mode="drop")
-    x_pad = jnp.concatenate([x, jnp.zeros((1, D), x.dtype)])  # row N: the padding rows' input
     rows = x_pad[row_src // k].reshape(n_blocks, b, D)
-    w_row = jnp.concatenate([weights.reshape(A), jnp.zeros((1,), weights.dtype)])[row_src]
     first = jnp.arange(n_blocks) * b
     block_e = jnp.minimum(jnp.searchsorted(padded_end, first, side="right"), E_local - 1)
     used = first < padded_end[-1]
 
     def block(_, xs):
         xb, e, on = xs
+        return None, jax.lax.cond(on, lambda v: _swiglu_experts(cfg, v, _expert_weights(lp, e)), jnp.zeros_like, xb)
 
-        def run(xb):
-            return _expert(lp, cfg, e, xb)
-
-        return None, jax.lax.cond(on, run, jnp.zeros_like, xb)
-
-    _, out = jax.lax.scan(block, None, (rows, block_e, used))
-    out = out.reshape(P, D) * w_row[:, None]
-    return jnp.zeros((N + 1, D), x.dtype).at[row_src // k].add(out)[:N]
+    _, blocks = jax.lax.scan(block, None, (rows, block_e, used))
+    out = out.at[row_src // k].add(blocks.reshape(P, D) * w_pad[row_src][:, None])
+    return out[:N]
 
 
 # --------------------------------------------------------------------------------------------------
