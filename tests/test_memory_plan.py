@@ -172,3 +172,29 @@ def test_bad_memory_budget_flag_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --memory-budget 'lots'") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_plan_properties_fuzzed():
+    """Any lengths, batch size and budget: every row exactly once, in length order; sizes batch_size // 2^k; each
+    batch within the budget unless it is one row that does not fit alone; no budget = fixed-size batches."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    cost = ForwardCost.for_model(BUNDLED)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.integers(1, 5000), min_size=1, max_size=80), st.integers(1, 64),
+           st.integers(10**6, 10**11), st.sampled_from([1, 2, 4]))
+    def check(lengths, batch_size, budget, parallel):
+        batches = plan(lengths, batch_size, cost=cost, budget=budget, parallel=parallel)
+        order = [i for rows, _ in batches for i in rows]
+        assert sorted(order) == list(range(len(lengths)))
+        assert [lengths[i] for i in order] == sorted(lengths)
+        for rows, size in batches:
+            assert 1 <= len(rows) <= size
+            assert size in {batch_size >> k for k in range(batch_size.bit_length())}
+            T = -(-max(lengths[r] for r in rows) // 16) * 16
+            assert cost(-(-size // parallel), T) <= budget or (size == 1 and len(rows) == 1)
+        assert [s for _, s in plan(lengths, batch_size)] == [batch_size] * -(-len(lengths) // batch_size)
+
+    check()
