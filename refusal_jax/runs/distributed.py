@@ -20,7 +20,6 @@ import os
 import pickle
 import sys
 import threading
-import time
 from typing import Any
 
 import jax
