@@ -14,7 +14,7 @@ from refusal_jax.errors import DataError, RunError
 from refusal_jax.method.optimization import (DEFAULT_WEIGHTS, LOSS_TERMS, RDOData, generate_targets, make_examples,
                                              plot_loss_curves, train)
 from refusal_jax.model.transformer import Intervention
-from refusal_jax.runs import cli
+from refusal_jax.runs import cli, distributed
 from refusal_jax.runs import rundir as runs
 from refusal_jax.runs.cli import main_wrapper
 from refusal_jax.validate import real_arg
@@ -192,6 +192,8 @@ def main(argv=None):
         "val_scores": scores, "seconds": time.perf_counter() - t0,
     }
     runs.write_json(run.out / "optimize_metadata.json", meta)
+    if not distributed.is_main_process():  # the summary is printed once
+        return
     print(f"\noptimized direction after {result.steps} steps (layer {layer}); cosine with the starting direction "
           f"{meta['cosine_with_source']:.4f}")
     if h["step"]:
