@@ -285,3 +285,18 @@ def test_gpt_oss_mxfp4_release_is_dequantized_on_load(tmp_path):
         list(mxfp4.dequantized([("x.down_proj_blocks", np.zeros((1, 2, 1, 16), np.uint8))], "src"))
     with pytest.raises(CheckpointError, match="do not pair up"):
         mxfp4.dequantize("x", np.zeros((1, 2, 1, 16), np.uint8), np.zeros((1, 2, 2), np.uint8))
+
+
+def test_streaming_export_edits_every_expert(converted):
+    """The export path's per-tensor edit (what `python -m refusal_jax.orthogonalize` writes, one HF tensor at a
+    time: per-expert tensors carry a (layer, expert) index) gives the in-memory orthogonalized weights."""
+    from refusal_jax.method.orthogonalization import streaming_edit, untied_config
+
+    family, _, cfg, params = converted
+    r = np.random.default_rng(5).standard_normal(cfg.d_model).astype(np.float32)
+    ucfg = untied_config(cfg)
+    unit = (r / np.linalg.norm(r))[None]
+    streamed = engine.fill_params(ucfg, engine.to_hf_tensors(ucfg, params, edit=streaming_edit(cfg, unit)))
+    want = to_flat(orthogonalize(params, cfg, r))
+    for name, value in to_flat(streamed).items():
+        np.testing.assert_allclose(np.asarray(value), np.asarray(want[name]), atol=1e-6, err_msg=name)
