@@ -18,7 +18,8 @@ the code. (docs/_*.md are scratch files awaiting a merge and are not checked.)
   Any other command fails the test: a new kind of line must get a rule here.
 * ```json blocks must parse as JSON; ```text blocks (diagrams, illustrations, terminal transcripts) are not run.
 * The README stays at most README_MAX_LINES lines, no page labels a number with the work period that measured it (a number
-  carries its date, machine and command instead).
+  carries its date, machine and command instead), and every relative link of the README and the docs points at
+  a file of the repository.
 """
 
 from __future__ import annotations
@@ -81,6 +82,17 @@ def test_readme_is_short():
     # the deep material lives in docs/
     n = len(README.read_text().splitlines())
     assert n <= README_MAX_LINES, f"README.md has {n} lines, more than {README_MAX_LINES}: move detail into docs/"
+
+
+def test_local_links_resolve():
+    # relative links and images of the README and the docs point at files of the repository
+    for path in (README, *DOCS):
+        text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            file = (path.parent / target.split("#")[0]).resolve()
+            assert file.exists(), f"{path.relative_to(REPO)}: link to missing {target}"
 
 
 # spelt in two parts so that a search of the repository for the word finds no page, this test included
