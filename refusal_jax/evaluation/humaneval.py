@@ -46,7 +46,7 @@ RESPONSE_PREFIX = ("Below is a Python script with a self-contained function that
                    "corresponding tests:\n```python\n")
 FENCE = "```"
 EXECUTION_REFUSED = ("HumanEval runs the model's code on this machine; pass --allow-code-execution (API: "
-                     "allow_code_execution=True) to accept that (see the README: what it executes)")
+                     "allow_code_execution=True) to accept that (see docs/capabilities.md: what it executes)")
 _WORKER = Path(__file__).with_name("_humaneval_worker.py")
 
 

@@ -47,7 +47,7 @@ def decoding_params(params: Params, per_layer: bool | None = None, dtype: str = 
 
     Inside the layer scan XLA:CPU copies every layer's weight slice out of the stacked arrays on each decoding step,
     and it reads a transposed [V, D] operand of a few-row matmul at a fraction of the bandwidth; this layout avoids
-    both (README, Benchmarks). The price is a second copy of the weights while generating. per_layer: default on
+    both (docs/benchmarks.md). The price is a second copy of the weights while generating. per_layer: default on
     CPU; False keeps the stacked layers. Already prepared params pass through.
     dtype: "float32" (the model's weights), "bfloat16" or "int8" (`refusal_jax.model.quant`) for the matmul weights
     of this decoding copy only.

@@ -186,7 +186,7 @@ def add_common_args(p: argparse.ArgumentParser, *, selection: bool = True, n_tes
                         "available at the start)")
     g.add_argument("--preset", default=presets.DEFAULT_PRESET, choices=sorted(presets.PRESETS),
                    help="sizes and thresholds for every flag marked 'preset' that is not given: 'cpu' = a run of a "
-                        "few minutes on a CPU (see README); 'reference' = the reference pipeline's sizes and "
+                        "few minutes on a CPU (see docs/results.md); 'reference' = the reference pipeline's sizes and "
                         "thresholds exactly (default: cpu)")
     d = p.add_argument_group("data (default: the bundled instruction sets)")
     d.add_argument("--harmful", help="harmful instructions file, .json/.jsonl/.csv/.txt (default: bundled)")
@@ -219,8 +219,8 @@ def add_common_args(p: argparse.ArgumentParser, *, selection: bool = True, n_tes
                    help="cut overlong instructions to fit --max-prompt-tokens (with a warning) instead of refusing")
     d.add_argument("--eoi-mode", default="template", choices=templates.EOI_MODES,
                    help="post-instruction tokens: 'template' = the tokens that really end every prompt; "
-                        "'reference' = the reference's encode(suffix), which differs for Llama-2, see README "
-                        "(default: template)")
+                        "'reference' = the reference's encode(suffix), which differs for Llama-2, see "
+                        "docs/deviations.md (default: template)")
     d.add_argument("--chat-style", default=None, choices=sorted(templates.TEMPLATES) + [templates.MODEL_STYLE],
                    help="chat template: a named one, or 'model' = the model's own chat template with the system "
                         "prompt it adds by default; 'family's' = the family's reference template, no system prompt "
@@ -241,7 +241,7 @@ def add_common_args(p: argparse.ArgumentParser, *, selection: bool = True, n_tes
     s.add_argument("--screen", type=non_negative_int, default=0, metavar="K",
                    help="score every candidate to first order from one backward pass per val set, evaluate exactly "
                         "only the K best (more rounds of K if none survives the filter), and select among those "
-                        "(refusal_jax.method.screening; README 'Screening'); 0 = the exhaustive sweep (default: 0)")
+                        "(refusal_jax.method.screening; docs/benchmarks.md, Screening); 0 = the exhaustive sweep (default: 0)")
     s.add_argument("--positions", type=int_list, default=None,
                    help="sweep only these post-instruction positions, e.g. --positions=-1 or --positions=-2,-1 "
                         + presets.describe("positions"))
@@ -299,7 +299,7 @@ def add_completion_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-dtype", choices=("float32", "bfloat16", "int8"), default="float32",
                    help="precision of the decoding copy of the matmul weights: bfloat16 (float32 accumulation) or "
                         "int8 weight-only with per-channel scales; a smaller copy, completions may differ from "
-                        "float32; speed on CPU: README, Benchmarks; scores, directions and statistics "
+                        "float32; speed on CPU: docs/benchmarks.md; scores, directions and statistics "
                         "always use the model's weights (default: float32)")
     g.add_argument("--loss-batch-size", type=int, default=2,
                    help="sequences per CE-loss batch (default: 2, as the reference)")

@@ -37,7 +37,7 @@ _state = {"initialized": False, "counter": 0}
 
 def add_args(p: argparse.ArgumentParser) -> None:
     """The flags that join several processes into one run (shared by every command that runs the model)."""
-    g = p.add_argument_group("several processes (TPU pod hosts, multi-node GPU; see README)")
+    g = p.add_argument_group("several processes (TPU pod hosts, multi-node GPU; see docs/pods.md)")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="address of process 0's coordination service, the same in every process "
                         "(default: one process)")
