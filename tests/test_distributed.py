@@ -93,12 +93,12 @@ def trained(tmp_path_factory):
 PIPELINE_SIZES = ["--n-test", "4", "--max-new-tokens", "4"]
 
 
-def two_processes(root, command, args, name="two") -> Path:
-    """`command args` as 2 processes x 2 devices (mesh data=2 x model=2 spanning both); its run folder."""
+def two_processes(root, command, args, name="two", mesh="data=2,model=2") -> Path:
+    """`command args` as 2 processes x 2 devices (by default mesh data=2 x model=2 spanning both); its run folder."""
     port = free_port()
     t0 = time.perf_counter()
     procs = [worker("cli", root / f"{command}.log2", command, *args, "--out", root / f"{command}_{name}",
-                    "--mesh", "data=2,model=2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2,
+                    "--mesh", mesh, "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2,
                     "--process-id", i, devices=2) for i in range(2)]
     for _, err in finish(procs):  # a clean exit: the peer watch stops before JAX shuts the service down
         assert "stopped responding" not in err and "error:" not in err, err[-2000:]
@@ -195,6 +195,35 @@ def test_default_extract_two_processes_equals_one(extract_runs):
     # the defaults really ran: the filter kept prompts, val prompts were drawn, a candidate passed every filter
     assert filtered["sizes"]["harmful_val"] == 16 and filtered.get("drawn_val")
     assert meta["n_survivors"] >= 1 and meta["kl_div_score"] <= 0.1
+    seen = spanning(root / "extract.log2")
+    assert set(seen) == {"0", "1"} and all(SPANNING_EXTRACT <= names for names in seen.values()), seen
+
+
+@pytest.fixture(scope="module")
+def moe_extract_runs(tmp_path_factory):
+    """extract with its defaults (the filter off, thresholds loose: a random model) on a tiny Qwen3-MoE model, as 2
+    processes x 2 devices with the experts split over an `expert` axis (mesh data=2,expert=2) and on 1 device."""
+    from refusal_jax.convert import checkpoint
+    from refusal_jax.model.config import tiny_config
+    from refusal_jax.model.params import init_random
+    from tests.tiny_chat import chat_tokenizer
+
+    root = tmp_path_factory.mktemp("pod_moe")
+    tok = chat_tokenizer()
+    cfg = tiny_config("qwen3_moe", vocab_size=len(tok), n_layers=2, qk_norm=True, n_experts=4, n_experts_per_tok=2,
+                      d_expert=16)
+    model = checkpoint.save(root / "model", cfg, init_random(cfg, 0, scale=0.5), tok, source="tiny test model")
+    harmful, harmless = write_sets(root)
+    args = [str(a) for a in ["--model", model, "--harmful", harmful, "--harmless", harmless, "--n-train", "6",
+                             "--n-val", "4", "--batch-size", "4", "--no-filter", "--no-progress", *LOOSE]]
+    return {"two": two_processes(root, "extract", args, mesh="data=2,expert=2"),
+            "one": one_process(root, "extract", args, "one", 1)}, root
+
+
+@pytest.mark.slow  # 180 s on the shared 2-core VM (two extract runs of 2 processes and 1)
+def test_default_extract_on_moe_two_processes_expert_parallel_equals_one(moe_extract_runs):
+    out, root = moe_extract_runs
+    assert_same_extraction(out["two"], out["one"])
     seen = spanning(root / "extract.log2")
     assert set(seen) == {"0", "1"} and all(SPANNING_EXTRACT <= names for names in seen.values()), seen
 
