@@ -75,7 +75,7 @@ def _normalised(cfg: ModelConfig) -> ModelConfig:
     local = cfg.rope_local
     if cfg.family == "gemma3" and local is None:
         local = cfg.rope
-    query_scale = cfg.q_scale if cfg.family in ("gemma2", "gemma3") else cfg.query_scale
+    query_scale = cfg.q_scale if cfg.family in ("gemma2", "gemma3", "granite") else cfg.query_scale
     return dataclasses.replace(cfg, architecture=arch, sliding_window=window, rope_local=local,
                                query_scale=query_scale)
 
@@ -167,7 +167,7 @@ def to_hf_config(cfg: ModelConfig, *, extra: Mapping[str, Any] | None = None) ->
                 if sliding == [(i + 1) % p != 0 for i in range(cfg.n_layers)]:
                     hf["sliding_window_pattern"] = p
                     break
-    elif any(sliding) and cfg.family not in ("qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss"):
+    elif any(sliding) and cfg.family not in ("qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss", "smollm3"):
         raise ConfigError(f"{cfg.family} has no sliding-window attention; this config slides layers {sliding}")
 
     if cfg.moe:  # mixtures of experts, in each family's own keys (Mixtral / OLMoE experts are intermediate_size wide)
@@ -205,8 +205,19 @@ def to_hf_config(cfg: ModelConfig, *, extra: Mapping[str, Any] | None = None) ->
         hf["query_pre_attn_scalar"] = _query_pre_attn_scalar(cfg)
         hf["final_logit_softcapping"] = cfg.final_softcap
         hf["attn_logit_softcapping"] = cfg.attn_softcap
+    if cfg.family == "granite":
+        hf.update(embedding_multiplier=cfg.embed_multiplier, residual_multiplier=cfg.residual_multiplier,
+                  attention_multiplier=cfg.q_scale, logits_scaling=cfg.logits_scaling)
+    if cfg.family == "smollm3":
+        hf["no_rope_layers"] = [int(r) for r in cfg.rope_layers]
+        hf["use_sliding_window"] = any(sliding)
+        hf["sliding_window"] = window
+        hf["layer_types"] = layer_types
     for key, value in (extra or {}).items():
         hf.setdefault(key, value)
+    if cfg.family == "smollm3":  # SmolLM3Config defaults to token ids of its own 128k vocabulary
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            hf.setdefault(key, None)
 
     # Anything the family's HF class cannot express shows up as a difference here.
     back = from_hf_config(hf)

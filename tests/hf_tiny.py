@@ -36,6 +36,18 @@ MORE_FAMILIES = {
                                        sliding_attention=dict(rope_type="default", rope_theta=50.0)))),
 }
 
+# Dense families of 2025-26 (tests/test_families_2026.py): Granite with every multiplier away from 1, SmolLM3 with
+# its no-RoPE layers (every 2nd here), which SmolLM3Config makes the sliding-window ones (window 4).
+DENSE_2026 = {
+    "granite": dict(arch="GraniteForCausalLM", config="GraniteConfig",
+                    extra=dict(embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.2,
+                               logits_scaling=2.5)),
+    "smollm3": dict(arch="SmolLM3ForCausalLM", config="SmolLM3Config",
+                    extra=dict(num_hidden_layers=4, no_rope_layer_interval=2, tie_word_embeddings=False,
+                               use_sliding_window=True, sliding_window=4,
+                               bos_token_id=None, eos_token_id=None, pad_token_id=None)),
+}
+
 # Mixtures of experts (tests/test_moe.py): 8 experts (Mixtral 4), top 2-3, one with renormalised top-k weights,
 # Qwen2-MoE with its gated shared expert, OLMoE with its all-heads q/k norm.
 MOE_FAMILIES = {
@@ -61,7 +73,7 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     import torch
     import transformers
 
-    spec = {**FAMILIES, **MORE_FAMILIES, **MOE_FAMILIES}[family]
+    spec = {**FAMILIES, **MORE_FAMILIES, **MOE_FAMILIES, **DENSE_2026}[family]
     kwargs = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
     if family == "llama":

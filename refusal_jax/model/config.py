@@ -91,10 +91,21 @@ class ModelConfig:
     fused_experts: bool = False
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.0
+    # Per layer: False where the layer's attention has no RoPE (SmolLM3's no_rope_layers); () = RoPE everywhere.
+    rope_layers: tuple[bool, ...] = ()
+    # Granite: embeddings times embed_multiplier, each sub-block's output times residual_multiplier before the
+    # residual add, logits divided by logits_scaling (its attention_multiplier is query_scale).
+    embed_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
 
     def __post_init__(self):
         if not self.sliding_layers:
             object.__setattr__(self, "sliding_layers", (False,) * self.n_layers)
+        if not self.rope_layers:
+            object.__setattr__(self, "rope_layers", (True,) * self.n_layers)
+        if len(self.rope_layers) != self.n_layers:
+            raise ConfigError(f"rope_layers has {len(self.rope_layers)} entries for {self.n_layers} layers")
         if len(self.sliding_layers) != self.n_layers:
             raise ConfigError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.n_layers} layers")
         if any(self.sliding_layers) and not self.sliding_window:
@@ -152,6 +163,7 @@ class ModelConfig:
             d["rope"] = RopeConfig(**d["rope"])
             d["rope_local"] = RopeConfig(**d["rope_local"]) if d.get("rope_local") else None
             d["sliding_layers"] = tuple(d["sliding_layers"])
+            d["rope_layers"] = tuple(d.get("rope_layers", ()))
             return check_config(cls(**d))
         except ConfigError:
             raise
@@ -196,6 +208,9 @@ _IGNORED_KEYS = {
     "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef",
     "router_jitter_noise", "clip_qkv", "qkv_bias", "swiglu_alpha", "swiglu_limit",
     "quantization_config",  # checked in _from_hf_config: gpt-oss's MXFP4 only
+    # read in `_dense_variant_fields` (Granite's multipliers, SmolLM3's layers without RoPE)
+    "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling", "no_rope_layers",
+    "no_rope_layer_interval",
 }
 
 
@@ -430,7 +445,7 @@ def _from_hf_config(hf: Mapping[str, Any], *, strict: bool) -> ModelConfig:
         sliding = tuple((i + 1) % pattern != 0 for i in range(n_layers))
     else:
         sliding = (False,) * n_layers
-    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not hf.get("use_sliding_window", False):
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "smollm3") and not hf.get("use_sliding_window", False):
         # Qwen configs carry a sliding_window value that is unused unless use_sliding_window is set.
         sliding = (False,) * n_layers
     window = hf.get("sliding_window") if any(sliding) else None
@@ -443,6 +458,9 @@ def _from_hf_config(hf: Mapping[str, Any], *, strict: bool) -> ModelConfig:
     query_scale = None
     if family in ("gemma2", "gemma3"):
         query_scale = float(hf.get("query_pre_attn_scalar", hf.get("head_dim", d_model // n_heads))) ** -0.5
+    variant = _dense_variant_fields(hf, family, n_layers)
+    if "query_scale" in variant:
+        query_scale = variant.pop("query_scale")
 
     return ModelConfig(
         family=family,
@@ -469,7 +487,37 @@ def _from_hf_config(hf: Mapping[str, Any], *, strict: bool) -> ModelConfig:
         sliding_window=int(window) if window else None,
         sliding_layers=sliding,
         **moe,
+        **variant,
     )
+
+
+def _dense_variant_fields(hf: Mapping[str, Any], family: str, n_layers: int) -> dict[str, Any]:
+    """Granite's four multipliers and SmolLM3's per-layer RoPE switch as ModelConfig fields; the same keys on any
+    other family are refused unless they hold the value that changes nothing."""
+    granite = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
+    out: dict[str, Any] = {}
+    if family == "granite":
+        m = {k: float(hf.get(k, 1.0)) for k in granite}
+        for k, v in m.items():
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"malformed config value {k}={hf[k]!r}: must be a positive number")
+        out = dict(embed_multiplier=m["embedding_multiplier"], residual_multiplier=m["residual_multiplier"],
+                   query_scale=m["attention_multiplier"], logits_scaling=m["logits_scaling"])
+    else:
+        present = [k for k in granite if hf.get(k) not in (None, 1, 1.0)]
+        if present:
+            raise ConfigError(f"unsupported config attribute(s) {', '.join(present)} for {family}")
+    if family == "smollm3":
+        flags = hf.get("no_rope_layers")
+        if flags is None:  # SmolLM3Config's default: every no_rope_layer_interval-th layer has no RoPE
+            interval = int(hf.get("no_rope_layer_interval", 4))
+            flags = [int((i + 1) % interval != 0) for i in range(n_layers)]
+        if len(flags) != n_layers:
+            raise ConfigError(f"no_rope_layers has {len(flags)} entries for num_hidden_layers={n_layers}")
+        out["rope_layers"] = tuple(bool(f) for f in flags)
+    elif hf.get("no_rope_layers") is not None and not all(hf["no_rope_layers"]):
+        raise ConfigError(f"unsupported config attribute no_rope_layers for {family}")
+    return out
 
 
 def _moe_fields(hf: Mapping[str, Any], spec: "families.Family", n_layers: int) -> dict[str, Any]:

@@ -75,15 +75,20 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            gguf_export_arch="gemma2", post_norms=True, gemma=True),
     Family("gemma3", "Gemma3ForCausalLM", "gemma3_text", "gemma", end_of_turn=_GEMMA_END, gguf_arch="gemma3",
            gguf_export_arch="gemma3", qk_norm=True, post_norms=True, gemma=True),
+    # Granite 3.x (llama blocks with four multipliers: ModelConfig.embed_multiplier ...); its chat format, with
+    # <|start_of_role|> turns, comes from the tokenizer
+    Family("granite", "GraniteForCausalLM", "granite", None, end_of_turn=("<|end_of_text|>",)),
+    # SmolLM3 (llama blocks, every 4th layer without RoPE): ChatML, the thinking switch from the tokenizer
+    Family("smollm3", "SmolLM3ForCausalLM", "smollm3", None, end_of_turn=_CHATML_END),
     # mixtures of experts: every block's MLP is a routed set of SwiGLU experts
     Family("mixtral", "MixtralForCausalLM", "mixtral", None, end_of_turn=("</s>",), moe=True,
            moe_names=("block_sparse_moe", "w1", "w3", "w2")),
-    Family("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2_moe", "chatml", ("I", "As"), _CHATML_END, qkv_bias=True,
-           moe=True, shared_expert=True),
-    Family("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", "chatml", ("I", "As"), _CHATML_END, qk_norm=True,
-           moe=True),
-    Family("olmoe", "OlmoeForCausalLM", "olmoe", None, end_of_turn=("<|endoftext|>",), qk_norm=True, moe=True,
-           qk_norm_flat=True),
+    Family("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2_moe", "chatml", ("I", "As"), _CHATML_END, gguf_arch="qwen2moe",
+           qkv_bias=True, moe=True, shared_expert=True),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", "chatml", ("I", "As"), _CHATML_END, gguf_arch="qwen3moe",
+           qk_norm=True, moe=True),
+    Family("olmoe", "OlmoeForCausalLM", "olmoe", None, end_of_turn=("<|endoftext|>",), gguf_arch="olmoe",
+           qk_norm=True, moe=True, qk_norm_flat=True),
     # gpt-oss (harmony chat format, from the tokenizer): biases everywhere, attention sinks, fused experts
     Family("gpt_oss", "GptOssForCausalLM", "gpt_oss", None, end_of_turn=("<|return|>", "<|end|>", "<|call|>"),
            qkv_bias=True, moe=True, moe_router="router"),

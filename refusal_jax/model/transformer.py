@@ -213,6 +213,8 @@ def _residual_write(cfg, out, post_norm, basis, ablate_on, offsets, site: int):
     where the intervention says so, plus the probe offset of `site` (screening's gradients) when given."""
     if cfg.post_norms:
         out = apply_norm(cfg, out, post_norm)
+    if cfg.residual_multiplier != 1.0:  # Granite
+        out = out * jnp.asarray(cfg.residual_multiplier, out.dtype)
     out = _ablate(out, basis, ablate_on)
     return out if offsets is None else out + offsets[site]
 
@@ -513,6 +515,8 @@ def forward_unjitted(
         if cfg.embed_scale:
             # HF multiplies by sqrt(d_model) held as a float32 tensor and then rounded to the activation dtype.
             x = x * jnp.asarray(np.float32(cfg.d_model**0.5), x.dtype)
+        if cfg.embed_multiplier != 1.0:  # Granite
+            x = x * jnp.asarray(cfg.embed_multiplier, x.dtype)
     else:
         x, start_layer = resume
     chex.assert_shape(x, (B, T, cfg.d_model))
@@ -522,6 +526,8 @@ def forward_unjitted(
 
     def block(x, layer):
         lp, sliding, ablate_on, add_coeff, k_cache, v_cache, idx, offsets = layer
+        if not all(cfg.rope_layers):  # SmolLM3: this layer's flag rides along with `sliding`
+            sliding = (sliding, jnp.asarray(cfg.rope_layers, bool)[idx])
         if resume is None:
             return layer_fn(x, lp, sliding, ablate_on, add_coeff, k_cache, v_cache, offsets)
         # Resuming from a saved resid_pre[start_layer]: the layers below it are skipped, not recomputed. The
@@ -538,8 +544,10 @@ def forward_unjitted(
         if offsets is not None:  # [3, B, T, D] probe offsets: the gradient w.r.t. them is the gradient at the sites
             x = x + offsets[0]
         resid_pre = x
+        sliding, use_rope = sliding if isinstance(sliding, tuple) else (sliding, True)
         ok = jnp.where(sliding, key_ok_local, key_ok)
         c, s = jnp.where(sliding, cos_l, cos), jnp.where(sliding, sin_l, sin)
+        c, s = jnp.where(use_rope, c, 1.0), jnp.where(use_rope, s, 0.0)  # no RoPE: the identity rotation
         attn, k_new, v_new = _attention(
             lp, cfg, apply_norm(cfg, x, lp.attn_norm), c, s, k_cache, v_cache, ok, index)
         attn = _residual_write(cfg, attn, lp.post_attn_norm, basis, ablate_on, offsets, 1)
@@ -575,6 +583,8 @@ def forward_unjitted(
         out_logits = matmul("btd,dv->btv", h, unembedding(params)).astype(jnp.float32)
         if cfg.final_softcap:
             out_logits = jnp.tanh(out_logits / cfg.final_softcap) * cfg.final_softcap
+        if cfg.logits_scaling != 1.0:  # Granite
+            out_logits = out_logits / cfg.logits_scaling
         if logits == "last":
             out_logits = out_logits[:, 0]
 
