@@ -106,3 +106,29 @@ def test_post_norm_family_refused(tmp_path):
     ones = np.ones(cfg.n_layers)
     with pytest.raises(ConfigError, match="not equivalent"):
         pm.parametrized_edit(params, cfg, np.ones(cfg.d_model), ones, ones)
+
+
+def test_population_scores_equal_one_trial_at_a_time(tmp_path):
+    """P trials scored in one program = each trial's numpy edit run alone (KL vs unedited, refusal-token mass)."""
+    import jax
+
+    from refusal_jax import forward
+
+    _, _, cfg, params = save_and_convert("qwen2", tmp_path)
+    rng = np.random.default_rng(5)
+    L, D, P = cfg.n_layers, cfg.d_model, 3
+    units = rng.standard_normal((P, L, D)).astype(np.float32)
+    units /= np.linalg.norm(units, axis=-1, keepdims=True)
+    attn, mlp = rng.uniform(0, 1.5, (P, L)), rng.uniform(0, 1.5, (P, L))
+    attn[0] = mlp[0] = 0.0  # an unedited trial: KL 0
+    tokens, mask = left_padded_batch(cfg.vocab_size)
+    refusal_tokens = [3, 17]
+    kl, prob = pm.population_first_token(params, cfg, tokens, mask, units, attn, mlp, refusal_tokens)
+    base = jax.nn.log_softmax(forward(params, cfg, tokens, mask, logits="last").logits, -1)
+    for p in range(P):
+        edited = pm.parametrized_edit(params, cfg, units[p], attn[p], mlp[p])
+        logp = np.asarray(jax.nn.log_softmax(forward(edited, cfg, tokens, mask, logits="last").logits, -1))
+        want_kl = (np.exp(base) * (base - logp)).sum(-1).mean()
+        np.testing.assert_allclose(float(kl[p]), want_kl, atol=1e-6)
+        np.testing.assert_allclose(float(prob[p]), np.exp(logp[:, refusal_tokens]).sum(-1).mean(), atol=1e-6)
+    assert abs(float(kl[0])) < 1e-6 and float(kl[1]) > 1e-4

@@ -110,3 +110,59 @@ def heretic_edit(params: Params, cfg: ModelConfig, directions, direction_index: 
     direction = directions if direction_index is None else interpolated_direction(directions, direction_index)
     return parametrized_edit(params, cfg, direction, kernel_scales(cfg.n_layers, **attn),
                              kernel_scales(cfg.n_layers, **mlp))
+
+
+# ------------------------------------------------------------------------------------------------
+# a population of trials in one compiled program
+
+
+def traced_edit(params: Params, units, attn_scales, mlp_scales) -> Params:
+    """parametrized_edit as a traceable function of unit directions [L, D] and scales [L] (no checks: call
+    parametrized_edit once first, or check the inputs yourself), so that trials can be mapped over in one program."""
+    import jax.numpy as jnp
+
+    def project(w, s):
+        w32 = w.astype(jnp.float32)
+        flat = w32.reshape(w32.shape[0], -1, w32.shape[-1])
+        coef = jnp.einsum("lrd,ld->lr", flat, units) * s[:, None]
+        return (flat - jnp.einsum("lr,ld->lrd", coef, units)).reshape(w32.shape).astype(w.dtype)
+
+    edited = {"o": project(params.layers.o, attn_scales), "down": project(params.layers.down, mlp_scales)}
+    if params.layers.o_bias is not None:
+        edited["o_bias"] = project(params.layers.o_bias, attn_scales)
+    return params.replace(layers=params.layers.replace(**edited))
+
+
+def population_first_token(params: Params, cfg: ModelConfig, tokens, mask, units, attn_scales, mlp_scales,
+                           refusal_tokens):
+    """Score P trials on one prompt batch in one compiled program (trials mapped sequentially: one edited copy of
+    o_proj/down_proj at a time, not P).
+
+    units [P, L, D] unit directions, attn_scales / mlp_scales [P, L], refusal_tokens [K] token ids.
+    Returns (kl [P], refusal_prob [P]): the mean over prompts of KL(unedited || trial) of the next-token
+    distribution after the last prompt token, and the mean probability mass on refusal_tokens there.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from refusal_jax.model.transformer import forward
+
+    _check_editable(cfg, np.zeros((1, cfg.d_model), np.float32))
+    if params.layers.expert_down is not None:
+        raise ConfigError("parametrized abliteration of mixture-of-experts models is not supported yet")
+    base = jax.nn.log_softmax(forward(params, cfg, tokens, mask, logits="last").logits, -1)  # [B, V]
+    refusal_tokens = jnp.asarray(refusal_tokens, jnp.int32)
+
+    @jax.jit
+    def score_all(params, units, attn_scales, mlp_scales):
+        def one(trial):
+            u, a, m = trial
+            logp = jax.nn.log_softmax(forward(traced_edit(params, u, a, m), cfg, tokens, mask, logits="last").logits, -1)
+            kl = jnp.sum(jnp.exp(base) * (base - logp), -1).mean()
+            prob = jnp.exp(logp[:, refusal_tokens]).sum(-1).mean()
+            return kl, prob
+
+        return jax.lax.map(one, (units, attn_scales, mlp_scales))
+
+    units = jnp.asarray(units, jnp.float32)
+    return score_all(params, units, jnp.asarray(attn_scales, jnp.float32), jnp.asarray(mlp_scales, jnp.float32))
