@@ -150,19 +150,35 @@ def population_first_token(params: Params, cfg: ModelConfig, tokens, mask, units
     _check_editable(cfg, np.zeros((1, cfg.d_model), np.float32))
     if params.layers.expert_down is not None:
         raise ConfigError("parametrized abliteration of mixture-of-experts models is not supported yet")
+    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
     base = jax.nn.log_softmax(forward(params, cfg, tokens, mask, logits="last").logits, -1)  # [B, V]
-    refusal_tokens = jnp.asarray(refusal_tokens, jnp.int32)
+    return _score_population(params, cfg, tokens, mask, base, jnp.asarray(units, jnp.float32),
+                             jnp.asarray(attn_scales, jnp.float32), jnp.asarray(mlp_scales, jnp.float32),
+                             jnp.asarray(refusal_tokens, jnp.int32))
 
-    @jax.jit
-    def score_all(params, units, attn_scales, mlp_scales):
-        def one(trial):
-            u, a, m = trial
-            logp = jax.nn.log_softmax(forward(traced_edit(params, u, a, m), cfg, tokens, mask, logits="last").logits, -1)
-            kl = jnp.sum(jnp.exp(base) * (base - logp), -1).mean()
-            prob = jnp.exp(logp[:, refusal_tokens]).sum(-1).mean()
-            return kl, prob
 
-        return jax.lax.map(one, (units, attn_scales, mlp_scales))
+def _score_population_unjitted(params, cfg, tokens, mask, base, units, attn_scales, mlp_scales, refusal_tokens):
+    import jax
+    import jax.numpy as jnp
 
-    units = jnp.asarray(units, jnp.float32)
-    return score_all(params, units, jnp.asarray(attn_scales, jnp.float32), jnp.asarray(mlp_scales, jnp.float32))
+    from refusal_jax.model.transformer import forward
+
+    def one(trial):
+        u, a, m = trial
+        logp = jax.nn.log_softmax(forward(traced_edit(params, u, a, m), cfg, tokens, mask, logits="last").logits, -1)
+        kl = jnp.sum(jnp.exp(base) * (base - logp), -1).mean()
+        return kl, jnp.exp(logp[:, refusal_tokens]).sum(-1).mean()
+
+    return jax.lax.map(one, (units, attn_scales, mlp_scales))
+
+
+def _score_population(*args):
+    import jax
+
+    global _score_population_jit
+    if _score_population_jit is None:  # jitted on first use: importing this module must not start JAX
+        _score_population_jit = jax.jit(_score_population_unjitted, static_argnums=(1,))
+    return _score_population_jit(*args)
+
+
+_score_population_jit = None
