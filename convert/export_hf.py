@@ -65,6 +65,8 @@ def as_exportable(cfg: ModelConfig) -> ModelConfig:
     transformers loads without remote code."""
     if cfg.family == "qwen":
         return dataclasses.replace(cfg, family="qwen2", architecture="Qwen2ForCausalLM")
+    if cfg.family == "phi3":  # Phi-3 = Mistral with q/k/v and gate/up fused (every layer slides or none)
+        return dataclasses.replace(cfg, family="mistral", architecture="MistralForCausalLM")
     return cfg
 
 

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from refusal_jax.model.config import ModelConfig, from_hf_config
-from refusal_jax.convert import engine, mxfp4, safetensors_io
+from refusal_jax.convert import engine, fused, mxfp4, safetensors_io
 from refusal_jax.errors import CheckpointError, ConfigError
 from refusal_jax.model.params import Params
 
@@ -80,6 +80,7 @@ def load_hf(
     tensors = safetensors_io.iter_model(model_dir)
     if mxfp4.check_quantization(read_hf_config(model_dir), cfg.family):  # gpt-oss release: experts dequantized
         tensors = mxfp4.dequantized(tensors, str(model_dir))
+    tensors = fused.wrap(cfg, tensors, str(model_dir))  # Phi-3: fused q/k/v and gate/up split
     params = engine.fill_params(cfg, tensors, dtype=dtype, on_tensor=on_tensor, source=str(model_dir))
     tokenizer = load_tokenizer(model_dir) if with_tokenizer else None
     return cfg, params, tokenizer

@@ -59,7 +59,7 @@ def convert_source(src: str, *, dtype: str = "float32", strict_config: bool = Tr
     from refusal_jax.convert import hf
 
     model_dir = hf.resolve_hf_dir(src)
-    if mesh is not None and hf.read_hf_config(model_dir).get("model_type") != "qwen":  # Qwen-1: fused qkv
+    if mesh is not None and hf.read_hf_config(model_dir).get("model_type") not in ("qwen", "phi3"):  # fused qkv
         return _convert_sharded(hf.sharded_source(model_dir, strict=strict_config), np_dtype, progress, mesh, rules)
     with progress_bar(hf.n_tensors(model_dir), f"converting {model_dir.name}", progress, unit="tensor") as bar:
         cfg, params, tok = hf.load_hf(str(model_dir), dtype=np_dtype, strict_config=strict_config,

@@ -42,6 +42,9 @@ DENSE_2026 = {
     "granite": dict(arch="GraniteForCausalLM", config="GraniteConfig",
                     extra=dict(embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.2,
                                logits_scaling=2.5)),
+    # Phi-3: fused qkv_proj / gate_up_proj, every layer sliding (window 4)
+    "phi3": dict(arch="Phi3ForCausalLM", config="Phi3Config", extra=dict(sliding_window=4, bos_token_id=None,
+                                                                          eos_token_id=None, pad_token_id=None)),
     "smollm3": dict(arch="SmolLM3ForCausalLM", config="SmolLM3Config",
                     extra=dict(num_hidden_layers=4, no_rope_layer_interval=2, tie_word_embeddings=False,
                                use_sliding_window=True, sliding_window=4,

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 from refusal_jax import Intervention, KVCache, forward  # noqa: E402
 from refusal_jax.convert import export_hf  # noqa: E402
 from refusal_jax.convert.hf import load_hf  # noqa: E402
-from refusal_jax.errors import ConfigError  # noqa: E402
+from refusal_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from refusal_jax.method.orthogonalization import orthogonalize, residual_write_norms  # noqa: E402
 from refusal_jax.model.config import ModelConfig, from_hf_config  # noqa: E402
 from refusal_jax.model.params import to_flat  # noqa: E402
@@ -38,11 +38,13 @@ def test_config_matches_hf(converted):
     family, model, cfg, _ = converted
     hf = model.config
     assert cfg.family == family and cfg.architecture == hf.architectures[0]
+    if family == "phi3":
+        assert cfg.sliding_layers == (True,) * cfg.n_layers and cfg.sliding_window == hf.sliding_window == 4
     if family == "granite":
         assert (cfg.embed_multiplier, cfg.residual_multiplier, cfg.q_scale, cfg.logits_scaling) == (
             hf.embedding_multiplier, hf.residual_multiplier, hf.attention_multiplier, hf.logits_scaling)
         assert all(cfg.rope_layers)
-    else:
+    elif family == "smollm3":
         assert cfg.rope_layers == tuple(bool(f) for f in hf.no_rope_layers) == (True, False, True, False)
         assert cfg.sliding_layers == tuple(t == "sliding_attention" for t in hf.layer_types) == (False, True) * 2
         assert cfg.sliding_window == 4
@@ -114,7 +116,10 @@ def test_hf_export_loads_in_transformers(converted, tmp_path):
     family, model, cfg, params = converted
     out = export_hf.save_hf(tmp_path / "m", cfg, params)
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype="float32").eval()
-    assert type(reloaded).__name__ == model.config.architectures[0]
+    # Phi-3 is written as the Mistral checkpoint it computes (q/k/v and gate/up as separate tensors)
+    cfg = export_hf.as_exportable(cfg)
+    assert type(reloaded).__name__ == cfg.architecture == (
+        "MistralForCausalLM" if family == "phi3" else model.config.architectures[0])
     tokens, mask = left_padded_batch(cfg.vocab_size, lengths=LENGTHS)
     ref, _ = hf_forward(reloaded, tokens, mask)
     ours = forward(params, cfg, tokens, mask, Intervention.none(cfg), capture=SITES)
@@ -123,6 +128,20 @@ def test_hf_export_loads_in_transformers(converted, tmp_path):
     assert cfg2 == cfg
     for name, value in to_flat(params).items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(to_flat(params2)[name]), err_msg=name)
+
+
+def test_fused_tensor_of_the_wrong_size_is_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from tests.hf_tiny import make_hf_model
+
+    make_hf_model("phi3").save_pretrained(tmp_path, safe_serialization=True)
+    tensors = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.1.self_attn.qkv_proj.weight"
+    tensors[name] = tensors[name][:-16]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"qkv_proj.weight has shape \(112, 64\), expected \(128, 64\)"):
+        load_hf(str(tmp_path), with_tokenizer=False)
 
 
 def _config(arch, **extra):
@@ -144,5 +163,11 @@ def test_config_variants_and_refusals():
         from_hf_config(_config("LlamaForCausalLM", residual_multiplier=0.5))
     with pytest.raises(ConfigError, match="no_rope_layers"):
         from_hf_config(_config("LlamaForCausalLM", no_rope_layers=[1, 0, 1, 1]))
+    with pytest.raises(ConfigError, match="partial_rotary_factor=0.75"):  # Phi-4-mini
+        from_hf_config(_config("Phi3ForCausalLM", rope_parameters=dict(rope_type="default", rope_theta=1e4,
+                                                                         partial_rotary_factor=0.75)))
+    with pytest.raises(ConfigError, match="longrope"):
+        from_hf_config(_config("Phi3ForCausalLM", rope_scaling=dict(type="longrope", short_factor=[1.0] * 4,
+                                                                      long_factor=[1.0] * 4)))
     with pytest.raises(ConfigError, match="logits_scaling"):
         from_hf_config(_config("GraniteForCausalLM", logits_scaling=0.0))

@@ -211,6 +211,7 @@ _IGNORED_KEYS = {
     # read in `_dense_variant_fields` (Granite's multipliers, SmolLM3's layers without RoPE)
     "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling", "no_rope_layers",
     "no_rope_layer_interval",
+    "original_max_position_embeddings",  # Phi-3: only read by longrope, whose rope_type is refused
 }
 
 
@@ -238,6 +239,8 @@ def _rope_from_params(p: Mapping[str, Any] | None, theta: float, where: str, fam
     if not p:
         return RopeConfig(theta=float(theta))
     rope_type = p.get("rope_type", p.get("type", "default"))
+    if p.get("partial_rotary_factor") not in (None, 1, 1.0):  # Phi-4-mini, GLM-4: RoPE on part of each head
+        raise ConfigError(f"unsupported config attribute {where}.partial_rotary_factor={p['partial_rotary_factor']!r}")
     if rope_type not in SUPPORTED_ROPE_TYPES or family not in ROPE_TYPE_FAMILIES.get(rope_type, (family,)):
         raise ConfigError(
             f"unsupported config attribute {where}.rope_type={rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
@@ -420,7 +423,7 @@ def _from_hf_config(hf: Mapping[str, Any], *, strict: bool) -> ModelConfig:
         raise ConfigError("unsupported config attribute use_bidirectional_attention=True")
 
     layer_types = hf.get("layer_types")
-    if family in ("mistral", "mixtral"):
+    if family in ("mistral", "mixtral", "phi3"):
         # MistralModel (and MixtralModel) ignores layer_types (it warns and points to Ministral): every layer slides iff
         # sliding_window is set.
         layer_types = None
@@ -436,7 +439,7 @@ def _from_hf_config(hf: Mapping[str, Any], *, strict: bool) -> ModelConfig:
         sliding = tuple(i >= start for i in range(n_layers))
     elif family == "qwen3_moe" and hf.get("use_sliding_window") and hf.get("sliding_window"):
         sliding = (True,) * n_layers  # Qwen3MoeConfig: every layer or none
-    elif family in ("mistral", "mixtral") and hf.get("sliding_window"):
+    elif family in ("mistral", "mixtral", "phi3") and hf.get("sliding_window"):
         sliding = (True,) * n_layers
     elif family == "gemma2":
         sliding = tuple(i % 2 == 0 for i in range(n_layers))

@@ -80,15 +80,21 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("granite", "GraniteForCausalLM", "granite", None, end_of_turn=("<|end_of_text|>",)),
     # SmolLM3 (llama blocks, every 4th layer without RoPE): ChatML, the thinking switch from the tokenizer
     Family("smollm3", "SmolLM3ForCausalLM", "smollm3", None, end_of_turn=_CHATML_END),
+    # Phi-3 / Phi-4 (q/k/v and gate/up stored fused, split on load by convert/fused.py; exported as the Mistral
+    # checkpoint it computes): <|user|> ... <|end|> turns from the tokenizer
+    Family("phi3", "Phi3ForCausalLM", "phi3", None, end_of_turn=("<|end|>", "<|endoftext|>"), hf_export=False),
     # mixtures of experts: every block's MLP is a routed set of SwiGLU experts
-    Family("mixtral", "MixtralForCausalLM", "mixtral", None, end_of_turn=("</s>",), moe=True,
+    # Mixtral's GGUF files are llama files with experts (read as mixtral by convert.gguf)
+    Family("mixtral", "MixtralForCausalLM", "mixtral", None, end_of_turn=("</s>",), gguf_export_arch="llama", moe=True,
            moe_names=("block_sparse_moe", "w1", "w3", "w2")),
     Family("qwen2_moe", "Qwen2MoeForCausalLM", "qwen2_moe", "chatml", ("I", "As"), _CHATML_END, gguf_arch="qwen2moe",
+           gguf_export_arch="qwen2moe",
            qkv_bias=True, moe=True, shared_expert=True),
     Family("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", "chatml", ("I", "As"), _CHATML_END, gguf_arch="qwen3moe",
+           gguf_export_arch="qwen3moe",
            qk_norm=True, moe=True),
     Family("olmoe", "OlmoeForCausalLM", "olmoe", None, end_of_turn=("<|endoftext|>",), gguf_arch="olmoe",
-           qk_norm=True, moe=True, qk_norm_flat=True),
+           gguf_export_arch="olmoe", qk_norm=True, moe=True, qk_norm_flat=True),
     # gpt-oss (harmony chat format, from the tokenizer): biases everywhere, attention sinks, fused experts
     Family("gpt_oss", "GptOssForCausalLM", "gpt_oss", None, end_of_turn=("<|return|>", "<|end|>", "<|call|>"),
            qkv_bias=True, moe=True, moe_router="router"),
