@@ -18,7 +18,6 @@ transformers on this path). `--tiny` shrinks every config to a few thousand para
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -179,7 +178,6 @@ def bench_model(name, cfg, mesh, args, peak):
     flops = G * T * matmul_flops_per_token(cfg, T, logits=False) + sum(
         G * matmul_flops_per_token(cfg, T + s, logits=True) for s in range(new))
     record("decode", first, best, G * new, flops)
-    del params
     return out
 
 

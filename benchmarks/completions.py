@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import REPO, hf_reference_model, machine
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "refusal_direction"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-
 from common import chat_prompts, emit, hf_reference_model, machine, timed
 
 
@@ -88,7 +87,8 @@ def main():
         t_first, t_steady, ref = run_torch(hf, faithful=True)
         record["torch_reference_method"] = {"first_call_s": t_first, "steady_s": t_steady,
                                             "tokens_per_s": n_tokens / t_steady,
-                                            "what": "AutoModelForCausalLM forward + pre-hooks, as generate_directions.py"}
+                                            "what": "AutoModelForCausalLM forward + pre-hooks, "
+                                                    "as generate_directions.py"}
         record["speedup_steady"] = t_steady / steady
         record["layer0_capture_max_abs_diff"] = float(np.abs(ref[0] - ours0).max())
         # A leaner torch baseline than the reference: the decoder stack only (no LM head), as refusal_jax does.

@@ -9,7 +9,6 @@ import argparse
 import time
 
 import numpy as np
-
 from common import chat_prompts, emit, hf_reference_model, machine, xla_op_times
 
 

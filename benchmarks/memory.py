@@ -110,8 +110,7 @@ def main():
     import numpy as np
 
     import refusal_jax
-    from refusal_jax.convert import bundled
-    from refusal_jax.convert import export_hf
+    from refusal_jax.convert import bundled, export_hf
     from refusal_jax.model.params import param_shapes
 
     gguf = bundled.model_path(args.model)

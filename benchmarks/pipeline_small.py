@@ -12,7 +12,6 @@ import argparse
 import time
 
 import numpy as np
-
 from common import emit, hf_reference_model, machine
 
 
@@ -26,16 +25,16 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=32)
     args = p.parse_args()
 
+    import reference_torch
+
     import refusal_jax
     from refusal_jax import Intervention
     from refusal_jax.convert import bundled
     from refusal_jax.method import directions
-    from refusal_jax.prompts import datasets, templates
     from refusal_jax.model.batching import bucketed, encode, pad_id
     from refusal_jax.model.generate import decoding_params, greedy_generate, stop_token_ids
+    from refusal_jax.prompts import datasets, templates
     from refusal_jax.runs.cli import int_list
-
-    import reference_torch
 
     m = refusal_jax.load_model(args.model, progress=False)
     fmt = templates.chat_format_for(m.cfg.family, m.tokenizer)
@@ -93,7 +92,8 @@ def main():
           "jax_total_s_steady": ours_s, "torch_reference_s": ref_s, "speedup_steady": ref_s / ours_s,
           "speedup_including_compile": ref_s / compile_s, "jax_stages_s": ours,
           "jax_stages_s_including_compile": with_compile, "torch_stages_s": ref,
-          "stage_speedups": {k: ref[k] / ours[k] for k in ours}, "same_selected_layer": best["layer"] == ref_best["layer"],
+          "stage_speedups": {k: ref[k] / ours[k] for k in ours},
+          "same_selected_layer": best["layer"] == ref_best["layer"],
           "mean_diffs_max_abs_diff": float(np.abs(diffs - ref_diffs).max())})
 
 

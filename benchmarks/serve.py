@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import REPO, machine
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "refusal_direction"

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import emit, hf_reference_model, machine
 
 
@@ -75,8 +74,8 @@ def main():
     import refusal_jax
     from refusal_jax.convert import bundled
     from refusal_jax.method import directions, selection
-    from refusal_jax.prompts import templates
     from refusal_jax.model.batching import bucketed, encode, pad_id
+    from refusal_jax.prompts import templates
     from refusal_jax.runs.cli import int_list
 
     m = refusal_jax.load_model(args.model, progress=False)
@@ -193,8 +192,8 @@ def sample_sets(args) -> dict:
 def selected(evaluations, n_layers, filt=None):
     """(pos, layer) the reference's filter (thresholds `filt`, default the reference's) and rule select, or None
     when nothing survives."""
-    from refusal_jax.method import directions
     from refusal_jax.errors import RunError
+    from refusal_jax.method import directions
 
     try:
         best, _ = directions.select(evaluations, n_layers, **(filt or {}))

@@ -49,11 +49,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from refusal_jax.errors import DataError, RunError
 from refusal_jax.evaluation import judge, stats
 from refusal_jax.runs import rundir as runs
 from refusal_jax.runs import stages
 from refusal_jax.runs.cli import main_wrapper
-from refusal_jax.errors import DataError, RunError
 
 EDIT_METHODS = ("plain", "projected", "norm-preserving")
 
@@ -72,7 +72,8 @@ def parser() -> argparse.ArgumentParser:
     from refusal_jax.runs.cli import add_common_args, add_judge_flag
 
     p = argparse.ArgumentParser(prog="python -m refusal_jax.compare", description=(
-        "Difference-in-means vs optimized direction vs subspaces vs weight edits. Runs or resumes the extraction in --out (same flags as python -m refusal_jax.extract), then evaluates "
+        "Difference-in-means vs optimized direction vs subspaces vs weight edits. Runs or resumes the extraction in "
+        "--out (same flags as python -m refusal_jax.extract), then evaluates "
         "baseline, the DIM direction, an optimized direction (--optimized), subspace ablation for k = 1 to --k-max and "
         "the weight edits on the held-out harmful and harmless prompts: refusal rates (substring judge), KL and CE "
         "loss, each with a bootstrap confidence interval. Writes OUT/compare/comparison.{json,md,png}."))
@@ -115,8 +116,8 @@ def parser() -> argparse.ArgumentParser:
 def build_methods(run, args, sets, pos: int, layer: int, dim_direction: np.ndarray) -> tuple[list[Method], dict]:
     """The methods to compare, and the subspace facts (explained variance, stability of the DIM direction)."""
     from refusal_jax.method import edits, subspace
-    from refusal_jax.model.transformer import Intervention
     from refusal_jax.method.orthogonalization import load_direction
+    from refusal_jax.model.transformer import Intervention
 
     cfg = run.cfg
     methods = [Method("baseline", "no intervention"),
@@ -171,8 +172,8 @@ def build_methods(run, args, sets, pos: int, layer: int, dim_direction: np.ndarr
 
 def _last_logits(params, cfg, batches, intervention) -> np.ndarray:
     """float32 [n, V] last-position logits of every real prompt, in input order."""
-    from refusal_jax.model.batching import in_input_order
     from refusal_jax.method.scoring import last_logits
+    from refusal_jax.model.batching import in_input_order
 
     # in_input_order gathers each batch's (possibly multi-process) logits to the host
     return in_input_order(batches, lambda b: last_logits(params, cfg, b.tokens, b.mask, intervention)).astype(
@@ -326,7 +327,8 @@ def judges_markdown(rows: list[dict], specs, raters_agreement: list[dict]) -> st
                       "prompts only):", "", "| raters | n | accuracy | Cohen's kappa |", "|---|---|---|---|"]
         for a in raters_agreement:
             lines.append(f"| {a['a']} vs {a['b']} | {a['n']} | {a['accuracy']:.2f} [{a['accuracy_low']:.2f}, "
-                         f"{a['accuracy_high']:.2f}] | {a['kappa']:.2f} [{a['kappa_low']:.2f}, {a['kappa_high']:.2f}] |")
+                         f"{a['accuracy_high']:.2f}] | {a['kappa']:.2f} "
+                         f"[{a['kappa_low']:.2f}, {a['kappa_high']:.2f}] |")
     return "\n".join(lines)
 
 

@@ -21,9 +21,9 @@ one `error:` line before any model is loaded (`check_model_args`).
                          log-softmax only over the continuation positions, in 16-position chunks, so no
                          [batch, length, vocab] array is held
   loglikelihood_rolling  lm-eval's disjoint rolling windows of max_length tokens, each scored as above
-  generate_until         greedy decoding (`refusal_jax.model.generate`) until EOS, a token whose text contains an `until`
-                         string, or max_gen_toks; the text is cut at the first `until` string. Sampling arguments
-                         (do_sample, temperature) are ignored: decoding is always greedy.
+  generate_until         greedy decoding (`refusal_jax.model.generate`) until EOS, a token whose text contains an
+                         `until` string, or max_gen_toks; the text is cut at the first `until` string. Sampling
+                         arguments (do_sample, temperature) are ignored: decoding is always greedy.
 
 Inside this module `import lm_eval` is an absolute import: it is the lm-evaluation-harness package, not this file.
 """
@@ -59,8 +59,8 @@ def _require():
 def _score(params, cfg, tokens, mask, targets, score_mask, intervention, *, n_scored: int):
     """Per row: summed log-probability of `targets` [B, K] (the next tokens of the last K = n_scored input
     positions) where `score_mask`, and whether every scored target is the argmax."""
-    from refusal_jax.model.transformer import forward_unjitted, apply_norm
     from refusal_jax.model.params import unembedding
+    from refusal_jax.model.transformer import apply_norm, forward_unjitted
 
     x = forward_unjitted(params, cfg, tokens, mask, intervention, capture=("resid_final",), capture_last=n_scored,
                  logits="none").resid_final  # [B, K, D]
@@ -359,7 +359,7 @@ class RefusalJaxLM(_Base):
             keep = max(1, self.max_length - max_new)
             ids = [self.tok_encode(specs[i][0])[-keep:] for i in idx]
             cost = ForwardCost.for_model(self.cfg)
-            for batch in bucketed(ids, self.batch_size, pad, cost=lambda b, t, m=max_new: cost(b, t + m)):
+            for batch in bucketed(ids, self.batch_size, pad, cost=lambda b, t, m=max_new, c=cost: c(b, t + m)):
                 gen = np.asarray(greedy_generate(self._decoding, self.cfg, batch.tokens, batch.mask,
                                                  self.intervention, max_new_tokens=max_new, stop_ids=stops,
                                                  stop_pairs=pairs, pad=pad))

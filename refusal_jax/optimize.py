@@ -11,8 +11,15 @@ from pathlib import Path
 import numpy as np
 
 from refusal_jax.errors import DataError, RunError
-from refusal_jax.method.optimization import (DEFAULT_WEIGHTS, LOSS_TERMS, RDOData, generate_targets, make_examples,
-                                             plot_loss_curves, train)
+from refusal_jax.method.optimization import (
+    DEFAULT_WEIGHTS,
+    LOSS_TERMS,
+    RDOData,
+    generate_targets,
+    make_examples,
+    plot_loss_curves,
+    train,
+)
 from refusal_jax.model.transformer import Intervention
 from refusal_jax.runs import cli, distributed
 from refusal_jax.runs import rundir as runs
@@ -109,10 +116,10 @@ def _targets(run, args, sets, dim_direction, layer) -> dict:
 
 @main_wrapper
 def main(argv=None):
-    from refusal_jax.runs import stages
     from refusal_jax.method import scoring
-    from refusal_jax.model.batching import encode, pad_id
     from refusal_jax.method.orthogonalization import load_direction
+    from refusal_jax.model.batching import encode, pad_id
+    from refusal_jax.runs import stages
 
     p = parser()
     args = p.parse_args(argv)

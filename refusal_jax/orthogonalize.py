@@ -3,9 +3,16 @@ Hugging Face model (the edit itself: refusal_jax.method.orthogonalization and re
 
 from __future__ import annotations
 
-from refusal_jax.method.orthogonalization import (
-    SITE_NAMES, edit_weights, load_direction, max_projection, residual_write_norms, streaming_edit, untied_config)
 from refusal_jax.errors import DataError
+from refusal_jax.method.orthogonalization import (
+    SITE_NAMES,
+    edit_weights,
+    load_direction,
+    max_projection,
+    residual_write_norms,
+    streaming_edit,
+    untied_config,
+)
 from refusal_jax.runs import cli
 from refusal_jax.runs.cli import main_wrapper
 from refusal_jax.validate import real_arg
@@ -26,7 +33,8 @@ def parser():
     cli.add_direction_flag(p, "the refusal direction to project out of the weights (normalised)", required=True)
     p.add_argument("--out", required=True,
                    help="output Hugging Face model directory (config.json, generation_config.json, "
-                        "model.safetensors or shards + index, tokenizer files); must not exist unless --overwrite (required)")
+                        "model.safetensors or shards + index, tokenizer files); must not exist unless --overwrite "
+                        "(required)")
     cli.add_dtype_flag(p, "dtype the model is loaded in and the edited weights are saved in (default float32; the "
                           "projection itself is computed in float32)")
     p.add_argument("--checkpoint", default=None, metavar="DIR",
@@ -62,12 +70,11 @@ def _source_hf_config(src: str) -> dict:
 def main(argv=None):
     import time
 
-    from refusal_jax.convert import checkpoint
+    from refusal_jax.convert import checkpoint, export_hf
+    from refusal_jax.convert.loading import load_model
+    from refusal_jax.errors import CheckpointError
     from refusal_jax.method import edits
     from refusal_jax.runs import checks, outputs
-    from refusal_jax.convert import export_hf
-    from refusal_jax.errors import CheckpointError
-    from refusal_jax.convert.loading import load_model
 
     args = parser().parse_args(argv)
     sources = [args.model, args.direction, args.harmless_mean]

@@ -9,8 +9,7 @@ from refusal_jax.evaluation import judge
 from refusal_jax.runs import checks, cli, distributed
 from refusal_jax.runs import rundir as runs
 from refusal_jax.runs.cli import main_wrapper
-from refusal_jax.runs.stages import (EvalSettings, run_extract, setup, stage_completions, stage_evaluate,
-                                     stage_loss)
+from refusal_jax.runs.stages import EvalSettings, run_extract, setup, stage_completions, stage_evaluate, stage_loss
 
 
 def pipeline_parser() -> argparse.ArgumentParser:
@@ -44,7 +43,8 @@ def main(argv=None):
     for key, s in summary.items():
         extra = ""
         if s.get("still_refused_fraction") is not None:
-            extra = f"; still refused: {s['still_refused_fraction']:.3f} of the {s['refused_at_baseline']} refused at baseline"
+            extra = (f"; still refused: {s['still_refused_fraction']:.3f} of the {s['refused_at_baseline']} "
+                     "refused at baseline")
         print(f"  {key:28s} {s['refusal_rate']:.3f}  (n={s['n']}){extra}")
         for name in (j.name for j in ev.judges if j.kind != "substring"):
             print(f"  {'':28s} {name}: jailbreak rate {s[name + '_success_rate']:.3f}"

@@ -12,8 +12,8 @@ ad-hoc intervention on the loaded direction: {"intervention": {"kind": "ablation
 
 Endpoints: GET /v1/models, POST /v1/chat/completions (messages through the model's own chat template; max_tokens,
 temperature (default 0: greedy, as the project's commands), top_p, seed, stop, stream with server-sent events,
-usage), GET /health (rows running, requests waiting). Completions are decoded with special tokens skipped and stripped, as `refusal_jax.generate`
-returns them. Docs: docs/serving.md.
+usage), GET /health (rows running, requests waiting). Completions are decoded with special tokens skipped and
+stripped, as `refusal_jax.generate` returns them. Docs: docs/serving.md.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from refusal_jax import compare, evaluate, extract, optimize, orthogonalize, pipeline
-from refusal_jax.runs import outputs
 from refusal_jax.convert import export_gguf, gguf_writer
 from refusal_jax.convert.__main__ import main as convert_main
+from refusal_jax.runs import outputs
 
 COMMANDS = {"convert": convert_main, "extract": extract.main, "pipeline": pipeline.main, "compare": compare.main,
             "optimize": optimize.main, "orthogonalize": orthogonalize.main, "export_gguf": export_gguf.main,
@@ -28,8 +28,7 @@ def snapshot(root):
 @pytest.fixture(scope="module")
 def W(tmp_path_factory):
     """The user's world: a tiny model in three formats, instruction files, a direction, a finished run, bad files."""
-    from refusal_jax.convert import checkpoint
-    from refusal_jax.convert import export_hf
+    from refusal_jax.convert import checkpoint, export_hf
     from tests.tiny_chat import save_tiny_chat_model, write_sets
 
     root = tmp_path_factory.mktemp("world")
@@ -130,7 +129,8 @@ CASES = [
     ("nan-induce", "extract", lambda W, t: run_args(W, t / "r") + ["--induce-threshold", "nan"], "NaN"),
     ("nan-induce-relative", "extract", lambda W, t: run_args(W, t / "r") + ["--induce-relative", "nan"],
      "--induce-relative is NaN"),
-    ("kl-negative", "extract", lambda W, t: run_args(W, t / "r") + ["--kl-threshold=-1"], "--kl-threshold must be >= 0"),
+    ("kl-negative", "extract", lambda W, t: run_args(W, t / "r") + ["--kl-threshold=-1"],
+     "--kl-threshold must be >= 0"),
     ("evaluate-coeff-nan", "evaluate", lambda W, t: ["--model", str(W["ckpt"]), "--intervention", "addition",
                                                      "--direction", str(W["direction"]), "--layer", "1", "--coeff",
                                                      "nan", "--out", str(t / "e")], "--coeff is NaN"),
@@ -146,7 +146,8 @@ CASES = [
                                                     "--direction", str(W["direction"]), "--layer", "99", "--out",
                                                     str(t / "e")], "--layer 99 out of range"),
     ("optimize-layer-99", "optimize", lambda W, t: run_args(W, t / "r", "--direction", str(W["direction"]),
-                                                            "--layer", "99", selection=False), "--layer 99 out of range"),
+                                                            "--layer", "99", selection=False),
+     "--layer 99 out of range"),
     ("optimize-layer-99-gguf", "optimize", lambda W, t: run_args(W, t / "r", "--direction", str(W["direction"]),
                                                                  "--layer", "99", selection=False, model=W["gguf"]),
      "--layer 99 out of range"),
@@ -171,7 +172,8 @@ CASES = [
     ("layers-99-hf", "extract", lambda W, t: run_args(W, t / "r", "--layers", "99", model=W["hf"]),
      "layer 99 out of range"),
     ("positions-positive", "extract", lambda W, t: run_args(W, t / "r", "--positions", "2"), "--positions 2"),
-    ("missing-harmful", "extract", lambda W, t: run_args(W, t / "r", "--harmful", "/missing/h.json"), "/missing/h.json"),
+    ("missing-harmful", "extract", lambda W, t: run_args(W, t / "r", "--harmful", "/missing/h.json"),
+     "/missing/h.json"),
     ("missing-model", "extract", lambda W, t: run_args(W, t / "r", model="/missing/model"), "/missing/model"),
     ("data-dir-with-file", "extract", lambda W, t: run_args(W, t / "r", "--data-dir", str(W["bad"])),
      "--data-dir cannot be combined"),
@@ -188,7 +190,8 @@ CASES = [
     ("optimize-lr-nan", "optimize", lambda W, t: run_args(W, t / "r", "--direction", str(W["direction"]), "--layer",
                                                            "1", "--lr", "nan", selection=False), "--lr"),
     ("optimize-targets", "optimize", lambda W, t: run_args(W, t / "r", "--direction", str(W["direction"]),
-                                                            "--layer", "1", "--targets", "/missing/t.json", selection=False),
+                                                            "--layer", "1", "--targets", "/missing/t.json",
+                                                            selection=False),
      "/missing/t.json"),
     ("ortho-direction", "orthogonalize", lambda W, t: ["--model", str(W["ckpt"]), "--direction", "/missing/d.npy",
                                                        "--out", str(t / "o")], "/missing/d.npy does not exist"),
@@ -227,7 +230,8 @@ CASES = [
                                                              str(W["direction"]), "--out", str(ckpt_variant(W, t)),
                                                              "--overwrite"], "not a hf_export"),
     ("ortho-out-file", "orthogonalize", lambda W, t: ["--model", str(W["ckpt"]), "--direction", str(W["direction"]),
-                                                      "--out", str(W["bad"] / "notes.txt"), "--overwrite"], "is a file"),
+                                                      "--out", str(W["bad"] / "notes.txt"), "--overwrite"],
+     "is a file"),
     ("gguf-out-dir", "export_gguf", lambda W, t: ["--model", str(W["ckpt"]), "--out", str(W["bad"]), "--overwrite"],
      "is a directory"),
     ("gguf-out-source", "export_gguf", lambda W, t: ["--model", str(W["gguf"]), "--out", str(W["gguf"]),

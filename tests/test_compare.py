@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from refusal_jax import compare
+from refusal_jax.convert.checkpoint import load
 from refusal_jax.evaluation import judge, loss, stats
 from refusal_jax.prompts import templates
-from refusal_jax.convert.checkpoint import load
 from tests.test_pipeline_cli import base_args, tiny  # noqa: F401  (module-scoped fixture)
 
 COMPARE = ["--k-max", "2", "--max-new-tokens", "4", "--gen-batch-size", "4", "--loss-batch-size", "3",
@@ -65,7 +65,8 @@ def test_kl_and_refusal_of_a_method_match_an_independent_computation(compared):
     run_cfg = json.loads((out / "run_config.json").read_text())["config"]
     cfg, params, tok = load(run_cfg["model"])
     fmt = templates.chat_format_for(cfg.family, tok)
-    harmless = [r["prompt"] for r in json.loads((out / "compare" / "completions" / "baseline_harmless.json").read_text())]
+    harmless = [r["prompt"]
+                for r in json.loads((out / "compare" / "completions" / "baseline_harmless.json").read_text())]
     direction = np.load(out / "direction.npy")
     iv = Intervention.ablation(cfg, direction)
     kl = []

@@ -14,7 +14,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from refusal_jax.convert import checkpoint, dtypes, gguf as gguf_reader, safetensors_io
+from refusal_jax.convert import checkpoint, dtypes, safetensors_io
+from refusal_jax.convert import gguf as gguf_reader
 from refusal_jax.errors import CheckpointError, ChecksumError, RefusalJaxError
 from refusal_jax.model.config import from_hf_config, tiny_config
 from refusal_jax.model.params import init_random, to_flat

@@ -2,9 +2,9 @@
 programs."""
 
 import jax
-from jax import monitoring
 import numpy as np
 import pytest
+from jax import monitoring
 
 from refusal_jax import Intervention
 from refusal_jax.model import continuous

@@ -8,11 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from refusal_jax.convert import checkpoint
-from refusal_jax.model.config import from_hf_config, tiny_config
-from refusal_jax.convert import engine, safetensors_io
+from refusal_jax.convert import checkpoint, engine, safetensors_io
 from refusal_jax.convert.hf import load_hf
 from refusal_jax.errors import CheckpointError, ConfigError
+from refusal_jax.model.config import from_hf_config, tiny_config
 from refusal_jax.model.params import init_random, to_flat
 
 LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=64, hidden_size=32,
@@ -26,9 +25,12 @@ def hf_tensors(cfg, seed=0):
     D, N, K, H, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
     t = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,), "lm_head.weight": (V, D)}
     for i in range(cfg.n_layers):
-        t.update({f"model.layers.{i}.input_layernorm.weight": (D,), f"model.layers.{i}.post_attention_layernorm.weight": (D,),
-                  f"model.layers.{i}.self_attn.q_proj.weight": (N * H, D), f"model.layers.{i}.self_attn.k_proj.weight": (K * H, D),
-                  f"model.layers.{i}.self_attn.v_proj.weight": (K * H, D), f"model.layers.{i}.self_attn.o_proj.weight": (D, N * H),
+        t.update({f"model.layers.{i}.input_layernorm.weight": (D,),
+                  f"model.layers.{i}.post_attention_layernorm.weight": (D,),
+                  f"model.layers.{i}.self_attn.q_proj.weight": (N * H, D),
+                  f"model.layers.{i}.self_attn.k_proj.weight": (K * H, D),
+                  f"model.layers.{i}.self_attn.v_proj.weight": (K * H, D),
+                  f"model.layers.{i}.self_attn.o_proj.weight": (D, N * H),
                   f"model.layers.{i}.mlp.gate_proj.weight": (F, D), f"model.layers.{i}.mlp.up_proj.weight": (F, D),
                   f"model.layers.{i}.mlp.down_proj.weight": (D, F)})
     return {k: rng.standard_normal(s).astype(np.float32) for k, s in t.items()}
@@ -136,8 +138,8 @@ def test_converted_config_version_checked(tmp_path):
 
 
 def test_cli_convert_and_errors(hf_dir, tmp_path):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
     tok.save_pretrained(hf_dir)

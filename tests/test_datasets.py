@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from refusal_jax.prompts import datasets as ds
 from refusal_jax.errors import DataError
+from refusal_jax.prompts import datasets as ds
 
 REF_DATA = Path(__file__).resolve().parents[1].parent / "shared/data/refusal_direction"
 

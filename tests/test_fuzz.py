@@ -14,15 +14,15 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from refusal_jax.prompts import datasets  # noqa: E402
-from refusal_jax.model.config import from_hf_config  # noqa: E402
 from refusal_jax.convert import safetensors_io  # noqa: E402
 from refusal_jax.errors import RefusalJaxError  # noqa: E402
+from refusal_jax.model.config import from_hf_config  # noqa: E402
+from refusal_jax.prompts import datasets  # noqa: E402
 
 BOUND = 64 * 2**20
 # REFUSAL_JAX_FUZZ_EXAMPLES=2000 for a longer hunt; the default keeps the suite fast
-FUZZ = settings(max_examples=int(os.environ.get("REFUSAL_JAX_FUZZ_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                        HealthCheck.too_slow])
+FUZZ = settings(max_examples=int(os.environ.get("REFUSAL_JAX_FUZZ_EXAMPLES", 60)), deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=20),
@@ -131,8 +131,8 @@ def test_safetensors_random_header(tmp_path, header, tail):
 
 @pytest.fixture(scope="module")
 def gguf_bytes(tmp_path_factory):
-    from refusal_jax.model.config import tiny_config
     from refusal_jax.convert import gguf_writer
+    from refusal_jax.model.config import tiny_config
     from refusal_jax.model.params import init_random
 
     cfg = tiny_config("llama", n_layers=1)

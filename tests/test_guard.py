@@ -8,8 +8,8 @@ import jinja2
 import numpy as np
 import pytest
 
-from refusal_jax.evaluation import guard, judge
 from refusal_jax.errors import ConfigError, DataError
+from refusal_jax.evaluation import guard, judge
 from tests.hf_tiny import make_hf_model
 
 # Llama Guard 3's chat template, verbatim from meta-llama/Llama-Guard-3-8B tokenizer_config.json (it starts with a

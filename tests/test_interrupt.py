@@ -16,8 +16,8 @@ import pytest
 
 from refusal_jax import pipeline
 from refusal_jax.convert import checkpoint
-from refusal_jax.runs import outputs
 from refusal_jax.model.params import to_flat
+from refusal_jax.runs import outputs
 from tests.test_pipeline_cli import LOOSE, tiny  # noqa: F401  (module-scoped fixture)
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from refusal_jax.evaluation import judge, loss, stats
 from refusal_jax.errors import ConfigError, DataError
+from refusal_jax.evaluation import judge, loss, stats
 
 # float32 (jax, stable log-space) vs float64 (numpy, reference formula). Scores are bounded by
 # |log(1e-8)| ~ 18.42 because of the epsilons, so an absolute tolerance is meaningful.

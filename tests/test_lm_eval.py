@@ -6,8 +6,8 @@ through lm_eval.simple_evaluate and through `python -m refusal_jax.lm_eval`."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import types

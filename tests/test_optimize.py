@@ -21,11 +21,10 @@ import optax
 import pytest
 
 from refusal_jax import optimize
+from refusal_jax.errors import RunError
 from refusal_jax.method import optimization
 from refusal_jax.model.config import tiny_config
-from refusal_jax.errors import RunError
 from refusal_jax.model.params import init_random
-
 
 
 @pytest.fixture(scope="module")

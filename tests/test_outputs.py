@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from refusal_jax.convert import checkpoint
-from refusal_jax.runs import outputs
 from refusal_jax.convert.__main__ import main as convert_main
 from refusal_jax.errors import OutputError
+from refusal_jax.runs import outputs
 
 
 def tree_hashes(root):
@@ -23,9 +23,9 @@ def tree_hashes(root):
 @pytest.fixture(scope="module")
 def hf_src(tmp_path_factory):
     """A user's Hugging Face model directory (no refusal_jax marker) with their notes next to the weights."""
+    from refusal_jax.convert import export_hf
     from refusal_jax.model import params as P
     from refusal_jax.model.config import tiny_config
-    from refusal_jax.convert import export_hf
     from tests.tiny_chat import chat_tokenizer
 
     root = tmp_path_factory.mktemp("user")
@@ -115,9 +115,9 @@ def test_bad_out_paths(hf_src, tmp_path, capsys, case):
 def test_gguf_overwrite_replaces_only_refusal_jax_files(tmp_path):
     import numpy as np
 
+    from refusal_jax.convert import gguf_writer
     from refusal_jax.model import params as P
     from refusal_jax.model.config import tiny_config
-    from refusal_jax.convert import gguf_writer
 
     cfg = tiny_config("llama", n_layers=1)
     params = P.init_random(cfg, 0, scale=0.5)

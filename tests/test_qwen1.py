@@ -12,12 +12,12 @@ torch = pytest.importorskip("torch")
 regex = pytest.importorskip("regex")
 
 from refusal_jax import forward  # noqa: E402
-from refusal_jax.prompts import templates
-from refusal_jax.model.config import from_hf_config  # noqa: E402
-from refusal_jax.model.qwen1_config import qwen2_style_config  # noqa: E402
 from refusal_jax.convert import engine, qwen1, safetensors_io  # noqa: E402
 from refusal_jax.convert.hf import load_hf  # noqa: E402
 from refusal_jax.errors import CheckpointError, ConfigError  # noqa: E402
+from refusal_jax.model.config import from_hf_config  # noqa: E402
+from refusal_jax.model.qwen1_config import qwen2_style_config  # noqa: E402
+from refusal_jax.prompts import templates  # noqa: E402
 from tests.hf_tiny import hf_forward, left_padded_batch, make_hf_model  # noqa: E402
 
 TOL = 1e-4

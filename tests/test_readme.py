@@ -17,8 +17,8 @@ the code. (docs/_*.md are scratch files awaiting a merge and are not checked.)
   and `python -m pytest` lines (what ./test.sh runs) are recognised and left to CI (.ci/run).
   Any other command fails the test: a new kind of line must get a rule here.
 * ```json blocks must parse as JSON; ```text blocks (diagrams, illustrations, terminal transcripts) are not run.
-* The README stays at most README_MAX_LINES lines, no page labels a number with the work period that measured it (a number
-  carries its date, machine and command instead), and every relative link of the README and the docs points at
+* The README stays at most README_MAX_LINES lines, no page labels a number with the work period that measured it (a
+  number carries its date, machine and command instead), and every relative link of the README and the docs points at
   a file of the repository.
 """
 
@@ -56,7 +56,8 @@ def where(path: Path, line: int) -> str:
 
 
 # (language, code, "file:line") of every block of the README and the docs
-BLOCKS = [(lang, code, where(path, line)) for path in (README, *DOCS) for lang, code, line in code_blocks(path.read_text())]
+BLOCKS = [(lang, code, where(path, line))
+          for path in (README, *DOCS) for lang, code, line in code_blocks(path.read_text())]
 PYTHON = [(code, at) for lang, code, at in BLOCKS if lang == "python"]
 BASH = [(code, at) for lang, code, at in BLOCKS if lang in ("bash", "sh", "shell")]
 JSON = [(code, at) for lang, code, at in BLOCKS if lang == "json"]

@@ -11,8 +11,8 @@ from refusal_jax import extract
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["--preset", "reference", "--n-train", "8", "--n-val", "4", "--batch-size", "8", "--no-filter", "--no-progress", "--positions=-1",
-         "--kl-threshold", "1e9", "--induce-threshold=-1e9"]
+SMALL = ["--preset", "reference", "--n-train", "8", "--n-val", "4", "--batch-size", "8", "--no-filter", "--no-progress",
+         "--positions=-1", "--kl-threshold", "1e9", "--induce-threshold=-1e9"]
 
 
 def _run(model, out, n_layers_expected=None):

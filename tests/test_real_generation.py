@@ -33,9 +33,9 @@ def models():
 def test_greedy_tokens_match_transformers_generate(models):
     import torch
 
-    from refusal_jax.prompts import templates
-    from refusal_jax.model.generate import cut_at_stop, greedy_generate, stop_token_ids
     from refusal_jax.model.batching import bucketed, encode, pad_id
+    from refusal_jax.model.generate import cut_at_stop, greedy_generate, stop_token_ids
+    from refusal_jax.prompts import templates
 
     ours, hf = models
     tok = ours.tokenizer

@@ -101,7 +101,8 @@ def _check_weights(cfg, params, hf_model, n_layers_checked=None):
         np.testing.assert_array_equal(np.asarray(params.layers.down[i]), sd[pre + "mlp.down_proj.weight"].T)
         np.testing.assert_array_equal(np.asarray(params.layers.attn_norm[i]) - off, sd[pre + "input_layernorm.weight"])
         if cfg.qk_norm:
-            np.testing.assert_array_equal(np.asarray(params.layers.q_norm[i]) - off, sd[pre + "self_attn.q_norm.weight"])
+            np.testing.assert_array_equal(np.asarray(params.layers.q_norm[i]) - off,
+                                          sd[pre + "self_attn.q_norm.weight"])
         if cfg.post_norms:
             np.testing.assert_array_equal(np.asarray(params.layers.mlp_norm[i]) - off,
                                           sd[pre + "pre_feedforward_layernorm.weight"])

@@ -19,9 +19,9 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
 
+from refusal_jax.errors import ConfigError
 from refusal_jax.model import sharding as shd
 from refusal_jax.model.config import tiny_config
-from refusal_jax.errors import ConfigError
 from refusal_jax.model.params import from_flat, param_shapes
 
 TOL = 1e-5

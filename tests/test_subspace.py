@@ -24,14 +24,13 @@ import numpy as np
 import pytest
 
 from refusal_jax import Intervention, forward
+from refusal_jax.errors import DataError
 from refusal_jax.evaluation import judge, stats
 from refusal_jax.method import directions, scoring, subspace
 from refusal_jax.model.batching import bucketed
 from refusal_jax.model.config import tiny_config
-from refusal_jax.errors import DataError
 from refusal_jax.model.params import init_random
 from tests.hf_tiny import left_padded_batch
-
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,16 @@ import pytest
 
 from refusal_jax.errors import ConfigError, DataError
 from refusal_jax.prompts.templates import (
-    TEMPLATES, ChatFormat, _common_suffix, chat_format_for, check_eoi_alignment, eoi_tokens, format_instructions,
-    refusal_token_ids, tokenize)
+    TEMPLATES,
+    ChatFormat,
+    _common_suffix,
+    chat_format_for,
+    check_eoi_alignment,
+    eoi_tokens,
+    format_instructions,
+    refusal_token_ids,
+    tokenize,
+)
 
 QWEN_GGUF_NAME = "qwen2.5-coder-0.5b-instruct.gguf"
 QWEN_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"

@@ -32,8 +32,8 @@ def test_wheel_layout(wheel):
 
 
 def test_installed_wheel_imports_and_converts(wheel, tmp_path):
-    from refusal_jax.model.config import from_hf_config
     from refusal_jax.convert import safetensors_io
+    from refusal_jax.model.config import from_hf_config
 
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

