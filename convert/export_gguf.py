@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from refusal_jax.convert import engine
-from refusal_jax.convert.gguf_writer import GGUF_ARCH, TENSOR_TYPES, edit_metadata, save_gguf
+from refusal_jax.convert.gguf_writer import GGUF_ARCH, TENSOR_TYPES, edit_metadata, save_gguf, stacked_plan
 
 
 def parser():
@@ -96,7 +95,7 @@ def _main(argv=None):
     params = jax.tree.map(np.asarray, params)
     from refusal_jax.runs.progress import progress_bar
 
-    with progress_bar(len(engine.hf_tensor_plan(cfg)), f"writing {out.name}", not args.no_progress,
+    with progress_bar(len(stacked_plan(cfg)), f"writing {out.name}", not args.no_progress,
                       unit="tensor") as bar:
         res = save_gguf(out, cfg, params, tokenizer_source=tok_src, tensor_type=tensor_type, name=name, metadata=metadata,
                         overwrite=args.overwrite, sources=sources, on_tensor=lambda _: bar.update())

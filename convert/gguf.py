@@ -75,6 +75,17 @@ _GEMMA_POST_NORM_NAMES = {
     "post_attention_norm": "post_attention_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+# Mixtures of experts: llama.cpp stacks each layer's experts into one tensor ([E, out, in] in numpy order) where HF
+# has one tensor per expert; the stack is split into the family's per-expert names ({e} = the expert).
+_EXPERT_STACKS = {"ffn_gate_exps": 1, "ffn_up_exps": 2, "ffn_down_exps": 3}  # index into Family.moe_names
+_SHARED_EXPERT_NAMES = {  # Qwen2-MoE's shared expert and its sigmoid gate
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+}
+# llama.cpp's top-k renormalisation when a file has no {arch}.expert_weights_norm (its per-architecture default)
+_EXPERT_WEIGHTS_NORM = {"qwen3_moe": True, "qwen2_moe": False, "olmoe": False, "mixtral": True}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)")
 _ROPE_FREQS = "rope_freqs.weight"  # llama3 frequency factors: folded into the config, not a parameter
 
@@ -89,7 +100,8 @@ _KNOWN_ARCH_KEYS = {
     "rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length", "rope.scaling.finetuned",
     "rope.scaling.attn_factor", "rope.scaling.yarn_log_multiplier", "rope.scaling.yarn_ext_factor",
     "rope.scaling.yarn_attn_factor", "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow",
-    "expert_count", "expert_used_count",  # accepted only when 0
+    "expert_count", "expert_used_count",  # accepted only for a mixture-of-experts family
+    "expert_feed_forward_length", "expert_shared_feed_forward_length", "expert_weights_norm",
 }
 
 
@@ -139,13 +151,14 @@ class GGUFSource:
     metadata: dict[str, Any]
     _reader: Any = dataclasses.field(repr=False)
     _names: dict[str, str] = dataclasses.field(repr=False)  # GGUF name -> HF name (parameters only)
+    n_experts: int = 0  # an expert stack's HF name has an {e} field, one HF tensor per expert
 
     def tensor_names(self) -> list[str]:
         """HF names of the parameter tensors `tensors()` yields, in file order."""
-        return list(self._names.values())
+        return [n.format(e=e) for n in self._names.values() for e in (range(self.n_experts) if "{e}" in n else [0])]
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self.tensor_names())
 
     def _release_pages(self) -> None:
         """Drop the file pages read so far from this process's resident set (they stay in the page cache):
@@ -162,7 +175,11 @@ class GGUFSource:
             hf_name = self._names.get(t.name)
             if hf_name is None:
                 continue
-            yield hf_name, self._dequantize(t, hf_name, n_head, n_kv)
+            if "{e}" in hf_name:
+                stack = self._dequantize(t, hf_name, n_head, n_kv)
+                yield from ((hf_name.format(e=e), stack[e]) for e in range(self.n_experts))
+            else:
+                yield hf_name, self._dequantize(t, hf_name, n_head, n_kv)
 
     def _dequantize(self, t, hf_name: str, n_head: int, n_kv: int) -> np.ndarray:
         from gguf.quants import dequantize
@@ -194,6 +211,11 @@ class GGUFSource:
                                   f"of its header's shape {shape}")
         values = values.reshape(shape)
         self._release_pages()
+        if "{e}" in hf_name and shape[0] != self.n_experts:
+            raise CheckpointError(f"{self.path}: tensor {t.name} stacks {shape[0]} experts, the metadata says "
+                                  f"{self.n_experts} ({self.architecture}.expert_count)")
+        if hf_name.endswith("shared_expert_gate.weight") and values.ndim == 1:  # llama.cpp stores [D], HF [1, D]
+            values = values.reshape(1, -1)
         if self.permuted_qk:
             if ".self_attn.q_proj." in hf_name:
                 values = unpermute_qk(values, n_head)
@@ -333,9 +355,14 @@ def read_gguf(path: str | Path, *, strict: bool = True) -> GGUFSource:
             f"{path}: unknown GGUF architecture {arch!r}; refusal_jax reads {', '.join(sorted(ARCHITECTURES))}"
         )
     hf_arch, model_type, permuted, folded = ARCHITECTURES[arch]
+    n_experts = int(_scalar(path, f"{arch}.expert_count", metadata.get(f"{arch}.expert_count", 0)) or 0)
+    if arch == "llama" and n_experts:  # Mixtral is written as a llama file with experts
+        hf_arch, model_type = families.FAMILIES["mixtral"].hf_architecture, families.FAMILIES["mixtral"].hf_model_type
 
     names, unknown, rope_freqs = {}, [], None
     layer_names = _layer_names(arch)
+    if n_experts:
+        layer_names.update(_moe_layer_names(families.FAMILIES[families.BY_ARCHITECTURE[hf_arch]]))
     for t in reader.tensors:
         if t.name in _GLOBAL_NAMES:
             names[t.name] = _GLOBAL_NAMES[t.name]
@@ -362,6 +389,7 @@ def read_gguf(path: str | Path, *, strict: bool = True) -> GGUFSource:
     return GGUFSource(
         path=path, architecture=arch, hf_config=hf, norm_offset_folded=folded, permuted_qk=permuted,
         chat_template=metadata.get("tokenizer.chat_template"), metadata=metadata, _reader=reader, _names=names,
+        n_experts=n_experts,
     )
 
 
@@ -371,6 +399,16 @@ def _layer_names(arch: str) -> dict[str, str]:
         names.update(_GEMMA_POST_NORM_NAMES)
     else:
         names["ffn_norm"] = "post_attention_layernorm"
+    return names
+
+
+def _moe_layer_names(family: "families.Family") -> dict[str, str]:
+    """GGUF per-block leaf -> HF per-layer suffix of an MoE family's router, expert stacks and shared expert."""
+    block = family.moe_names[0]
+    names = {"ffn_gate_inp": f"{block}.{family.moe_router}"}
+    names.update({leaf: f"{block}.experts.{{e}}.{family.moe_names[i]}" for leaf, i in _EXPERT_STACKS.items()})
+    if family.shared_expert:
+        names.update(_SHARED_EXPERT_NAMES)
     return names
 
 
@@ -408,9 +446,7 @@ def _hf_config(path: Path, arch: str, hf_arch: str, model_type: str, md: dict, v
         if strict:
             raise ConfigError(msg + " (pass strict=False / --no-strict-config if you have checked)")
         warnings.warn(msg, stacklevel=3)
-    for key in ("expert_count", "expert_used_count"):
-        if get(key, 0):
-            raise ConfigError(f"{path}: mixture-of-experts models ({pre}{key}={get(key)}) are not supported")
+    moe = _moe_config(path, arch, model_type, get, req)
 
     d_model, n_heads = int(req("embedding_length")), int(req("attention.head_count"))
     n_kv = int(get("attention.head_count_kv", n_heads))
@@ -435,11 +471,13 @@ def _hf_config(path: Path, arch: str, hf_arch: str, model_type: str, md: dict, v
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
-        "intermediate_size": int(req("feed_forward_length")),
+        "intermediate_size": int(get("feed_forward_length") or get("expert_feed_forward_length")
+                                 or req("feed_forward_length")),
         "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": _f32(get("rope.freq_base", 10000.0)),
         "tie_word_embeddings": tied,
     }
+    hf.update(moe)
     if get("context_length") is not None:
         hf["max_position_embeddings"] = int(get("context_length"))
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
@@ -496,6 +534,31 @@ def _hf_config(path: Path, arch: str, hf_arch: str, model_type: str, md: dict, v
         raise ConfigError(f"{path}: {pre}attn_logit_softcapping is not supported for {arch}")
     if arch not in ("gemma2", "gemma3") and get("final_logit_softcapping") is not None:
         raise ConfigError(f"{path}: {pre}final_logit_softcapping is not supported for {arch}")
+    return hf
+
+
+def _moe_config(path: Path, arch: str, model_type: str, get: Callable, req: Callable) -> dict:
+    """The HF config keys of a mixture of experts ({} for a dense file); a dense family with experts is refused."""
+    if not get("expert_count", 0):
+        if get("expert_used_count", 0):
+            raise ConfigError(f"{path}: {arch}.expert_used_count={get('expert_used_count')} without experts")
+        return {}
+    family = families.BY_MODEL_TYPE[model_type]
+    if family not in _EXPERT_WEIGHTS_NORM:
+        raise ConfigError(f"{path}: mixture-of-experts {arch} files ({arch}.expert_count={get('expert_count')}) "
+                          f"are not supported")
+    hf = {"num_local_experts" if family == "mixtral" else "num_experts": int(get("expert_count")),
+          "num_experts_per_tok": int(req("expert_used_count"))}
+    norm = bool(get("expert_weights_norm", _EXPERT_WEIGHTS_NORM[family]))
+    if family == "mixtral":
+        if not norm:
+            raise ConfigError(f"{path}: {arch}.expert_weights_norm=false: Mixtral always renormalises its top-k")
+    else:
+        hf["norm_topk_prob"] = norm
+    if family in ("qwen2_moe", "qwen3_moe"):
+        hf["moe_intermediate_size"] = int(req("expert_feed_forward_length"))
+    if family == "qwen2_moe":
+        hf["shared_expert_intermediate_size"] = int(req("expert_shared_feed_forward_length"))
     return hf
 
 
@@ -656,16 +719,29 @@ def sharded_source(path: str | Path, *, strict: bool = True):
     except ConfigError as e:
         raise ConfigError(f"{src.path}: {e}") from None
     n_head, n_kv = src.hf_config["num_attention_heads"], src.hf_config["num_key_value_heads"]
-    loaders, duplicates = {}, []
+    loaders, duplicates, stacks = {}, [], {}
     for t in src._reader.tensors:
         hf_name = src._names.get(t.name)
         if hf_name is None:
+            continue
+        if "{e}" in hf_name:  # one loader per expert; the stack is dequantized once while its experts are placed
+            for e in range(src.n_experts):
+                loaders[hf_name.format(e=e)] = (lambda t=t, n=hf_name, e=e: _expert_of_stack(src, t, n, e, stacks))
             continue
         if hf_name in loaders:
             duplicates.append(hf_name)
         loaders[hf_name] = (lambda t=t, n=hf_name: src._dequantize(t, n, n_head, n_kv))
     return ShardedSource(str(src.path), cfg, loaders, lambda: load_tokenizer(src),
                          norm_offset_folded=src.norm_offset_folded, duplicates=tuple(duplicates))
+
+
+def _expert_of_stack(src: GGUFSource, t, hf_name: str, e: int, stacks: dict) -> np.ndarray:
+    """Expert e of the stacked tensor t; the last stack read is kept (only that one) for its other experts."""
+    if t.name not in stacks:
+        stacks.clear()
+        stacks[t.name] = src._dequantize(t, hf_name, src.hf_config["num_attention_heads"],
+                                         src.hf_config["num_key_value_heads"])
+    return stacks[t.name][e]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ into place at the end, so peak memory is the model plus one tensor and no half-w
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -49,7 +50,7 @@ import numpy as np
 
 from refusal_jax.model.config import ModelConfig
 from refusal_jax.convert import dtypes, engine
-from refusal_jax.convert.gguf import _GLOBAL_NAMES, _layer_names, permute_qk
+from refusal_jax.convert.gguf import _EXPERT_WEIGHTS_NORM, _GLOBAL_NAMES, _layer_names, _moe_layer_names, permute_qk
 from refusal_jax.errors import CheckpointError, ConfigError
 from refusal_jax.model import families
 from refusal_jax.model.params import Params
@@ -76,9 +77,12 @@ def gguf_names(cfg: ModelConfig) -> dict[str, str]:
     """HF tensor name -> GGUF tensor name, for every tensor of `cfg` (the inverse of the reader's mapping)."""
     arch = _arch(cfg)
     inv_global = {hf: g for g, hf in _GLOBAL_NAMES.items()}
-    inv_layer = {hf: g for g, hf in _layer_names(arch).items()}
+    layer_names = _layer_names(arch)
+    if cfg.moe:
+        layer_names.update(_moe_layer_names(families.FAMILIES[cfg.family]))
+    inv_layer = {hf: g for g, hf in layer_names.items()}
     out = {}
-    for hf_name, _, _, layer in engine.hf_tensor_plan(cfg):
+    for hf_name, _, _, layer in stacked_plan(cfg):
         if layer is None:
             out[hf_name] = inv_global[hf_name]
         else:
@@ -86,6 +90,29 @@ def gguf_names(cfg: ModelConfig) -> dict[str, str]:
             base, suffix = hf_name[len(prefix):].rsplit(".", 1)
             out[hf_name] = f"blk.{layer}.{inv_layer[base]}.{suffix}"
     return out
+
+
+# a per-expert HF tensor: (prefix up to the expert index, expert, projection and suffix)
+_EXPERT_TENSOR = re.compile(r"(model\.layers\.\d+\.\w+\.experts\.)(\d+)(\.\w+\.weight)")
+
+
+def stacked_plan(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], str, int | None]]:
+    """`engine.hf_tensor_plan` as llama.cpp lays a file out: each layer's experts of one projection as one stacked
+    entry [E, out, in] named with an {e} field (ffn_*_exps), placed where its last expert is; Qwen2-MoE's
+    shared-expert gate [1, D] as llama.cpp's [D]. Entries: (HF name, GGUF-order shape, field, layer or None)."""
+    plan, seen = [], Counter()
+    for hf_name, shape, field, index in engine.hf_tensor_plan(cfg):
+        if isinstance(index, tuple):
+            m = _EXPERT_TENSOR.fullmatch(hf_name)
+            template = f"{m.group(1)}{{e}}{m.group(3)}"
+            seen[template] += 1
+            if seen[template] == cfg.n_experts:
+                plan.append((template, (cfg.n_experts, *shape), field, index[0]))
+        elif hf_name.endswith("shared_expert_gate.weight"):
+            plan.append((hf_name, (int(np.prod(shape)),), field, index))
+        else:
+            plan.append((hf_name, tuple(shape), field, index))
+    return plan
 
 
 def _arch(cfg: ModelConfig) -> str:
@@ -101,7 +128,10 @@ def _arch(cfg: ModelConfig) -> str:
 def _check_expressible(cfg: ModelConfig) -> None:
     arch = _arch(cfg)
     sliding = any(cfg.sliding_layers)
-    if arch in ("llama", "qwen2", "qwen3") and sliding:
+    if cfg.moe and cfg.norm_topk_prob != _EXPERT_WEIGHTS_NORM[cfg.family]:
+        raise ConfigError(f"llama.cpp's {arch} {'never' if cfg.norm_topk_prob else 'always'} renormalises the "
+                          f"top-k expert weights; this {cfg.family} config has norm_topk_prob={cfg.norm_topk_prob}")
+    if arch in ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmoe") and sliding:
         raise ConfigError(f"{cfg.family} with sliding-window attention cannot be written as a GGUF {arch} file")
     if cfg.family == "gemma2":
         want = tuple(i % 2 == 0 for i in range(cfg.n_layers))
@@ -131,7 +161,15 @@ def _write_arch_metadata(w, cfg: ModelConfig, context_length: int) -> None:
     w.add_context_length(int(context_length))
     w.add_embedding_length(cfg.d_model)
     w.add_block_count(cfg.n_layers)
-    w.add_feed_forward_length(cfg.d_ff)
+    # Mixtral (a llama file) and OLMoE name the experts' width feed_forward_length, Qwen-MoE has a key of its own
+    w.add_feed_forward_length(cfg.d_expert if cfg.moe and arch in ("llama", "olmoe") else cfg.d_ff)
+    if cfg.moe:
+        w.add_expert_count(cfg.n_experts)
+        w.add_expert_used_count(cfg.n_experts_per_tok)
+        if arch in ("qwen2moe", "qwen3moe"):
+            w.add_expert_feed_forward_length(cfg.d_expert)
+        if cfg.shared_expert:
+            w.add_expert_shared_feed_forward_length(cfg.d_ff)
     w.add_head_count(cfg.n_heads)
     w.add_head_count_kv(cfg.n_kv_heads)
     w.add_key_length(cfg.head_dim)
@@ -260,7 +298,16 @@ def gguf_tensors(cfg: ModelConfig, params: Params):
     """Yield (HF name, GGUF name, float32 array in GGUF layout): permuted q/k for llama files, Gemma norms 1 + w."""
     arch = _arch(cfg)
     names = gguf_names(cfg)
+    stacks: dict[str, list[np.ndarray]] = {}
     for hf_name, value in engine.to_hf_tensors(cfg, params, dtype=np.float32, norm_offset_folded=True):
+        if m := _EXPERT_TENSOR.fullmatch(hf_name):  # experts come in order; the stack is written after the last
+            template = f"{m.group(1)}{{e}}{m.group(3)}"
+            stacks.setdefault(template, []).append(value)
+            if len(stacks[template]) < cfg.n_experts:
+                continue
+            hf_name, value = template, np.stack(stacks.pop(template))
+        elif hf_name.endswith("shared_expert_gate.weight"):
+            value = value.reshape(-1)
         if arch == "llama" and ".self_attn.q_proj." in hf_name:
             value = permute_qk(value, cfg.n_heads)
         elif arch == "llama" and ".self_attn.k_proj." in hf_name:
@@ -319,7 +366,7 @@ def save_gguf(path: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_s
 
     # plan: names, shapes and types of every tensor, before any data is converted
     plan = []
-    for hf_name, shape, _, _ in engine.hf_tensor_plan(cfg):
+    for hf_name, shape, _, _ in stacked_plan(cfg):
         plan.append((hf_name, tuple(shape), _choose_type(tensor_type, hf_name, tuple(shape), source_types)))
     names = gguf_names(cfg)
     extra = []

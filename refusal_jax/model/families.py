@@ -31,6 +31,7 @@ class Family:
     shared_expert: Qwen2-MoE's always-on expert ("{block}.shared_expert.*"), scaled by a sigmoid gate
       ("{block}.shared_expert_gate.weight").
     qk_norm_flat: OLMoE's q/k RMSNorm over all heads together (weights [N*H] / [K*H]), before the head split.
+    no_pre_norms: OLMo-2/3: the sub-blocks read the residual unnormed (their post_norms normalise the outputs).
     """
 
     name: str
@@ -52,6 +53,7 @@ class Family:
     moe_router: str = "gate"
     shared_expert: bool = False
     qk_norm_flat: bool = False
+    no_pre_norms: bool = False
 
 
 _CHATML_END = ("<|im_end|>", "<|endoftext|>")
@@ -83,6 +85,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     # Phi-3 / Phi-4 (q/k/v and gate/up stored fused, split on load by convert/fused.py; exported as the Mistral
     # checkpoint it computes): <|user|> ... <|end|> turns from the tokenizer
     Family("phi3", "Phi3ForCausalLM", "phi3", None, end_of_turn=("<|end|>", "<|endoftext|>"), hf_export=False),
+    # OLMo-2 / OLMo-3 (OLMo-3: sliding layers from layer_types): norms after attention and MLP only, q/k RMSNorm over
+    # all heads together; chat format from the tokenizer
+    Family("olmo2", "Olmo2ForCausalLM", "olmo2", None, end_of_turn=("<|im_end|>", "<|endoftext|>"), qk_norm=True,
+           qk_norm_flat=True, post_norms=True, no_pre_norms=True),
+    Family("olmo3", "Olmo3ForCausalLM", "olmo3", None, end_of_turn=("<|im_end|>", "<|endoftext|>"), qk_norm=True,
+           qk_norm_flat=True, post_norms=True, no_pre_norms=True),
     # mixtures of experts: every block's MLP is a routed set of SwiGLU experts
     # Mixtral's GGUF files are llama files with experts (read as mixtral by convert.gguf)
     Family("mixtral", "MixtralForCausalLM", "mixtral", None, end_of_turn=("</s>",), gguf_export_arch="llama", moe=True,
