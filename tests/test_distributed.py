@@ -1,17 +1,19 @@
 """Several processes and parameters that are never whole on one device, on CPU.
 
-Two processes with 2 simulated CPU devices each join over 127.0.0.1 (JAX's coordination service, gloo
-collectives) and run the real extract and pipeline commands with their default settings (the refusal filter,
-extra val prompts drawn, the first-order screening pass, relative thresholds; only the sizes are small) on a tiny
-model trained to refuse (tests/tiny_refusing.py). The results must match one device (and, marked slow, one process
-with 4 devices): relative error <= 1e-5 against the largest magnitude (1e-4 for KL); same selected candidate;
-generated tokens identical; and every artifact must be written exactly once, by process 0. Every set is sized so that each batch divides over
-the data axis, which spans the two processes: every batched pass (filter, means, screening, sweep, generation)
-then runs on arrays no single process holds, and any host read of one (np.asarray, float(), .item()) fails the
-run; the worker records that each of these passes did see such arrays. Loading with `--mesh data=1,model=4` must
-give each device 1/4 of every large weight on the converted-checkpoint path (orbax restore into shardings) and on
-the direct-conversion paths (safetensors, GGUF), without any placement moving a whole weight. Killing one of two
-processes must make the other exit non-zero with a clear message within 60 s.
+Two processes with 2 simulated CPU devices each join over 127.0.0.1 (JAX's coordination service, gloo collectives)
+and run the real extract and pipeline commands with their default settings (the refusal filter, extra val prompts
+drawn, the first-order screening pass, relative thresholds; only the sizes are small) on a tiny model trained to
+refuse (tests/tiny_refusing.py). The results must match one device (and, marked slow, one process with 4 devices):
+relative error <= 1e-5 against the largest magnitude (1e-4 for KL); same selected candidate; generated tokens
+identical; and every artifact must be written exactly once, by process 0. Every set is sized so that each batch
+divides over the data axis, which spans the two processes: every batched pass (filter, means, screening, sweep,
+generation) then runs on arrays no single process holds, and any host read of one (np.asarray, float(), .item())
+fails the run; the worker records that each of these passes did see such arrays. Loading with `--mesh
+data=1,model=4` must give each device 1/4 of every large weight on the converted-checkpoint path (orbax restore into
+shardings) and on the direct-conversion paths (safetensors, GGUF), without any placement moving a whole weight.
+Killing one of two processes must make the other exit non-zero with a clear message within 60 s. The default extract
+on a tiny Qwen3-MoE model (slow) must also match one device as 2 processes with the experts split over an `expert`
+mesh axis (data=2,expert=2).
 
 Everything runs in subprocesses (tests/_pod_worker.py): XLA_FLAGS must set the device count before jax starts.
 """
@@ -283,9 +285,9 @@ def sources(tmp_path_factory):
     """The same random weights as a converted checkpoint, a safetensors HF directory and a GGUF file; a tiny config
     whose heads, KV heads, MLP width and vocabulary all divide by 4."""
     from refusal_jax.convert import checkpoint
-    from refusal_jax.model.config import tiny_config
-    from refusal_jax.convert.gguf_writer import save_gguf
     from refusal_jax.convert.export_hf import save_hf
+    from refusal_jax.convert.gguf_writer import save_gguf
+    from refusal_jax.model.config import tiny_config
     from refusal_jax.model.params import init_random
     from tests.tiny_chat import chat_tokenizer
 
