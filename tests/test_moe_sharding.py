@@ -1,6 +1,7 @@
 """Expert parallelism on 8 simulated CPU devices: a mixture of experts gives the one-device logits, hidden states
 and difference-in-means directions on data x expert x model meshes, each device holds 1/expert of every expert
-weight (placed shard by shard from a safetensors checkpoint), and the compiled forward never gathers the experts.
+weight (placed shard by shard from a safetensors checkpoint, and from a GGUF file whose experts are stacked), and
+the compiled forward never gathers the experts.
 
 The 8-device part runs this file as a subprocess (XLA_FLAGS must set the device count before jax starts)."""
 
@@ -56,6 +57,8 @@ def test_each_device_holds_its_experts_only(run8, mesh):
     assert r["expert_bytes_per_device"] * ways * r["mesh"]["model"] == r["expert_bytes_total"]
     assert r["experts_per_device"] == 8 // ways
     assert r["placed_equal"], "weights placed shard by shard from the checkpoint differ from the converted ones"
+    # the same from a GGUF file, whose experts are stacked per layer
+    assert r["gguf_placed_equal"] and r["gguf_expert_bytes_per_device"] == r["expert_bytes_per_device"]
     # no all-gather in the compiled forward materialises a whole expert stack [E, D, X] on one device
     assert r["gathered_expert_stacks"] == [], r["gathered_expert_stacks"]
 
@@ -68,13 +71,14 @@ def _worker(ckpt_dir, specs):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+    import dataclasses
     import re
 
     import jax
     import numpy as np
 
     from refusal_jax import forward
-    from refusal_jax.convert import export_hf, hf, placement
+    from refusal_jax.convert import export_hf, gguf, gguf_writer, hf, placement
     from refusal_jax.method import directions
     from refusal_jax.model import sharding as shd
     from refusal_jax.model.batching import bucketed
@@ -85,6 +89,9 @@ def _worker(ckpt_dir, specs):
                       n_experts_per_tok=2, d_expert=16)
     params = init_random(cfg, 0, scale=0.3)
     export_hf.save_hf(Path(ckpt_dir) / "m", cfg, params)
+    # the same weights as a llama.cpp qwen3moe file (stacked ffn_*_exps; llama.cpp renormalises the top k)
+    gguf_writer.save_gguf(Path(ckpt_dir) / "m.gguf", dataclasses.replace(cfg, norm_topk_prob=True), params,
+                          tensor_type="f32")
     rng = np.random.default_rng(0)
 
     def prompts(seed):
@@ -115,6 +122,8 @@ def _worker(ckpt_dir, specs):
         placed = placement.place_params(source, shd.param_shardings(cfg, mesh))  # shard by shard from the file
         got = run(placed, pcfg, lambda bs: shd.shard_batches(bs, mesh))
         w = placed.layers.expert_gate
+        from_gguf = placement.place_params(gguf.sharded_source(Path(ckpt_dir) / "m.gguf"),
+                                           shd.param_shardings(cfg, mesh))  # each expert split out of its stack
         shards = w.addressable_shards
         hlo = jax.jit(forward, static_argnames=("cfg",)).lower(placed, pcfg, shd.shard_batch(tokens, mesh),
                                                                  shd.shard_batch(mask, mesh)).compile().as_text()
@@ -131,6 +140,9 @@ def _worker(ckpt_dir, specs):
             "placed_equal": all(np.array_equal(np.asarray(a), np.asarray(b))
                                 for a, b in zip(to_flat(placed).values(), to_flat(params).values())),
             "gathered_expert_stacks": gathered,
+            "gguf_placed_equal": all(np.array_equal(np.asarray(a), np.asarray(b))
+                                     for a, b in zip(to_flat(from_gguf).values(), to_flat(params).values())),
+            "gguf_expert_bytes_per_device": int(from_gguf.layers.expert_gate.addressable_shards[0].data.nbytes),
             "all_gathers": len(results),
         }
     print("RESULT " + json.dumps(result))
