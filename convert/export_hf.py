@@ -75,7 +75,7 @@ def _normalised(cfg: ModelConfig) -> ModelConfig:
     arch = cfg.architecture if cfg.architecture in ARCHITECTURES else HF_NAMES[cfg.family][0]
     window = cfg.sliding_window if any(cfg.sliding_layers) else None
     local = cfg.rope_local
-    if cfg.family == "gemma3" and local is None:
+    if cfg.family in ("gemma3", "olmo3") and local is None:
         local = cfg.rope
     query_scale = cfg.q_scale if cfg.family in ("gemma2", "gemma3", "granite") else cfg.query_scale
     return dataclasses.replace(cfg, architecture=arch, sliding_window=window, rope_local=local,
@@ -136,7 +136,7 @@ def to_hf_config(cfg: ModelConfig, *, extra: Mapping[str, Any] | None = None) ->
                                  "sliding_attention": _rope_parameters(local)}
         hf["rope_local_base_freq"] = local.theta
     else:
-        if cfg.rope_local is not None and cfg.rope_local != cfg.rope:
+        if cfg.rope_local is not None and cfg.rope_local != cfg.rope and cfg.family != "olmo3":
             raise ConfigError(f"{cfg.family} has one RoPE for all layers; this config has a separate local RoPE")
         hf["rope_parameters"] = _rope_parameters(cfg.rope)
     hf["rope_theta"] = cfg.rope.theta
@@ -169,6 +169,11 @@ def to_hf_config(cfg: ModelConfig, *, extra: Mapping[str, Any] | None = None) ->
                 if sliding == [(i + 1) % p != 0 for i in range(cfg.n_layers)]:
                     hf["sliding_window_pattern"] = p
                     break
+    elif cfg.family == "olmo3":  # per-layer sliding, and a RoPE per attention kind
+        hf["sliding_window"] = cfg.sliding_window
+        hf["layer_types"] = layer_types
+        hf["rope_parameters"] = {"full_attention": _rope_parameters(cfg.rope),
+                                 "sliding_attention": _rope_parameters(cfg.rope_local or cfg.rope)}
     elif any(sliding) and cfg.family not in ("qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss", "smollm3"):
         raise ConfigError(f"{cfg.family} has no sliding-window attention; this config slides layers {sliding}")
 

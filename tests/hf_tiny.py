@@ -45,6 +45,12 @@ DENSE_2026 = {
     # Phi-3: fused qkv_proj / gate_up_proj, every layer sliding (window 4)
     "phi3": dict(arch="Phi3ForCausalLM", config="Phi3Config", extra=dict(sliding_window=4, bos_token_id=None,
                                                                           eos_token_id=None, pad_token_id=None)),
+    # OLMo-2: post-norms only, q/k norm over all heads; OLMo-3 adds sliding layers (window 4) with their own RoPE base
+    "olmo2": dict(arch="Olmo2ForCausalLM", config="Olmo2Config", extra=dict(pad_token_id=None, eos_token_id=None)),
+    "olmo3": dict(arch="Olmo3ForCausalLM", config="Olmo3Config",
+                  extra=dict(pad_token_id=None, eos_token_id=None, num_hidden_layers=4, sliding_window=4,
+                             rope_parameters=dict(full_attention=dict(rope_type="default", rope_theta=1000.0),
+                                                  sliding_attention=dict(rope_type="default", rope_theta=50.0)))),
     "smollm3": dict(arch="SmolLM3ForCausalLM", config="SmolLM3Config",
                     extra=dict(num_hidden_layers=4, no_rope_layer_interval=2, tie_word_embeddings=False,
                                use_sliding_window=True, sliding_window=4,

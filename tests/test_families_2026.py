@@ -38,6 +38,13 @@ def test_config_matches_hf(converted):
     family, model, cfg, _ = converted
     hf = model.config
     assert cfg.family == family and cfg.architecture == hf.architectures[0]
+    if family.startswith("olmo"):
+        assert not cfg.pre_norms and cfg.post_norms and cfg.qk_norm_flat
+        assert cfg.sliding_layers == tuple(t == "sliding_attention" for t in getattr(hf, "layer_types", None)
+                                           or ["full_attention"] * cfg.n_layers)
+        assert any(cfg.sliding_layers) == (family == "olmo3")
+        if family == "olmo3":
+            assert (cfg.rope.theta, cfg.rope_local.theta) == (1000.0, 50.0)
     if family == "phi3":
         assert cfg.sliding_layers == (True,) * cfg.n_layers and cfg.sliding_window == hf.sliding_window == 4
     if family == "granite":
@@ -97,6 +104,10 @@ def test_orthogonalized_equals_ablation(converted):
     _, _, cfg, params = converted
     r = np.random.default_rng(3).standard_normal(cfg.d_model).astype(np.float32)
     tokens, mask = left_padded_batch(cfg.vocab_size, lengths=LENGTHS, seed=2)
+    if cfg.post_norms:  # OLMo-2/3: the post-norms rescale what o/down write, so an edit cannot stand for ablation
+        with pytest.raises(ConfigError, match="weight edits are not equivalent to ablation"):
+            orthogonalize(params, cfg, r)
+        return
     edited = orthogonalize(params, cfg, r)
     assert max(residual_write_norms(edited, r).values()) < 1e-5
     ucfg = dataclasses.replace(cfg, tie_embeddings=False)

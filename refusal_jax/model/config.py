@@ -64,6 +64,7 @@ class ModelConfig:
     mlp_activation: str = "silu"  # "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
     embed_scale: bool = False  # Gemma: embeddings times sqrt(d_model), rounded to the activation dtype
     post_norms: bool = False  # Gemma-2/3: RMSNorm on attention/MLP outputs before the residual add
+    pre_norms: bool = True  # False: no RMSNorm on the sub-blocks' inputs (OLMo-2/3, which have post_norms only)
     attn_softcap: float | None = None  # Gemma-2
     final_softcap: float | None = None  # Gemma-2
     query_scale: float | None = None  # None = head_dim ** -0.5; Gemma-2/3 use query_pre_attn_scalar ** -0.5
@@ -484,6 +485,7 @@ def _from_hf_config(hf: Mapping[str, Any], *, strict: bool) -> ModelConfig:
         mlp_activation=act,
         embed_scale=gemma,
         post_norms=spec.post_norms,
+        pre_norms=not spec.no_pre_norms,
         attn_softcap=hf.get("attn_logit_softcapping") if family == "gemma2" else None,
         final_softcap=hf.get("final_logit_softcapping") if family in ("gemma2", "gemma3") else None,
         query_scale=query_scale,
@@ -520,6 +522,9 @@ def _dense_variant_fields(hf: Mapping[str, Any], family: str, n_layers: int) -> 
         out["rope_layers"] = tuple(bool(f) for f in flags)
     elif hf.get("no_rope_layers") is not None and not all(hf["no_rope_layers"]):
         raise ConfigError(f"unsupported config attribute no_rope_layers for {family}")
+    spec = families.family(family)
+    if spec.qk_norm_flat and not spec.moe:  # OLMo-2/3 (an MoE family's comes with its MoE fields)
+        out["qk_norm_flat"] = True
     return out
 
 

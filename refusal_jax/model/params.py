@@ -26,12 +26,13 @@ from refusal_jax.model.config import ModelConfig
 
 @struct.dataclass
 class LayerParams:
-    attn_norm: jax.Array  # [L, D]
-    q: jax.Array  # [L, D, N, H]
-    k: jax.Array  # [L, D, K, H]
-    v: jax.Array  # [L, D, K, H]
-    o: jax.Array  # [L, N, H, D]
-    mlp_norm: jax.Array  # [L, D]
+    # q, k, v, o are always present (the defaults only let the optional pre-norms keep their place)
+    attn_norm: jax.Array | None = None  # [L, D]; None without pre-norms (OLMo-2/3)
+    q: jax.Array = None  # [L, D, N, H]
+    k: jax.Array = None  # [L, D, K, H]
+    v: jax.Array = None  # [L, D, K, H]
+    o: jax.Array = None  # [L, N, H, D]
+    mlp_norm: jax.Array | None = None  # [L, D]; None without pre-norms
     gate: jax.Array | None = None  # [L, D, F]; None for an MoE model without a shared expert
     up: jax.Array | None = None  # [L, D, F]
     down: jax.Array | None = None  # [L, F, D]
@@ -113,6 +114,10 @@ def _post_norms(cfg):
     return cfg.post_norms
 
 
+def _pre_norms(cfg):
+    return cfg.pre_norms
+
+
 def _qk_norm(cfg):
     return cfg.qk_norm and not cfg.qk_norm_flat
 
@@ -170,7 +175,7 @@ def _mlp_name(proj: str):
 # order. Gemma-2/3 name their four norms differently: HF's post_attention_layernorm is their attention post-norm.
 PARAM_SPEC: dict[str, ParamSpec] = {
     "embed": ParamSpec(("vocab", "embed"), "model.embed_tokens.weight", (("vocab",), ("embed",))),
-    "layers.attn_norm": _vector("input_layernorm.weight", ("embed",)),
+    "layers.attn_norm": _vector("input_layernorm.weight", ("embed",), _pre_norms),
     "layers.q": _linear("self_attn.q_proj.weight", ("heads", "head_dim"), ("embed",)),
     "layers.k": _linear("self_attn.k_proj.weight", ("kv_heads", "head_dim"), ("embed",)),
     "layers.v": _linear("self_attn.v_proj.weight", ("kv_heads", "head_dim"), ("embed",)),
@@ -200,7 +205,7 @@ PARAM_SPEC: dict[str, ParamSpec] = {
     "layers.shared_gate": _linear("mlp.shared_expert_gate.weight", (), ("embed",), _shared_expert),
     "layers.post_attn_norm": _vector("post_attention_layernorm.weight", ("embed",), _post_norms),
     "layers.mlp_norm": _vector(lambda cfg: "pre_feedforward_layernorm.weight" if cfg.post_norms
-                               else "post_attention_layernorm.weight", ("embed",)),
+                               else "post_attention_layernorm.weight", ("embed",), _pre_norms),
     "layers.post_mlp_norm": _vector("post_feedforward_layernorm.weight", ("embed",), _post_norms),
     "layers.q_bias": _vector("self_attn.q_proj.bias", ("heads", "head_dim"), _qkv_bias),
     "layers.k_bias": _vector("self_attn.k_proj.bias", ("kv_heads", "head_dim"), _qkv_bias),
@@ -289,7 +294,7 @@ def unembedding(params: Params) -> jax.Array:
 def unstack_layers(layers: LayerParams) -> tuple[LayerParams, ...]:
     """The stacked [L, ...] layer weights as L separate per-layer LayerParams (copies). The forward pass loops over
     such a tuple instead of scanning; `generate.decoding_params` says why decoding on CPU wants that."""
-    return tuple(jax.tree.map(lambda a: a[i], layers) for i in range(layers.attn_norm.shape[0]))
+    return tuple(jax.tree.map(lambda a: a[i], layers) for i in range(layers.q.shape[0]))
 
 
 def cast(params: Params, dtype) -> Params:

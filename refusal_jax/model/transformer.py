@@ -549,10 +549,12 @@ def forward_unjitted(
         c, s = jnp.where(sliding, cos_l, cos), jnp.where(sliding, sin_l, sin)
         c, s = jnp.where(use_rope, c, 1.0), jnp.where(use_rope, s, 0.0)  # no RoPE: the identity rotation
         attn, k_new, v_new = _attention(
-            lp, cfg, apply_norm(cfg, x, lp.attn_norm), c, s, k_cache, v_cache, ok, index)
+            lp, cfg, x if lp.attn_norm is None else apply_norm(cfg, x, lp.attn_norm), c, s, k_cache, v_cache, ok,
+            index)
         attn = _residual_write(cfg, attn, lp.post_attn_norm, basis, ablate_on, offsets, 1)
         x = x + attn
-        mlp = _residual_write(cfg, _mlp_block(lp, cfg, apply_norm(cfg, x, lp.mlp_norm)), lp.post_mlp_norm, basis,
+        h = x if lp.mlp_norm is None else apply_norm(cfg, x, lp.mlp_norm)
+        mlp = _residual_write(cfg, _mlp_block(lp, cfg, h), lp.post_mlp_norm, basis,
                               ablate_on, offsets, 2)
         x = x + mlp
         saved = {
