@@ -91,7 +91,7 @@ def main():
                                  ("harmful_val", args.filter), ("harmless_val", args.filter)) if on]
     if to_filter:
         n_sampled = {k: len(v) for k, v in sets.items()}
-        kept, _ = selection.filter_by_refusal(m.params, m.cfg, {k: sets[k] for k in to_filter}, batches, ids)
+        kept, _, _ = selection.filter_by_refusal(m.params, m.cfg, {k: sets[k] for k in to_filter}, batches, ids)
         sets.update(kept)
         print("kept after the filter:", {k: f"{len(sets[k])}/{n_sampled[k]}" for k in to_filter},
               file=sys.stderr, flush=True)

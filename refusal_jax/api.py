@@ -70,14 +70,17 @@ def _settings(settings: SelectionSettings | None, overrides: dict) -> SelectionS
 
 def extract_direction(model: LoadedModel, harmful: Sequence[str], harmless: Sequence[str],
                       harmful_val: Sequence[str], harmless_val: Sequence[str], *,
-                      settings: SelectionSettings | None = None, progress: bool = True,
+                      harmful_val_pool: Sequence[str] = (), settings: SelectionSettings | None = None,
+                      progress: bool = True,
                       **overrides) -> Extraction:
     """Find the refusal direction as the reference does (stages 1-2).
 
     Difference-in-means candidates of `harmful` vs `harmless` (train) at every post-instruction position and
     layer, each scored on the val sets by ablation (harmful), activation addition and KL (harmless); the filters
     of `settings` pick one. Keyword `overrides` replace single settings: `layers=range(8, 20)`,
-    `kl_threshold=0.2`, `filter=False`, `chat_style="model"`.
+    `kl_threshold=0.2`, `filter=False`, `chat_style="model"`. With `min_val_refused=N` (and the filter on), harmful
+    val prompts are drawn from `harmful_val_pool`, len(harmful_val) at a time, until N are refused, as the commands
+    draw them (`selection.filter_by_refusal`).
     """
     from refusal_jax.method import directions, selection
     from refusal_jax.model.batching import ForwardCost
@@ -97,7 +100,11 @@ def extract_direction(model: LoadedModel, harmful: Sequence[str], harmless: Sequ
     scores: dict = {}
     if s.filter:
         with _bar(sum(map(len, sets.values())), "filtering by baseline refusal score", progress) as bar:
-            sets, scores = selection.filter_by_refusal(params, cfg, sets, batches, chat.refusal_ids, bar.update)
+            sets, scores, _ = selection.filter_by_refusal(
+                params, cfg, sets, batches, chat.refusal_ids, bar.update,
+                val_pool=_instructions(harmful_val_pool, "harmful_val_pool") if harmful_val_pool else (),
+                n_val=len(sets["harmful_val"]), min_val_refused=s.min_val_refused,
+                on_draw=lambda n: setattr(bar, "total", bar.total + n))
     harmful_b, harmless_b = batches(sets["harmful_train"]), batches(sets["harmless_train"])
     with _bar(len(harmful_b) + len(harmless_b), "mean activations", progress) as bar:
         diffs, mean_harmless = selection.candidate_directions(params, cfg, harmful_b, harmless_b, len(chat.eoi),

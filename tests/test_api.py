@@ -145,3 +145,42 @@ def test_api_refuses_bad_values_with_the_commands_rules(cli_run):
         rj.extract_direction(model, "harmful text", *args[2:])
     with pytest.raises(rj.DataError, match="n_test must be >= 1"):
         rj.DataSettings(n_test=-1)
+
+
+def test_api_direction_equals_the_default_extract_bit_for_bit(tmp_path, monkeypatch):
+    """The default preset (cpu: filter on, harmful val prompts drawn until 16 are refused, the model's own chat
+    template, last position, middle layers, relative induce threshold): `refusal_jax.extract` and the API run the one
+    library pipeline (`selection.filter_by_refusal` with draws, `candidate_directions`, `score_grid`)."""
+    from refusal_jax import extract
+    from refusal_jax.method import scoring
+
+    real = scoring.baseline_refusal_scores
+
+    def mixed(*args):
+        # a random tiny model refuses nothing: map its real scores (the same bits on both paths) to a refusal in
+        # about half the prompts, so the filter keeps some of every set and drops others
+        return np.array([1.0 if int(abs(x) * 1e6) % 2 else -1.0 for x in real(*args)])
+
+    monkeypatch.setattr(scoring, "baseline_refusal_scores", mixed)
+
+    model_dir = save_tiny_chat_model(tmp_path / "model")
+    harmful, harmless = write_sets(tmp_path)
+    out = tmp_path / "run"
+    assert extract.main(["--model", str(model_dir), "--harmful", str(harmful), "--harmless", str(harmless),
+                         "--n-train", "6", "--n-val", "3", "--batch-size", "4", "--chunk", "4", "--no-progress",
+                         "--kl-threshold", "1e9", "--out", str(out)]) in (0, None)  # a random model: large KL
+    data, _ = rj.sample_sets(rj.DataSettings(harmful=str(harmful), harmless=str(harmless), n_train=6, n_val=3))
+    # chat_style None: the preset's "model" falls back to the family's template without a tokenizer chat template
+    cpu = dict(positions=(-1,), layers="middle", chat_style=None, induce_threshold=None, induce_relative=0.5,
+               min_val_refused=16, batch_size=4, chunk=4, kl_threshold=1e9)
+    extraction = rj.extract_direction(rj.load_model(str(model_dir), progress=False), data["harmful_train"],
+                                      data["harmless_train"], data["harmful_val"], data["harmless_val"],
+                                      harmful_val_pool=data["harmful_val_pool"], progress=False, **cpu)
+    filtered = json.loads((out / "datasets" / "filtered.json").read_text())
+    assert filtered.get("drawn_val"), "the default preset should draw val prompts on this tiny model"
+    assert extraction.prompts == filtered["sets"]
+    meta = json.loads((out / "direction_metadata.json").read_text())
+    assert (extraction.pos, extraction.layer) == (meta["pos"], meta["layer"])
+    np.testing.assert_array_equal(extraction.direction, np.load(out / "direction.npy"))
+    np.testing.assert_array_equal(extraction.mean_diffs, np.load(out / "generate_directions" / "mean_diffs.npy"))
+    assert extraction.evaluations == json.loads((out / "select_direction" / "direction_evaluations.json").read_text())

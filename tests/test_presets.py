@@ -21,6 +21,7 @@ import pytest
 
 from refusal_jax import extract
 from refusal_jax.method import scoring
+from refusal_jax.method.selection import SelectionSettings
 from refusal_jax.runs import cli, presets, stages
 from tests.test_pipeline_cli import tiny  # noqa: F401  (module-scoped fixture)
 
@@ -52,9 +53,10 @@ def test_middle_layers_and_relative_threshold():
     assert presets.middle_layers(24, 0.2) == list(range(6, 19))
     assert presets.middle_layers(3, 0.0) == [0, 1, 2]
     assert presets.middle_layers(4, 0.5) == [1]
-    a = argparse.Namespace(induce_relative=0.5, induce_threshold=None)
-    assert presets.induce_threshold(a, 0.5, -3.5) == pytest.approx(-1.5)
-    assert presets.induce_threshold(argparse.Namespace(induce_relative=None, induce_threshold=0.0), 0.5, -3.5) == 0.0
+    base = {"harmful_val_refusal_score": 0.5, "harmless_val_refusal_score": -3.5}
+    relative = SelectionSettings(induce_relative=0.5, induce_threshold=None)
+    assert relative.filters(base)["induce_threshold"] == pytest.approx(-1.5)
+    assert SelectionSettings(induce_threshold=0.0).filters(base)["induce_threshold"] == 0.0
 
 
 def small_args(tiny):  # noqa: F811

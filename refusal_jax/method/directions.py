@@ -19,14 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refusal_jax.model.batching import Batch
-from refusal_jax.model.config import ModelConfig
-from refusal_jax.runs.distributed import to_host  # global (multi-process) arrays gathered on every host
 from refusal_jax.errors import RunError
 from refusal_jax.method import scoring
-from refusal_jax.model.transformer import Intervention, forward_unjitted
+from refusal_jax.model.batching import Batch
+from refusal_jax.model.config import ModelConfig
 from refusal_jax.model.params import Params
-
+from refusal_jax.model.transformer import Intervention, forward_unjitted
+from refusal_jax.runs.distributed import to_host  # global (multi-process) arrays gathered on every host
 
 # --------------------------------------------------------------------------------------------------
 # stage 1
@@ -45,7 +44,8 @@ def mean_activations(params: Params, cfg: ModelConfig, batches: Sequence[Batch],
     total = np.zeros((n_pos, cfg.n_layers, cfg.d_model), np.float64)
     n = 0.0
     for batch in batches:
-        total += to_host(_resid_sums(params, cfg, batch.tokens, batch.mask, batch.weight, n_pos=n_pos)).astype(np.float64)
+        sums = _resid_sums(params, cfg, batch.tokens, batch.mask, batch.weight, n_pos=n_pos)
+        total += to_host(sums).astype(np.float64)
         n += float(batch.weight.sum())
         if on_step:
             on_step(1)
@@ -54,13 +54,20 @@ def mean_activations(params: Params, cfg: ModelConfig, batches: Sequence[Batch],
     return total / n
 
 
-def mean_diffs(params, cfg, harmful: Sequence[Batch], harmless: Sequence[Batch], n_pos: int, on_step=None):
-    """Difference-in-means candidates `[n_pos, L, D]` float64 (harmful minus harmless)."""
-    diff = (mean_activations(params, cfg, harmful, n_pos, on_step)
-            - mean_activations(params, cfg, harmless, n_pos, on_step))
-    if not np.isfinite(diff).all():
+def candidate_directions(params, cfg, harmful: Sequence[Batch], harmless: Sequence[Batch], n_pos: int,
+                         on_step=None) -> tuple[np.ndarray, np.ndarray]:
+    """Difference-in-means candidates `[n_pos, L, D]` float64 (harmful minus harmless) and the harmless mean they
+    subtract, from batches."""
+    mean_harmless = mean_activations(params, cfg, harmless, n_pos, on_step)
+    diffs = mean_activations(params, cfg, harmful, n_pos, on_step) - mean_harmless
+    if not np.isfinite(diffs).all():
         raise RunError("mean activations contain NaN or infinite values (check the model dtype / weights)")
-    return diff
+    return diffs, mean_harmless
+
+
+def mean_diffs(params, cfg, harmful: Sequence[Batch], harmless: Sequence[Batch], n_pos: int, on_step=None):
+    """The candidates of `candidate_directions` alone."""
+    return candidate_directions(params, cfg, harmful, harmless, n_pos, on_step)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,7 +106,8 @@ def score_candidates(params, cfg, diffs: np.ndarray, harmful_val: Sequence[Batch
     """
     live = live_candidates(diffs, grid)
     ablations = [Intervention.ablation(cfg, diffs[grid[i]]) for i in live]
-    harmful = scoring.evaluate_interventions(params, cfg, harmful_val, ablations, refusal_ids, chunk=chunk, on_step=on_step)
+    harmful = scoring.evaluate_interventions(params, cfg, harmful_val, ablations, refusal_ids, chunk=chunk,
+                                             on_step=on_step)
     added, harmless_base = np.zeros(0), None
     if live:  # the additions' unmodified pass also gives the harmless baseline logits the KL needs
         harmless_base = []

@@ -104,36 +104,45 @@ class SelectionSettings:
 
 
 def filter_by_refusal(params, cfg, sets: Mapping[str, Sequence[str]], batches: Callable, refusal_ids,
-                      on_step: Callable[[int], Any] | None = None) -> tuple[dict[str, list[str]], dict]:
-    """Keep harmful prompts the model refuses (score > 0) and harmless ones it does not (score < 0).
+                      on_step: Callable[[int], Any] | None = None, *, val_pool: Sequence[str] = (), n_val: int = 0,
+                      min_val_refused: int = 0, on_draw: Callable[[int], Any] | None = None
+                      ) -> tuple[dict[str, list[str]], dict, list[str]]:
+    """Keep harmful prompts the model refuses (score > 0) and harmless ones it does not (score < 0) (stage 1a).
 
-    `batches(instructions)` templates and batches a list of instructions. Returns (kept sets, baseline scores per
-    set). Raises RunError when a set ends up empty.
+    `batches(instructions)` templates and batches a list of instructions. While fewer than `min_val_refused` harmful
+    val prompts are kept, `n_val` more are drawn from `val_pool` (in order) and filtered the same way, until the pool
+    runs out; `on_draw(n)` hears of each draw (a progress bar grows by n). Returns (kept sets, baseline scores per set,
+    the drawn prompts). Raises RunError when a set ends up empty.
     """
     kept, scores = {}, {}
-    for key, instructions in sets.items():
+
+    def keep(key, instructions):
         s = scoring.baseline_refusal_scores(params, cfg, batches(instructions), refusal_ids)
-        scores[key] = s.tolist()
-        keep = s > 0 if key.startswith("harmful") else s < 0
-        kept[key] = [x for x, k in zip(instructions, keep) if k]
+        scores.setdefault(key, []).extend(s.tolist())
         if on_step:
             on_step(len(instructions))
+        return [x for x, k in zip(instructions, s > 0 if key.startswith("harmful") else s < 0) if k]
+
+    for key, instructions in sets.items():
+        kept[key] = keep(key, list(instructions))
+    pool, drawn = list(val_pool), []
+    if min_val_refused and n_val < 1:
+        raise ValueError("drawing val prompts (min_val_refused > 0) needs n_val >= 1")
+    while len(kept["harmful_val"]) < min_val_refused and pool:
+        more, pool = pool[:n_val], pool[n_val:]
+        if on_draw:
+            on_draw(len(more))
+        drawn += more
+        kept["harmful_val"] += keep("harmful_val", more)
     empty = [k for k, v in kept.items() if not v]
     if empty:
         raise RunError(f"after filtering by the baseline refusal score, {', '.join(empty)} is empty: the model "
                        "does not refuse those harmful prompts (or refuses all harmless ones). Use more or other "
-                       "prompts, or --no-filter.")
-    return kept, scores
+                       "prompts, another --chat-style, or --no-filter.")
+    return kept, scores, drawn
 
 
-def candidate_directions(params, cfg, harmful, harmless, n_pos: int,
-                         on_step: Callable[[int], Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Difference-in-means candidates [n_pos, L, D] (float64) and the harmless mean they subtract, from batches."""
-    mean_harmless = directions.mean_activations(params, cfg, harmless, n_pos, on_step)
-    diffs = directions.mean_activations(params, cfg, harmful, n_pos, on_step) - mean_harmless
-    if not np.isfinite(diffs).all():
-        raise RunError("mean activations contain NaN or infinite values (check the model dtype / weights)")
-    return diffs, mean_harmless
+candidate_directions = directions.candidate_directions  # stage 1b; one implementation, in directions
 
 
 def score_grid(params, cfg, diffs: np.ndarray, harmful_val, harmless_val, refusal_ids, settings: SelectionSettings,

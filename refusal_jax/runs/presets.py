@@ -77,11 +77,3 @@ def middle_layers(n_layers: int, prune_layer_fraction: float) -> list[int]:
     stop = int(n_layers * (1.0 - prune_layer_fraction))
     start = min(n_layers // 4, max(stop - 1, 0))
     return list(range(start, max(stop, start + 1)))
-
-
-def induce_threshold(args, base_harmful: float, base_harmless: float) -> float:
-    """The induce threshold a run uses: absolute (--induce-threshold) or relative to the measured baselines
-    (--induce-relative F: harmless baseline + F x (harmful baseline - harmless baseline))."""
-    if getattr(args, "induce_relative", None) is not None:
-        return float(base_harmless + args.induce_relative * (base_harmful - base_harmless))
-    return float(args.induce_threshold)

@@ -26,7 +26,7 @@ import numpy as np
 from refusal_jax import validate
 from refusal_jax.errors import DataError, RunError
 from refusal_jax.evaluation import judge
-from refusal_jax.method import directions, plots, scoring, selection
+from refusal_jax.method import directions, plots, selection
 from refusal_jax.method.selection import SelectionSettings
 from refusal_jax.prompts import datasets, templates
 from refusal_jax.prompts.chat import ChatPrompts
@@ -189,27 +189,10 @@ def stage_filter(run: Run) -> dict[str, list[str]]:
     scores, drawn = {}, []
     if run.selection.filter:
         with run.bar(sum(len(v) for v in sets.values()), "filter: baseline refusal score", unit="prompt") as bar:
-
-            def keep(key, instructions):
-                s = scoring.baseline_refusal_scores(run.params, run.cfg, run.batches(instructions),
-                                                       run.refusal_ids)
-                scores.setdefault(key, []).extend(s.tolist())
-                bar.update(len(instructions))
-                return [x for x, k in zip(instructions, s > 0 if key.startswith("harmful") else s < 0) if k]
-
-            for key, instructions in list(sets.items()):
-                sets[key] = keep(key, instructions)
-            pool = _val_pool(run)
-            while len(sets["harmful_val"]) < run.selection.min_val_refused and pool:
-                more, pool = pool[: run.config["n_val"]], pool[run.config["n_val"]:]
-                bar.total += len(more)
-                drawn += more
-                sets["harmful_val"] += keep("harmful_val", more)
-        empty = [k for k, v in sets.items() if not v]
-        if empty:
-            raise RunError(f"after filtering by the baseline refusal score, {', '.join(empty)} is empty: the model "
-                           "does not refuse those harmful prompts (or refuses all harmless ones). Use more or other "
-                           "prompts, another --chat-style, or --no-filter.")
+            sets, scores, drawn = selection.filter_by_refusal(
+                run.params, run.cfg, sets, run.batches, run.refusal_ids, bar.update, val_pool=_val_pool(run),
+                n_val=run.config["n_val"], min_val_refused=run.selection.min_val_refused,
+                on_draw=lambda n: setattr(bar, "total", bar.total + n))  # drawn prompts grow the bar
     _drop_drawn_from_test(run, drawn)
     extra = {"drawn_val": drawn, "harmful_val_scored": len(run.data["harmful_val"]) + len(drawn)} if drawn else {}
     if drawn and "n_test" in run.config:
