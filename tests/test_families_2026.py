@@ -155,6 +155,26 @@ def test_fused_tensor_of_the_wrong_size_is_refused(tmp_path):
         load_hf(str(tmp_path), with_tokenizer=False)
 
 
+def test_olmo_norm_rounds_like_transformers():
+    """OLMo-2/3 multiply the norm weight in float32 and round once (Llama rounds before the product): in bfloat16
+    our norm gives transformers' bits."""
+    import jax.numpy as jnp
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    from refusal_jax.model.config import tiny_config
+    from refusal_jax.model.transformer import apply_norm
+
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((16, 64)).astype(np.float32), (1 + 0.3 * rng.standard_normal(64)).astype(np.float32)
+    norm = Olmo2RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor(w))
+        theirs = norm(torch.tensor(x).bfloat16()).float().numpy()
+    cfg = tiny_config("olmo2", d_model=64, rms_norm_eps=1e-6)
+    ours = np.asarray(apply_norm(cfg, jnp.asarray(x, jnp.bfloat16), jnp.asarray(w)).astype(jnp.float32))
+    np.testing.assert_array_equal(ours, theirs)
+
+
 def _config(arch, **extra):
     return dict(architectures=[arch], vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2, **extra)

@@ -149,8 +149,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, weight_in_float32: 
 
 
 def apply_norm(cfg: ModelConfig, x: jax.Array, weight: jax.Array) -> jax.Array:
-    """The RMSNorm convention of cfg's family (Gemma families: float32 weight product)."""
-    return rms_norm(x, weight, cfg.rms_norm_eps, weight_in_float32=cfg.norm_offset)
+    """The RMSNorm convention of cfg's family (Gemma and OLMo-2/3: float32 weight product)."""
+    return rms_norm(x, weight, cfg.rms_norm_eps, weight_in_float32=cfg.norm_offset or cfg.family in ("olmo2", "olmo3"))
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
