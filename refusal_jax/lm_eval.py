@@ -59,19 +59,15 @@ def _require():
 def _score(params, cfg, tokens, mask, targets, score_mask, intervention, *, n_scored: int):
     """Per row: summed log-probability of `targets` [B, K] (the next tokens of the last K = n_scored input
     positions) where `score_mask`, and whether every scored target is the argmax."""
-    from refusal_jax.model.params import unembedding
-    from refusal_jax.model.transformer import apply_norm, forward_unjitted
+    from refusal_jax.model.transformer import forward_unjitted, lm_head
 
     x = forward_unjitted(params, cfg, tokens, mask, intervention, capture=("resid_final",), capture_last=n_scored,
                  logits="none").resid_final  # [B, K, D]
     B, K, D = x.shape
-    w = unembedding(params)
 
-    def chunk(args):  # the final norm and LM head of model.transformer.forward_unjitted, on _CHUNK positions
+    def chunk(args):  # the forward pass's LM head on _CHUNK positions at a time
         h, y = args  # [B, C, D], [B, C]
-        logits = jnp.einsum("bcd,dv->bcv", apply_norm(cfg, h, params.final_norm), w.astype(h.dtype)).astype(jnp.float32)
-        if cfg.final_softcap:
-            logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+        logits = lm_head(params, cfg, h)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), y[..., None], axis=-1)[..., 0]
         return logp, jnp.argmax(logits, axis=-1) == y
 

@@ -580,13 +580,7 @@ def forward_unjitted(
 
     out_logits = None
     if logits != "none":
-        h = x[:, -1:] if logits == "last" else x
-        h = apply_norm(cfg, h, params.final_norm)
-        out_logits = matmul("btd,dv->btv", h, unembedding(params)).astype(jnp.float32)
-        if cfg.final_softcap:
-            out_logits = jnp.tanh(out_logits / cfg.final_softcap) * cfg.final_softcap
-        if cfg.logits_scaling != 1.0:  # Granite
-            out_logits = out_logits / cfg.logits_scaling
+        out_logits = lm_head(params, cfg, x[:, -1:] if logits == "last" else x)
         if logits == "last":
             out_logits = out_logits[:, 0]
 
@@ -602,6 +596,17 @@ def forward_unjitted(
         resid_final=sl(x) if "resid_final" in capture else None,
         cache=new_cache,
     )
+
+
+def lm_head(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """float32 logits [B, T, V] of residuals after the last block x [B, T, D]: the final norm, the unembedding, and
+    the family's final softcap (Gemma-2) and logits scaling (Granite), applied here and nowhere else."""
+    logits = matmul("btd,dv->btv", apply_norm(cfg, x, params.final_norm), unembedding(params)).astype(jnp.float32)
+    if cfg.final_softcap:
+        logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+    if cfg.logits_scaling != 1.0:  # Granite
+        logits = logits / cfg.logits_scaling
+    return logits
 
 
 def _layer_loop(block, x, xs):
