@@ -18,3 +18,17 @@ def shared_data():
     if not SHARED_DATA.exists():
         pytest.skip(f"reference splits not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _process_limits_unchanged():
+    """No test may leave this process's address-space limit lowered: XLA's compiler crashes (SIGSEGV) when it cannot
+    map memory, far from the test that lowered it."""
+    import resource
+
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    yield
+    after = resource.getrlimit(resource.RLIMIT_AS)
+    if after != before:
+        resource.setrlimit(resource.RLIMIT_AS, before)
+        pytest.fail(f"the test left RLIMIT_AS at {after} (was {before})")

@@ -424,3 +424,31 @@ def test_chat_template_memory_is_bounded(monkeypatch):
               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     text = templates.model_template(_word_tokenizer(specials, _WORDS, chat_template=chatml))
     assert text == "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chat_template_bounds_never_touch_this_process(monkeypatch):
+    """Templates render in a forked child: renders from several threads at once (the server's requests) leave this
+    process's address-space limit alone, so JAX's threads never run under a template's cap."""
+    import resource
+    import threading
+
+    from refusal_jax.prompts import templates
+
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = _word_tokenizer(["<|endoftext|>", "<|im_end|>", "<|im_start|>"], _WORDS, chat_template=chatml)
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    seen, texts = [], []
+
+    def render():
+        for _ in range(5):
+            texts.append(templates.model_template(tok))
+            seen.append(resource.getrlimit(resource.RLIMIT_AS))
+
+    threads = [threading.Thread(target=render) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(texts) == 20 and set(texts) == {"<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"}
+    assert set(seen) == {before} and resource.getrlimit(resource.RLIMIT_AS) == before

@@ -165,16 +165,11 @@ TEMPLATE_MAX_CHARS = 1 << 20
 TEMPLATE_MEMORY = 256 << 20  # bytes of address space a chat template may add while rendering one user turn
 
 
-class _TemplateTimeout(Exception):
-    pass
-
-
 @contextlib.contextmanager
 def _bounded_memory(extra: int):
-    """Cap this process's address space (the soft RLIMIT_AS) at its current size + `extra` bytes for the duration,
-    so that a template building a huge string fails with MemoryError instead of taking the machine's memory.
-    The soft limit goes back to what it was afterwards (a process may raise its soft limit up to the hard one).
-    A no-op where the limit or /proc/self/statm is unavailable (not Linux), or already tighter."""
+    """Cap this process's address space (the soft RLIMIT_AS) at its current size + `extra` bytes for the duration.
+    Only ever entered in the forked renderer child (`_render_in_child`): a process-wide cap in the parent would
+    also starve JAX's threads. A no-op where the limit or /proc/self/statm is unavailable, or already tighter."""
     try:
         import resource
 
@@ -197,42 +192,94 @@ def _bounded_memory(extra: int):
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-def _render_bounded(tokenizer: Any) -> str:
-    """Render the model's chat template for one user turn, bounded in time (SIGALRM, main thread only), memory
-    (`_bounded_memory`: TEMPLATE_MEMORY more address space, in-process, so a normal template costs two setrlimit
-    calls rather than a subprocess) and size; any failure of the template (syntax error, raise_exception, sandbox
-    violation) is a ConfigError."""
+_RETRY = "(pass --chat-style to use a built-in template)"
+
+
+def _render_in_child(render, memory: int, seconds: float) -> tuple[str, str]:
+    """`render()` in a forked child whose address space is capped at its size + `memory` bytes, awaited at most
+    `seconds`: ("ok", text), ("memory", ""), ("error", description) or ("timeout", ""). The child runs Python only
+    (jinja2) and leaves with os._exit; the parent's limits and threads are untouched."""
+    import json
+    import select
     import signal
-    import threading
+    import time
+    import warnings
+
+    r, w = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # JAX warns that fork and threads mix badly: the child never touches JAX
+        pid = os.fork()
+    if pid == 0:  # the child
+        status = 1
+        try:
+            os.close(r)
+            try:
+                with _bounded_memory(memory):
+                    result = ["ok", render()]
+            except MemoryError:
+                result = ["memory", ""]
+            except BaseException as e:  # jinja2 TemplateError / SecurityError, raise_exception(), anything
+                result = ["error", f"{type(e).__name__}: {str(e)[:200]}"]
+            data = json.dumps(result if isinstance(result[1], str) else ["error", "rendered no text"]).encode()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(w, view):]
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(w)
+    chunks, outcome = [], None
+    deadline = time.monotonic() + seconds
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                outcome = ("timeout", "")
+                break
+            chunk = os.read(r, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+        if outcome is not None:
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+    if outcome is not None:
+        return outcome
+    try:
+        kind, text = json.loads(b"".join(chunks))
+        return kind, text
+    except ValueError:  # the child died before it could answer: out of memory in C code, or a signal
+        return "memory" if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL else "error", (
+            f"the renderer exited with status {status}")
+
+
+def _render_bounded(tokenizer: Any) -> str:
+    """Render the model's chat template for one user turn, bounded in time (TEMPLATE_SECONDS), memory
+    (TEMPLATE_MEMORY more address space) and size (TEMPLATE_MAX_CHARS), in a forked child (`_render_in_child`; about
+    a millisecond per render, once per run) where fork exists; any failure of the template (syntax error,
+    raise_exception, sandbox violation) is a ConfigError."""
 
     def render():
         return tokenizer.apply_chat_template([{"role": "user", "content": _PLACEHOLDER}], tokenize=False,
                                              add_generation_prompt=True)
 
-    timed = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
-    previous = None
-    if timed:
-        def on_alarm(signum, frame):
-            raise _TemplateTimeout
-
-        previous = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
-    try:
-        with _bounded_memory(TEMPLATE_MEMORY):
-            text = render()
-    except MemoryError:
+    if hasattr(os, "fork"):
+        kind, text = _render_in_child(render, TEMPLATE_MEMORY, TEMPLATE_SECONDS)
+    else:  # no fork: rendered here, bounded in size only
+        try:
+            kind, text = "ok", render()
+        except Exception as e:
+            kind, text = "error", f"{type(e).__name__}: {str(e)[:200]}"
+    if kind == "memory":
         raise ConfigError(f"the model's chat template needed more than {TEMPLATE_MEMORY >> 20} MiB to render one "
-                          "user turn; refusing it (pass --chat-style to use a built-in template)") from None
-    except _TemplateTimeout:
+                          f"user turn; refusing it {_RETRY}")
+    if kind == "timeout":
         raise ConfigError(f"the model's chat template took more than {TEMPLATE_SECONDS:g} s to render one user "
-                          "turn; refusing it (pass --chat-style to use a built-in template)") from None
-    except Exception as e:  # jinja2 TemplateError / SecurityError, raise_exception(), anything a template does
-        raise ConfigError(f"the model's chat template failed: {type(e).__name__}: {str(e)[:200]} (pass --chat-style "
-                          "to use a built-in template)") from None
-    finally:
-        if timed:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+                          f"turn; refusing it {_RETRY}")
+    if kind != "ok":
+        raise ConfigError(f"the model's chat template failed: {text} {_RETRY}")
     if not isinstance(text, str) or len(text) > TEMPLATE_MAX_CHARS:
         raise ConfigError("the model's chat template rendered no text or more than 1 MiB for one user turn")
     return text
