@@ -18,7 +18,6 @@ import tempfile
 import time
 
 import numpy as np
-
 from common import emit, machine, timed
 
 SHAPES = {  # the published block shapes; layers and vocabulary are arguments

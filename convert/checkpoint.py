@@ -23,8 +23,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from refusal_jax.model.config import ModelConfig
 from refusal_jax.errors import CheckpointError, ChecksumError, ConfigError
+from refusal_jax.model.config import ModelConfig
 from refusal_jax.model.params import Params, from_flat, param_shapes, to_flat
 
 CONFIG_FILE = "refusal_jax_config.json"

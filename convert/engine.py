@@ -18,10 +18,10 @@ from typing import Callable, Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
-from refusal_jax.model.config import ModelConfig
 from refusal_jax.convert.dtypes import cast, check_fits
 from refusal_jax.errors import CheckpointError
-from refusal_jax.model.params import ParamSpec, Params, axis_sizes, from_flat, param_shapes, present_params
+from refusal_jax.model.config import ModelConfig
+from refusal_jax.model.params import Params, ParamSpec, axis_sizes, from_flat, param_shapes, present_params
 
 # Source tensors that carry no parameters of ours (buffers saved by old transformers versions).
 _IGNORED = (re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),)
@@ -95,7 +95,8 @@ def check_sizes(cfg: ModelConfig, source_numel: int, source: str) -> None:
         need += n
     if need > 2 * source_numel + (1 << 20):
         raise CheckpointError(
-            f"{source}: the config describes {need:,} parameters (n_layers={cfg.n_layers}, {describe_shapes(cfg)}) but the checkpoint's tensors hold {source_numel:,}: the "
+            f"{source}: the config describes {need:,} parameters (n_layers={cfg.n_layers}, {describe_shapes(cfg)}) "
+            f"but the checkpoint's tensors hold {source_numel:,}: the "
             "config does not match the weights")
 
 
@@ -243,7 +244,8 @@ def to_hf_tensors(
       norm_offset_folded: Gemma only: yield the stored multiplier 1 + w instead of HF's w (the GGUF convention).
         By default Gemma norms are un-folded as w = stored - 1, computed in float32 and rounded once to `dtype`.
       edit: applied to each tensor in our layout before it is converted, as edit(field, layer index or None,
-        array) (e.g. `method.orthogonalization.streaming_edit`), so an edited model is exported without being held twice.
+        array) (e.g. `method.orthogonalization.streaming_edit`), so an edited model is exported without being held
+        twice.
     Raises:
       CheckpointError: params whose shapes do not match `cfg`, or an lm_head on a tied config.
     """

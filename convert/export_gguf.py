@@ -53,8 +53,8 @@ def _main(argv=None):
 
     import jax
 
-    from refusal_jax.method import edits
     from refusal_jax.convert.loading import load_model
+    from refusal_jax.method import edits
     from refusal_jax.method.orthogonalization import load_direction, untied_config
 
     args = parser().parse_args(argv)
@@ -97,8 +97,8 @@ def _main(argv=None):
 
     with progress_bar(len(stacked_plan(cfg)), f"writing {out.name}", not args.no_progress,
                       unit="tensor") as bar:
-        res = save_gguf(out, cfg, params, tokenizer_source=tok_src, tensor_type=tensor_type, name=name, metadata=metadata,
-                        overwrite=args.overwrite, sources=sources, on_tensor=lambda _: bar.update())
+        res = save_gguf(out, cfg, params, tokenizer_source=tok_src, tensor_type=tensor_type, name=name,
+                        metadata=metadata, overwrite=args.overwrite, sources=sources, on_tensor=lambda _: bar.update())
     size = res["path"].stat().st_size
     print(f"wrote {res['path']} ({size / 2**20:.1f} MiB, {GGUF_ARCH[cfg.family]}) in {time.perf_counter() - t0:.1f} s")
     print(f"  tensor types: {', '.join(f'{k} x{v}' for k, v in sorted(res['counts'].items()))}")

@@ -18,11 +18,11 @@ from typing import Any, Callable, Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
-from refusal_jax.model.config import ARCHITECTURES, ModelConfig, RopeConfig, from_hf_config
 from refusal_jax.convert import engine
 from refusal_jax.convert.safetensors_io import raw_bytes
 from refusal_jax.errors import CheckpointError, ConfigError
 from refusal_jax.model import families
+from refusal_jax.model.config import ARCHITECTURES, ModelConfig, RopeConfig, from_hf_config
 from refusal_jax.model.params import Params
 
 # family -> (HF architecture, model_type)
@@ -131,7 +131,8 @@ def to_hf_config(cfg: ModelConfig, *, extra: Mapping[str, Any] | None = None) ->
     if cfg.family == "gemma3":
         local = cfg.rope_local or cfg.rope
         if local.rope_type != "default":
-            raise ConfigError("Gemma-3 sliding-window layers with a scaled RoPE cannot be written as rope_local_base_freq")
+            raise ConfigError("Gemma-3 sliding-window layers with a scaled RoPE cannot be written as "
+                              "rope_local_base_freq")
         hf["rope_parameters"] = {"full_attention": _rope_parameters(cfg.rope),
                                  "sliding_attention": _rope_parameters(local)}
         hf["rope_local_base_freq"] = local.theta

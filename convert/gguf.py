@@ -710,8 +710,8 @@ def _auto_tokenizer(src: GGUFSource):
 
 def sharded_source(path: str | Path, *, strict: bool = True):
     """A GGUF file opened for `placement.place_params`: each tensor dequantized only when placed."""
-    from refusal_jax.model.config import from_hf_config
     from refusal_jax.convert.placement import ShardedSource
+    from refusal_jax.model.config import from_hf_config
 
     src = read_gguf(path, strict=strict)
     try:
@@ -761,8 +761,8 @@ def load_gguf(path: str | Path, dtype=np.float32, on_tensor: Callable[[str], Non
     Returns:
       (cfg, params, tokenizer); the tokenizer's `chat_template` is the file's `tokenizer.chat_template`.
     """
-    from refusal_jax.model.config import from_hf_config
     from refusal_jax.convert.engine import fill_params
+    from refusal_jax.model.config import from_hf_config
 
     src = read_gguf(path, strict=strict)
     try:

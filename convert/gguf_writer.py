@@ -48,11 +48,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from refusal_jax.model.config import ModelConfig
 from refusal_jax.convert import dtypes, engine
 from refusal_jax.convert.gguf import _EXPERT_WEIGHTS_NORM, _GLOBAL_NAMES, _layer_names, _moe_layer_names, permute_qk
 from refusal_jax.errors import CheckpointError, ConfigError
 from refusal_jax.model import families
+from refusal_jax.model.config import ModelConfig
 from refusal_jax.model.params import Params
 
 # family -> GGUF general.architecture

@@ -8,9 +8,9 @@ from typing import Callable
 
 import numpy as np
 
-from refusal_jax.model.config import ModelConfig, from_hf_config
 from refusal_jax.convert import engine, fused, mxfp4, safetensors_io
 from refusal_jax.errors import CheckpointError, ConfigError
+from refusal_jax.model.config import ModelConfig, from_hf_config
 from refusal_jax.model.params import Params
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]

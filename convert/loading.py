@@ -10,8 +10,8 @@ from typing import NamedTuple
 import jax
 
 from refusal_jax.convert import checkpoint
-from refusal_jax.model.config import ModelConfig
 from refusal_jax.errors import CheckpointError
+from refusal_jax.model.config import ModelConfig
 from refusal_jax.model.params import Params
 from refusal_jax.runs.progress import progress_bar
 
@@ -42,8 +42,7 @@ def convert_source(src: str, *, dtype: str = "float32", strict_config: bool = Tr
     sharding (`sharding.param_shardings`) shard by shard, reading one source tensor at a time
     (`convert.placement.place_params`), so no weight is ever whole on one device.
     """
-    from refusal_jax.convert import bundled
-    from refusal_jax.convert import engine
+    from refusal_jax.convert import bundled, engine
 
     np_dtype = engine.numpy_dtype(dtype)
     path = Path(src).expanduser()
@@ -72,8 +71,8 @@ def convert_source(src: str, *, dtype: str = "float32", strict_config: bool = Tr
 
 
 def _convert_sharded(source, np_dtype, progress, mesh, rules):
-    from refusal_jax.model import sharding
     from refusal_jax.convert import placement
+    from refusal_jax.model import sharding
 
     shardings = sharding.param_shardings(source.cfg, mesh, *([rules] if rules else []))
     with progress_bar(len(source.loaders), f"converting {source.name} onto {sharding.describe(mesh)}", progress,
@@ -131,7 +130,6 @@ def load_model(src: str, *, dtype: str = "float32", strict_config: bool = True, 
       LoadedModel(params, cfg, tokenizer), unpackable as a tuple.
     """
     from refusal_jax.convert import bundled
-
     from refusal_jax.runs import distributed
 
     shardings = None

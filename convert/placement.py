@@ -16,9 +16,9 @@ from typing import Callable, Mapping
 import jax
 import numpy as np
 
-from refusal_jax.model.config import ModelConfig
 from refusal_jax.convert import engine
 from refusal_jax.errors import CheckpointError
+from refusal_jax.model.config import ModelConfig
 from refusal_jax.model.params import Params, from_flat, param_shapes, to_flat
 
 
@@ -53,7 +53,8 @@ def _check_names(source: ShardedSource, plan) -> None:
     if source.duplicates:
         raise CheckpointError(f"{source.name}: tensor {source.duplicates[0]} appears more than once")
     expected = {name for entries in plan.values() for name, *_ in entries}
-    unexpected = sorted(n for n in source.loaders if n not in expected and not any(p.fullmatch(n) for p in engine._IGNORED)
+    unexpected = sorted(n for n in source.loaders
+                        if n not in expected and not any(p.fullmatch(n) for p in engine._IGNORED)
                         and not (cfg.tie_embeddings and n == "lm_head.weight"))
     engine.check_tensor_names(source.name, cfg, sorted(expected - set(source.loaders)), unexpected)
 
@@ -101,6 +102,7 @@ def place_params(source: ShardedSource, shardings: Params, *, dtype=np.float32,
             del array, value
             if on_tensor:
                 on_tensor(hf_name)
-        out[field] = jax.make_array_from_callback(shape, sharding, lambda index: buffers[_key(index, shape)][1])
+        out[field] = jax.make_array_from_callback(shape, sharding,
+                                                  lambda index, b=buffers, s=shape: b[_key(index, s)][1])
         del buffers
     return from_flat(out)

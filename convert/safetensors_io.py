@@ -156,7 +156,8 @@ def model_files(model_dir: Path) -> list[Path]:
         return others
     if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pth")):
         raise CheckpointError(f"{model_dir}: only PyTorch pickle weights (*.bin/*.pth) found; refusal_jax reads "
-                              "safetensors (convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
+                              "safetensors (convert with transformers: "
+                              "model.save_pretrained(dir, safe_serialization=True))")
     raise CheckpointError(f"{model_dir}: no *.safetensors weights found")
 
 
@@ -178,7 +179,8 @@ def write_file(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[
         arr = np.ascontiguousarray(arr)
         if arr.dtype not in _NAMES:
             raise CheckpointError(f"cannot write tensor {name} of dtype {arr.dtype}")
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
         arrays[name] = arr
     if metadata:

@@ -84,8 +84,8 @@ def load(mesh_spec, sources):
     import jax
     import numpy as np
 
-    from refusal_jax.model import sharding
     from refusal_jax.convert.loading import load_model
+    from refusal_jax.model import sharding
     from refusal_jax.model.params import to_flat
 
     placed = []  # shapes of host arrays sent to one device

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from refusal_jax import Intervention, forward
+from refusal_jax.errors import RunError
 from refusal_jax.evaluation import judge
 from refusal_jax.method import directions, scoring
 from refusal_jax.model.batching import bucketed
 from refusal_jax.model.config import tiny_config
-from refusal_jax.errors import RunError
 from refusal_jax.model.params import init_random
 
 

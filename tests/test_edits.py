@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 
 from refusal_jax import Intervention, forward
-from refusal_jax.method import edits
-from refusal_jax.model.config import tiny_config
 from refusal_jax.errors import ConfigError, DataError
+from refusal_jax.method import edits
 from refusal_jax.method.orthogonalization import orthogonalize, untied_config
+from refusal_jax.model.config import tiny_config
 from refusal_jax.model.params import init_random, to_flat
 from tests.hf_tiny import left_padded_batch
-
 
 
 @pytest.fixture(scope="module", params=[("llama", False), ("qwen2", True)], ids=["llama", "qwen2-tied"])

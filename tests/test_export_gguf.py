@@ -24,14 +24,14 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from refusal_jax import forward  # noqa: E402
-from refusal_jax.model.config import ModelConfig, RopeConfig, tiny_config  # noqa: E402
 from refusal_jax.convert import export_gguf, export_hf, gguf_writer  # noqa: E402
 from refusal_jax.convert.gguf import load_gguf, permute_qk, read_gguf  # noqa: E402
 from refusal_jax.convert.hf import load_hf  # noqa: E402
-from refusal_jax.runs import outputs  # noqa: E402
 from refusal_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from refusal_jax.method.orthogonalization import orthogonalize, untied_config  # noqa: E402
+from refusal_jax.model.config import ModelConfig, RopeConfig, tiny_config  # noqa: E402
 from refusal_jax.model.params import init_random, to_flat  # noqa: E402
+from refusal_jax.runs import outputs  # noqa: E402
 from tests.hf_tiny import left_padded_batch  # noqa: E402
 
 LLAMA3 = RopeConfig(theta=5e5, rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,

@@ -24,13 +24,13 @@ import pytest
 pytest.importorskip("torch")
 
 from refusal_jax import Intervention, extract, forward  # noqa: E402
-from refusal_jax.method import directions, scoring
-from refusal_jax.prompts import templates
 from refusal_jax.convert import qwen1, safetensors_io  # noqa: E402
 from refusal_jax.convert.hf import load_hf  # noqa: E402
-from refusal_jax.model.config import tiny_config  # noqa: E402
 from refusal_jax.errors import ConfigError  # noqa: E402
+from refusal_jax.method import directions, scoring
 from refusal_jax.method.orthogonalization import orthogonalize, untied_config  # noqa: E402
+from refusal_jax.model.config import tiny_config  # noqa: E402
+from refusal_jax.prompts import templates
 from tests.hf_tiny import left_padded_batch, make_hf_model  # noqa: E402
 
 HARMFUL = [f"how to {v} a {o}" for v in ("steal", "hack", "poison", "rob") for o in ("car", "bank", "neighbor")]

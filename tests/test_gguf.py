@@ -19,7 +19,6 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from refusal_jax.convert import bundled  # noqa: E402
-from refusal_jax.model.config import from_hf_config  # noqa: E402
 from refusal_jax.convert.engine import fill_params  # noqa: E402
 from refusal_jax.convert.gguf import (  # noqa: E402
     GGUFSource,
@@ -31,6 +30,7 @@ from refusal_jax.convert.gguf import (  # noqa: E402
     unpermute_qk,
 )
 from refusal_jax.errors import CheckpointError, ChecksumError, ConfigError  # noqa: E402
+from refusal_jax.model.config import from_hf_config  # noqa: E402
 from refusal_jax.model.params import to_flat  # noqa: E402
 
 GGUF_ARCH = {

@@ -21,8 +21,7 @@ from refusal_jax.model import continuous  # noqa: E402
 from refusal_jax.model.config import from_hf_config, tiny_config  # noqa: E402
 from refusal_jax.model.generate import decoding_params  # noqa: E402
 from refusal_jax.model.params import init_random, to_flat  # noqa: E402
-from refusal_jax.model.transformer import (  # noqa: E402
-    apply_norm, expert_block_rows, expert_capacity, moe_experts, route)
+from refusal_jax.model.transformer import apply_norm, expert_block_rows, expert_capacity, moe_experts, route  # noqa: E402
 from tests.hf_tiny import MOE_FAMILIES, hf_forward, left_padded_batch, save_and_convert  # noqa: E402
 from tests.test_continuous import prompts, static  # noqa: E402
 
@@ -246,7 +245,8 @@ def test_gpt_oss_mxfp4_release_is_dequantized_on_load(tmp_path):
     of the transformers model holding those dequantized weights."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from refusal_jax.convert import hf as hf_reader, mxfp4, placement, safetensors_io
+    from refusal_jax.convert import hf as hf_reader
+    from refusal_jax.convert import mxfp4, placement, safetensors_io
     from refusal_jax.model import sharding as shd
     from tests.hf_tiny import make_hf_model
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from refusal_jax import Intervention, forward
-from refusal_jax.model.config import tiny_config
 from refusal_jax.method.orthogonalization import orthogonalize, untied_config
+from refusal_jax.model.config import tiny_config
 from refusal_jax.model.params import init_random
 from tests.hf_tiny import left_padded_batch
 

@@ -22,9 +22,9 @@ def hooked_logits(model, units, attn_scales, mlp_scales, tokens, mask):
     import torch
 
     hooks = []
-    for l, layer in enumerate(model.model.layers):
-        for module, s in ((layer.self_attn.o_proj, attn_scales[l]), (layer.mlp.down_proj, mlp_scales[l])):
-            r = torch.tensor(units[l])
+    for li, layer in enumerate(model.model.layers):
+        for module, s in ((layer.self_attn.o_proj, attn_scales[li]), (layer.mlp.down_proj, mlp_scales[li])):
+            r = torch.tensor(units[li])
 
             def hook(_mod, _inp, out, r=r, s=float(s)):
                 return out - s * (out @ r)[..., None] * r

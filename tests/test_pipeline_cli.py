@@ -38,7 +38,8 @@ def test_pipeline_runs_all_stages_and_resumes(tiny, tmp_path, capsys):
     np.testing.assert_array_equal(np.load(out / "direction.npy"), diffs[meta["pos"], meta["layer"]])
     evals = json.loads((out / "select_direction" / "direction_evaluations.json").read_text())
     assert len(evals) == 9 and {"position", "layer", "refusal_score", "steering_score", "kl_div_score"} <= set(evals[0])
-    for name in ("ablation_scores.png", "actadd_scores.png", "kl_div_scores.png", "direction_evaluations_filtered.json"):
+    for name in ("ablation_scores.png", "actadd_scores.png", "kl_div_scores.png",
+                 "direction_evaluations_filtered.json"):
         assert (out / "select_direction" / name).exists()
     for stem in ("harmful_baseline", "harmful_ablation", "harmful_actadd", "harmless_baseline", "harmless_actadd"):
         records = json.loads((out / "completions" / f"{stem}_completions.json").read_text())

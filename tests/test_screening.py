@@ -1,4 +1,5 @@
-"""First-order screening (refusal_jax.method.screening) on tiny random models of every family (tests/test_export.py CONFIGS).
+"""First-order screening (refusal_jax.method.screening) on tiny random models of every family (tests/test_export.py
+CONFIGS).
 
 - The first-order scores are derivatives of the exact scores: central finite differences of the exact code path
   (`scoring.evaluate_interventions`) under ablation of ε·(h·r̂)r̂ at every site (`ablate_layers = ε`) and under
@@ -59,7 +60,7 @@ def test_first_order_matches_finite_differences(family):
     fo = screening.first_order(params, cfg, batches, batches, REFUSAL_IDS, micro=3)
     assert fo.base_harmful == pytest.approx(exact_score(params, cfg, batches, [Intervention.none(cfg)])[0], abs=1e-4)
     rng = np.random.default_rng(1)
-    for trial in range(2):
+    for _trial in range(2):
         r = rng.standard_normal(cfg.d_model)
         unit = r / np.linalg.norm(r)
         basis = jnp.asarray(unit[None], jnp.float32)

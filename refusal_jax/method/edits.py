@@ -38,11 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
-from refusal_jax.model.config import ModelConfig
-from refusal_jax.runs import rundir as runs
 from refusal_jax.errors import DataError
 from refusal_jax.method.orthogonalization import _unit_basis, edit_weights
+from refusal_jax.model.config import ModelConfig
 from refusal_jax.model.params import Params
+from refusal_jax.runs import rundir as runs
 
 METHODS = ("plain", "projected", "norm-preserving")
 HARMLESS_MEAN_FILE = "generate_directions/mean_harmless.npy"

@@ -31,9 +31,9 @@ the loss history; a rerun with the same settings resumes from the latest one, an
 drawn from `np.random.default_rng((seed, t))`, an interrupted and resumed run equals an uninterrupted one.
 
 The command `python -m refusal_jax.optimize --model SRC --direction RUN/direction.npy --layer L --out DIR`
-(refusal_jax/optimize.py) writes DIR/direction.npy (float32 [D]: r̂ times the DIM norm, so it can be used exactly like the pipeline's
-direction.npy, including actadd with coefficient 1), DIR/optimize_metadata.json, DIR/loss_curves.png,
-DIR/targets.json and DIR/checkpoints/.
+(refusal_jax/optimize.py) writes DIR/direction.npy (float32 [D]: r̂ times the DIM norm, so it can be used exactly
+like the pipeline's direction.npy, including actadd with coefficient 1), DIR/optimize_metadata.json,
+DIR/loss_curves.png, DIR/targets.json and DIR/checkpoints/.
 """
 
 from __future__ import annotations
@@ -51,12 +51,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from refusal_jax.errors import DataError, RunError
 from refusal_jax.evaluation import judge
 from refusal_jax.evaluation.loss import masked_ce_loss
-from refusal_jax.runs import rundir as runs
-from refusal_jax.errors import DataError, RunError
 from refusal_jax.model.batching import left_pad
 from refusal_jax.model.transformer import Intervention, forward_unjitted
+from refusal_jax.runs import rundir as runs
 
 LOSS_TERMS = ("ablation", "addition", "retain", "independence")
 DEFAULT_WEIGHTS = {"ablation": 1.0, "addition": 0.2, "retain": 1.0, "independence": 0.0}

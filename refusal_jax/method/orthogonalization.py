@@ -1,8 +1,9 @@
 """Weight orthogonalization: a Params -> Params edit equivalent to directional ablation at inference time.
 
 Every matrix that writes into the residual stream (token embedding, attention output projections, MLP down
-projections; in a mixture of experts every routed expert's down projection and the shared expert's) loses its component along r̂: W <- W - (W r̂) r̂ᵀ on the d_model axis. Then no block can write r̂ into
-the residual, which is what hook-based ablation enforces (paper App. E).
+projections; in a mixture of experts every routed expert's down projection and the shared expert's) loses its
+component along r̂: W <- W - (W r̂) r̂ᵀ on the d_model axis. Then no block can write r̂ into the residual, which is
+what hook-based ablation enforces (paper App. E).
 
 Gemma-2/3 apply an RMSNorm *after* attention/MLP and before the residual add; projecting o/down does not remove
 r̂ from a normed output, so for those families orthogonalization is not equivalent and we refuse it (use the
@@ -18,10 +19,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from refusal_jax.model.config import ModelConfig
-from refusal_jax.runs import rundir as runs
 from refusal_jax.errors import ConfigError, DataError
+from refusal_jax.model.config import ModelConfig
 from refusal_jax.model.params import Params
+from refusal_jax.runs import rundir as runs
 
 
 def _unit_basis(direction) -> np.ndarray:
@@ -169,7 +170,8 @@ def load_direction(path, d_model: int | None):
     return arr
 
 
-SITE_NAMES = {"embed": "embed", "layers.o": "o_proj", "layers.down": "down_proj", "layers.expert_down": "experts.down_proj",
+SITE_NAMES = {"embed": "embed", "layers.o": "o_proj", "layers.down": "down_proj",
+              "layers.expert_down": "experts.down_proj",
               "layers.o_bias": "o_proj.bias", "layers.expert_down_bias": "experts.down_proj.bias"}
 
 

@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refusal_jax.model.batching import in_input_order
 from refusal_jax.errors import DataError
+from refusal_jax.model.batching import in_input_order
 from refusal_jax.model.transformer import Intervention, forward_unjitted
 
 PAIRINGS = ("mean", "paired")

@@ -1,1 +1,2 @@
-"""The transformer: configuration, parameters, the scanned forward with interventions, generation, batching, sharding."""
+"""The transformer: configuration, parameters, the scanned forward with interventions, generation, batching,
+sharding."""

@@ -25,8 +25,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from refusal_jax.runs.distributed import to_host
 from refusal_jax.errors import DataError
+from refusal_jax.runs.distributed import to_host
 
 
 @dataclasses.dataclass

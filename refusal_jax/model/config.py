@@ -112,7 +112,8 @@ class ModelConfig:
         if any(self.sliding_layers) and not self.sliding_window:
             raise ConfigError("layer_types asks for sliding-window layers but sliding_window is not set")
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}")
+            raise ConfigError(f"num_attention_heads={self.n_heads} is not a multiple of "
+                              f"num_key_value_heads={self.n_kv_heads}")
         if self.mlp_activation not in ("silu", "gelu_tanh"):
             raise ConfigError(f"hidden_act={self.mlp_activation!r} is not supported (silu, gelu_pytorch_tanh)")
 
@@ -187,7 +188,7 @@ _IGNORED_KEYS = {
     "is_encoder_decoder", "add_cross_attention", "chunk_size_feed_forward", "id2label", "label2id",
     "problem_type", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
     "task_specific_params", "finetuning_task", "pruned_heads", "tf_legacy_loss", "cross_attention_hidden_size",
-    "architectures", "quantization_config_ignored", "use_return_dict", "embedding_dropout", "resid_pdrop",
+    "quantization_config_ignored", "use_return_dict", "embedding_dropout", "resid_pdrop",
     "embd_pdrop", "attn_pdrop", "hidden_dropout", "classifier_dropout", "max_length", "min_length",
     "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k",
     "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
@@ -244,7 +245,8 @@ def _rope_from_params(p: Mapping[str, Any] | None, theta: float, where: str, fam
         raise ConfigError(f"unsupported config attribute {where}.partial_rotary_factor={p['partial_rotary_factor']!r}")
     if rope_type not in SUPPORTED_ROPE_TYPES or family not in ROPE_TYPE_FAMILIES.get(rope_type, (family,)):
         raise ConfigError(
-            f"unsupported config attribute {where}.rope_type={rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+            f"unsupported config attribute {where}.rope_type={rope_type!r} "
+            f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
         )
     theta = float(p.get("rope_theta", theta))
     if rope_type == "default":

@@ -524,7 +524,7 @@ class Engine:
         for width in self.widths:
             self._pinned = width
             done = threading.Event()
-            self.submit(Request([self.pad], lambda new, stopped: stopped and done.set(), max_tokens=2))
+            self.submit(Request([self.pad], lambda new, stopped, d=done: stopped and d.set(), max_tokens=2))
             done.wait()
         self._pinned = None
 
@@ -570,7 +570,7 @@ class Engine:
                 raise ValueError("an ad-hoc ablation basis has more rows than the table")
             entry = entry.replace(ablate_basis=jnp.pad(entry.ablate_basis,
                                                        ((0, 0), (0, rank - entry.ablate_basis.shape[1]), (0, 0))))
-            self.table = jax.tree.map(lambda t, e: t.at[index].set(e[0]), self.table, entry)
+            self.table = jax.tree.map(lambda t, e, i=index: t.at[i].set(e[0]), self.table, entry)
 
     def _admit(self) -> None:
         self._waiting = [r for r in self._waiting if not (r.cancelled and self._finish(r))]

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 from refusal_jax.model.batching import ForwardCost, bucketed, encode, pad_id
 from refusal_jax.model.config import ModelConfig
 from refusal_jax.model.families import END_OF_TURN
-from refusal_jax.runs.distributed import to_host
-from refusal_jax.model.transformer import Intervention, KVCache, forward_unjitted
 from refusal_jax.model.params import Params, unembedding, unstack_layers
 from refusal_jax.model.quant import DECODE_DTYPES, lower_precision
+from refusal_jax.model.transformer import Intervention, KVCache, forward_unjitted
+from refusal_jax.runs.distributed import to_host
 
 
 def greedy_generate(params: Params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array,

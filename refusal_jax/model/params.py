@@ -294,7 +294,7 @@ def unembedding(params: Params) -> jax.Array:
 def unstack_layers(layers: LayerParams) -> tuple[LayerParams, ...]:
     """The stacked [L, ...] layer weights as L separate per-layer LayerParams (copies). The forward pass loops over
     such a tuple instead of scanning; `generate.decoding_params` says why decoding on CPU wants that."""
-    return tuple(jax.tree.map(lambda a: a[i], layers) for i in range(layers.q.shape[0]))
+    return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(layers.q.shape[0]))
 
 
 def cast(params: Params, dtype) -> Params:

@@ -60,11 +60,11 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from refusal_jax.errors import ConfigError
 from refusal_jax.model.batching import Batch
 from refusal_jax.model.config import ModelConfig
-from refusal_jax.errors import ConfigError
-from refusal_jax.model.transformer import Intervention, KVCache
 from refusal_jax.model.params import PARAM_AXES, Params, from_flat, param_shapes, to_flat
+from refusal_jax.model.transformer import Intervention, KVCache
 
 LOGICAL_AXES = ("batch", "candidates", "heads", "kv_heads", "mlp", "vocab", "experts", "expert_mlp", "expert_mlp2",
                 "embed", "layers", "head_dim", "seq")
@@ -300,7 +300,8 @@ def make_mesh(spec: str = "auto", rules: MeshRules = DEFAULT_RULES, devices: Seq
                     raise ValueError
                 size = int(size)
             except ValueError:
-                raise ConfigError(f"bad mesh spec {spec!r}: {part!r} is not name=size (e.g. 'data=4,model=2')")
+                raise ConfigError(f"bad mesh spec {spec!r}: {part!r} is not name=size "
+                                  "(e.g. 'data=4,model=2')") from None
             if name not in known:
                 raise ConfigError(f"unknown mesh axis {name!r} in {spec!r}; the sharding rules use: {', '.join(known)}")
             if name in names:

@@ -414,7 +414,8 @@ def stage_evaluate(run: Run, completion_files: dict[str, Path], settings: EvalSe
     return summary
 
 
-def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files, settings: EvalSettings) -> dict[str, dict]:
+def stage_loss(run: Run, layer: int, direction: np.ndarray, completion_files,
+               settings: EvalSettings) -> dict[str, dict]:
     from refusal_jax.evaluation import loss
 
     ivs = interventions_for(run, layer, direction)
