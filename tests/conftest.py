@@ -32,3 +32,16 @@ def _process_limits_unchanged():
     if after != before:
         resource.setrlimit(resource.RLIMIT_AS, before)
         pytest.fail(f"the test left RLIMIT_AS at {after} (was {before})")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop every compiled program after each test module: the fast suite compiles thousands of programs in one
+    process, and XLA's CPU compiler crashed (SIGSEGV) three quarters of the way through when they all stayed alive."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
