@@ -18,7 +18,7 @@ def real(value, name: str, *, low: float | None = None, high: float | None = Non
          high_open: bool = False, allow_inf: bool = False) -> float:
     """`value` as a float: a number (not a bool), never NaN, finite unless `allow_inf`, within [low, high]
     (open ends with `low_open` / `high_open`). DataError naming `name` otherwise."""
-    if isinstance(value, bool) or value is None:
+    if isinstance(value, (bool, str, bytes)) or value is None:  # a setting given as text is a mistake, not a number
         raise DataError(f"{name} must be a number, got {value!r}")
     try:
         x = float(value)

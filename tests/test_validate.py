@@ -76,7 +76,9 @@ def test_ranges_and_messages():
         real_arg("--lr", low=0, low_open=True)("0")
     with pytest.raises(DataError, match="--x is NaN"):
         real(float("nan"), "--x", allow_inf=True)
-    assert real("-inf", "t", allow_inf=True) == -math.inf
+    assert real(float("-inf"), "t", allow_inf=True) == -math.inf
+    with pytest.raises(DataError, match="must be a number"):
+        real("0.5", "t")
     with pytest.raises(DataError, match="whole number"):
         integer(2.5, "n")
     with pytest.raises(DataError, match="whole number"):
