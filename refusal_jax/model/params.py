@@ -13,6 +13,7 @@ Optional tensors are None when the architecture has none (a None leaf is an empt
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Callable
 
 import jax
@@ -106,56 +107,26 @@ def _same_layout(name, axes: tuple[str, ...], present=None) -> ParamSpec:
     return ParamSpec(axes, name, tuple((a,) for a in axes), present)
 
 
-def _qkv_bias(cfg):
-    return cfg.qkv_bias
-
-
-def _post_norms(cfg):
-    return cfg.post_norms
-
-
-def _pre_norms(cfg):
-    return cfg.pre_norms
+# whether a config has an optional tensor (ParamSpec.present)
+_qkv_bias = operator.attrgetter("qkv_bias")
+_post_norms = operator.attrgetter("post_norms")
+_pre_norms = operator.attrgetter("pre_norms")
+_qk_norm_flat = operator.attrgetter("qk_norm_flat")
+_dense_mlp = operator.attrgetter("dense_mlp")
+_moe = operator.attrgetter("moe")
+_fused_experts = operator.attrgetter("fused_experts")
+_expert_bias = operator.attrgetter("expert_bias")
+_o_bias = operator.attrgetter("o_bias")
+_sinks = operator.attrgetter("attn_sinks")
+_shared_expert = operator.attrgetter("shared_expert")
 
 
 def _qk_norm(cfg):
     return cfg.qk_norm and not cfg.qk_norm_flat
 
 
-def _qk_norm_flat(cfg):
-    return cfg.qk_norm_flat
-
-
-def _dense_mlp(cfg):
-    return cfg.dense_mlp
-
-
-def _moe(cfg):
-    return cfg.moe
-
-
 def _per_expert(cfg):
     return cfg.moe and not cfg.fused_experts
-
-
-def _fused_experts(cfg):
-    return cfg.fused_experts
-
-
-def _expert_bias(cfg):
-    return cfg.expert_bias
-
-
-def _o_bias(cfg):
-    return cfg.o_bias
-
-
-def _sinks(cfg):
-    return cfg.attn_sinks
-
-
-def _shared_expert(cfg):
-    return cfg.shared_expert
 
 
 def _moe_name(part: int, template: str):
