@@ -133,3 +133,9 @@ def save_and_convert(family: str, path):
     model.save_pretrained(path, safe_serialization=True)
     cfg, params, _ = load_hf(str(path), with_tokenizer=False)
     return family, model, cfg, params
+
+
+def rel_err(a, b, real) -> float:
+    """Max abs difference of a and b at the `real` (unpadded) positions, relative to b's largest value there."""
+    b = np.asarray(b)[real]
+    return float(np.abs(np.asarray(a)[real] - b).max() / max(np.abs(b).max(), 1e-6))

@@ -17,7 +17,7 @@ from refusal_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from refusal_jax.method.orthogonalization import orthogonalize, residual_write_norms  # noqa: E402
 from refusal_jax.model.config import ModelConfig, from_hf_config  # noqa: E402
 from refusal_jax.model.params import to_flat  # noqa: E402
-from tests.hf_tiny import DENSE_2026, hf_forward, left_padded_batch, save_and_convert  # noqa: E402
+from tests.hf_tiny import DENSE_2026, hf_forward, left_padded_batch, rel_err, save_and_convert  # noqa: E402
 
 TOL = 1e-4  # max abs difference relative to the largest reference value, float32 both sides
 LENGTHS = (13, 6, 16)  # the short prompt has 10 pads on the left
@@ -27,11 +27,6 @@ SITES = ("resid_pre", "attn_out", "mlp_out", "resid_final")
 @pytest.fixture(scope="module", params=sorted(DENSE_2026))
 def converted(request, tmp_path_factory):
     return save_and_convert(request.param, tmp_path_factory.mktemp(request.param))
-
-
-def _rel_err(a, b, real):
-    b = np.asarray(b)[real]
-    return float(np.abs(np.asarray(a)[real] - b).max() / max(np.abs(b).max(), 1e-6))
 
 
 def test_config_matches_hf(converted):
@@ -67,9 +62,9 @@ def test_logits_and_hidden_states_match(converted):
     ref_logits, ref_hidden = hf_forward(model, tokens, mask)
     out = forward(params, cfg, tokens, mask, Intervention.none(cfg), capture=SITES)
     real = mask.astype(bool)
-    errors = {"logits": _rel_err(out.logits, ref_logits, real)}
+    errors = {"logits": rel_err(out.logits, ref_logits, real)}
     for layer in range(cfg.n_layers):
-        errors[f"hidden[{layer}]"] = _rel_err(out.resid_pre[layer], ref_hidden[layer], real)
+        errors[f"hidden[{layer}]"] = rel_err(out.resid_pre[layer], ref_hidden[layer], real)
     print(f"{family}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     bad = {k: f"{v:.2e}" for k, v in errors.items() if not v <= TOL}
     assert not bad, f"{family}: relative error above {TOL}: {bad}"
@@ -117,8 +112,8 @@ def test_orthogonalized_equals_ablation(converted):
     ablated = forward(params, ucfg, tokens, mask, Intervention.ablation(ucfg, r), capture=SITES).logits
     base = forward(params, ucfg, tokens, mask, Intervention.none(ucfg), capture=SITES).logits
     got = forward(edited, ucfg, tokens, mask, Intervention.none(ucfg), capture=SITES).logits
-    assert _rel_err(base, ablated, real) > 100 * TOL  # the ablation changes this model's logits
-    assert _rel_err(got, ablated, real) <= TOL
+    assert rel_err(base, ablated, real) > 100 * TOL  # the ablation changes this model's logits
+    assert rel_err(got, ablated, real) <= TOL
 
 
 def test_hf_export_loads_in_transformers(converted, tmp_path):
@@ -134,7 +129,7 @@ def test_hf_export_loads_in_transformers(converted, tmp_path):
     tokens, mask = left_padded_batch(cfg.vocab_size, lengths=LENGTHS)
     ref, _ = hf_forward(reloaded, tokens, mask)
     ours = forward(params, cfg, tokens, mask, Intervention.none(cfg), capture=SITES)
-    assert _rel_err(ours.logits, ref, mask.astype(bool)) <= TOL
+    assert rel_err(ours.logits, ref, mask.astype(bool)) <= TOL
     cfg2, params2, _ = load_hf(str(out), with_tokenizer=False)
     assert cfg2 == cfg
     for name, value in to_flat(params).items():

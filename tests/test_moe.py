@@ -22,7 +22,7 @@ from refusal_jax.model.config import from_hf_config, tiny_config  # noqa: E402
 from refusal_jax.model.generate import decoding_params  # noqa: E402
 from refusal_jax.model.params import init_random, to_flat  # noqa: E402
 from refusal_jax.model.transformer import apply_norm, expert_block_rows, expert_capacity, moe_experts, route  # noqa: E402
-from tests.hf_tiny import MOE_FAMILIES, hf_forward, left_padded_batch, save_and_convert  # noqa: E402
+from tests.hf_tiny import MOE_FAMILIES, hf_forward, left_padded_batch, rel_err, save_and_convert  # noqa: E402
 from tests.test_continuous import prompts, static  # noqa: E402
 
 TOL = 1e-4  # max abs difference relative to the largest reference logit, float32 both sides
@@ -33,11 +33,6 @@ SITES = ("resid_pre", "attn_out", "mlp_out", "resid_final")
 @pytest.fixture(scope="module", params=sorted(MOE_FAMILIES))
 def converted(request, tmp_path_factory):
     return save_and_convert(request.param, tmp_path_factory.mktemp(request.param))
-
-
-def _rel_err(a, b, real):
-    b = np.asarray(b)[real]
-    return float(np.abs(np.asarray(a)[real] - b).max() / max(np.abs(b).max(), 1e-6))
 
 
 def test_config_matches_hf(converted):
@@ -70,9 +65,9 @@ def test_logits_hidden_states_and_routing_match(converted):
     n = LENGTHS[1]
     alone = forward(params, cfg, tokens[1:2, -n:], mask[1:2, -n:], Intervention.none(cfg), capture=SITES)
     np.testing.assert_allclose(np.asarray(alone.logits[0]), np.asarray(out.logits[1, -n:]), atol=1e-5)
-    errors = {"logits": _rel_err(out.logits, ref_logits, real)}
+    errors = {"logits": rel_err(out.logits, ref_logits, real)}
     for layer in range(cfg.n_layers):
-        errors[f"hidden[{layer}]"] = _rel_err(out.resid_pre[layer], ref_hidden[layer], real)
+        errors[f"hidden[{layer}]"] = rel_err(out.resid_pre[layer], ref_hidden[layer], real)
     bad = {k: f"{v:.2e}" for k, v in errors.items() if not v <= TOL}
     assert not bad, f"{family}: relative error above {TOL}: {bad}"
 
@@ -112,8 +107,8 @@ def test_orthogonalized_equals_ablation(converted):
     assert np.abs(np.asarray(ablated.mlp_out) @ unit).max() < 1e-5
     assert np.abs(np.asarray(got.mlp_out) @ unit).max() < 1e-5
     base = np.asarray(forward(params, cfg, tokens, mask, Intervention.none(cfg), capture=("mlp_out",)).logits)
-    assert _rel_err(base, ablated.logits, real) > 100 * TOL  # the ablation changes this model's logits
-    assert _rel_err(got.logits, ablated.logits, real) <= TOL
+    assert rel_err(base, ablated.logits, real) > 100 * TOL  # the ablation changes this model's logits
+    assert rel_err(got.logits, ablated.logits, real) <= TOL
 
 
 def test_hf_export_loads_in_transformers(converted, tmp_path):
@@ -131,7 +126,7 @@ def test_hf_export_loads_in_transformers(converted, tmp_path):
     ref, _ = hf_forward(reloaded, tokens, mask)
     real = mask.astype(bool)
     ours = forward(params, cfg, tokens, mask, Intervention.none(cfg), capture=SITES)  # the parity test's program
-    assert _rel_err(ours.logits, ref, real) <= TOL
+    assert rel_err(ours.logits, ref, real) <= TOL
     cfg2, params2, _ = load_hf(str(out), with_tokenizer=False)
     assert cfg2 == cfg
     for name, value in to_flat(params).items():
@@ -279,7 +274,7 @@ def test_gpt_oss_mxfp4_release_is_dequantized_on_load(tmp_path):
         np.testing.assert_array_equal(np.asarray(to_flat(placed)[name]), np.asarray(value), err_msg=name)
     tokens, mask = left_padded_batch(cfg.vocab_size, lengths=LENGTHS)
     ref_logits, _ = hf_forward(model, tokens, mask)
-    assert _rel_err(forward(params, cfg, tokens, mask).logits, ref_logits, mask.astype(bool)) <= TOL
+    assert rel_err(forward(params, cfg, tokens, mask).logits, ref_logits, mask.astype(bool)) <= TOL
 
     with pytest.raises(CheckpointError, match="down_proj_blocks has no .*down_proj_scales"):
         list(mxfp4.dequantized([("x.down_proj_blocks", np.zeros((1, 2, 1, 16), np.uint8))], "src"))
